@@ -1,0 +1,177 @@
+"""The ``fractalformer`` command: train, eval, sample.
+
+Thin by design: parse arguments, call the library, print. Any :class:`FractalError`
+becomes one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import FractalError
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {v}")
+    return v
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fractalformer", description="Self-similar transformers.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model (or --resume one)")
+    src = t.add_mutually_exclusive_group()
+    src.add_argument("--preset", help="named configuration (default, tiny)")
+    src.add_argument("--config", metavar="FILE.toml", help="TOML file of config keys")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key (repeatable)")
+    t.add_argument("--data", help="UTF-8 text file to train on (default: shipped TinyShakespeare)")
+    t.add_argument("--tokenizer", help="bpe128 (default), char or byte")
+    t.add_argument("--out", help="run folder (default: runs/<preset>-<time>)")
+    t.add_argument("--max-steps", type=_positive_int, help="training steps (the schedule's horizon)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument("--stop-after", type=_positive_int, metavar="N",
+                   help="save and stop after N steps of this invocation, keeping the schedule")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("eval", help="validation loss and bits/char of a run")
+    e.add_argument("run")
+    e.add_argument("--json", action="store_true", help="print a JSON list of rows")
+
+    s = sub.add_parser("sample", help="generate text from a run")
+    s.add_argument("run")
+    s.add_argument("--prompt", default="\n")
+    s.add_argument("--max-new-tokens", type=_positive_int, default=200)
+    s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    s.add_argument("--top-k", type=int)
+    s.add_argument("--top-p", type=float)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--unknown", choices=("error", "replace"), default="error",
+                   help="what to do with prompt characters the tokenizer lacks")
+    s.add_argument("--no-cache", action="store_true", help="recompute the context every token")
+    return p
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from .config import build_config, load_toml, parse_set
+    from .data import read_text
+    from .tokenizers import get_tokenizer
+    from .train import train
+
+    if a.resume:
+        if not a.out:
+            raise FractalError("--resume needs --out RUN_DIR")
+        if a.preset or a.config or a.set or a.data or a.tokenizer:
+            raise FractalError("--resume continues a run with its saved config; only --max-steps "
+                               "may change")
+        from .checkpoint import load_run_config
+
+        cfg, _ = load_run_config(Path(a.out))
+    else:
+        sets = list(a.set)
+        if a.data:
+            sets.append(f"data={a.data}")
+        if a.tokenizer:
+            sets.append(f"tokenizer={a.tokenizer}")
+        cfg = build_config(a.preset, a.config, sets)
+        explicit = set(parse_set(sets)) | (set(load_toml(a.config)) if a.config else set())
+        if not explicit & {"vocab_size", "model.vocab_size"}:
+            cfg.model.vocab_size = get_tokenizer(cfg.train.tokenizer, read_text(cfg.train.data)).vocab_size
+    if a.max_steps is not None:
+        if a.max_steps < 1:
+            raise FractalError("--max-steps must be at least 1")
+        cfg.train.max_steps = a.max_steps
+    out = Path(a.out or f"runs/{a.preset or (Path(a.config).stem if a.config else 'default')}"
+                         f"-{time.strftime('%Y%m%d-%H%M%S')}")
+    result = train(cfg, out, resume=a.resume, stop_after=a.stop_after, progress=not a.quiet)
+    if result.stopped != "done":
+        why = "interrupted" if result.stopped == "interrupted" else "stopped"
+        print(f"{why} at step {result.step}; saved to {out}. Continue with: "
+              f"fractalformer train --out {out} --resume")
+        return 130 if result.stopped == "interrupted" else 0
+    if result.final is not None:
+        f = result.final
+        print(f"validation ({f.tokens:,} tokens): {f.val_loss:.4f} nats/token | {f.val_bpc:.4f} "
+              f"bits/{f.unit} | {f.nats_per_char:.4f} nats/{f.unit}")
+        print(f"curves: {out / 'curves.png'}")
+        if cfg.train.sample_tokens:
+            print("sample:")
+            _stream(out, "\n", cfg.train.sample_tokens, 0.8, None, None, 0, "replace", False)
+    return 0
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    import fractalformer
+
+    from .evaluate import evaluate_full
+    from .train.trainer import prepare_data
+
+    model = fractalformer.load(a.run)
+    cfg = model.run_config
+    _, corpus = prepare_data(cfg, model.tokenizer)
+    r = evaluate_full(model, corpus, cfg.model.block_size)
+    row = {"val_loss": round(r.val_loss, 6), "val_bpc": round(r.val_bpc, 6),
+           "val_nats_per_char": round(r.nats_per_char, 6), "tokens": r.tokens,
+           "params": model.num_params()}
+    if a.json:
+        print(json.dumps([row]))
+    else:
+        unit = model.tokenizer.unit
+        print(f"{'params':>10} {'val_loss':>10} {'val_bp' + unit[0]:>10} {'tokens':>9}")
+        print(f"{row['params']:>10,} {r.val_loss:>10.4f} {r.val_bpc:>10.4f} {r.tokens:>9,}")
+    return 0
+
+
+def _stream(run: str | Path, prompt: str, n: int, temperature: float, top_k: int | None,
+            top_p: float | None, seed: int | None, unknown: str, no_cache: bool) -> None:
+    import fractalformer
+
+    from .generate import generate
+
+    model = fractalformer.load(run)
+    tok = model.tokenizer
+    ids = tok.encode(prompt, on_unknown=unknown)
+    if not ids:
+        raise FractalError("the prompt is empty")
+    decode = tok.stream_decoder()
+    sys.stdout.write(prompt)
+    for i in generate(model, ids, n, temperature, top_k, top_p, seed, use_cache=not no_cache):
+        sys.stdout.write(decode(i))
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_sample(a: argparse.Namespace) -> int:
+    if a.temperature < 0:
+        raise FractalError(f"--temperature must not be negative, got {a.temperature}")
+    if a.top_k is not None and a.top_k < 1:
+        raise FractalError(f"--top-k must be at least 1, got {a.top_k}")
+    if a.top_p is not None and not 0 < a.top_p <= 1:
+        raise FractalError(f"--top-p must lie in (0, 1], got {a.top_p}")
+    _stream(a.run, a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed,
+            a.unknown, a.no_cache)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample}[args.command](args)
+    except FractalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0

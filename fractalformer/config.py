@@ -1,0 +1,248 @@
+"""Configuration: one dataclass for the model, one for training, presets, and parsing.
+
+A run folder's ``config.json`` is ``{"model": {...}, "train": {...}, "tokenizer": {...}}``.
+Every field can be set from a preset, a TOML file (flat keys or ``[model]`` /
+``[train]`` tables) and ``--set key=value`` on the command line, in that order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import FractalError
+
+
+@dataclass
+class ModelConfig:
+    """Dense GPT dimensions. Defaults are the seed FractalFormer's (about 1M parameters)."""
+
+    vocab_size: int = 128
+    block_size: int = 256  # context length
+    n_layer: int = 4
+    d_model: int = 128
+    n_head: int = 4  # query heads
+    n_kv_head: int = 1  # 1 = multi-query, n_head = multi-head, between = grouped-query
+    head_dim: int = 32
+    mlp_mult: float = 4.0  # GeGLU inner width = mlp_mult * d_model
+    mlp_bias: bool = True
+    rope_theta: float = 100.0
+    norm_eps: float = 1e-6
+    dropout: float = 0.0
+    init_std: float = 0.02
+
+    @property
+    def mlp_hidden(self) -> int:
+        return round(self.mlp_mult * self.d_model)
+
+    def validate(self) -> None:
+        _positive(self, "vocab_size", "block_size", "n_layer", "d_model", "n_head", "n_kv_head",
+                  "head_dim", "mlp_mult", "rope_theta", "norm_eps", "init_std")
+        if self.n_head % self.n_kv_head:
+            raise FractalError(
+                f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})"
+            )
+        if self.head_dim % 2:
+            raise FractalError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise FractalError(f"dropout must lie in [0, 1), got {self.dropout}")
+        if self.mlp_hidden < 1:
+            raise FractalError("mlp_mult * d_model must be at least 1")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping. Defaults train the default model in ~10 min on 2 cores."""
+
+    tokenizer: str = "bpe128"
+    data: str | None = None  # None = the shipped TinyShakespeare
+    on_unknown: str = "error"  # or "replace": map unknown characters to a known one
+    batch_size: int = 32
+    max_steps: int = 2000
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 250
+    eval_batches: int = 8
+    ckpt_every: int = 500
+    seed: int = 1337
+    device: str = "auto"  # auto, cpu, cuda
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU), float32, bfloat16
+    compile: bool = False
+    sample_tokens: int = 200  # length of the sample printed after training
+
+    def validate(self) -> None:
+        _positive(self, "batch_size", "max_steps", "lr", "eval_every", "eval_batches", "ckpt_every")
+        _nonnegative(self, "min_lr", "warmup_steps", "weight_decay", "grad_clip", "sample_tokens")
+        if self.min_lr > self.lr:
+            raise FractalError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise FractalError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
+        _choice(self, "on_unknown", ("error", "replace"))
+        _choice(self, "device", ("auto", "cpu", "cuda"))
+        _choice(self, "dtype", ("auto", "float32", "bfloat16"))
+        from .tokenizers import TOKENIZERS
+
+        _choice(self, "tokenizer", TOKENIZERS)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.train.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": asdict(self.model), "train": asdict(self.train)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        if not isinstance(d, dict) or not isinstance(d.get("model"), dict):
+            raise FractalError("config must have a 'model' table")
+        cfg = cls()
+        apply_overrides(cfg, {**d.get("model", {}), **d.get("train", {})}, strict_types=True)
+        return cfg
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The seed FractalFormer's dimensions, trained densely.
+    "default": {},
+    # A few-thousand-parameter model for tests and smoke runs.
+    "tiny": dict(block_size=32, n_layer=2, d_model=32, n_head=4, n_kv_head=2, head_dim=8,
+                 batch_size=8, max_steps=20, warmup_steps=2, eval_every=10, eval_batches=2,
+                 ckpt_every=10, sample_tokens=40),
+}
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for n in names:
+        if not getattr(obj, n) > 0:
+            raise FractalError(f"{n} must be positive, got {getattr(obj, n)}")
+
+
+def _nonnegative(obj: Any, *names: str) -> None:
+    for n in names:
+        if getattr(obj, n) < 0:
+            raise FractalError(f"{n} must not be negative, got {getattr(obj, n)}")
+
+
+def _choice(obj: Any, name: str, options: tuple[str, ...]) -> None:
+    if getattr(obj, name) not in options:
+        raise FractalError(f"{name} must be one of {', '.join(options)}; got {getattr(obj, name)!r}")
+
+
+def _field_owner(cfg: RunConfig, key: str) -> tuple[Any, dataclasses.Field]:
+    section, _, name = key.rpartition(".")
+    parts = [cfg.model, cfg.train] if not section else [getattr(cfg, section, None)]
+    for part in parts:
+        if part is None:
+            break
+        for f in fields(part):
+            if f.name == name:
+                return part, f
+    known = sorted(f.name for part in (cfg.model, cfg.train) for f in fields(part))
+    raise FractalError(f"unknown config key {key!r}; known keys: {', '.join(known)}")
+
+
+def _coerce(f: dataclasses.Field, value: Any, key: str, strict_types: bool) -> Any:
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    if isinstance(value, str) and not strict_types:
+        raw = value.strip()
+        if kind == "bool":
+            if raw.lower() in ("true", "1", "yes", "on"):
+                return True
+            if raw.lower() in ("false", "0", "no", "off"):
+                return False
+            raise FractalError(f"{key} must be true or false, got {value!r}")
+        if "None" in kind and raw.lower() in ("none", "null", ""):
+            return None
+        if kind == "int":
+            try:
+                return int(raw)
+            except ValueError:
+                raise FractalError(f"{key} must be an integer, got {value!r}") from None
+        if kind == "float":
+            try:
+                return float(raw)
+            except ValueError:
+                raise FractalError(f"{key} must be a number, got {value!r}") from None
+        return raw
+    ok = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+        "str": isinstance(value, str),
+        "str | None": value is None or isinstance(value, str),
+    }.get(kind, True)
+    if not ok:
+        raise FractalError(f"{key} must be of type {kind}, got {value!r}")
+    if kind == "float":
+        value = float(value)
+        if not math.isfinite(value):
+            raise FractalError(f"{key} must be finite, got {value}")
+    return value
+
+
+def apply_overrides(cfg: RunConfig, values: dict[str, Any], strict_types: bool = False) -> None:
+    """Set ``key: value`` pairs (``key`` or ``model.key`` / ``train.key``) on ``cfg``."""
+    for key, value in values.items():
+        owner, f = _field_owner(cfg, key)
+        setattr(owner, f.name, _coerce(f, value, key, strict_types))
+
+
+def parse_set(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise FractalError(f"--set expects key=value, got {item!r}")
+        out[key.strip()] = value
+    return out
+
+
+def load_toml(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise FractalError(f"config file not found: {path}")
+    try:
+        d = tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise FractalError(f"config file {path} is not valid TOML: {e}") from None
+    flat: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k in ("model", "train"):
+            flat.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            flat[k] = v
+    return flat
+
+
+def build_config(
+    preset: str | None = None, toml_path: str | None = None, sets: list[str] | None = None
+) -> RunConfig:
+    """Preset, then TOML file, then ``--set`` overrides; validated."""
+    if preset is not None and preset not in PRESETS:
+        raise FractalError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    cfg = RunConfig()
+    apply_overrides(cfg, PRESETS[preset or "default"], strict_types=True)
+    if toml_path:
+        apply_overrides(cfg, load_toml(toml_path), strict_types=True)
+    apply_overrides(cfg, parse_set(sets or []))
+    cfg.validate()
+    return cfg

@@ -1,0 +1,113 @@
+"""Text corpora as token arrays: loading, on-disk token cache, train/val split, batches.
+
+The split follows the seeds: the first 90% of the tokens train, the last 10% validate.
+Batches are random windows of ``T + 1`` tokens drawn from a generator seeded by
+``(seed, step)``, so the batch of any step can be recomputed without carrying RNG
+state around - resuming a run or sharding it over DDP ranks sees the same data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import FractalError
+from .tokenizers import Tokenizer
+
+SHIPPED = "tinyshakespeare"
+
+
+def read_text(path: str | None) -> str:
+    """The training text: the shipped TinyShakespeare when ``path`` is None."""
+    if path is None or path == SHIPPED:
+        return resources.files("fractalformer").joinpath("assets", "tinyshakespeare.txt").read_text(
+            encoding="utf-8"
+        )
+    p = Path(path)
+    if not p.is_file():
+        raise FractalError(f"data file not found: {path}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise FractalError(f"data file {path} is not UTF-8 text (byte {e.start})") from None
+    if not text:
+        raise FractalError(f"data file {path} is empty")
+    return text
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FRACTALFORMER_CACHE", Path.home() / ".cache" / "fractalformer"))
+
+
+def encode_cached(text: str, tok: Tokenizer, on_unknown: str = "error") -> np.ndarray:
+    """Encode ``text``, reusing ids cached on disk under (text hash, tokenizer) as key."""
+    key = hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
+    spec = hashlib.sha256(repr(sorted(tok.to_dict().items())).encode()).hexdigest()[:12]
+    path = cache_dir() / f"{key}-{tok.name}-{spec}-{on_unknown}.npy"
+    if path.is_file():
+        try:
+            return np.load(path, allow_pickle=False)
+        except (ValueError, OSError):
+            pass  # a damaged cache entry is rebuilt below
+    ids = tok.encode_array(text, on_unknown).astype(np.int32 if tok.vocab_size > 65535 else np.uint16)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+        np.save(tmp, ids, allow_pickle=False)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # caching is an optimisation; a read-only home must not stop training
+    return ids
+
+
+@dataclass
+class Corpus:
+    """Token ids of one text split 90/10, with the units-per-token needed for BPC."""
+
+    train: torch.Tensor
+    val: torch.Tensor
+    val_units_per_token: float  # characters (bytes for the byte tokenizer) per token
+    unit: str = "char"
+
+    @classmethod
+    def build(cls, text: str, tok: Tokenizer, block_size: int, on_unknown: str = "error") -> Corpus:
+        ids = torch.from_numpy(encode_cached(text, tok, on_unknown).astype(np.int64))
+        n = int(0.9 * len(ids))
+        train, val = ids[:n], ids[n:]
+        for name, part in (("training", train), ("validation", val)):
+            if len(part) < block_size + 1:
+                raise FractalError(
+                    f"the {name} split has {len(part)} tokens, fewer than block_size + 1 = "
+                    f"{block_size + 1}; use a longer text or a smaller block_size"
+                )
+        units = tok.units(tok.decode(val.tolist()))
+        return cls(train, val, units / len(val), tok.unit)
+
+
+def batch_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def get_batch(
+    ids: torch.Tensor, batch_size: int, block_size: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch_size`` random windows: inputs and next-token targets, shape (B, T)."""
+    starts = torch.randint(0, len(ids) - block_size, (batch_size,), generator=gen)
+    offs = torch.arange(block_size + 1)
+    win = ids[starts[:, None] + offs]
+    return win[:, :-1], win[:, 1:]
+
+
+def sequential_windows(ids: torch.Tensor, block_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Non-overlapping windows covering every target of ``ids`` exactly once."""
+    out = []
+    for s in range(0, len(ids) - 1, block_size):
+        win = ids[s : s + block_size + 1]
+        out.append((win[:-1], win[1:]))
+    return out

@@ -1,0 +1,60 @@
+"""Autoregressive sampling.
+
+The model always sees the last ``block_size`` tokens. With the KV cache each new token
+costs one single-position forward while the text fits in the context; once it no
+longer fits, the window slides and every step recomputes the window, so cached and
+uncached generation give the same tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick one token per row of ``logits`` (B, vocab); temperature 0 means greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest set reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+             use_cache: bool = True) -> Iterator[int]:
+    """Yield ``max_new_tokens`` token ids continuing ``prompt`` (a non-empty id list)."""
+    if not prompt:
+        raise ValueError("generation needs at least one prompt token")
+    model.eval()
+    device = next(model.parameters()).device
+    ctx = model.config.block_size
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed if seed is not None else torch.seed())
+    tokens = list(prompt[-ctx:])
+    cache = model.new_cache(1) if use_cache else None
+    logits, _ = model(torch.tensor([tokens], device=device), cache=cache)
+    for _ in range(max_new_tokens):
+        nxt = int(sample_next(logits[:, -1], temperature, top_k, top_p, gen))
+        yield nxt
+        tokens.append(nxt)
+        if cache is not None and cache.length < ctx:
+            logits, _ = model(torch.tensor([[nxt]], device=device), cache=cache)
+        else:  # the window slides: recompute it (exactly what an uncached model sees)
+            tokens = tokens[-ctx:]
+            if cache is not None:
+                cache.length = 0
+            logits, _ = model(torch.tensor([tokens], device=device), cache=cache)

@@ -1,0 +1,292 @@
+"""The training loop: AdamW, warmup + cosine, clipping, periodic eval, checkpoints, DDP.
+
+Every step's batch is a pure function of ``(seed, step)``; under DDP each rank takes its
+contiguous share of that global batch. Hence a resumed run sees exactly the data the
+uninterrupted run would have, and N processes see exactly the single-process batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from .. import checkpoint as ckpt
+from ..config import RunConfig
+from ..data import Corpus, batch_generator, get_batch, read_text
+from ..errors import FractalError
+from ..evaluate import EvalResult, evaluate_full, fixed_val_batches, mean_loss, to_bpc
+from ..models import GPT
+from ..tokenizers import Tokenizer, get_tokenizer
+
+METRICS_FIELDS = ["step", "tokens", "lr", "train_loss", "val_loss", "val_bpc", "elapsed_s"]
+
+
+def lr_at(step: int, cfg: RunConfig) -> float:
+    """Linear warmup to ``lr``, then cosine decay to ``min_lr`` at ``max_steps``."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
+    """AdamW; matrices (and the tied embedding) decay, norm scales and biases do not."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    t = cfg.train
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=t.lr, betas=(t.beta1, t.beta2), fused=False, foreach=False,
+    )
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str) -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return Dist(dist.get_rank(), world, int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
+
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise FractalError("device=cuda was asked for but CUDA is not available")
+    return name
+
+
+def set_cpu_threads(local_world: int) -> None:
+    """Share the cores among the processes on this machine instead of oversubscribing."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores // local_world))
+
+
+def prepare_data(cfg: RunConfig, tok: Tokenizer | None = None) -> tuple[Tokenizer, Corpus]:
+    text = read_text(cfg.train.data)
+    if tok is None:
+        tok = get_tokenizer(cfg.train.tokenizer, text)
+    if tok.vocab_size != cfg.model.vocab_size:
+        raise FractalError(f"vocab_size {cfg.model.vocab_size} does not match the {tok.name} "
+                           f"tokenizer's {tok.vocab_size} tokens")
+    return tok, Corpus.build(text, tok, cfg.model.block_size, cfg.train.on_unknown)
+
+
+class _StopFlag:
+    """First Ctrl-C asks the loop to save and stop at the end of the step; a second aborts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: Any = None
+
+    def __enter__(self) -> _StopFlag:
+        with contextlib.suppress(ValueError):  # not the main thread: no handler
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, *_: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *_: Any) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+@dataclass
+class TrainResult:
+    step: int
+    stopped: str  # "done", "interrupted", "stop_after"
+    final: EvalResult | None
+
+
+def check_run_dir(out: Path, resume: bool) -> None:
+    has_run = (out / ckpt.CONFIG).exists()
+    if resume and not has_run:
+        raise FractalError(f"--resume: {out} holds no run to resume")
+    if not resume and has_run:
+        raise FractalError(f"{out} already holds a run; pass --resume to continue it or "
+                           f"choose another --out")
+
+
+def train(cfg: RunConfig, out: str | Path, resume: bool = False, stop_after: int | None = None,
+          progress: bool = True) -> TrainResult:
+    """Train (or resume) the run in ``out``; returns the final step and validation figures."""
+    out = Path(out)
+    check_run_dir(out, resume)
+    t = cfg.train
+    device = pick_device(t.device)
+    dd = setup_distributed(device)
+    if device == "cpu":
+        set_cpu_threads(dd.local_world)
+    if t.batch_size % dd.world:
+        raise FractalError(f"batch_size {t.batch_size} is not divisible by {dd.world} processes")
+
+    tok, corpus = prepare_data(cfg, ckpt.load_run_config(out)[1] if resume else None)
+    torch.manual_seed(t.seed)
+    model = GPT(cfg.model).to(device)
+    optimizer = make_optimizer(model, cfg)
+    start, elapsed0 = 0, 0.0
+    if resume:
+        ckpt.load_model_state(out, model)
+        info = ckpt.load_train_state(out, optimizer)
+        start, elapsed0 = int(info["step"]), float(info.get("elapsed_s", 0.0))
+        if int(info.get("model_step", start)) != start:
+            raise FractalError(f"{out}: model and training state are from different steps")
+        if dd.main:
+            _start_metrics(out / "metrics.csv", keep_until=start)
+    elif dd.main:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt.save_run_config(out, cfg, tok)
+        _start_metrics(out / "metrics.csv")
+
+    use_bf16 = device == "cuda" and t.dtype in ("auto", "bfloat16")
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext())
+    fwd = torch.compile(model) if t.compile else model
+    if dd.world > 1:
+        ids = [torch.cuda.current_device()] if device == "cuda" else None
+        fwd = torch.nn.parallel.DistributedDataParallel(fwd, device_ids=ids)
+
+    val_batches = fixed_val_batches(corpus, t.eval_batches, t.batch_size, cfg.model.block_size, t.seed)
+    local_b = t.batch_size // dd.world
+    tokens_per_step = t.batch_size * cfg.model.block_size
+
+    def save(step: int, elapsed: float) -> None:
+        if dd.main:
+            ckpt.save_model(out, model, step)
+            ckpt.save_train_state(out, optimizer, {"step": step, "model_step": step, "elapsed_s": elapsed})
+
+    if dd.main:
+        n = model.num_params()
+        print(f"model: {n:,} parameters | data: {len(corpus.train):,} train / {len(corpus.val):,} val "
+              f"{tok.name} tokens | device: {device} x{dd.world} | run folder: {out}")
+    bar = tqdm(total=t.max_steps, initial=start, disable=not (progress and dd.main),
+               dynamic_ncols=True, unit="step")
+    step, stopped, t0 = start, "done", time.perf_counter()
+    log = _CsvLog(out / "metrics.csv") if dd.main else contextlib.nullcontext()
+    with _StopFlag() as flag, log:
+        model.train()
+        while step < t.max_steps:
+            lr = lr_at(step, cfg)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            x, y = get_batch(corpus.train, t.batch_size, cfg.model.block_size, batch_generator(t.seed, step))
+            x = x[dd.rank * local_b:(dd.rank + 1) * local_b].to(device)
+            y = y[dd.rank * local_b:(dd.rank + 1) * local_b].to(device)
+            with autocast:
+                _, loss = fwd(x, y)
+            loss.backward()
+            if t.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            stats = torch.tensor([loss.detach().float().item(), float(flag.requested)])
+            if dd.world > 1:
+                dist.all_reduce(stats)
+                stats[0] /= dd.world
+            train_loss = float(stats[0])
+            if not math.isfinite(train_loss):
+                bar.close()
+                raise FractalError(f"training loss became {train_loss} at step {step + 1}; stopped. "
+                                   f"The last good checkpoint in {out} is kept (lower lr or grad_clip)")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            elapsed = elapsed0 + time.perf_counter() - t0
+            row: dict[str, Any] = {"step": step, "tokens": step * tokens_per_step, "lr": f"{lr:.6g}",
+                                   "train_loss": f"{train_loss:.6f}", "elapsed_s": f"{elapsed:.2f}"}
+            if step % t.eval_every == 0 or step == t.max_steps:
+                vl, _ = mean_loss(model, val_batches, device, autocast)
+                row |= {"val_loss": f"{vl:.6f}", "val_bpc": f"{to_bpc(vl, corpus.val_units_per_token):.4f}"}
+                if dd.main:
+                    bar.write(f"step {step}: train {train_loss:.4f} | val {vl:.4f} nats/token, "
+                              f"{to_bpc(vl, corpus.val_units_per_token):.3f} bits/{tok.unit}")
+            if dd.main:
+                log.writerow(row)
+            bar.set_postfix(loss=f"{train_loss:.3f}",
+                            tok_s=f"{(step - start) * tokens_per_step / (time.perf_counter() - t0):,.0f}")
+            bar.update(1)
+            if step % t.ckpt_every == 0 or step == t.max_steps:
+                save(step, elapsed)
+            if stats[1] > 0:
+                stopped = "interrupted"
+                break
+            if stop_after is not None and step - start >= stop_after:
+                stopped = "stop_after"
+                break
+    bar.close()
+    if stopped != "done" or step % t.ckpt_every:
+        save(step, elapsed0 + time.perf_counter() - t0)
+    final = None
+    if stopped == "done" and dd.main:
+        final = evaluate_full(model, corpus, cfg.model.block_size, device)
+        from ..analysis.plots import plot_curves
+
+        plot_curves(out)
+    if dd.world > 1:
+        dist.barrier()
+    return TrainResult(step, stopped, final)
+
+
+class _CsvLog:
+    def __init__(self, path: Path) -> None:
+        self._f = path.open("a", newline="")
+        self._w = csv.DictWriter(self._f, fieldnames=METRICS_FIELDS)
+
+    def writerow(self, row: dict[str, Any]) -> None:
+        self._w.writerow(row)
+        self._f.flush()
+
+    def __enter__(self) -> _CsvLog:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self._f.close()
+
+
+def _start_metrics(path: Path, keep_until: int | None = None) -> None:
+    """Write the header, keeping earlier rows up to step ``keep_until`` when resuming.
+
+    Rows logged after the last checkpoint are dropped: the resumed run recomputes them.
+    """
+    rows: list[dict[str, str]] = []
+    if keep_until is not None and path.is_file():
+        with path.open(newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit()
+                    and int(r["step"]) <= keep_until]
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=METRICS_FIELDS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+
+    ckpt.atomic_write(path, write)
