@@ -179,10 +179,11 @@ def _coerce(f: dataclasses.Field, value: Any, key: str, strict_types: bool) -> A
                 raise FractalError(f"{key} must be an integer, got {value!r}") from None
         if kind == "float":
             try:
-                return float(raw)
+                value = float(raw)
             except ValueError:
                 raise FractalError(f"{key} must be a number, got {value!r}") from None
-        return raw
+        else:
+            return raw
     ok = {
         "int": isinstance(value, int) and not isinstance(value, bool),
         "float": isinstance(value, (int, float)) and not isinstance(value, bool),

@@ -48,7 +48,7 @@ def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
     t = cfg.train
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=t.lr, betas=(t.beta1, t.beta2), fused=False, foreach=False,
+        lr=t.lr, betas=(t.beta1, t.beta2), fused=False,
     )
 
 

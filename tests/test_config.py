@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import pytest
+
+from fractalformer import FractalError
+from fractalformer.config import RunConfig, build_config
+
+
+def test_defaults_are_the_seed_dims() -> None:
+    m = build_config().model
+    assert (m.vocab_size, m.block_size, m.n_layer, m.d_model) == (128, 256, 4, 128)
+    assert (m.n_head, m.n_kv_head, m.head_dim, m.mlp_hidden, m.rope_theta) == (4, 1, 32, 512, 100.0)
+
+
+def test_set_and_toml_overrides(tmp_path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text('lr = 0.01\n[model]\nn_layer = 2\n[train]\ntokenizer = "byte"\n')
+    cfg = build_config(None, str(f), ["model.d_model=64", "compile=true", "data=none"])
+    assert (cfg.train.lr, cfg.model.n_layer, cfg.model.d_model) == (0.01, 2, 64)
+    assert cfg.train.tokenizer == "byte" and cfg.train.compile is True and cfg.train.data is None
+
+
+def test_round_trip_through_dict() -> None:
+    cfg = build_config("tiny", None, ["lr=0.002"])
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize(
+    "sets,match",
+    [
+        (["n_kv_head=3"], "multiple of n_kv_head"),
+        (["head_dim=7"], "even"),
+        (["d_model=0"], "d_model must be positive"),
+        (["d_model=abc"], "integer"),
+        (["dropout=1.5"], "dropout"),
+        (["lr=0.001", "min_lr=0.01"], "min_lr"),
+        (["tokenizer=words"], "tokenizer must be one of"),
+        (["no_such_key=1"], "unknown config key"),
+        (["novalue"], "key=value"),
+        (["compile=maybe"], "true or false"),
+        (["lr=nan"], "finite"),
+    ],
+)
+def test_bad_values_are_rejected_clearly(sets: list[str], match: str) -> None:
+    with pytest.raises(FractalError, match=match):
+        build_config(None, None, sets)
+
+
+def test_bad_toml(tmp_path) -> None:
+    f = tmp_path / "bad.toml"
+    f.write_text("lr = = 3")
+    with pytest.raises(FractalError, match="not valid TOML"):
+        build_config(None, str(f), [])
+    f.write_text('n_layer = "four"')
+    with pytest.raises(FractalError, match="n_layer must be of type int"):
+        build_config(None, str(f), [])
+    with pytest.raises(FractalError, match="not found"):
+        build_config(None, str(tmp_path / "missing.toml"), [])
+    with pytest.raises(FractalError, match="unknown preset"):
+        build_config("huge", None, [])

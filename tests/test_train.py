@@ -1,0 +1,129 @@
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import fractalformer
+from fractalformer.cli import main
+from fractalformer.config import build_config
+from fractalformer.train import lr_at, train
+from fractalformer.train import trainer as trainer_mod
+
+from .conftest import TINY
+
+
+def losses(run: Path) -> list[float]:
+    with (run / "metrics.csv").open() as f:
+        return [float(r["train_loss"]) for r in csv.DictReader(f)]
+
+
+def test_schedule_warms_up_then_decays_to_min_lr() -> None:
+    cfg = build_config(None, None, ["lr=0.01", "min_lr=0.001", "warmup_steps=10", "max_steps=110"])
+    assert lr_at(0, cfg) == pytest.approx(0.001)
+    assert lr_at(9, cfg) == pytest.approx(0.01)
+    assert lr_at(60, cfg) == pytest.approx(0.0055)
+    assert lr_at(110, cfg) == pytest.approx(0.001)
+
+
+def test_resume_gives_the_uninterrupted_losses(tmp_path: Path) -> None:
+    sets = ["--set", "eval_every=3", "--set", "ckpt_every=100", "--set", "sample_tokens=0"]
+    assert main(["train", *TINY, *sets, "--max-steps", "12", "--out", str(tmp_path / "a")]) == 0
+    assert main(["train", *TINY, *sets, "--max-steps", "12", "--out", str(tmp_path / "b"),
+                 "--stop-after", "5"]) == 0
+    assert len(losses(tmp_path / "b")) == 5
+    assert main(["train", "--out", str(tmp_path / "b"), "--resume", "--quiet", "--stop-after", "4"]) == 0
+    assert main(["train", "--out", str(tmp_path / "b"), "--resume", "--quiet"]) == 0
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert len(a) == len(b) == 12
+    assert a == b
+    wa, wb = (load_file(str(tmp_path / r / "model.safetensors")) for r in "ab")
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_checkpoint_round_trip(tiny_run: Path) -> None:
+    model = fractalformer.load(tiny_run)
+    assert model.tokenizer.name == "bpe128" and model.config.n_layer == 2
+    assert not model.training
+    saved = load_file(str(tiny_run / "model.safetensors"))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, saved[k])
+    for name in ("config.json", "metrics.csv", "curves.png", "train_state.json", "train_state.safetensors"):
+        assert (tiny_run / name).is_file(), name
+    assert not [p for p in tiny_run.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_training_reduces_loss(tiny_run: Path) -> None:
+    with (tiny_run / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    val = [float(r["val_loss"]) for r in rows if r["val_loss"]]
+    assert float(rows[0]["train_loss"]) > 4.5 and val[-1] < val[0] < 4.6
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path: Path, monkeypatch, capsys) -> None:
+    calls = {"n": 0}
+
+    class Exploding(trainer_mod.GPT):
+        def forward(self, idx, targets=None, cache=None):
+            logits, loss = super().forward(idx, targets, cache)
+            if self.training:
+                calls["n"] += 1
+                if calls["n"] == 7:
+                    loss = loss * float("nan")
+            return logits, loss
+
+    monkeypatch.setattr(trainer_mod, "GPT", Exploding)
+    out = tmp_path / "nan"
+    code = main(["train", *TINY, "--set", "ckpt_every=5", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "loss became nan at step 7" in err and len(err.strip().splitlines()) == 1
+    state = load_file(str(out / "model.safetensors"))
+    assert state and (out / "train_state.json").read_text().count('"step": 5') == 1
+    for v in state.values():
+        assert torch.isfinite(v).all()
+
+
+def test_ctrl_c_saves_and_resumes(tmp_path: Path) -> None:
+    out = tmp_path / "int"
+    cmd = [sys.executable, "-m", "fractalformer", "train", *TINY, "--max-steps", "100000",
+           "--set", "ckpt_every=100000", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.csv"
+    for _ in range(600):  # wait (up to a minute) until a few steps are logged
+        if metrics.is_file() and len(metrics.read_text().splitlines()) > 3:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert "--resume" in stdout
+    step = int(stdout.split("at step ")[1].split(";")[0])
+    assert step == len(losses(out))
+    assert f'"step": {step}' in (out / "train_state.json").read_text()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="torchrun needs a POSIX system")
+def test_ddp_two_processes_match_single_process(tmp_path: Path) -> None:
+    sets = ["--set", "batch_size=8", "--set", "sample_tokens=0", "--max-steps", "6"]
+    assert main(["train", *TINY, *sets, "--out", str(tmp_path / "single")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+           "-m", "fractalformer", "train", *TINY, *sets, "--out", str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "ddp")),
+                               torch.tensor(losses(tmp_path / "single")), rtol=1e-5, atol=1e-5)
+    wa, wb = (load_file(str(tmp_path / r / "model.safetensors")) for r in ("single", "ddp"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
