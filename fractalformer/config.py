@@ -65,8 +65,8 @@ class TrainConfig:
     tokenizer: str = "bpe128"
     data: str | None = None  # None = the shipped TinyShakespeare
     on_unknown: str = "error"  # or "replace": map unknown characters to a known one
-    batch_size: int = 32
-    max_steps: int = 2000
+    batch_size: int = 16
+    max_steps: int = 1400
     lr: float = 3e-3
     min_lr: float = 3e-4
     warmup_steps: int = 100
@@ -74,9 +74,9 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    eval_every: int = 250
+    eval_every: int = 200
     eval_batches: int = 8
-    ckpt_every: int = 500
+    ckpt_every: int = 200
     seed: int = 1337
     device: str = "auto"  # auto, cpu, cuda
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU), float32, bfloat16

@@ -75,7 +75,7 @@ def test_existing_run_is_not_overwritten(capsys, tiny_run: Path, tmp_path: Path)
     assert_one_line_error(code, err, "already holds a run")
     assert snapshot(tiny_run) == before
     code, _, err = run_cli(capsys, "train", "--resume", "--out", tmp_path / "none")
-    assert_one_line_error(code, err, "no run to resume")
+    assert_one_line_error(code, err, "run folder not found")
     code, _, err = run_cli(capsys, "train", "--resume", "--out", tiny_run, "--set", "lr=1")
     assert_one_line_error(code, err, "saved config")
     assert snapshot(tiny_run) == before
@@ -109,7 +109,7 @@ def test_config_that_does_not_match_weights(capsys, run_copy: Path) -> None:
     cfg["model"]["d_model"] = 64
     (run_copy / "config.json").write_text(json.dumps(cfg))
     code, _, err = run_cli(capsys, "eval", run_copy)
-    assert_one_line_error(code, err, "does not match config.json")
+    assert_one_line_error(code, err, "config.json implies")
 
 
 def test_wrong_vocab_in_config(capsys, run_copy: Path) -> None:

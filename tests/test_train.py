@@ -118,7 +118,7 @@ def test_ddp_two_processes_match_single_process(tmp_path: Path) -> None:
     sets = ["--set", "batch_size=8", "--set", "sample_tokens=0", "--max-steps", "6"]
     assert main(["train", *TINY, *sets, "--out", str(tmp_path / "single")]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "fractalformer", "train", *TINY, *sets, "--out", str(tmp_path / "ddp")]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]

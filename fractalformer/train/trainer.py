@@ -143,10 +143,12 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, stop_after: int
           progress: bool = True) -> TrainResult:
     """Train (or resume) the run in ``out``; returns the final step and validation figures."""
     out = Path(out)
-    check_run_dir(out, resume)
     t = cfg.train
     device = pick_device(t.device)
     dd = setup_distributed(device)
+    check_run_dir(out, resume)
+    if dd.world > 1:
+        dist.barrier()  # every rank has checked the folder before rank 0 writes to it
     if device == "cpu":
         set_cpu_threads(dd.local_world)
     if t.batch_size % dd.world:

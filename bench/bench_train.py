@@ -1,0 +1,65 @@
+"""Training throughput (tokens/s) of a config, eager and optionally torch.compile.
+
+    python bench/bench_train.py [--preset default] [--set key=value ...] [--steps 10] [--compile]
+
+Prints the machine, then tokens/s per variant and its ratio to the first (eager) one,
+all measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine, timeit  # noqa: E402
+
+from fractalformer.config import build_config  # noqa: E402
+from fractalformer.models import GPT  # noqa: E402
+from fractalformer.train import make_optimizer  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="default")
+    ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile")
+    a = ap.parse_args()
+    cfg = build_config(a.preset, None, a.set)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    b, t = cfg.train.batch_size, cfg.model.block_size
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, cfg.model.vocab_size, (b, t), generator=gen).to(device)
+    y = torch.randint(0, cfg.model.vocab_size, (b, t), generator=gen).to(device)
+    bf16 = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
+    print(f"machine: {machine()}")
+    print(f"config: preset {a.preset} {' '.join(a.set)} | batch {b} x {t} tokens | device {device}")
+    variants = [("eager", False)] + ([("torch.compile", True)] if a.compile else [])
+    base = None
+    for name, compiled in variants:
+        torch.manual_seed(0)
+        model = GPT(cfg.model).to(device)
+        opt = make_optimizer(model, cfg)
+        fwd = torch.compile(model) if compiled else model
+
+        def step(fwd=fwd, opt=opt, model=model) -> None:
+            with bf16:
+                _, loss = fwd(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        sec = timeit(step, a.steps, warmup=3)
+        tps = b * t / sec
+        base = base or tps
+        print(f"{name:>14}: {sec * 1000:8.1f} ms/step  {tps:10,.0f} tokens/s  {tps / base:5.2f}x eager")
+
+
+if __name__ == "__main__":
+    main()
