@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine  # noqa: E402
+from common import machine
 
-import fractalformer  # noqa: E402
-from fractalformer.config import build_config  # noqa: E402
-from fractalformer.generate import generate  # noqa: E402
-from fractalformer.models import GPT  # noqa: E402
+import fractalformer
+from fractalformer.config import build_config
+from fractalformer.generate import generate
+from fractalformer.models import GPT
 
 
 def main() -> None:

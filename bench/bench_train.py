@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, timeit  # noqa: E402
+from common import machine, timeit
 
-from fractalformer.config import build_config  # noqa: E402
-from fractalformer.models import GPT  # noqa: E402
-from fractalformer.train import make_optimizer  # noqa: E402
+from fractalformer.config import build_config
+from fractalformer.models import GPT
+from fractalformer.train import make_optimizer
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import fractalformer
 from fractalformer.cli import main
 from fractalformer.config import build_config
-from fractalformer.train import lr_at, train
+from fractalformer.train import lr_at
 from fractalformer.train import trainer as trainer_mod
 
 from .conftest import TINY
