@@ -1,0 +1,123 @@
+"""The nesting primitive: which slice of every weight dimension each sub-model owns.
+
+Two schemes, one mechanism:
+
+* ``block`` (FractalFormer): at level ``l`` there are ``split**l`` sub-models; sub-model
+  ``j`` owns the contiguous block ``j`` of size ``D / split**l`` of a dimension, which lies
+  inside block ``j // split`` of level ``l - 1``.
+* ``prefix`` (Matryoshka / MatFormer): level ``l`` is one sub-model that owns the first
+  ``D * widths[l] / widths[0]`` entries.
+
+A dimension may consist of ``groups`` equal groups (for example the ``n_head`` heads of a
+query projection); nesting then applies inside every group - the seed's "each head keeps
+its count, only head_dim shrinks".
+
+Every layer asks the same question - "give me the sub-weights of all sub-models of level
+``l``, stacked" - and gets a tensor with a leading sub-model axis, so one batched matmul
+runs a whole level (block-diagonal in the full weight) with no Python loop over
+sub-models. Level 0 owns everything and takes a fast path with no gather.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from ..errors import FractalError
+
+
+@dataclass(frozen=True)
+class Nesting:
+    kind: str = "block"  # "block" or "prefix"
+    levels: int = 1
+    split: int = 2  # block: children per parent
+    widths: tuple[int, ...] = ()  # prefix: widths of the levels, largest first (e.g. 128, 64, 32)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("block", "prefix"):
+            raise FractalError(f"nesting kind must be 'block' or 'prefix', not {self.kind!r}")
+        if self.levels < 1:
+            raise FractalError(f"levels must be at least 1, got {self.levels}")
+        if self.kind == "block" and self.split < 2 and self.levels > 1:
+            raise FractalError(f"split must be at least 2, got {self.split}")
+        if self.kind == "prefix":
+            w = self.widths
+            if len(w) != self.levels or any(b >= a for a, b in zip(w, w[1:])) or (w and w[-1] < 1):
+                raise FractalError(f"prefix widths must be {self.levels} strictly decreasing positive "
+                                   f"sizes, got {list(w)}")
+
+    # -- counting ------------------------------------------------------------------------
+    def count(self, level: int) -> int:
+        """Number of sub-models at ``level``."""
+        self.check(level)
+        return self.split**level if self.kind == "block" else 1
+
+    def fraction(self, level: int) -> tuple[int, int]:
+        """Each sub-model of ``level`` owns ``num / den`` of every dimension."""
+        if self.kind == "block":
+            return 1, self.split**level
+        return self.widths[level], self.widths[0]
+
+    def size(self, full: int, level: int, groups: int = 1) -> int:
+        """Size of a ``full``-sized dimension owned by one sub-model of ``level``."""
+        num, den = self.fraction(level)
+        return groups * (full // groups * num // den)
+
+    def check(self, level: int, index: int = 0) -> None:
+        if not 0 <= level < self.levels:
+            raise FractalError(f"level {level} is out of range: this model has levels 0..{self.levels - 1}")
+        n = self.split**level if self.kind == "block" else 1
+        if not 0 <= index < n:
+            raise FractalError(f"index {index} is out of range: level {level} has sub-models 0..{n - 1}")
+
+    def divides(self, full: int, groups: int = 1) -> bool:
+        """Whether every level's share of this dimension is a whole number of entries."""
+        if full % groups:
+            return False
+        g = full // groups
+        return all(g * self.fraction(lv)[0] % self.fraction(lv)[1] == 0 for lv in range(self.levels))
+
+    def parent(self, level: int, index: int) -> tuple[int, int]:
+        return (level - 1, index // self.split) if self.kind == "block" else (level - 1, 0)
+
+    # -- ownership -----------------------------------------------------------------------
+    def owned(self, full: int, level: int, groups: int = 1, device: torch.device | str = "cpu"
+              ) -> torch.Tensor:
+        """Index tensor (count(level), size) of the entries each sub-model of ``level`` owns."""
+        return _owned(self, full, level, groups, str(device))
+
+    def take(self, t: torch.Tensor, level: int, dims: tuple[int, ...]) -> torch.Tensor:
+        """Stack every level-``level`` sub-model's slice of ``t``: shape (count, *sliced).
+
+        ``dims`` gives, per dimension of ``t``, its number of groups (0 = not nested,
+        for example the vocabulary axis of the embedding).
+        """
+        if level == 0:
+            return t.unsqueeze(0)
+        n = self.count(level)
+        index = []
+        for axis, groups in enumerate(dims):
+            if groups:
+                idx = self.owned(t.shape[axis], level, groups, t.device)
+            else:
+                idx = torch.arange(t.shape[axis], device=t.device).expand(n, -1)
+            shape = [n] + [1] * t.dim()
+            shape[axis + 1] = idx.shape[1]
+            index.append(idx.reshape(shape))
+        return t[tuple(index)]
+
+
+@lru_cache(maxsize=256)
+def _owned(nest: Nesting, full: int, level: int, groups: int, device: str) -> torch.Tensor:
+    if full % groups:
+        raise FractalError(f"a dimension of {full} cannot be split into {groups} groups")
+    g = full // groups
+    n = nest.count(level)
+    size = nest.size(g, level)
+    rows = []
+    for j in range(n):
+        start = j * size if nest.kind == "block" else 0
+        rows.append(torch.cat([torch.arange(k * g + start, k * g + start + size) for k in range(groups)]))
+    return torch.stack(rows).to(device)
