@@ -8,7 +8,7 @@ import torch
 
 from .config import ModelConfig, RunConfig, TrainConfig
 from .errors import FractalError
-from .models import GPT
+from .models import GPT, build_model
 from .tokenizers import Tokenizer, get_tokenizer
 
 __all__ = ["GPT", "FractalError", "ModelConfig", "RunConfig", "Tokenizer", "TrainConfig",
@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 
 def load(run_dir: str | Path, device: str | torch.device = "cpu") -> GPT:
-    """The trained model of a run folder, in eval mode.
+    """The trained model of a run folder (any family), in eval mode.
 
     The returned model carries ``.config`` (its ModelConfig), ``.run_config`` (model and
     training config) and ``.tokenizer``.
@@ -25,7 +25,7 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu") -> GPT:
     from . import checkpoint as ckpt
 
     cfg, tok = ckpt.load_run_config(Path(run_dir))
-    model = GPT(cfg.model)
+    model = build_model(cfg.model)
     ckpt.load_model_state(Path(run_dir), model)
     model.run_config = cfg
     model.tokenizer = tok

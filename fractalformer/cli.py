@@ -1,4 +1,4 @@
-"""The ``fractalformer`` command: train, eval, sample.
+"""The ``fractalformer`` command: train, eval, sample, extract.
 
 Thin by design: parse arguments, call the library, print. Any :class:`FractalError`
 becomes one line on stderr and exit status 2.
@@ -59,6 +59,16 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--unknown", choices=("error", "replace"), default="error",
                    help="what to do with prompt characters the tokenizer lacks")
     s.add_argument("--no-cache", action="store_true", help="recompute the context every token")
+    s.add_argument("--level", type=int, default=0, help="sub-model level (0 = the full model)")
+    s.add_argument("--index", type=int, default=0, help="sub-model index within the level")
+    s.add_argument("--ensemble", action="store_true",
+                   help="sample the whole level as one ensemble (mean of log-probabilities)")
+
+    x = sub.add_parser("extract", help="save one sub-model as a standalone dense run folder")
+    x.add_argument("run")
+    x.add_argument("--level", type=int, required=True)
+    x.add_argument("--index", type=int, required=True)
+    x.add_argument("--out", required=True)
     return p
 
 
@@ -100,9 +110,10 @@ def cmd_train(a: argparse.Namespace) -> int:
               f"fractalformer train --out {out} --resume")
         return 130 if result.stopped == "interrupted" else 0
     if result.final is not None:
-        f = result.final
-        print(f"validation ({f.tokens:,} tokens): {f.val_loss:.4f} nats/token | {f.val_bpc:.4f} "
-              f"bits/{f.unit} | {f.nats_per_char:.4f} nats/{f.unit}")
+        for f in result.final:
+            who = "" if len(result.final) == 1 else f"sub-model ({f.level}, {f.index}) width {f.width}: "
+            print(f"validation {who}{f.val_loss:.4f} nats/token | {f.val_bpc:.4f} bits/{f.unit} | "
+                  f"{f.nats_per_char:.4f} nats/{f.unit} ({f.tokens:,} tokens)")
         print(f"curves: {out / 'curves.png'}")
         if cfg.train.sample_tokens:
             print("sample:")
@@ -119,33 +130,36 @@ def cmd_eval(a: argparse.Namespace) -> int:
     model = fractalformer.load(a.run)
     cfg = model.run_config
     _, corpus = prepare_data(cfg, model.tokenizer)
-    r = evaluate_full(model, corpus, cfg.model.block_size)
-    row = {"val_loss": round(r.val_loss, 6), "val_bpc": round(r.val_bpc, 6),
-           "val_nats_per_char": round(r.nats_per_char, 6), "tokens": r.tokens,
-           "params": model.num_params()}
+    rows = evaluate_full(model, corpus, cfg.model.block_size)
     if a.json:
-        print(json.dumps([row]))
-    else:
-        unit = model.tokenizer.unit
-        print(f"{'params':>10} {'val_loss':>10} {'val_bp' + unit[0]:>10} {'tokens':>9}")
-        print(f"{row['params']:>10,} {r.val_loss:>10.4f} {r.val_bpc:>10.4f} {r.tokens:>9,}")
+        print(json.dumps([r.to_json() for r in rows]))
+        return 0
+    unit = model.tokenizer.unit
+    print(f"{'level':>5} {'index':>8} {'width':>6} {'params':>10} {'val_loss':>9} {'val_bp' + unit[0]:>8}")
+    for r in rows:
+        print(f"{r.level:>5} {r.index!s:>8} {r.width:>6} {r.params:>10,} {r.val_loss:>9.4f} "
+              f"{r.val_bpc:>8.4f}")
+    print(f"({rows[0].tokens:,} validation tokens; loss in nats/token, bits per {unit})")
     return 0
 
 
 def _stream(run: str | Path, prompt: str, n: int, temperature: float, top_k: int | None,
-            top_p: float | None, seed: int | None, unknown: str, no_cache: bool) -> None:
+            top_p: float | None, seed: int | None, unknown: str, no_cache: bool,
+            level: int = 0, index: int | str = 0) -> None:
     import fractalformer
 
     from .generate import generate
 
     model = fractalformer.load(run)
+    model.nest.check(level, 0 if index == "ensemble" else int(index))
     tok = model.tokenizer
     ids = tok.encode(prompt, on_unknown=unknown)
     if not ids:
         raise FractalError("the prompt is empty")
     decode = tok.stream_decoder()
     sys.stdout.write(prompt)
-    for i in generate(model, ids, n, temperature, top_k, top_p, seed, use_cache=not no_cache):
+    for i in generate(model, ids, n, temperature, top_k, top_p, seed, use_cache=not no_cache,
+                      level=level, index=index):
         sys.stdout.write(decode(i))
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -159,14 +173,34 @@ def cmd_sample(a: argparse.Namespace) -> int:
     if a.top_p is not None and not 0 < a.top_p <= 1:
         raise FractalError(f"--top-p must lie in (0, 1], got {a.top_p}")
     _stream(a.run, a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed,
-            a.unknown, a.no_cache)
+            a.unknown, a.no_cache, a.level, "ensemble" if a.ensemble else a.index)
+    return 0
+
+
+def cmd_extract(a: argparse.Namespace) -> int:
+    import fractalformer
+
+    from .checkpoint import save_model, save_run_config
+    from .config import RunConfig
+
+    out = Path(a.out)
+    if (out / "config.json").exists():
+        raise FractalError(f"{out} already holds a run; choose another --out")
+    model = fractalformer.load(a.run)
+    sub = model.extract(a.level, a.index)
+    cfg = RunConfig(sub.config, model.run_config.train)
+    save_run_config(out, cfg, model.tokenizer)
+    save_model(out, sub, 0)
+    print(f"extracted sub-model ({a.level}, {a.index}): {sub.num_params():,} parameters, width "
+          f"{sub.config.d_model} -> {out}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample}[args.command](args)
+        commands = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "extract": cmd_extract}
+        return commands[args.command](args)
     except FractalError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

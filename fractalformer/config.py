@@ -16,15 +16,30 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import FractalError
+
+if TYPE_CHECKING:
+    from .nn.nesting import Nesting
 
 
 @dataclass
 class ModelConfig:
-    """Dense GPT dimensions. Defaults are the seed FractalFormer's (about 1M parameters)."""
+    """Model dimensions and nesting. Defaults are the seed FractalFormer's (about 1M parameters).
 
+    ``family`` picks the nesting: ``gpt`` (dense, one level), ``fractal`` (block nesting:
+    split**l sub-models at level l), ``matformer`` (prefix nesting of every part) or
+    ``mrl`` (dense body; only the final state and tied output are prefix-nested).
+    """
+
+    family: str = "gpt"
+    levels: int = 1  # nesting depth; level l sub-models are 1/split**l as wide
+    split: int = 2
+    attn_nesting: str = "head_dim"  # "head_dim": all heads, narrower; "heads": blocks of whole heads
+    residual: str = "none"  # fractal only: "upstream", "downstream" cross-level residuals
+    residual_rank: int = 0  # 0: add states directly; r > 0: through a learned rank-r map
+    level_weights: str = ""  # comma-separated loss weight per level; "" = every sub-model alike
     vocab_size: int = 128
     block_size: int = 256  # context length
     n_layer: int = 4
@@ -43,9 +58,33 @@ class ModelConfig:
     def mlp_hidden(self) -> int:
         return round(self.mlp_mult * self.d_model)
 
+    def nesting(self) -> Nesting:
+        from .nn.nesting import Nesting
+
+        return Nesting("prefix" if self.family in ("matformer", "mrl") else "block", self.levels, self.split)
+
+    def sub_models(self) -> list[tuple[int, int]]:
+        """Every (level, index), level by level - the order of per-sub-model losses."""
+        nest = self.nesting()
+        return [(lv, j) for lv in range(self.levels) for j in range(nest.count(lv))]
+
+    def sub_model_weights(self) -> list[float]:
+        """Loss weight of every sub-model; they sum to 1.
+
+        Default: every sub-model weighs the same (the seed summed plain cross-entropies;
+        this is that sum divided by the count), so each weight entry gets an equal share of
+        gradient from every sub-model that owns it.
+        """
+        subs = self.sub_models()
+        per_level = [float(w) for w in self.level_weights.split(",")] if self.level_weights else None
+        raw = [per_level[lv] / sum(1 for s in subs if s[0] == lv) if per_level else 1.0 for lv, _ in subs]
+        return [w / sum(raw) for w in raw]
+
     def validate(self) -> None:
         _positive(self, "vocab_size", "block_size", "n_layer", "d_model", "n_head", "n_kv_head",
-                  "head_dim", "mlp_mult", "rope_theta", "norm_eps", "init_std")
+                  "head_dim", "mlp_mult", "rope_theta", "norm_eps", "init_std", "levels")
+        _nonnegative(self, "residual_rank")
+        self._validate_nesting()
         if self.n_head % self.n_kv_head:
             raise FractalError(
                 f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})"
@@ -57,6 +96,48 @@ class ModelConfig:
         if self.mlp_hidden < 1:
             raise FractalError("mlp_mult * d_model must be at least 1")
 
+    def _validate_nesting(self) -> None:
+        _choice(self, "family", ("gpt", "fractal", "matformer", "mrl"))
+        _choice(self, "attn_nesting", ("head_dim", "heads"))
+        _choice(self, "residual", ("none", "upstream", "downstream"))
+        if self.family == "gpt" and self.levels != 1:
+            raise FractalError(f"family gpt is dense: levels must be 1, got {self.levels} "
+                               "(use family=fractal, matformer or mrl for nesting)")
+        if self.family != "gpt" and self.levels < 2:
+            raise FractalError(f"family {self.family} needs levels >= 2, got {self.levels}")
+        if self.split < 2:
+            raise FractalError(f"split must be at least 2, got {self.split}")
+        if self.residual != "none" and self.family != "fractal":
+            raise FractalError("cross-level residuals need family=fractal")
+        if self.level_weights:
+            try:
+                w = [float(x) for x in self.level_weights.split(",")]
+            except ValueError:
+                raise FractalError(f"level_weights must be comma-separated numbers, got "
+                                   f"{self.level_weights!r}") from None
+            if len(w) != self.levels or any(x < 0 or not math.isfinite(x) for x in w) or sum(w) <= 0:
+                raise FractalError(f"level_weights needs {self.levels} non-negative numbers with a "
+                                   f"positive sum, got {self.level_weights!r}")
+        if self.levels == 1:
+            return
+        f = self.split ** (self.levels - 1)
+        smallest = f"split**(levels-1) = {f}"
+        nested = {"d_model": self.d_model, "mlp hidden width": self.mlp_hidden}
+        if self.family != "mrl":
+            if self.attn_nesting == "heads":
+                for name in ("n_head", "n_kv_head"):
+                    if getattr(self, name) % f:
+                        raise FractalError(f"attn_nesting=heads needs {name} ({getattr(self, name)}) "
+                                           f"divisible by {smallest}")
+            else:
+                if self.head_dim % f or (self.head_dim // f) % 2:
+                    raise FractalError(f"head_dim {self.head_dim} is too small to nest: it must be "
+                                       f"divisible by {smallest} leaving an even (RoPE) head_dim, "
+                                       f"got {self.head_dim / f:g}")
+        for name, size in nested.items():
+            if size % f:
+                raise FractalError(f"{name} ({size}) is not divisible by {smallest}")
+
 
 @dataclass
 class TrainConfig:
@@ -66,6 +147,7 @@ class TrainConfig:
     data: str | None = None  # None = the shipped TinyShakespeare
     on_unknown: str = "error"  # or "replace": map unknown characters to a known one
     batch_size: int = 16
+    routing: str = "shared"  # nested models: shared, split or shard (see data.training_batch)
     max_steps: int = 1400
     lr: float = 3e-3
     min_lr: float = 3e-4
@@ -93,6 +175,7 @@ class TrainConfig:
                 raise FractalError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
         _choice(self, "on_unknown", ("error", "replace"))
         _choice(self, "device", ("auto", "cpu", "cuda"))
+        _choice(self, "routing", ("shared", "split", "shard"))
         _choice(self, "dtype", ("auto", "float32", "bfloat16"))
         from .tokenizers import TOKENIZERS
 
@@ -107,6 +190,18 @@ class RunConfig:
     def validate(self) -> None:
         self.model.validate()
         self.train.validate()
+        m, t = self.model, self.train
+        if t.routing != "shared":
+            if m.family == "gpt":
+                raise FractalError(f"routing={t.routing} needs a nested model (family fractal, "
+                                   "matformer or mrl)")
+            if m.residual != "none":
+                raise FractalError(f"routing={t.routing} cannot combine with residual={m.residual}: "
+                                   "cross-level residuals need every level on the same rows")
+            n = m.nesting().count(m.levels - 1)
+            if t.batch_size % n:
+                raise FractalError(f"routing={t.routing} needs batch_size divisible by the {n} "
+                                   f"sub-models of the last level, got {t.batch_size}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": asdict(self.model), "train": asdict(self.train)}

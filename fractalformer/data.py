@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .errors import FractalError
+from .nn.nesting import Nesting
 from .tokenizers import Tokenizer
 
 SHIPPED = "tinyshakespeare"
@@ -111,3 +112,29 @@ def sequential_windows(ids: torch.Tensor, block_size: int) -> list[tuple[torch.T
         win = ids[s : s + block_size + 1]
         out.append((win[:-1], win[1:]))
     return out
+
+
+def training_batch(ids: torch.Tensor, batch_size: int, block_size: int, gen: torch.Generator,
+                   routing: str, nest: Nesting) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step's batch under a data routing.
+
+    * ``shared``: (B, T); every sub-model reads every row (the seed).
+    * ``split``: (levels, B, T), the same rows for every level; sub-model ``j`` of level ``l``
+      reads only row block ``j`` of ``split**l`` blocks.
+    * ``shard``: as ``split``, but the rows of sub-model ``j`` of level ``l`` come from its
+      own contiguous shard ``j`` of the corpus (the seed's "fractal MoE" data idea).
+    """
+    if routing == "shared" or nest.levels == 1:
+        return get_batch(ids, batch_size, block_size, gen)
+    if routing == "split":
+        x, y = get_batch(ids, batch_size, block_size, gen)
+        return x.expand(nest.levels, *x.shape), y.expand(nest.levels, *y.shape)
+    xs, ys = [], []
+    for lv in range(nest.levels):
+        n = nest.count(lv)
+        shard = len(ids) // n
+        parts = [get_batch(ids[j * shard:(j + 1) * shard], batch_size // n, block_size, gen)
+                 for j in range(n)]
+        xs.append(torch.cat([p[0] for p in parts]))
+        ys.append(torch.cat([p[1] for p in parts]))
+    return torch.stack(xs), torch.stack(ys)

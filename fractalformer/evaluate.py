@@ -1,22 +1,32 @@
-"""Validation loss in nats/token and bits per character (per byte for ``byte``).
+"""Validation loss of every sub-model, in nats/token and bits per character.
 
-Bits per character is the currency across tokenizers:
-``bpc = loss_per_token / ln 2 * tokens_per_char`` on the same validation text.
+Bits per character (per byte for the ``byte`` tokenizer) is the currency across
+tokenizers: ``bpc = loss_per_token / ln 2 * tokens_per_char`` on the same text.
+
+A level with several sub-models is also scored as an "all experts at once" ensemble:
+the mean of its sub-models' log-probabilities, renormalised (a product of experts).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .data import Corpus, batch_generator, get_batch, sequential_windows
 
+Key = tuple[int, int | str]  # (level, index) or (level, "ensemble")
+
 
 @dataclass
-class EvalResult:
+class EvalRow:
+    level: int
+    index: int | str  # sub-model index, or "ensemble"
+    width: int
+    params: int
     val_loss: float  # nats per token
     val_bpc: float  # bits per character (byte for the byte tokenizer)
     tokens: int
@@ -25,6 +35,9 @@ class EvalResult:
     @property
     def nats_per_char(self) -> float:
         return self.val_bpc * math.log(2)
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "val_nats_per_char": self.nats_per_char}
 
 
 def to_bpc(loss: float, units_per_token: float) -> float:
@@ -39,33 +52,68 @@ def fixed_val_batches(corpus: Corpus, n: int, batch_size: int, block_size: int,
 
 
 @torch.no_grad()
-def mean_loss(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
-              device: torch.device | str = "cpu", autocast: contextlib.AbstractContextManager | None = None
-              ) -> tuple[float, int]:
-    """Token-weighted mean cross-entropy over ``batches`` (nats/token) and the token count."""
+def loss_sums(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+              ensembles: bool = True) -> dict[Key, float]:
+    """Summed cross-entropy of every sub-model (and level ensemble) on one batch."""
+    out: dict[Key, float] = {}
+    for lv, lg in model.run(x, model.body_levels()).items():
+        logp = F.log_softmax(lg.float(), -1)  # (n, B, T, V)
+        nll = -logp.gather(-1, y.expand(lg.shape[0], *y.shape).unsqueeze(-1)).squeeze(-1)
+        for j, s in enumerate(nll.sum((1, 2)).tolist()):
+            out[(lv, j)] = s
+        if ensembles and lg.shape[0] > 1:
+            ens = F.log_softmax(logp.mean(0), -1)
+            out[(lv, "ensemble")] = float(-ens.gather(-1, y.unsqueeze(-1)).sum())
+    return out
+
+
+@torch.no_grad()
+def mean_losses(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                device: torch.device | str = "cpu", autocast: contextlib.AbstractContextManager | None = None,
+                ensembles: bool = True) -> tuple[dict[Key, float], int]:
+    """Token-weighted mean loss (nats/token) of every sub-model over ``batches``."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total: dict[Key, float] = {}
+    count = 0
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         if x.dim() == 1:
             x, y = x[None], y[None]
         with autocast or contextlib.nullcontext():
-            _, loss = model(x, y)
-        total += float(loss) * y.numel()
+            for k, v in loss_sums(model, x, y, ensembles).items():
+                total[k] = total.get(k, 0.0) + v
         count += y.numel()
     model.train(was_training)
-    return total / count, count
+    return {k: v / count for k, v in total.items()}, count
 
 
 def evaluate_full(model: torch.nn.Module, corpus: Corpus, block_size: int,
-                  device: torch.device | str = "cpu", batch_size: int = 32) -> EvalResult:
-    """Every validation target exactly once, in non-overlapping windows of ``block_size``."""
+                  device: torch.device | str = "cpu", batch_size: int = 32) -> list[EvalRow]:
+    """Every validation target exactly once, in non-overlapping windows of ``block_size``.
+
+    One row per sub-model (the full model first), then one per level ensemble.
+    """
     windows = sequential_windows(corpus.val, block_size)
     full = [w for w in windows if len(w[0]) == block_size]
     batches = [(torch.stack([w[0] for w in full[i : i + batch_size]]),
                 torch.stack([w[1] for w in full[i : i + batch_size]]))
                for i in range(0, len(full), batch_size)]
     batches += [w for w in windows if len(w[0]) != block_size]
-    loss, n = mean_loss(model, batches, device)
-    return EvalResult(loss, to_bpc(loss, corpus.val_units_per_token), n, corpus.unit)
+    losses, n = mean_losses(model, batches, device)
+    rows = []
+    for (lv, j), loss in sorted(losses.items(), key=lambda kv: (kv[0][0], isinstance(kv[0][1], str))):
+        cfg = model.sub_model_config(lv)
+        params = sub_model_params(model, lv)
+        rows.append(EvalRow(lv, j, cfg.d_model, params, loss,
+                            to_bpc(loss, corpus.val_units_per_token), n, corpus.unit))
+    return rows
+
+
+def sub_model_params(model: torch.nn.Module, level: int) -> int:
+    """Parameters one sub-model of ``level`` owns (the whole model at level 0)."""
+    if level == 0 or model.body_levels() == [0]:  # MRL: every size reads the whole body
+        return model.num_params()
+    return sum(model.nest.take(p, level, mod.nest_dims[name])[0].numel()
+               for mod in model.modules() if hasattr(mod, "nest_dims")
+               for name, p in mod.named_parameters(recurse=False))

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 import fractalformer
 from fractalformer.cli import main
 from fractalformer.config import build_config
+from fractalformer.models import GPT
 from fractalformer.train import lr_at
 from fractalformer.train import trainer as trainer_mod
 
@@ -72,16 +73,16 @@ def test_training_reduces_loss(tiny_run: Path) -> None:
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path: Path, monkeypatch, capsys) -> None:
     calls = {"n": 0}
 
-    class Exploding(trainer_mod.GPT):
+    class Exploding(GPT):
         def forward(self, idx, targets=None, cache=None):
-            logits, loss = super().forward(idx, targets, cache)
+            logits, loss, sub = super().forward(idx, targets, cache)
             if self.training:
                 calls["n"] += 1
                 if calls["n"] == 7:
                     loss = loss * float("nan")
-            return logits, loss
+            return logits, loss, sub
 
-    monkeypatch.setattr(trainer_mod, "GPT", Exploding)
+    monkeypatch.setattr(trainer_mod, "build_model", Exploding)
     out = tmp_path / "nan"
     code = main(["train", *TINY, "--set", "ckpt_every=5", "--out", str(out)])
     err = capsys.readouterr().err

@@ -32,29 +32,45 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def select_logits(logits: dict[int, torch.Tensor], level: int, index: int | str) -> torch.Tensor:
+    """Last-position logits of sub-model ``(level, index)``, or of the level's ensemble
+    (``index == "ensemble"``: mean of the sub-models' log-probabilities)."""
+    lg = logits[level][:, :, -1]  # (count, B, vocab)
+    if index == "ensemble":
+        return torch.log_softmax(lg.float(), -1).mean(0)
+    return lg[int(index)]
+
+
 @torch.no_grad()
 def generate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             use_cache: bool = True) -> Iterator[int]:
-    """Yield ``max_new_tokens`` token ids continuing ``prompt`` (a non-empty id list)."""
+             use_cache: bool = True, level: int = 0, index: int | str = 0) -> Iterator[int]:
+    """Yield ``max_new_tokens`` token ids continuing ``prompt`` (a non-empty id list).
+
+    ``level``/``index`` pick the sub-model that speaks (``index="ensemble"``: the whole
+    level at once); only the levels it depends on are computed.
+    """
     if not prompt:
         raise ValueError("generation needs at least one prompt token")
     model.eval()
+    model.nest.check(level, 0 if index == "ensemble" else int(index))
     device = next(model.parameters()).device
     ctx = model.config.block_size
+    levels = model.needed_levels(level)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed if seed is not None else torch.seed())
     tokens = list(prompt[-ctx:])
-    cache = model.new_cache(1) if use_cache else None
-    logits, _ = model(torch.tensor([tokens], device=device), cache=cache)
+    caches = model.new_cache(1, levels) if use_cache else None
+    logits = model.run(torch.tensor([tokens], device=device), levels, caches)
     for _ in range(max_new_tokens):
-        nxt = int(sample_next(logits[:, -1], temperature, top_k, top_p, gen))
+        nxt = int(sample_next(select_logits(logits, level, index), temperature, top_k, top_p, gen))
         yield nxt
         tokens.append(nxt)
-        if cache is not None and cache.length < ctx:
-            logits, _ = model(torch.tensor([[nxt]], device=device), cache=cache)
+        if caches is not None and len(tokens) <= ctx:
+            logits = model.run(torch.tensor([[nxt]], device=device), levels, caches)
         else:  # the window slides: recompute it (exactly what an uncached model sees)
             tokens = tokens[-ctx:]
-            if cache is not None:
-                cache.length = 0
-            logits, _ = model(torch.tensor([tokens], device=device), cache=cache)
+            if caches is not None:
+                for c in caches.values():
+                    c.length = 0
+            logits = model.run(torch.tensor([tokens], device=device), levels, caches)

@@ -1,5 +1,16 @@
-"""Model families. Each file holds one family; ``build_model`` picks by config."""
+"""Model families, one file each; ``build_model`` picks the class from the config."""
 
+from __future__ import annotations
+
+from ..config import ModelConfig
+from .fractal import FractalFormer
 from .gpt import GPT
+from .matryoshka import MRLGPT
 
-__all__ = ["GPT"]
+
+def build_model(cfg: ModelConfig) -> GPT:
+    """The model class of ``cfg.family``: gpt/matformer -> GPT, fractal, mrl."""
+    return {"fractal": FractalFormer, "mrl": MRLGPT}.get(cfg.family, GPT)(cfg)
+
+
+__all__ = ["GPT", "MRLGPT", "FractalFormer", "build_model"]

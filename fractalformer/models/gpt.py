@@ -1,14 +1,25 @@
-"""The dense GPT: the reference model every nested model is compared with.
+"""The nested GPT: one transformer whose every weight is shared by nested sub-models.
 
 Pre-norm decoder blocks (RMSNorm -> grouped-query attention with RoPE -> residual,
 RMSNorm -> GeGLU -> residual), a final RMSNorm and an output head tied to the token
-embedding. With the embedding initialised at std 0.02 the initial logits are small,
-so the untrained loss is ln(vocab_size) - unlike the seed, whose row-normalised
-output gave an initial loss of ~73.
+embedding. Every layer comes from ``fractalformer.nn`` and is sliced by one
+:class:`~fractalformer.nn.Nesting`:
+
+* ``levels = 1`` is the dense reference GPT;
+* ``family = "fractal"`` uses block nesting (FractalFormer, see ``fractal.py``);
+* ``family = "matformer"`` uses prefix nesting of every part (MatFormer+).
+
+Activations of level ``l`` have shape (count, B, T, width): the level's sub-models run
+side by side as one batched computation. All levels advance layer by layer together,
+so cross-level residuals (``fractal.py``) can exchange states after every layer.
+
+With the embedding initialised at std 0.02 the initial logits are small, so the untrained
+loss is about ln(vocab_size) - unlike the seed, whose row-normalised output gave ~73.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -16,33 +27,50 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..nn import Attention, GeGLU, KVCache, RMSNorm, Rotary
+from ..nn import Attention, Embedding, GeGLU, KVCache, Nesting, RMSNorm, Rotary
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: Rotary) -> None:
+    def __init__(self, cfg: ModelConfig, nest: Nesting, rotaries: list[Rotary]) -> None:
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim, rotary, cfg.dropout)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = GeGLU(cfg.d_model, cfg.mlp_hidden, cfg.mlp_bias)
+        self.attn_norm = RMSNorm(nest, cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(nest, cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim, rotaries,
+                              cfg.dropout, by_heads=cfg.attn_nesting == "heads")
+        self.mlp_norm = RMSNorm(nest, cfg.d_model, cfg.norm_eps)
+        self.mlp = GeGLU(nest, cfg.d_model, cfg.mlp_hidden, cfg.mlp_bias)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.attn_norm(x), cache, layer))
-        return x + self.drop(self.mlp(self.mlp_norm(x)))
+    def forward(self, x: torch.Tensor, level: int, cache: KVCache | None, layer: int) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x, level), level, cache, layer))
+        return x + self.drop(self.mlp(self.mlp_norm(x, level), level))
+
+
+Caches = dict[int, KVCache]
 
 
 class GPT(nn.Module):
+    """Dense GPT when ``levels == 1``; otherwise every level of nested sub-models at once.
+
+    ``forward(idx, targets)`` returns ``(logits, loss, sub_losses)``: the full model's
+    logits (B, T, vocab), the weighted training loss over all sub-models, and each
+    sub-model's own mean cross-entropy (level by level, index by index; detached).
+    """
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         cfg.validate()
         self.config = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        rotary = Rotary(cfg.head_dim, cfg.block_size, cfg.rope_theta)
-        self.blocks = nn.ModuleList(Block(cfg, rotary) for _ in range(cfg.n_layer))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.nest = cfg.nesting()
+        c = cfg
+        self.embed = Embedding(self.nest, c.vocab_size, c.d_model)
+        attn_levels = self.nest.levels if c.family != "mrl" else 1
+        head_dims = [c.head_dim if c.attn_nesting == "heads" else c.head_dim // c.split**lv
+                     for lv in range(attn_levels)]
+        self.rotary = nn.ModuleList(Rotary(h, c.block_size, c.rope_theta) for h in head_dims)
+        self.blocks = nn.ModuleList(Block(c, self.nest, list(self.rotary)) for _ in range(c.n_layer))
+        self.norm = RMSNorm(self.nest, c.d_model, c.norm_eps)
+        self.drop = nn.Dropout(c.dropout)
+        self.register_buffer("weights", torch.tensor(cfg.sub_model_weights()), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -53,33 +81,114 @@ class GPT(nn.Module):
                 nn.init.zeros_(p)
             elif name.endswith(("attn.o.weight", "mlp.down.weight")):
                 nn.init.normal_(p, std=resid_std)
+            elif name.endswith("lora_up"):
+                nn.init.zeros_(p)
             else:
                 nn.init.normal_(p, std=std)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def new_cache(self, batch: int, device: torch.device | str | None = None,
-                  dtype: torch.dtype | None = None) -> KVCache:
-        c = self.config
-        w = self.embed.weight
-        return KVCache(c.n_layer, batch, c.n_kv_head, c.block_size, c.head_dim,
-                       device or w.device, dtype or w.dtype)
+    # -- the pieces subclasses change ----------------------------------------------------------
+    def body_levels(self) -> list[int]:
+        """Levels whose transformer body is computed (all of them, unless overridden)."""
+        return list(range(self.nest.levels))
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, vocab) and, given targets, the mean cross-entropy in nats/token."""
-        start = cache.length if cache is not None else 0
-        if start + idx.shape[1] > self.config.block_size:
-            raise ValueError(f"sequence of {start + idx.shape[1]} tokens exceeds block_size "
-                             f"{self.config.block_size}")
-        x = self.drop(self.embed(idx))
+    def exchange(self, states: dict[int, torch.Tensor], layer: int) -> dict[int, torch.Tensor]:
+        """Hook after every layer: cross-level residuals in the FractalFormer."""
+        return states
+
+    def head(self, states: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Final norm and tied output of every level: level -> (count, B, T, vocab)."""
+        return {lv: self.embed.logits(self.norm(x, lv), lv) for lv, x in states.items()}
+
+    def extractable(self, level: int) -> bool:
+        """Whether the sub-models of ``level`` are standalone models (no cross-level inputs)."""
+        return True
+
+    def needed_levels(self, level: int) -> list[int]:
+        """Levels whose bodies must run to get the logits of ``level``."""
+        return [level]
+
+    # -- sub-models as standalone dense GPTs -------------------------------------------------
+    def sub_model_config(self, level: int) -> ModelConfig:
+        """The dense config of one sub-model of ``level``: same depth and vocab, narrower."""
+        c = self.config
+        hq, hkv, hd = self.blocks[0].attn.shape(level)
+        f = self.nest.split**level
+        return dataclasses.replace(
+            c, family="gpt", levels=1, residual="none", residual_rank=0, level_weights="",
+            d_model=c.d_model // f, n_head=hq, n_kv_head=hkv, head_dim=hd)
+
+    def extract(self, level: int, index: int) -> GPT:
+        """Sub-model ``(level, index)`` as a dense GPT holding only its own weights."""
+        from ..errors import FractalError
+
+        self.nest.check(level, index)
+        if not self.extractable(level):
+            raise FractalError(f"level {level} is not extractable: with residual={self.config.residual} "
+                               f"its sub-models read other levels' states")
+        dense = GPT(self.sub_model_config(level))
+        state = {}
+        for mod_name, mod in self.named_modules():
+            dims = getattr(mod, "nest_dims", None)
+            if dims is None:
+                continue
+            for pname, p in mod.named_parameters(recurse=False):
+                state[f"{mod_name}.{pname}"] = self.nest.take(p.detach(), level, dims[pname])[index].clone()
+        dense.load_state_dict(state)
+        return dense.to(self.embed.weight.device).train(self.training)
+
+    # -- running ------------------------------------------------------------------------------
+    def new_cache(self, batch: int, levels: list[int] | None = None,
+                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Caches:
+        """Empty KV caches for generation, one per level whose body runs."""
+        c, w = self.config, self.embed.weight
+        caches = {}
+        for lv in levels if levels is not None else self.body_levels():
+            _, hkv, hd = self.blocks[0].attn.shape(lv)
+            caches[lv] = KVCache(c.n_layer, batch * self.nest.count(lv), hkv, c.block_size, hd,
+                                 device or w.device, dtype or w.dtype)
+        return caches
+
+    def run(self, idx: torch.Tensor, levels: list[int], caches: Caches | None = None
+            ) -> dict[int, torch.Tensor]:
+        """Logits of every sub-model of ``levels``: level -> (count, B, T, vocab).
+
+        ``idx`` is (B, T) - every sub-model reads the whole batch - or (levels, B, T) for
+        routed data, where sub-model ``j`` of level ``l`` reads row block ``j`` of ``idx[l]``.
+        """
+        t = idx.shape[-1]
+        start = next(iter(caches.values())).length if caches else 0
+        if start + t > self.config.block_size:
+            raise ValueError(f"sequence of {start + t} tokens exceeds block_size {self.config.block_size}")
+        states = {}
+        for lv in levels:
+            x = idx if idx.dim() == 2 else _rows(idx[lv], self.nest.count(lv))
+            states[lv] = self.drop(self.embed(x, lv))
         for i, block in enumerate(self.blocks):
-            x = block(x, cache, i)
-        if cache is not None:
-            cache.length += idx.shape[1]
-        logits = F.linear(self.norm(x), self.embed.weight)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-        return logits, loss
+            states = {lv: block(x, lv, caches[lv] if caches else None, i) for lv, x in states.items()}
+            states = self.exchange(states, i)
+        if caches:
+            for cache in caches.values():
+                cache.length += t
+        return self.head(states)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: Caches | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        logits = self.run(idx, self.body_levels() if cache is None else sorted(cache), cache)
+        if targets is None:
+            return logits[0][0], None, None
+        losses = []
+        for lv, lg in sorted(logits.items()):
+            y = targets if targets.dim() == 2 else _rows(targets[lv], lg.shape[0])
+            y = y.expand(lg.shape[0], *y.shape[-2:])
+            ce = F.cross_entropy(lg.float().flatten(0, 2), y.flatten(), reduction="none")
+            losses.append(ce.view(lg.shape[0], -1).mean(1))
+        sub = torch.cat(losses)
+        return logits[0][0], (sub * self.weights).sum(), sub.detach()
+
+
+def _rows(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, T) -> (n, B / n, T): sub-model j's share of the batch."""
+    return idx.view(n, idx.shape[0] // n, idx.shape[1])

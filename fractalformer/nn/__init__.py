@@ -1,8 +1,10 @@
-"""Building blocks shared by every model: norms, rotary embeddings, attention, MLP."""
+"""Building blocks shared by every model, all written once on the nesting primitive."""
 
 from .attention import Attention, KVCache
+from .linear import Embedding, Linear
 from .mlp import GeGLU
+from .nesting import Nesting
 from .norms import RMSNorm
 from .rope import Rotary
 
-__all__ = ["Attention", "GeGLU", "KVCache", "RMSNorm", "Rotary"]
+__all__ = ["Attention", "Embedding", "GeGLU", "KVCache", "Linear", "Nesting", "RMSNorm", "Rotary"]

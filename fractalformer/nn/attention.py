@@ -1,4 +1,4 @@
-"""Causal self-attention with grouped-query heads, RoPE and a preallocated KV cache."""
+"""Causal self-attention with grouped-query heads, RoPE, nesting and a preallocated KV cache."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linear import Linear
+from .nesting import Nesting
 from .rope import Rotary
 
 
@@ -35,32 +37,49 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Multi-head attention where ``n_kv_head`` key/value heads are shared by query groups."""
+    """Grouped-query attention whose heads nest in one of two ways.
 
-    def __init__(self, d_model: int, n_head: int, n_kv_head: int, head_dim: int,
-                 rotary: Rotary, dropout: float) -> None:
+    ``by_heads=False`` (the seed, "head_dim" nesting): every sub-model keeps all heads and
+    owns a sub-block of each head's dims. ``by_heads=True`` ("heads" nesting): sub-model
+    ``j`` owns block ``j`` of whole heads, query and key/value alike.
+    """
+
+    def __init__(self, nest: Nesting, d_model: int, n_head: int, n_kv_head: int, head_dim: int,
+                 rotaries: list[Rotary], dropout: float, by_heads: bool = False) -> None:
         super().__init__()
+        self.nest, self.by_heads = nest, by_heads
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim
-        self.q = nn.Linear(d_model, n_head * head_dim, bias=False)
-        self.k = nn.Linear(d_model, n_kv_head * head_dim, bias=False)
-        self.v = nn.Linear(d_model, n_kv_head * head_dim, bias=False)
-        self.o = nn.Linear(n_head * head_dim, d_model, bias=False)
-        self.rotary = rotary
+        gq, gkv = (1, 1) if by_heads else (n_head, n_kv_head)
+        self.q = Linear(nest, d_model, n_head * head_dim, False, out_groups=gq)
+        self.k = Linear(nest, d_model, n_kv_head * head_dim, False, out_groups=gkv)
+        self.v = Linear(nest, d_model, n_kv_head * head_dim, False, out_groups=gkv)
+        self.o = Linear(nest, n_head * head_dim, d_model, False, in_groups=gq)
+        self.rotaries = rotaries  # one table per level, owned (and moved) by the model
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        b, t, _ = x.shape
+    def shape(self, level: int) -> tuple[int, int, int]:
+        """(query heads, key/value heads, head dim) of one sub-model of ``level``."""
+        f = self.nest.split**level
+        if self.by_heads:
+            return self.n_head // f, self.n_kv_head // f, self.head_dim
+        return self.n_head, self.n_kv_head, self.head_dim // f
+
+    def forward(self, x: torch.Tensor, level: int, cache: KVCache | None = None,
+                layer: int = 0) -> torch.Tensor:
+        """x: (count, B, T, width) -> (count, B, T, width); sub-models ride in the batch."""
+        n, b, t, _ = x.shape
+        hq, hkv, hd = self.shape(level)
         start = cache.length if cache is not None else 0
-        q = self.q(x).view(b, t, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k(x).view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.v(x).view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = self.rotary(q, start), self.rotary(k, start)
+        q = self.q(x, level).reshape(n * b, t, hq, hd).transpose(1, 2)
+        k = self.k(x, level).reshape(n * b, t, hkv, hd).transpose(1, 2)
+        v = self.v(x, level).reshape(n * b, t, hkv, hd).transpose(1, 2)
+        rotary = self.rotaries[level]
+        q, k = rotary(q, start), rotary(k, start)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        if self.n_kv_head != self.n_head:
-            rep = self.n_head // self.n_kv_head
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
+        if hkv != hq:
+            k = k.repeat_interleave(hq // hkv, dim=1)
+            v = v.repeat_interleave(hq // hkv, dim=1)
         mask, causal = None, True
         if start > 0:  # queries at start.. attend to every cached key up to their position
             causal = False
@@ -71,4 +90,4 @@ class Attention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=causal,
             dropout_p=self.dropout if self.training else 0.0,
         )
-        return self.o(y.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim))
+        return self.o(y.transpose(1, 2).reshape(n, b, t, hq * hd), level)

@@ -1,4 +1,4 @@
-"""GeGLU feed-forward: ``down(gelu(gate(x)) * up(x))``."""
+"""GeGLU feed-forward ``down(gelu(gate(x)) * up(x))``; the inner width nests too."""
 
 from __future__ import annotations
 
@@ -6,13 +6,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linear import Linear
+from .nesting import Nesting
+
 
 class GeGLU(nn.Module):
-    def __init__(self, d_model: int, hidden: int, bias: bool) -> None:
+    def __init__(self, nest: Nesting, d_model: int, hidden: int, bias: bool) -> None:
         super().__init__()
-        self.gate = nn.Linear(d_model, hidden, bias=bias)
-        self.up = nn.Linear(d_model, hidden, bias=bias)
-        self.down = nn.Linear(hidden, d_model, bias=bias)
+        self.gate = Linear(nest, d_model, hidden, bias)
+        self.up = Linear(nest, d_model, hidden, bias)
+        self.down = Linear(nest, hidden, d_model, bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.gelu(self.gate(x), approximate="tanh") * self.up(x))
+    def forward(self, x: torch.Tensor, level: int) -> torch.Tensor:
+        h = F.gelu(self.gate(x, level), approximate="tanh") * self.up(x, level)
+        return self.down(h, level)

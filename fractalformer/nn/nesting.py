@@ -6,7 +6,7 @@ Two schemes, one mechanism:
   ``j`` owns the contiguous block ``j`` of size ``D / split**l`` of a dimension, which lies
   inside block ``j // split`` of level ``l - 1``.
 * ``prefix`` (Matryoshka / MatFormer): level ``l`` is one sub-model that owns the first
-  ``D * widths[l] / widths[0]`` entries.
+  ``D / split**l`` entries.
 
 A dimension may consist of ``groups`` equal groups (for example the ``n_head`` heads of a
 query projection); nesting then applies inside every group - the seed's "each head keeps
@@ -32,21 +32,15 @@ from ..errors import FractalError
 class Nesting:
     kind: str = "block"  # "block" or "prefix"
     levels: int = 1
-    split: int = 2  # block: children per parent
-    widths: tuple[int, ...] = ()  # prefix: widths of the levels, largest first (e.g. 128, 64, 32)
+    split: int = 2  # each level is 1/split the width of the one above
 
     def __post_init__(self) -> None:
         if self.kind not in ("block", "prefix"):
             raise FractalError(f"nesting kind must be 'block' or 'prefix', not {self.kind!r}")
         if self.levels < 1:
             raise FractalError(f"levels must be at least 1, got {self.levels}")
-        if self.kind == "block" and self.split < 2 and self.levels > 1:
+        if self.split < 2:
             raise FractalError(f"split must be at least 2, got {self.split}")
-        if self.kind == "prefix":
-            w = self.widths
-            if len(w) != self.levels or any(b >= a for a, b in zip(w, w[1:])) or (w and w[-1] < 1):
-                raise FractalError(f"prefix widths must be {self.levels} strictly decreasing positive "
-                                   f"sizes, got {list(w)}")
 
     # -- counting ------------------------------------------------------------------------
     def count(self, level: int) -> int:
@@ -54,16 +48,9 @@ class Nesting:
         self.check(level)
         return self.split**level if self.kind == "block" else 1
 
-    def fraction(self, level: int) -> tuple[int, int]:
-        """Each sub-model of ``level`` owns ``num / den`` of every dimension."""
-        if self.kind == "block":
-            return 1, self.split**level
-        return self.widths[level], self.widths[0]
-
-    def size(self, full: int, level: int, groups: int = 1) -> int:
+    def size(self, full: int, level: int) -> int:
         """Size of a ``full``-sized dimension owned by one sub-model of ``level``."""
-        num, den = self.fraction(level)
-        return groups * (full // groups * num // den)
+        return full // self.split**level
 
     def check(self, level: int, index: int = 0) -> None:
         if not 0 <= level < self.levels:
@@ -73,11 +60,8 @@ class Nesting:
             raise FractalError(f"index {index} is out of range: level {level} has sub-models 0..{n - 1}")
 
     def divides(self, full: int, groups: int = 1) -> bool:
-        """Whether every level's share of this dimension is a whole number of entries."""
-        if full % groups:
-            return False
-        g = full // groups
-        return all(g * self.fraction(lv)[0] % self.fraction(lv)[1] == 0 for lv in range(self.levels))
+        """Whether every group of this dimension splits evenly down to the last level."""
+        return full % groups == 0 and (full // groups) % self.split ** (self.levels - 1) == 0
 
     def parent(self, level: int, index: int) -> tuple[int, int]:
         return (level - 1, index // self.split) if self.kind == "block" else (level - 1, 0)
@@ -115,7 +99,7 @@ def _owned(nest: Nesting, full: int, level: int, groups: int, device: str) -> to
         raise FractalError(f"a dimension of {full} cannot be split into {groups} groups")
     g = full // groups
     n = nest.count(level)
-    size = nest.size(g, level)
+    size = g // nest.split**level
     rows = []
     for j in range(n):
         start = j * size if nest.kind == "block" else 0

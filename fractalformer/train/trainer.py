@@ -23,13 +23,27 @@ from tqdm import tqdm
 
 from .. import checkpoint as ckpt
 from ..config import RunConfig
-from ..data import Corpus, batch_generator, get_batch, read_text
+from ..data import Corpus, batch_generator, read_text, training_batch
 from ..errors import FractalError
-from ..evaluate import EvalResult, evaluate_full, fixed_val_batches, mean_loss, to_bpc
-from ..models import GPT
+from ..evaluate import EvalRow, evaluate_full, fixed_val_batches, mean_losses, to_bpc
+from ..models import build_model
 from ..tokenizers import Tokenizer, get_tokenizer
 
-METRICS_FIELDS = ["step", "tokens", "lr", "train_loss", "val_loss", "val_bpc", "elapsed_s"]
+BASE_FIELDS = ["step", "tokens", "lr", "train_loss", "val_loss", "val_bpc", "elapsed_s"]
+
+
+def sub_name(level: int, index: int | str) -> str:
+    return f"{level}.{'ens' if index == 'ensemble' else index}"
+
+
+def metric_fields(cfg: RunConfig) -> list[str]:
+    """metrics.csv columns: totals, then each sub-model's train and val loss when nested."""
+    subs = cfg.model.sub_models()
+    if len(subs) == 1:
+        return BASE_FIELDS
+    ens = [sub_name(lv, "ensemble") for lv in range(cfg.model.levels) if cfg.model.nesting().count(lv) > 1]
+    return (BASE_FIELDS + [f"train_{sub_name(*k)}" for k in subs]
+            + [f"val_{sub_name(*k)}" for k in subs] + [f"val_{e}" for e in ens])
 
 
 def lr_at(step: int, cfg: RunConfig) -> float:
@@ -127,7 +141,7 @@ class _StopFlag:
 class TrainResult:
     step: int
     stopped: str  # "done", "interrupted", "stop_after"
-    final: EvalResult | None
+    final: list[EvalRow] | None  # one row per sub-model (the full model first)
 
 
 def check_run_dir(out: Path, resume: bool) -> None:
@@ -156,7 +170,7 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, stop_after: int
 
     tok, corpus = prepare_data(cfg, ckpt.load_run_config(out)[1] if resume else None)
     torch.manual_seed(t.seed)
-    model = GPT(cfg.model).to(device)
+    model = build_model(cfg.model).to(device)
     optimizer = make_optimizer(model, cfg)
     start, elapsed0 = 0, 0.0
     if resume:
@@ -166,11 +180,11 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, stop_after: int
         if int(info.get("model_step", start)) != start:
             raise FractalError(f"{out}: model and training state are from different steps")
         if dd.main:
-            _start_metrics(out / "metrics.csv", keep_until=start)
+            _start_metrics(out / "metrics.csv", metric_fields(cfg), keep_until=start)
     elif dd.main:
         out.mkdir(parents=True, exist_ok=True)
         ckpt.save_run_config(out, cfg, tok)
-        _start_metrics(out / "metrics.csv")
+        _start_metrics(out / "metrics.csv", metric_fields(cfg))
 
     use_bf16 = device == "cuda" and t.dtype in ("auto", "bfloat16")
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext())
@@ -195,25 +209,28 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, stop_after: int
     bar = tqdm(total=t.max_steps, initial=start, disable=not (progress and dd.main),
                dynamic_ncols=True, unit="step")
     step, stopped, t0 = start, "done", time.perf_counter()
-    log = _CsvLog(out / "metrics.csv") if dd.main else contextlib.nullcontext()
+    log = _CsvLog(out / "metrics.csv", metric_fields(cfg)) if dd.main else contextlib.nullcontext()
+    subs = cfg.model.sub_models()
     with _StopFlag() as flag, log:
         model.train()
         while step < t.max_steps:
             lr = lr_at(step, cfg)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            x, y = get_batch(corpus.train, t.batch_size, cfg.model.block_size, batch_generator(t.seed, step))
-            x = x[dd.rank * local_b:(dd.rank + 1) * local_b].to(device)
-            y = y[dd.rank * local_b:(dd.rank + 1) * local_b].to(device)
+            x, y = training_batch(corpus.train, t.batch_size, cfg.model.block_size,
+                                  batch_generator(t.seed, step), t.routing, model.nest)
+            rows = slice(dd.rank * local_b, (dd.rank + 1) * local_b)
+            x, y = x[..., rows, :].to(device), y[..., rows, :].to(device)
             with autocast:
-                _, loss = fwd(x, y)
+                _, loss, sub_losses = fwd(x, y)
             loss.backward()
             if t.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            stats = torch.tensor([loss.detach().float().item(), float(flag.requested)])
+            stats = torch.cat([loss.detach().float().view(1), sub_losses.float().cpu(),
+                               torch.tensor([float(flag.requested)])]).cpu()
             if dd.world > 1:
                 dist.all_reduce(stats)
-                stats[0] /= dd.world
+                stats[:-1] /= dd.world
             train_loss = float(stats[0])
             if not math.isfinite(train_loss):
                 bar.close()
@@ -225,12 +242,20 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, stop_after: int
             elapsed = elapsed0 + time.perf_counter() - t0
             row: dict[str, Any] = {"step": step, "tokens": step * tokens_per_step, "lr": f"{lr:.6g}",
                                    "train_loss": f"{train_loss:.6f}", "elapsed_s": f"{elapsed:.2f}"}
+            if len(subs) > 1:
+                row |= {f"train_{sub_name(*k)}": f"{float(v):.6f}"
+                        for k, v in zip(subs, stats[1:-1], strict=True)}
             if step % t.eval_every == 0 or step == t.max_steps:
-                vl, _ = mean_loss(model, val_batches, device, autocast)
+                val, _ = mean_losses(model, val_batches, device, autocast)
+                vl = val[(0, 0)]
                 row |= {"val_loss": f"{vl:.6f}", "val_bpc": f"{to_bpc(vl, corpus.val_units_per_token):.4f}"}
+                if len(subs) > 1:
+                    row |= {f"val_{sub_name(*k)}": f"{v:.6f}" for k, v in val.items()}
                 if dd.main:
+                    smallest = min(v for k, v in val.items() if k[0] == model.nest.levels - 1)
+                    extra = (f" | smallest level best {smallest:.4f}" if len(subs) > 1 else "")
                     bar.write(f"step {step}: train {train_loss:.4f} | val {vl:.4f} nats/token, "
-                              f"{to_bpc(vl, corpus.val_units_per_token):.3f} bits/{tok.unit}")
+                              f"{to_bpc(vl, corpus.val_units_per_token):.3f} bits/{tok.unit}{extra}")
             if dd.main:
                 log.writerow(row)
             bar.set_postfix(loss=f"{train_loss:.3f}",
@@ -238,7 +263,7 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, stop_after: int
             bar.update(1)
             if step % t.ckpt_every == 0 or step == t.max_steps:
                 save(step, elapsed)
-            if stats[1] > 0:
+            if stats[-1] > 0:
                 stopped = "interrupted"
                 break
             if stop_after is not None and step - start >= stop_after:
@@ -259,9 +284,9 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, stop_after: int
 
 
 class _CsvLog:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, fields: list[str]) -> None:
         self._f = path.open("a", newline="")
-        self._w = csv.DictWriter(self._f, fieldnames=METRICS_FIELDS)
+        self._w = csv.DictWriter(self._f, fieldnames=fields)
 
     def writerow(self, row: dict[str, Any]) -> None:
         self._w.writerow(row)
@@ -274,7 +299,7 @@ class _CsvLog:
         self._f.close()
 
 
-def _start_metrics(path: Path, keep_until: int | None = None) -> None:
+def _start_metrics(path: Path, fields: list[str], keep_until: int | None = None) -> None:
     """Write the header, keeping earlier rows up to step ``keep_until`` when resuming.
 
     Rows logged after the last checkpoint are dropped: the resumed run recomputes them.
@@ -287,7 +312,7 @@ def _start_metrics(path: Path, keep_until: int | None = None) -> None:
 
     def write(tmp: str) -> None:
         with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=METRICS_FIELDS, extrasaction="ignore")
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
 
