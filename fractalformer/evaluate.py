@@ -104,7 +104,7 @@ def evaluate_full(model: torch.nn.Module, corpus: Corpus, block_size: int,
     rows = []
     for (lv, j), loss in sorted(losses.items(), key=lambda kv: (kv[0][0], isinstance(kv[0][1], str))):
         cfg = model.sub_model_config(lv)
-        params = sub_model_params(model, lv)
+        params = sub_model_params(model, lv) * (model.nest.count(lv) if j == "ensemble" else 1)
         rows.append(EvalRow(lv, j, cfg.d_model, params, loss,
                             to_bpc(loss, corpus.val_units_per_token), n, corpus.unit))
     return rows
