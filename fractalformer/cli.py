@@ -180,8 +180,9 @@ def cmd_sample(a: argparse.Namespace) -> int:
 def cmd_extract(a: argparse.Namespace) -> int:
     import fractalformer
 
-    from .checkpoint import save_model, save_run_config
+    from .checkpoint import save_model, save_run_config, save_train_state
     from .config import RunConfig
+    from .train import make_optimizer
 
     out = Path(a.out)
     if (out / "config.json").exists():
@@ -191,6 +192,8 @@ def cmd_extract(a: argparse.Namespace) -> int:
     cfg = RunConfig(sub.config, model.run_config.train)
     save_run_config(out, cfg, model.tokenizer)
     save_model(out, sub, 0)
+    # a fresh training state, so `fractalformer train --out DIR --resume` trains it further
+    save_train_state(out, make_optimizer(sub, cfg), {"step": 0, "model_step": 0, "elapsed_s": 0.0})
     print(f"extracted sub-model ({a.level}, {a.index}): {sub.num_params():,} parameters, width "
           f"{sub.config.d_model} -> {out}")
     return 0

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fractalformer import FractalError
+from fractalformer.nn import Nesting
+
+
+@pytest.mark.parametrize("split,levels", [(2, 3), (3, 3), (2, 4)])
+@pytest.mark.parametrize("groups", [1, 4])
+def test_blocks_nest_inside_their_parents_and_tile_the_dimension(split: int, levels: int, groups: int) -> None:
+    nest = Nesting("block", levels, split)
+    full = groups * split ** (levels - 1) * 2
+    for lv in range(levels):
+        owned = nest.owned(full, lv, groups)
+        assert owned.shape == (split**lv, full // split**lv)
+        assert sorted(owned.flatten().tolist()) == list(range(full))  # disjoint, covering
+        for j in range(split**lv):
+            if lv:
+                pl, pj = nest.parent(lv, j)
+                assert set(owned[j].tolist()) <= set(nest.owned(full, pl, groups)[pj].tolist())
+            if groups > 1:  # nesting happens inside every group (head)
+                g = full // groups
+                per_group = owned[j].view(groups, -1)
+                assert all(((row >= k * g) & (row < (k + 1) * g)).all() for k, row in enumerate(per_group))
+
+
+def test_a_prefix_is_block_zero() -> None:
+    block, prefix = Nesting("block", 3, 2), Nesting("prefix", 3, 2)
+    for lv in range(3):
+        assert prefix.count(lv) == 1
+        assert torch.equal(prefix.owned(64, lv)[0], torch.arange(64 // 2**lv))
+        assert torch.equal(prefix.owned(64, lv)[0], block.owned(64, lv)[0])
+        assert torch.equal(prefix.owned(64, lv, groups=4)[0], block.owned(64, lv, groups=4)[0])
+
+
+def test_take_stacks_each_sub_models_block() -> None:
+    nest = Nesting("block", 3, 2)
+    w = torch.arange(8 * 12.0).view(8, 12)
+    got = nest.take(w, 2, (1, 1))
+    assert got.shape == (4, 2, 3)
+    for j in range(4):
+        assert torch.equal(got[j], w[2 * j : 2 * j + 2, 3 * j : 3 * j + 3])
+    rows = nest.take(w, 1, (0, 2))  # columns in 2 groups, rows not nested
+    assert torch.equal(rows[1], torch.cat([w[:, 3:6], w[:, 9:12]], 1))
+    assert torch.equal(nest.take(w, 0, (1, 1))[0], w)
+
+
+def test_out_of_range_and_bad_nestings() -> None:
+    nest = Nesting("block", 3, 2)
+    with pytest.raises(FractalError, match="level 3 is out of range"):
+        nest.check(3)
+    with pytest.raises(FractalError, match="index 4 is out of range"):
+        nest.check(2, 4)
+    with pytest.raises(FractalError, match="split"):
+        Nesting("block", 2, 1)
+    with pytest.raises(FractalError, match="kind"):
+        Nesting("diagonal", 2, 2)
