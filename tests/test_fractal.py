@@ -94,7 +94,7 @@ def test_training_loss_is_the_weighted_sum_and_every_sub_model_gets_gradient(nam
         params = [(mod, n, p) for mod in m.modules() if hasattr(mod, "nest_dims")
                   for n, p in mod.named_parameters(recurse=False)]
         grads = torch.autograd.grad(own, [p for *_, p in params], retain_graph=True, allow_unused=True)
-        for (mod, n, p), g in zip(params, grads, strict=True):
+        for (mod, n, _p), g in zip(params, grads, strict=True):
             if m.body_levels() == [0] and n != "weight":
                 continue
             assert g is not None, (lv, j, n)
@@ -192,7 +192,7 @@ def test_fractal_cli_eval_sample_extract(capsys, fractal_run: Path, tmp_path: Pa
     x = torch.randint(0, 128, (2, 32))
     torch.testing.assert_close(sub(x)[0], full.run(x, [2])[2][1], rtol=1e-5, atol=1e-5)
     code, out, _ = run_cli(capsys, "eval", sub_dir, "--json")
-    in_fractal = [r for r in rows if (r["level"], r["index"]) == (2, 1)][0]
+    in_fractal = next(r for r in rows if (r["level"], r["index"]) == (2, 1))
     assert json.loads(out)[0]["val_loss"] == pytest.approx(in_fractal["val_loss"], abs=1e-5)
     # an extracted run trains further
     code, _, err = run_cli(capsys, "train", "--out", sub_dir, "--resume", "--max-steps", "5", "--quiet")

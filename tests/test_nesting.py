@@ -9,7 +9,9 @@ from fractalformer.nn import Nesting
 
 @pytest.mark.parametrize("split,levels", [(2, 3), (3, 3), (2, 4)])
 @pytest.mark.parametrize("groups", [1, 4])
-def test_blocks_nest_inside_their_parents_and_tile_the_dimension(split: int, levels: int, groups: int) -> None:
+def test_blocks_nest_inside_their_parents_and_tile_the_dimension(
+    split: int, levels: int, groups: int
+) -> None:
     nest = Nesting("block", levels, split)
     full = groups * split ** (levels - 1) * 2
     for lv in range(levels):
