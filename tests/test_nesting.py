@@ -59,3 +59,11 @@ def test_out_of_range_and_bad_nestings() -> None:
         Nesting("block", 2, 1)
     with pytest.raises(FractalError, match="kind"):
         Nesting("diagonal", 2, 2)
+
+
+def test_unequal_segments_nest_separately() -> None:
+    nest = Nesting("block", 2, 2)
+    owned = nest.owned(8, 1, (4, 2, 2))  # e.g. fused q (4), k (2), v (2)
+    assert owned.tolist() == [[0, 1, 4, 6], [2, 3, 5, 7]]
+    with pytest.raises(FractalError, match="does not nest"):
+        nest.owned(9, 1, (4, 3, 2))

@@ -49,11 +49,12 @@ class Attention(nn.Module):
         super().__init__()
         self.nest, self.by_heads = nest, by_heads
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim
-        gq, gkv = (1, 1) if by_heads else (n_head, n_kv_head)
-        self.q = Linear(nest, d_model, n_head * head_dim, False, out_groups=gq)
-        self.k = Linear(nest, d_model, n_kv_head * head_dim, False, out_groups=gkv)
-        self.v = Linear(nest, d_model, n_kv_head * head_dim, False, out_groups=gkv)
-        self.o = Linear(nest, n_head * head_dim, d_model, False, in_groups=gq)
+        # q, k and v in one weight: segments are the parts (by_heads: sub-model j takes head
+        # block j of each part) or every single head (each head nests inside itself)
+        q_size, kv_size = n_head * head_dim, n_kv_head * head_dim
+        segments = (q_size, kv_size, kv_size) if by_heads else n_head + 2 * n_kv_head
+        self.qkv = Linear(nest, d_model, q_size + 2 * kv_size, False, out_groups=segments)
+        self.o = Linear(nest, q_size, d_model, False, in_groups=1 if by_heads else n_head)
         self.rotaries = rotaries  # one table per level, owned (and moved) by the model
         self.dropout = dropout
 
@@ -70,9 +71,10 @@ class Attention(nn.Module):
         n, b, t, _ = x.shape
         hq, hkv, hd = self.shape(level)
         start = cache.length if cache is not None else 0
-        q = self.q(x, level).reshape(n * b, t, hq, hd).transpose(1, 2)
-        k = self.k(x, level).reshape(n * b, t, hkv, hd).transpose(1, 2)
-        v = self.v(x, level).reshape(n * b, t, hkv, hd).transpose(1, 2)
+        q, k, v = self.qkv(x, level).split([hq * hd, hkv * hd, hkv * hd], dim=-1)
+        q = q.reshape(n * b, t, hq, hd).transpose(1, 2)
+        k = k.reshape(n * b, t, hkv, hd).transpose(1, 2)
+        v = v.reshape(n * b, t, hkv, hd).transpose(1, 2)
         rotary = self.rotaries[level]
         q, k = rotary(q, start), rotary(k, start)
         if cache is not None:

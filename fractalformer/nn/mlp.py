@@ -11,12 +11,13 @@ from .nesting import Nesting
 
 
 class GeGLU(nn.Module):
+    """Gate and up projections are fused in one weight of two segments (one matmul)."""
+
     def __init__(self, nest: Nesting, d_model: int, hidden: int, bias: bool) -> None:
         super().__init__()
-        self.gate = Linear(nest, d_model, hidden, bias)
-        self.up = Linear(nest, d_model, hidden, bias)
+        self.gate_up = Linear(nest, d_model, 2 * hidden, bias, out_groups=2)
         self.down = Linear(nest, hidden, d_model, bias)
 
     def forward(self, x: torch.Tensor, level: int) -> torch.Tensor:
-        h = F.gelu(self.gate(x, level), approximate="tanh") * self.up(x, level)
-        return self.down(h, level)
+        gate, up = self.gate_up(x, level).chunk(2, dim=-1)
+        return self.down(F.gelu(gate, approximate="tanh") * up, level)

@@ -8,9 +8,10 @@ Two schemes, one mechanism:
 * ``prefix`` (Matryoshka / MatFormer): level ``l`` is one sub-model that owns the first
   ``D / split**l`` entries.
 
-A dimension may consist of ``groups`` equal groups (for example the ``n_head`` heads of a
-query projection); nesting then applies inside every group - the seed's "each head keeps
-its count, only head_dim shrinks".
+A dimension may consist of segments (for example the ``n_head`` heads of a query
+projection, or the q, k and v parts of a fused projection); nesting then applies inside
+every segment - the seed's "each head keeps its count, only head_dim shrinks". A
+segment spec is an int ``g`` (``g`` equal segments) or a tuple of segment sizes.
 
 Every layer asks the same question - "give me the sub-weights of all sub-models of level
 ``l``, stacked" - and gets a tensor with a leading sub-model axis, so one batched matmul
@@ -26,6 +27,8 @@ from functools import lru_cache
 import torch
 
 from ..errors import FractalError
+
+Segments = int | tuple[int, ...]  # n equal segments, or the segment sizes
 
 
 @dataclass(frozen=True)
@@ -59,24 +62,20 @@ class Nesting:
         if not 0 <= index < n:
             raise FractalError(f"index {index} is out of range: level {level} has sub-models 0..{n - 1}")
 
-    def divides(self, full: int, groups: int = 1) -> bool:
-        """Whether every group of this dimension splits evenly down to the last level."""
-        return full % groups == 0 and (full // groups) % self.split ** (self.levels - 1) == 0
-
     def parent(self, level: int, index: int) -> tuple[int, int]:
         return (level - 1, index // self.split) if self.kind == "block" else (level - 1, 0)
 
     # -- ownership -----------------------------------------------------------------------
-    def owned(self, full: int, level: int, groups: int = 1, device: torch.device | str = "cpu"
+    def owned(self, full: int, level: int, groups: Segments = 1, device: torch.device | str = "cpu"
               ) -> torch.Tensor:
         """Index tensor (count(level), size) of the entries each sub-model of ``level`` owns."""
         return _owned(self, full, level, groups, str(device))
 
-    def take(self, t: torch.Tensor, level: int, dims: tuple[int, ...]) -> torch.Tensor:
+    def take(self, t: torch.Tensor, level: int, dims: tuple[Segments, ...]) -> torch.Tensor:
         """Stack every level-``level`` sub-model's slice of ``t``: shape (count, *sliced).
 
-        ``dims`` gives, per dimension of ``t``, its number of groups (0 = not nested,
-        for example the vocabulary axis of the embedding).
+        ``dims`` gives, per dimension of ``t``, its segments (0 = not nested, for example
+        the vocabulary axis of the embedding).
         """
         if level == 0:
             return t.unsqueeze(0)
@@ -94,14 +93,17 @@ class Nesting:
 
 
 @lru_cache(maxsize=256)
-def _owned(nest: Nesting, full: int, level: int, groups: int, device: str) -> torch.Tensor:
-    if full % groups:
-        raise FractalError(f"a dimension of {full} cannot be split into {groups} groups")
-    g = full // groups
-    n = nest.count(level)
-    size = g // nest.split**level
+def _owned(nest: Nesting, full: int, level: int, groups: Segments, device: str) -> torch.Tensor:
+    sizes = groups if isinstance(groups, tuple) else (full // groups,) * groups
+    f = nest.split**level
+    if sum(sizes) != full or any(s % f for s in sizes):
+        raise FractalError(f"a dimension of {full} in segments {list(sizes)} does not nest {f} ways")
+    starts = [sum(sizes[:k]) for k in range(len(sizes))]
     rows = []
-    for j in range(n):
-        start = j * size if nest.kind == "block" else 0
-        rows.append(torch.cat([torch.arange(k * g + start, k * g + start + size) for k in range(groups)]))
+    for j in range(nest.count(level)):
+        parts = []
+        for start, size in zip(starts, sizes, strict=True):
+            begin = start + (j * size // f if nest.kind == "block" else 0)
+            parts.append(torch.arange(begin, begin + size // f))
+        rows.append(torch.cat(parts))
     return torch.stack(rows).to(device)
