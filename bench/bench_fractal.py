@@ -88,11 +88,12 @@ def main() -> None:
                   if hasattr(mod, "nest_dims") for pname, _ in mod.named_parameters(recurse=False)]
         shells = {lv: GPT(model.sub_model_config(lv)) for lv in range(cfg.model.levels)}
 
-        def seed_loop(m=model) -> torch.Tensor:
+        def seed_loop(m=model, subs=subs, nested=nested, shells=shells) -> torch.Tensor:
             params = dict(m.named_parameters())
             loss = 0.0
             for lv, j in subs:
-                sliced = {f"{mn}.{pn}": m.nest.take(params[f"{mn}.{pn}"], lv, dims)[j] for mn, pn, dims in nested}
+                sliced = {f"{mn}.{pn}": m.nest.take(params[f"{mn}.{pn}"], lv, dims)[j]
+                          for mn, pn, dims in nested}
                 loss = loss + functional_call(shells[lv], sliced, (x, y))[1] / len(subs)
             return loss
 
@@ -113,11 +114,12 @@ def main() -> None:
     print(f"    head_dim: all 7 / level 0 alone = "
           f"{ratio('head_dim: all 7 sub-models, batched levels', 'head_dim: level 0 alone')}")
     for mode in ("head_dim", "heads"):
+        batched = f"{mode}: all 7 sub-models, batched levels"
         print(f"(c) {mode}: seed-style loop / batched levels = "
-              f"{ratio(f'{mode}: seed-style loop over sliced sub-models', f'{mode}: all 7 sub-models, batched levels')}")
+              f"{ratio(f'{mode}: seed-style loop over sliced sub-models', batched)}")
         if a.compile:
             print(f"    {mode}: torch.compile / eager = "
-                  f"{ratio(f'{mode}: all 7, torch.compile', f'{mode}: all 7 sub-models, batched levels')}")
+                  f"{ratio(f'{mode}: all 7, torch.compile', batched)}")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def plot_curves(run_dir: str | Path, name: str = "curves.png") -> Path:
     with (run_dir / "metrics.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
     steps = [int(r["step"]) for r in rows]
-    subs = [k[len("train_"):] for k in rows[0] if k.startswith("train_") and k != "train_loss"] if rows else []
+    subs = [k for k in (rows[0] if rows else {}) if k.startswith("train_") and k != "train_loss"]
     fig, axes = plt.subplots(1, 2 if subs else 1, figsize=(12 if subs else 7, 4.2), squeeze=False)
     ax = axes[0][0]
     train = [float(r["train_loss"]) for r in rows]
@@ -37,7 +37,8 @@ def plot_curves(run_dir: str | Path, name: str = "curves.png") -> Path:
     ax.plot(steps, _ema(train), color="tab:blue", lw=1.6, label="train (smoothed)")
     val = [(int(r["step"]), float(r["val_loss"])) for r in rows if r.get("val_loss")]
     if val:
-        ax.plot(*zip(*val), "o-", color="tab:orange", lw=1.6, ms=3, label="validation (full model)")
+        ax.plot(*zip(*val, strict=True), "o-", color="tab:orange", lw=1.6, ms=3,
+                label="validation (full model)")
     ax.set_title(f"{run_dir.name}: {'weighted total' if subs else 'loss'}")
     if subs:
         ax2 = axes[0][1]
@@ -49,7 +50,8 @@ def plot_curves(run_dir: str | Path, name: str = "curves.png") -> Path:
             pts = [(int(r["step"]), float(r[f"val_{key}"])) for r in rows if r.get(f"val_{key}")]
             if pts:
                 ens = key.endswith("ens")
-                ax2.plot(*zip(*pts), "--" if ens else "-", color=cmap(level / max(1, levels - 1) * 0.85),
+                colour = cmap(level / max(1, levels - 1) * 0.85)
+                ax2.plot(*zip(*pts, strict=True), "--" if ens else "-", color=colour,
                          lw=1.2, marker="" if ens else "o", ms=2,
                          label=f"({key.replace('.ens', ', ens')})" if ens else f"({key.replace('.', ', ')})")
         ax2.set_title("validation loss of every sub-model (level, index)")
