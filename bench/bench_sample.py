@@ -21,7 +21,7 @@ from common import machine
 import fractalformer
 from fractalformer.config import build_config
 from fractalformer.generate import generate
-from fractalformer.models import GPT
+from fractalformer.models import build_model
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
         model = fractalformer.load(a.run)
     else:
         torch.manual_seed(0)
-        model = GPT(build_config(a.preset, None, a.set).model).eval()
+        model = build_model(build_config(a.preset, None, a.set).model).eval()
     prompt = list(range(a.prompt_len))
     print(f"machine: {machine()}")
     print(f"model: {model.num_params():,} params, context {model.config.block_size} | prompt "

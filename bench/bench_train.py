@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, timeit
 
 from fractalformer.config import build_config
-from fractalformer.models import GPT
+from fractalformer.models import build_model
 from fractalformer.train import make_optimizer
 
 
@@ -43,13 +43,13 @@ def main() -> None:
     base = None
     for name, compiled in variants:
         torch.manual_seed(0)
-        model = GPT(cfg.model).to(device)
+        model = build_model(cfg.model).to(device)
         opt = make_optimizer(model, cfg)
         fwd = torch.compile(model) if compiled else model
 
         def step(fwd=fwd, opt=opt, model=model) -> None:
             with bf16:
-                _, loss = fwd(x, y)
+                loss = fwd(x, y)[1]
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()

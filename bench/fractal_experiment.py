@@ -2,7 +2,7 @@
 
     python bench/fractal_experiment.py [--steps 500] [--out runs/experiment] [--only NAME ...]
 
-Trains, on the shipped TinyShakespeare with the default preset's dims and schedule
+Trains, on the shipped TinyShakespeare with the ``dense`` preset's dims and schedule
 shape (batch 16 x 256, warmup, cosine), for the same number of steps:
 
 * FractalFormer variants (levels 3, split 2): ``head_dim`` and ``heads`` attention
@@ -45,7 +45,7 @@ VARIANTS: dict[str, list[str]] = {
 
 def twin_sets(variant: list[str], level: int) -> list[str]:
     """The dense config with the shape of one sub-model of ``level`` of ``variant``."""
-    model = build_model(build_config(None, None, variant).model)
+    model = build_model(build_config("dense", None, variant).model)
     c = model.sub_model_config(level)
     return [f"d_model={c.d_model}", f"n_head={c.n_head}", f"n_kv_head={c.n_kv_head}",
             f"head_dim={c.head_dim}"]
@@ -68,7 +68,7 @@ def run_one(name: str, sets: list[str], steps: int, root: Path) -> dict:
         import shutil
 
         shutil.rmtree(folder)
-    cfg = build_config(None, None, [*sets, f"max_steps={steps}", "sample_tokens=0"])
+    cfg = build_config("dense", None, [*sets, f"max_steps={steps}", "sample_tokens=0"])
     t0 = time.perf_counter()
     train(cfg, folder, progress=False)
     wall = time.perf_counter() - t0

@@ -11,8 +11,12 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import FractalError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _positive_int(s: str) -> int:
@@ -116,8 +120,16 @@ def cmd_train(a: argparse.Namespace) -> int:
                   f"{f.nats_per_char:.4f} nats/{f.unit} ({f.tokens:,} tokens)")
         print(f"curves: {out / 'curves.png'}")
         if cfg.train.sample_tokens:
-            print("sample:")
-            _stream(out, "\n", cfg.train.sample_tokens, 0.8, None, None, 0, "replace", False)
+            import fractalformer
+
+            model = fractalformer.load(out)
+            for f in result.final:
+                if f.index == "ensemble":
+                    continue
+                print(f"--- sample from sub-model ({f.level}, {f.index}), width {f.width}:"
+                      if len(result.final) > 1 else "--- sample:")
+                _stream(model, "\n", cfg.train.sample_tokens, 0.8, None, None, 0, "replace", False,
+                        f.level, f.index)
     return 0
 
 
@@ -143,14 +155,11 @@ def cmd_eval(a: argparse.Namespace) -> int:
     return 0
 
 
-def _stream(run: str | Path, prompt: str, n: int, temperature: float, top_k: int | None,
+def _stream(model: torch.nn.Module, prompt: str, n: int, temperature: float, top_k: int | None,
             top_p: float | None, seed: int | None, unknown: str, no_cache: bool,
             level: int = 0, index: int | str = 0) -> None:
-    import fractalformer
-
     from .generate import generate
 
-    model = fractalformer.load(run)
     model.nest.check(level, 0 if index == "ensemble" else int(index))
     tok = model.tokenizer
     ids = tok.encode(prompt, on_unknown=unknown)
@@ -172,8 +181,10 @@ def cmd_sample(a: argparse.Namespace) -> int:
         raise FractalError(f"--top-k must be at least 1, got {a.top_k}")
     if a.top_p is not None and not 0 < a.top_p <= 1:
         raise FractalError(f"--top-p must lie in (0, 1], got {a.top_p}")
-    _stream(a.run, a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed,
-            a.unknown, a.no_cache, a.level, "ensemble" if a.ensemble else a.index)
+    import fractalformer
+
+    _stream(fractalformer.load(a.run), a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p,
+            a.seed, a.unknown, a.no_cache, a.level, "ensemble" if a.ensemble else a.index)
     return 0
 
 

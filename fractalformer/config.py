@@ -215,13 +215,18 @@ class RunConfig:
         return cfg
 
 
+_TINY = dict(block_size=32, n_layer=2, d_model=32, n_head=4, n_kv_head=2, head_dim=8, batch_size=8,
+             max_steps=20, warmup_steps=2, eval_every=10, eval_batches=2, ckpt_every=10, sample_tokens=40)
 PRESETS: dict[str, dict[str, Any]] = {
-    # The seed FractalFormer's dimensions, trained densely.
-    "default": {},
-    # A few-thousand-parameter model for tests and smoke runs.
-    "tiny": dict(block_size=32, n_layer=2, d_model=32, n_head=4, n_kv_head=2, head_dim=8,
-                 batch_size=8, max_steps=20, warmup_steps=2, eval_every=10, eval_batches=2,
-                 ckpt_every=10, sample_tokens=40),
+    # The FractalFormer: the seed's dims, 3 levels of block nesting (1 + 2 + 4 sub-models).
+    # Whole-head nesting with 4 KV heads: see docs/fractalformer.md for why.
+    "default": dict(family="fractal", levels=3, split=2, attn_nesting="heads", n_kv_head=4,
+                    max_steps=500, eval_every=100, ckpt_every=100),
+    # The seed FractalFormer's dimensions trained densely: the reference model.
+    "dense": {},
+    # Few-thousand-parameter models for tests and smoke runs.
+    "tiny": _TINY,
+    "tiny-fractal": {**_TINY, "family": "fractal", "levels": 3, "n_kv_head": 4, "attn_nesting": "heads"},
 }
 
 

@@ -6,10 +6,14 @@ from fractalformer import FractalError
 from fractalformer.config import RunConfig, build_config
 
 
-def test_defaults_are_the_seed_dims() -> None:
-    m = build_config().model
+def test_dense_preset_is_the_seed_dims_and_default_is_a_fractalformer() -> None:
+    m = build_config("dense").model
     assert (m.vocab_size, m.block_size, m.n_layer, m.d_model) == (128, 256, 4, 128)
     assert (m.n_head, m.n_kv_head, m.head_dim, m.mlp_hidden, m.rope_theta) == (4, 1, 32, 512, 100.0)
+    assert m.family == "gpt" and m.levels == 1
+    d = build_config().model
+    assert (d.family, d.levels, d.split, d.d_model, d.n_layer, d.n_head) == ("fractal", 3, 2, 128, 4, 4)
+    assert len(d.sub_models()) == 7
 
 
 def test_set_and_toml_overrides(tmp_path) -> None:

@@ -200,3 +200,30 @@ def test_fractal_cli_eval_sample_extract(capsys, fractal_run: Path, tmp_path: Pa
     code, _, err = run_cli(capsys, "extract", fractal_run, "--level", "2", "--index", "4", "--out",
                            tmp_path / "bad")
     assert code == 2 and "index 4 is out of range" in err and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("sets", [
+    ["family=matformer", "levels=3"],
+    ["family=mrl", "levels=3"],
+    ["family=fractal", "levels=3", "routing=split"],
+    ["family=fractal", "levels=3", "routing=shard"],
+    ["family=fractal", "levels=3", "residual=upstream", "residual_rank=2"],
+])
+def test_every_family_trains_from_the_cli(capsys, tmp_path: Path, sets: list[str]) -> None:
+    args = [a for s in sets for a in ("--set", s)]
+    code, out, err = run_cli(capsys, "train", "--preset", "tiny", "--quiet", *args, "--set",
+                             "sample_tokens=5", "--max-steps", "4", "--out", tmp_path / "r")
+    assert code == 0, err
+    assert "sub-model (2, 0)" in out and "sample from sub-model (2, 0)" in out
+
+
+def test_fractal_resume_gives_the_uninterrupted_losses(capsys, tmp_path: Path) -> None:
+    common = ["--preset", "tiny-fractal", "--quiet", "--set", "sample_tokens=0", "--max-steps", "6"]
+    assert run_cli(capsys, "train", *common, "--out", tmp_path / "a")[0] == 0
+    assert run_cli(capsys, "train", *common, "--out", tmp_path / "b", "--stop-after", "3")[0] == 0
+    assert run_cli(capsys, "train", "--out", tmp_path / "b", "--resume", "--quiet")[0] == 0
+    def rows(run: str) -> list[list[str]]:  # every column but elapsed_s (the 7th)
+        lines = (tmp_path / run / "metrics.csv").read_text().splitlines()
+        return [[c for i, c in enumerate(line.split(",")) if i != 6] for line in lines]
+
+    assert len(rows("a")) == 7 and rows("a") == rows("b")
