@@ -1,5 +1,6 @@
-"""Text generation: sampling with temperature / top-k / top-p and a KV cache."""
+"""Text generation: sampling (temperature / top-k / top-p, KV cache) and speculative decoding."""
 
-from .sampling import generate, sample_next
+from .sampling import generate, probabilities, sample_next
+from .speculative import SpecStats, speculate
 
-__all__ = ["generate", "sample_next"]
+__all__ = ["SpecStats", "generate", "probabilities", "sample_next", "speculate"]

@@ -1,0 +1,127 @@
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+from fractalformer import FractalError
+from fractalformer.config import ModelConfig
+from fractalformer.generate import SpecStats, generate, speculate
+from fractalformer.generate.speculative import best_gamma, commit_row, parse_sub_model
+from fractalformer.models import build_model
+from fractalformer.nn import KVCache
+
+
+def model(vocab: int = 40, **kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = dict(family="fractal", levels=3, vocab_size=vocab, block_size=48, n_layer=2, d_model=32, n_head=2,
+               n_kv_head=1, head_dim=16, mlp_mult=2.0)
+    m = build_model(ModelConfig(**{**cfg, **kw})).eval()
+    with torch.no_grad():  # peaked, different distributions per sub-model
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.mul_(8)
+    return m
+
+
+@pytest.mark.parametrize("drafts", [[(2, 0)], [(1, 1)], [(2, 0), (2, 3)], [(1, 0), (2, 1), (2, 2)]])
+@pytest.mark.parametrize("gamma", [1, 3, 6])
+def test_greedy_equals_plain_greedy(drafts, gamma: int) -> None:
+    m = model()
+    for prompt in ([1, 2, 3, 4, 5], [7], list(range(30))):
+        plain = list(generate(m, prompt, 40, temperature=0))  # runs past the 48-token context
+        for adaptive in (False, True):
+            assert list(speculate(m, prompt, 40, drafts, gamma, temperature=0, adaptive=adaptive)) == plain
+
+
+def test_target_can_be_a_sub_model() -> None:
+    m = model()
+    plain = list(generate(m, [3, 1], 20, temperature=0, level=1, index=1))
+    assert list(speculate(m, [3, 1], 20, [(2, 2), (2, 3)], 3, target=(1, 1), temperature=0)) == plain
+
+
+def test_commit_row_rolls_every_row_back_to_the_winner() -> None:
+    cache = KVCache(2, 3, 1, 10, 4, "cpu", torch.float32)
+    cache.k.normal_()
+    cache.v.normal_()
+    before = cache.k.clone()
+    commit_row(cache, 2, 4, 7)
+    assert cache.length == 7
+    assert torch.equal(cache.k[:, :, :, :4], before[:, :, :, :4])  # the shared prefix is untouched
+    for row in range(3):
+        assert torch.equal(cache.k[:, row, :, 4:7], before[:, 2, :, 4:7])
+        assert torch.equal(cache.v[:, row, :, 4:7], cache.v[:, 2, :, 4:7])
+
+
+def exact_pairs(m, prompt: list[int], top_k: int | None) -> dict[tuple[int, int], float]:
+    """The target's exact distribution of its next two tokens (temperature 1)."""
+    from fractalformer.generate import probabilities
+
+    with torch.no_grad():
+        p1 = probabilities(m(torch.tensor([prompt]))[0][0, -1], 1.0, top_k)
+        out = {}
+        for a in range(len(p1)):
+            if p1[a] > 0:
+                p2 = probabilities(m(torch.tensor([[*prompt, a]]))[0][0, -1], 1.0, top_k)
+                out |= {(a, b): float(p1[a] * p2[b]) for b in range(len(p2)) if p2[b] > 0}
+    return out
+
+
+def chi_square_rejects(counts: Counter, expected: dict, n: int) -> bool:
+    """Chi-square goodness of fit at alpha = 1e-4 (Wilson-Hilferty quantile), small cells pooled."""
+    big = [k for k, p in expected.items() if p * n >= 5]
+    obs = [counts[k] for k in big] + [n - sum(counts[k] for k in big)]
+    exp = [expected[k] * n for k in big] + [n * (1 - sum(expected[k] for k in big))]
+    stat = sum((o - e) ** 2 / e for o, e in zip(obs, exp, strict=True) if e > 0)
+    dof = len(big)
+    z = 3.719  # one-sided 1e-4
+    critical = dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+    return stat > critical
+
+
+@pytest.mark.parametrize("drafts,gamma,top_k", [([(1, 0)], 2, None), ([(1, 0), (2, 3), (2, 1)], 2, 4)])
+def test_sampling_is_distributed_as_the_target(drafts, gamma: int, top_k: int | None) -> None:
+    m = model(vocab=6)
+    prompt = [1, 2, 3]
+    expected = exact_pairs(m, prompt, top_k)
+    n = 1200
+    counts: Counter = Counter()
+    stats = SpecStats()
+    for seed in range(n):
+        a, b = speculate(m, prompt, 2, drafts, gamma, temperature=1.0, top_k=top_k, seed=seed,
+                         adaptive=False, stats=stats)
+        counts[(a, b)] += 1
+    assert 0.05 < stats.alpha < 0.95  # drafts are both accepted and rejected: the test has teeth
+    assert not chi_square_rejects(counts, expected, n)
+    # the same test does reject a sampler that is off: the draft's own distribution
+    draft_counts = Counter(tuple(generate(m, prompt, 2, 1.0, top_k, seed=s, level=1, index=0))
+                           for s in range(n))
+    assert chi_square_rejects(draft_counts, expected, n)
+
+
+def test_best_gamma_falls_back_when_drafting_does_not_pay() -> None:
+    assert best_gamma(0.9, 0.1, 8) >= 4
+    assert best_gamma(0.1, 0.8, 8) == 0
+    assert best_gamma(0.0, 0.05, 8) == 0
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("3:0", "level 3 is out of range"), ("2:4", "index 4 is out of range"),
+    ("2-1", "LEVEL:INDEX"), ("x", "LEVEL:INDEX"),
+])
+def test_bad_draft_specs(spec: str, match: str) -> None:
+    with pytest.raises(FractalError, match=match):
+        parse_sub_model(spec, model())
+
+
+def test_drafts_must_be_smaller_standalone_sub_models() -> None:
+    m = model()
+    with pytest.raises(FractalError, match="not smaller"):
+        list(speculate(m, [1], 5, [(0, 0)], 2))
+    with pytest.raises(FractalError, match="not smaller"):
+        list(speculate(m, [1], 5, [(1, 0)], 2, target=(1, 1)))
+    up = model(residual="upstream")
+    with pytest.raises(FractalError, match="standalone"):
+        list(speculate(up, [1], 5, [(2, 0)], 2))
