@@ -1,4 +1,4 @@
-"""The ``fractalformer`` command: train, eval, sample, extract.
+"""The ``fractalformer`` command: train, eval, sample, extract, speculate.
 
 Thin by design: parse arguments, call the library, print. Any :class:`FractalError`
 becomes one line on stderr and exit status 2.
@@ -67,6 +67,24 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--index", type=int, default=0, help="sub-model index within the level")
     s.add_argument("--ensemble", action="store_true",
                    help="sample the whole level as one ensemble (mean of log-probabilities)")
+
+    sp = sub.add_parser("speculate", help="speculative decoding with nested sub-models as drafts")
+    sp.add_argument("run")
+    sp.add_argument("--draft", action="append", required=True, metavar="L:J",
+                    help="a draft sub-model (repeatable: several drafts propose in parallel)")
+    sp.add_argument("--target", default="0:0", metavar="L:J", help="the model that speaks (default 0:0)")
+    sp.add_argument("--gamma", type=int, default=4, help="tokens drafted per round (the maximum if adaptive)")
+    sp.add_argument("--prompt", default="\n")
+    sp.add_argument("--max-new-tokens", type=_positive_int, default=200)
+    mode = sp.add_mutually_exclusive_group()
+    mode.add_argument("--greedy", action="store_true", help="greedy decoding (the default)")
+    mode.add_argument("--temperature", type=float, help="sample at this temperature instead")
+    sp.add_argument("--top-k", type=int)
+    sp.add_argument("--top-p", type=float)
+    sp.add_argument("--seed", type=int)
+    sp.add_argument("--no-adaptive", action="store_true", help="always draft gamma tokens")
+    sp.add_argument("--compare", action="store_true", help="also time plain KV-cache decoding")
+    sp.add_argument("--json", action="store_true", help="print the text and statistics as JSON")
 
     x = sub.add_parser("extract", help="save one sub-model as a standalone dense run folder")
     x.add_argument("run")
@@ -175,17 +193,61 @@ def _stream(model: torch.nn.Module, prompt: str, n: int, temperature: float, top
 
 
 def cmd_sample(a: argparse.Namespace) -> int:
-    if a.temperature < 0:
-        raise FractalError(f"--temperature must not be negative, got {a.temperature}")
-    if a.top_k is not None and a.top_k < 1:
-        raise FractalError(f"--top-k must be at least 1, got {a.top_k}")
-    if a.top_p is not None and not 0 < a.top_p <= 1:
-        raise FractalError(f"--top-p must lie in (0, 1], got {a.top_p}")
+    _check_sampling(a.temperature, a.top_k, a.top_p)
     import fractalformer
 
     _stream(fractalformer.load(a.run), a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p,
             a.seed, a.unknown, a.no_cache, a.level, "ensemble" if a.ensemble else a.index)
     return 0
+
+
+def cmd_speculate(a: argparse.Namespace) -> int:
+    import fractalformer
+
+    from .generate import SpecStats, generate, speculate
+    from .generate.speculative import parse_sub_model
+
+    temperature = a.temperature if a.temperature is not None else 0.0
+    _check_sampling(temperature, a.top_k, a.top_p)
+    model = fractalformer.load(a.run)
+    tok = model.tokenizer
+    drafts = [parse_sub_model(d, model) for d in a.draft]
+    target = parse_sub_model(a.target, model)
+    ids = tok.encode(a.prompt)
+    stats = SpecStats()
+    decode = tok.stream_decoder()
+    out = []
+    t0 = time.perf_counter()
+    if not a.json:
+        sys.stdout.write(a.prompt)
+    for i in speculate(model, ids, a.max_new_tokens, drafts, a.gamma, target, temperature, a.top_k, a.top_p,
+                       a.seed, adaptive=not a.no_adaptive, stats=stats):
+        out.append(decode(i))
+        if not a.json:
+            sys.stdout.write(out[-1])
+            sys.stdout.flush()
+    elapsed = time.perf_counter() - t0
+    report = {**stats.to_json(), "tokens_per_s": round(stats.tokens / elapsed, 1)}
+    if a.compare:
+        t0 = time.perf_counter()
+        n = sum(1 for _ in generate(model, ids, a.max_new_tokens, temperature, a.top_k, a.top_p, a.seed,
+                                    level=target[0], index=target[1]))
+        report["plain_tokens_per_s"] = round(n / (time.perf_counter() - t0), 1)
+        report["speedup"] = round(report["tokens_per_s"] / report["plain_tokens_per_s"], 3)
+    if a.json:
+        print(json.dumps({"text": a.prompt + "".join(out), **report}))
+    else:
+        print("\n" + " | ".join(f"{k} {v}" for k, v in report.items()), file=sys.stderr)
+    return 0
+
+
+def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if temperature < 0:
+        raise FractalError(f"--temperature must not be negative, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise FractalError(f"--top-k must be at least 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise FractalError(f"--top-p must lie in (0, 1], got {top_p}")
 
 
 def cmd_extract(a: argparse.Namespace) -> int:
@@ -213,7 +275,8 @@ def cmd_extract(a: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        commands = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "extract": cmd_extract}
+        commands = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "extract": cmd_extract,
+                    "speculate": cmd_speculate}
         return commands[args.command](args)
     except FractalError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -34,3 +34,12 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "tiny"
     assert main(["train", *TINY, "--out", str(out), "--set", "sample_tokens=0"]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def fractal_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 40-step tiny FractalFormer run (levels 3, head_dim nesting; shared, read-only)."""
+    out = tmp_path_factory.mktemp("fractal") / "run"
+    assert main(["train", "--preset", "tiny", "--quiet", "--set", "family=fractal", "--set", "levels=3",
+                 "--set", "sample_tokens=0", "--max-steps", "40", "--out", str(out)]) == 0
+    return out

@@ -143,16 +143,6 @@ def test_level_weights() -> None:
     assert w[0] == pytest.approx(0.5) and w[1] == pytest.approx(0.125) and w[3] == pytest.approx(0.0625)
 
 
-@pytest.fixture(scope="module")
-def fractal_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from fractalformer.cli import main
-
-    out = tmp_path_factory.mktemp("fractal") / "run"
-    assert main(["train", "--preset", "tiny", "--quiet", "--set", "family=fractal", "--set", "levels=3",
-                 "--set", "sample_tokens=0", "--max-steps", "40", "--out", str(out)]) == 0
-    return out
-
-
 def test_every_sub_model_learns(fractal_run: Path) -> None:
     import csv
 

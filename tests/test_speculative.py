@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 
@@ -125,3 +126,21 @@ def test_drafts_must_be_smaller_standalone_sub_models() -> None:
     up = model(residual="upstream")
     with pytest.raises(FractalError, match="standalone"):
         list(speculate(up, [1], 5, [(2, 0)], 2))
+
+
+def test_speculate_cli(capsys, fractal_run) -> None:
+    from .conftest import run_cli
+
+    code, out, _ = run_cli(capsys, "speculate", fractal_run, "--draft", "2:0", "--draft", "2:1",
+                           "--gamma", "3", "--prompt", "KING:", "--max-new-tokens", "12", "--json",
+                           "--compare")
+    report = json.loads(out)
+    assert code == 0 and report["text"].startswith("KING:") and report["tokens"] == 12
+    assert {"alpha", "tokens_per_target_call", "cost_ratio_c", "tokens_per_s", "speedup"} <= report.keys()
+    code, plain, _ = run_cli(capsys, "sample", fractal_run, "--prompt", "KING:", "--max-new-tokens", "12",
+                             "--temperature", "0")
+    assert plain.rstrip("\n") == report["text"]
+    for args, match in ((["--draft", "0:0"], "not smaller"), (["--draft", "2:7"], "index 7 is out of range"),
+                        (["--draft", "two"], "LEVEL:INDEX"), (["--draft", "2:0", "--gamma", "0"], "gamma")):
+        code, _, err = run_cli(capsys, "speculate", fractal_run, *args)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and match in err
