@@ -1,4 +1,4 @@
-"""The ``fractalformer`` command: train, eval, sample, extract, speculate.
+"""The ``fractalformer`` command: train, eval, sample, extract, speculate, analyze.
 
 Thin by design: parse arguments, call the library, print. Any :class:`FractalError`
 becomes one line on stderr and exit status 2.
@@ -85,6 +85,11 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-adaptive", action="store_true", help="always draft gamma tokens")
     sp.add_argument("--compare", action="store_true", help="also time plain KV-cache decoding")
     sp.add_argument("--json", action="store_true", help="print the text and statistics as JSON")
+
+    an = sub.add_parser("analyze", help="embedding similarity, clusters, losses, consistency -> report.html")
+    an.add_argument("run")
+    an.add_argument("--windows", type=_positive_int, default=16,
+                    help="validation windows used for the consistency figures")
 
     x = sub.add_parser("extract", help="save one sub-model as a standalone dense run folder")
     x.add_argument("run")
@@ -250,6 +255,13 @@ def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) 
         raise FractalError(f"--top-p must lie in (0, 1], got {top_p}")
 
 
+def cmd_analyze(a: argparse.Namespace) -> int:
+    from .analysis.report import analyze
+
+    print(f"report: {analyze(a.run, max(1, a.windows))}")
+    return 0
+
+
 def cmd_extract(a: argparse.Namespace) -> int:
     import fractalformer
 
@@ -276,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         commands = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "extract": cmd_extract,
-                    "speculate": cmd_speculate}
+                    "speculate": cmd_speculate, "analyze": cmd_analyze}
         return commands[args.command](args)
     except FractalError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -164,6 +164,11 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU), float32, bfloat16
     compile: bool = False
     sample_tokens: int = 200  # length of the sample printed after training
+    groups: str = ""  # imposed token groups per width: "" none, "seed", or a JSON file
+    emergent_every: int = 0  # re-cluster the embedding into groups every N steps (0 = never)
+    cluster_method: str = "dbscan"  # or "agglomerative"
+    cluster_eps: float = 0.1  # cosine distance (DBSCAN eps / agglomerative threshold)
+    cluster_min_samples: int = 3
 
     def validate(self) -> None:
         _positive(self, "batch_size", "max_steps", "lr", "eval_every", "eval_batches", "ckpt_every")
@@ -176,6 +181,9 @@ class TrainConfig:
         _choice(self, "on_unknown", ("error", "replace"))
         _choice(self, "device", ("auto", "cpu", "cuda"))
         _choice(self, "routing", ("shared", "split", "shard"))
+        _choice(self, "cluster_method", ("dbscan", "agglomerative"))
+        _nonnegative(self, "emergent_every")
+        _positive(self, "cluster_eps", "cluster_min_samples")
         _choice(self, "dtype", ("auto", "float32", "bfloat16"))
         from .tokenizers import TOKENIZERS
 
@@ -191,6 +199,9 @@ class RunConfig:
         self.model.validate()
         self.train.validate()
         m, t = self.model, self.train
+        if (t.groups or t.emergent_every) and m.levels == 1:
+            raise FractalError("token groups (groups / emergent_every) need a nested model: their loss "
+                               "applies to the narrower sub-models")
         if t.routing != "shared":
             if m.family == "gpt":
                 raise FractalError(f"routing={t.routing} needs a nested model (family fractal, "

@@ -71,6 +71,7 @@ class GPT(nn.Module):
         self.norm = RMSNorm(self.nest, c.d_model, c.norm_eps)
         self.drop = nn.Dropout(c.dropout)
         self.register_buffer("weights", torch.tensor(cfg.sub_model_weights()), persistent=False)
+        self.group_targets: dict[int, torch.Tensor] = {}  # level -> (vocab, vocab) soft targets
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -105,6 +106,18 @@ class GPT(nn.Module):
     def extractable(self, level: int) -> bool:
         """Whether the sub-models of ``level`` are standalone models (no cross-level inputs)."""
         return True
+
+    def level_width(self, level: int) -> int:
+        return self.config.d_model // self.nest.split**level
+
+    def set_groups(self, groups: dict[int, list[list[int]]]) -> None:
+        """Train the level of each width on soft targets spread over token groups
+        (``fractalformer.hierarchy``); widths not given keep plain cross-entropy."""
+        from ..hierarchy import target_matrix
+
+        device, vocab = self.embed.weight.device, self.config.vocab_size
+        self.group_targets = {lv: target_matrix(groups[self.level_width(lv)], vocab).to(device)
+                              for lv in range(self.nest.levels) if self.level_width(lv) in groups}
 
     def needed_levels(self, level: int) -> list[int]:
         """Levels whose bodies must run to get the logits of ``level``."""
@@ -182,8 +195,11 @@ class GPT(nn.Module):
         losses = []
         for lv, lg in sorted(logits.items()):
             y = targets if targets.dim() == 2 else _rows(targets[lv], lg.shape[0])
-            y = y.expand(lg.shape[0], *y.shape[-2:])
-            ce = F.cross_entropy(lg.float().flatten(0, 2), y.flatten(), reduction="none")
+            y = y.expand(lg.shape[0], *y.shape[-2:]).flatten()
+            if lv in self.group_targets:  # soft targets: -mean log p over the target's group
+                ce = -(self.group_targets[lv][y] * F.log_softmax(lg.float().flatten(0, 2), -1)).sum(-1)
+            else:
+                ce = F.cross_entropy(lg.float().flatten(0, 2), y, reduction="none")
             losses.append(ce.view(lg.shape[0], -1).mean(1))
         sub = torch.cat(losses)
         return logits[0][0], (sub * self.weights).sum(), sub.detach()

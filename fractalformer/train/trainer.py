@@ -22,6 +22,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .. import checkpoint as ckpt
+from .. import hierarchy
 from ..config import RunConfig
 from ..data import Corpus, batch_generator, read_text, training_batch
 from ..errors import FractalError
@@ -193,6 +194,9 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, stop_after: int
         ids = [torch.cuda.current_device()] if device == "cuda" else None
         fwd = torch.nn.parallel.DistributedDataParallel(fwd, device_ids=ids)
 
+    if t.groups or t.emergent_every:
+        widths = [model.level_width(lv) for lv in range(model.nest.levels)]
+        model.set_groups(hierarchy.initial_groups(out, tok, t.groups, widths, start if resume else None))
     val_batches = fixed_val_batches(corpus, t.eval_batches, t.batch_size, cfg.model.block_size, t.seed)
     local_b = t.batch_size // dd.world
     tokens_per_step = t.batch_size * cfg.model.block_size
@@ -261,6 +265,12 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, stop_after: int
             bar.set_postfix(loss=f"{train_loss:.3f}",
                             tok_s=f"{(step - start) * tokens_per_step / (time.perf_counter() - t0):,.0f}")
             bar.update(1)
+            if t.emergent_every and step % t.emergent_every == 0 and step < t.max_steps:
+                groups = hierarchy.recluster(model, tok, t.cluster_method, t.cluster_eps,
+                                             t.cluster_min_samples)
+                model.set_groups(groups)
+                if dd.main:
+                    hierarchy.log_clustering(out, step, groups, tok, t.cluster_method)
             if step % t.ckpt_every == 0 or step == t.max_steps:
                 save(step, elapsed)
             if stats[-1] > 0:

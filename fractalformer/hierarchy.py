@@ -1,0 +1,196 @@
+"""Hierarchical embeddings: token groups per nested width, their soft-target loss, clustering.
+
+A *groups* mapping says, for a sub-model width, which tokens it should not tell apart.
+At that width the loss target is spread uniformly over the target token's group:
+``loss = -mean_{v in G(y)} log p(v)``, which is plain cross-entropy when every group is a
+singleton. *Imposed* groups come from a file (the seed's categories are shipped for the
+``char`` and ``bpe128`` tokenizers); *emergent* groups come from clustering the
+embedding columns a width owns (DBSCAN on cosine distance, as the seed, or
+agglomerative clustering).
+
+Groups files are JSON: ``{"sizes": {"2": [["a", "b", ...], ...], "4": [...]}}`` with
+tokens written as their text; tokens in no group stay singletons.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import FractalError
+from .tokenizers import Tokenizer
+
+VOWELS = set("aeiouyAEIOUY")
+EOS, MID = "!.?", " $&',-;"
+
+
+def token_strings(tok: Tokenizer) -> list[str]:
+    return [tok.decode([i]) for i in range(tok.vocab_size)]
+
+
+def token_class(s: str) -> int:
+    """Order for heatmaps: newline, punctuation, upper vowels, upper consonants, lower vowels,
+    lower consonants (a merged token goes by its first character)."""
+    c = s[:1]
+    if c == "\n":
+        return 0
+    if not c.isalpha():
+        return 1
+    if c.isupper():
+        return 2 if c in VOWELS else 3
+    return 4 if c in VOWELS else 5
+
+
+def seed_groups(tok: Tokenizer, widths: list[int]) -> dict[int, list[list[int]]]:
+    """The seed's imposed categories, coarsest at the smallest width.
+
+    Widths are sorted and assigned, smallest first: symbols vs letters; end-of-sentence /
+    mid-sentence / upper / lower; spaces / vowels (with y) / consonants; the case pairs;
+    the largest width keeps the identity. A merged bpe128 token takes the class of its
+    first character (so "th" is a lower consonant, ", " a mid-sentence symbol) and its
+    case pair is its lower-cased text.
+    """
+    strings = token_strings(tok)
+
+    def first(s: str) -> str:
+        return s[:1]
+
+    rules = [
+        lambda s: "letter" if first(s).isalpha() else "symbol",
+        lambda s: ("eos" if first(s) in EOS + "\n:" else "mid" if not first(s).isalpha()
+                   else "upper" if first(s).isupper() else "lower"),
+        lambda s: ("space" if first(s) in " \n" else "vowel" if first(s) in VOWELS
+                   else "consonant" if first(s).isalpha() else None),
+        lambda s: s.lower() if first(s).isalpha() else None,
+    ]
+    out: dict[int, list[list[int]]] = {}
+    for width, rule in zip(sorted(widths)[:-1], rules, strict=False):
+        buckets: dict[str, list[int]] = {}
+        for i, s in enumerate(strings):
+            key = rule(s)
+            if key is not None:
+                buckets.setdefault(key, []).append(i)
+        out[width] = [g for g in buckets.values() if len(g) > 1]
+    return out
+
+
+def load_groups(path: str, tok: Tokenizer) -> dict[int, list[list[int]]]:
+    p = Path(path)
+    if not p.is_file():
+        raise FractalError(f"groups file not found: {path}")
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+        sizes = d["sizes"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise FractalError(f"groups file {path} is not a JSON object with 'sizes' ({e})") from None
+    index = {s: i for i, s in enumerate(token_strings(tok))}
+    out: dict[int, list[list[int]]] = {}
+    for width, groups in sizes.items():
+        seen: set[int] = set()
+        out[int(width)] = []
+        for g in groups:
+            ids = []
+            for s in g:
+                if s not in index:
+                    raise FractalError(f"groups file {path}: token {s!r} is not in the {tok.name} vocabulary")
+                if index[s] in seen:
+                    raise FractalError(f"groups file {path}: token {s!r} is in two groups at size {width}")
+                seen.add(index[s])
+                ids.append(index[s])
+            out[int(width)].append(ids)
+    return out
+
+
+def save_groups(path: Path, groups: dict[int, list[list[int]]], tok: Tokenizer, about: str) -> None:
+    strings = token_strings(tok)
+    obj = {"about": about, "tokenizer": tok.name,
+           "sizes": {str(w): [[strings[i] for i in g] for g in gs] for w, gs in sorted(groups.items())}}
+    path.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def target_matrix(groups: list[list[int]], vocab: int) -> torch.Tensor:
+    """Row y: the loss target for true token y - uniform over y's group (one-hot if alone)."""
+    m = torch.eye(vocab)
+    for g in groups:
+        idx = torch.tensor(g)
+        m[idx[:, None], idx[None, :]] = 1.0 / len(g)
+    return m
+
+
+def cluster(x: np.ndarray, method: str = "dbscan", eps: float = 0.1, min_samples: int = 3) -> np.ndarray:
+    """Cluster rows of ``x`` by cosine distance; label -1 is noise (a singleton)."""
+    from sklearn.cluster import DBSCAN, AgglomerativeClustering
+
+    if method == "dbscan":
+        return DBSCAN(eps=eps, min_samples=min_samples, metric="cosine").fit_predict(x)
+    if method == "agglomerative":
+        labels = AgglomerativeClustering(n_clusters=None, distance_threshold=eps, metric="cosine",
+                                         linkage="average").fit_predict(x)
+        sizes = np.bincount(labels)
+        return np.where(sizes[labels] >= min_samples, labels, -1)
+    raise FractalError(f"clustering method must be dbscan or agglomerative, not {method!r}")
+
+
+def labels_to_groups(labels: np.ndarray) -> list[list[int]]:
+    return [np.flatnonzero(labels == c).tolist() for c in sorted(set(labels.tolist()) - {-1})]
+
+
+def groups_to_labels(groups: list[list[int]], vocab: int) -> np.ndarray:
+    """Inverse of labels_to_groups; tokens in no group get their own label."""
+    labels = np.arange(vocab) + len(groups)
+    for c, g in enumerate(groups):
+        labels[g] = c
+    return labels
+
+
+def recluster(model: torch.nn.Module, tok: Tokenizer, method: str, eps: float, min_samples: int
+              ) -> dict[int, list[list[int]]]:
+    """Emergent groups: cluster, for every width but the largest, the embedding columns that
+    width's (first) sub-model owns."""
+    emb = model.embed.weight.detach().float().cpu()
+    out = {}
+    for lv in range(1, model.nest.levels):
+        cols = model.nest.owned(emb.shape[1], lv)[0]
+        out[model.level_width(lv)] = labels_to_groups(cluster(emb[:, cols].numpy(), method, eps, min_samples))
+    return out
+
+
+def initial_groups(run_dir: Path, tok: Tokenizer, spec: str, widths: list[int], resume_step: int | None
+                   ) -> dict[int, list[list[int]]]:
+    """The groups a run starts (or resumes) with; a fresh imposed run saves them as groups.json."""
+    clusters = run_dir / "clusters.json"
+    if resume_step is not None:
+        if clusters.is_file():
+            past = [c for c in json.loads(clusters.read_text()) if c["step"] <= resume_step]
+            if past:
+                return _from_strings(past[-1]["sizes"], tok)
+        imposed = run_dir / "groups.json"
+        return load_groups(str(imposed), tok) if imposed.is_file() else {}
+    if not spec:
+        return {}
+    groups = seed_groups(tok, widths) if spec == "seed" else load_groups(spec, tok)
+    save_groups(run_dir / "groups.json", groups, tok, f"imposed groups ({spec})")
+    return groups
+
+
+def log_clustering(run_dir: Path, step: int, groups: dict[int, list[list[int]]], tok: Tokenizer,
+                   method: str) -> None:
+    """Append one clustering to clusters.json (rewritten atomically)."""
+    from .checkpoint import write_json
+
+    path = run_dir / "clusters.json"
+    history = json.loads(path.read_text()) if path.is_file() else []
+    history = [c for c in history if c["step"] < step]
+    strings = token_strings(tok)
+    sizes = {str(w): [[strings[i] for i in g] for g in gs] for w, gs in sorted(groups.items())}
+    history.append({"step": step, "method": method, "sizes": sizes,
+                    "n_groups": {str(w): len(gs) for w, gs in groups.items()}})
+    write_json(path, history)
+
+
+def _from_strings(sizes: dict[str, list[list[str]]], tok: Tokenizer) -> dict[int, list[list[int]]]:
+    index = {s: i for i, s in enumerate(token_strings(tok))}
+    return {int(w): [[index[s] for s in g] for g in gs] for w, gs in sizes.items()}
