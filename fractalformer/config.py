@@ -235,6 +235,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                     max_steps=500, eval_every=100, ckpt_every=100),
     # The seed FractalFormer's dimensions trained densely: the reference model.
     "dense": {},
+    # The seed matryoshkaGPT: char tokens, d 32, an MRL head at widths 32/16/8/4/2.
+    "matryoshka": dict(family="mrl", levels=5, split=2, tokenizer="char", vocab_size=65, d_model=32,
+                       n_layer=4, n_head=4, n_kv_head=4, head_dim=8, block_size=128, batch_size=32,
+                       max_steps=1500, eval_every=250, ckpt_every=500),
     # Few-thousand-parameter models for tests and smoke runs.
     "tiny": _TINY,
     "tiny-fractal": {**_TINY, "family": "fractal", "levels": 3, "n_kv_head": 4, "attn_nesting": "heads"},
