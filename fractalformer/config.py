@@ -235,6 +235,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                     max_steps=500, eval_every=100, ckpt_every=100),
     # The seed FractalFormer's dimensions trained densely: the reference model.
     "dense": {},
+    # A wider FractalFormer whose decode step is bound by reading weights, so its nested
+    # drafts (width 256 and 128) are much cheaper than the full model: speculative decoding.
+    "fractal-512": dict(family="fractal", levels=3, split=2, attn_nesting="heads", d_model=512, n_head=8,
+                        n_kv_head=4, head_dim=64, max_steps=3000, lr=1e-3, min_lr=1e-4, eval_every=250,
+                        ckpt_every=250),
     # The seed matryoshkaGPT: char tokens, d 32, an MRL head at widths 32/16/8/4/2.
     "matryoshka": dict(family="mrl", levels=5, split=2, tokenizer="char", vocab_size=65, d_model=32,
                        n_layer=4, n_head=4, n_kv_head=4, head_dim=8, block_size=128, batch_size=32,

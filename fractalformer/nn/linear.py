@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nesting import Nesting, Segments
+from .nesting import Nesting, Segments, take_cached
 
 
 class Linear(nn.Module):
@@ -34,12 +34,12 @@ class Linear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         n, b, t, _ = x.shape
         # (n, in_l, out_l), made contiguous: bmm is ~2x slower on a transposed view on CPU
-        w = self.nest.take(self.weight, level, self.nest_dims["weight"]).transpose(1, 2).contiguous()
+        w = take_cached(self, "weight", level, transpose=True)
         x2 = x.reshape(n, b * t, -1)
         if self.bias is None:
             y = torch.bmm(x2, w)
         else:
-            bias = self.nest.take(self.bias, level, self.nest_dims["bias"])
+            bias = take_cached(self, "bias", level)
             y = torch.baddbmm(bias.unsqueeze(1), x2, w)
         return y.view(n, b, t, -1)
 
@@ -71,5 +71,5 @@ class Embedding(nn.Module):
         if level == 0:
             return F.linear(x, self.weight)
         n, b, t, _ = x.shape
-        w = self.nest.take(self.weight, level, self.nest_dims["weight"])  # (n, vocab, width)
-        return torch.bmm(x.reshape(n, b * t, -1), w.transpose(1, 2).contiguous()).view(n, b, t, -1)
+        w = take_cached(self, "weight", level, transpose=True)  # (n, width, vocab)
+        return torch.bmm(x.reshape(n, b * t, -1), w).view(n, b, t, -1)

@@ -92,6 +92,29 @@ class Nesting:
         return t[tuple(index)]
 
 
+def take_cached(module: torch.nn.Module, name: str, level: int, transpose: bool = False) -> torch.Tensor:
+    """``module.nest.take`` of parameter ``name`` (optionally transposed, contiguous).
+
+    Without autograd (generation, evaluation) the slices are kept and reused until the
+    parameter changes (its version counter moves), so decoding a sub-model does not
+    re-gather its weights at every token.
+    """
+    p = getattr(module, name)
+    grad = torch.is_grad_enabled() and p.requires_grad
+    cache = module.__dict__.setdefault("_taken", {})
+    key = (name, level, transpose)
+    if not grad and key in cache and cache[key][0] == (p._version, p.data_ptr()):
+        return cache[key][1]
+    t = module.nest.take(p, level, module.nest_dims[name])
+    if transpose:
+        t = t.transpose(1, 2).contiguous()
+    if grad:
+        cache.pop(key, None)
+    else:
+        cache[key] = ((p._version, p.data_ptr()), t)
+    return t
+
+
 @lru_cache(maxsize=256)
 def _owned(nest: Nesting, full: int, level: int, groups: Segments, device: str) -> torch.Tensor:
     sizes = groups if isinstance(groups, tuple) else (full // groups,) * groups

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .nesting import Nesting
+from .nesting import Nesting, take_cached
 
 
 class RMSNorm(nn.Module):
@@ -20,7 +20,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, level: int) -> torch.Tensor:
         """x: (count, B, T, width); statistics in float32 for bf16 safety."""
-        scale = self.nest.take(self.weight, level, self.nest_dims["weight"])[:, None, None, :]
+        scale = take_cached(self, "weight", level)[:, None, None, :]
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (xf * (1.0 + scale.float())).type_as(x)
