@@ -47,7 +47,7 @@ def test_round_trip_through_dict() -> None:
 )
 def test_bad_values_are_rejected_clearly(sets: list[str], match: str) -> None:
     with pytest.raises(FractalError, match=match):
-        build_config(None, None, sets)
+        build_config("dense", None, sets)
 
 
 def test_bad_toml(tmp_path) -> None:

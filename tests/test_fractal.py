@@ -132,11 +132,11 @@ def test_train_mode_and_cached_inference_compute_the_same_function(name: str) ->
 )
 def test_bad_nesting_configs(sets: list[str], match: str) -> None:
     with pytest.raises(FractalError, match=re.escape(match)):
-        build_config(None, None, sets)
+        build_config("dense", None, sets)
 
 
 def test_level_weights() -> None:
-    cfg = build_config(None, None, ["family=fractal", "levels=3"]).model
+    cfg = build_config("dense", None, ["family=fractal", "levels=3"]).model
     assert cfg.sub_model_weights() == [1 / 7] * 7
     cfg.level_weights = "2,1,1"
     w = cfg.sub_model_weights()
