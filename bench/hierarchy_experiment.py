@@ -51,6 +51,18 @@ def main() -> None:
              "(seed matryoshkaGPT: char tokens, d 32, 4 layers, 4 heads, MRL head at widths 32/16/8/4/2,",
              f"batch 32 x 128), {a.steps} steps, same seed and batches for all three runs. BPC = bits per",
              "character on the full validation split (plain cross-entropy, whatever the training loss).", "",
+             "How it works: at a width with groups the training target is spread uniformly over the",
+             "target token's group (`fractalformer/hierarchy.py`; plain cross-entropy for singletons).",
+             "`groups=seed` imposes the seed's categories by width, smallest first: symbols vs letters;",
+             "end-of-sentence / mid-sentence / upper / lower; spaces / vowels (with y) / consonants; the 26",
+             "case pairs; the largest width keeps the identity. For bpe128 a merged token takes the class",
+             "of its first character and its case pair is its lower-cased text (shipped as",
+             "`fractalformer/assets/groups_char.json` and `groups_bpe128.json`; `groups=FILE` takes any",
+             "such file). `emergent_every=N` re-clusters the embedding columns each width owns every N",
+             "steps (DBSCAN, cosine, eps 0.1, min 3; `cluster_method=agglomerative` as an option) and",
+             "trains on those clusters; every clustering is logged to the run's `clusters.json`.",
+             "`fractalformer analyze RUN` draws the heatmaps, dendrogram and tables behind these figures",
+             "(`RUN/analysis/report.html`).", "",
              "## BPC per width", "", "| run | " + " | ".join(f"w {w}" for w in widths) + " |",
              "|---|" + "---|" * len(widths)]
     for name, r in results.items():
