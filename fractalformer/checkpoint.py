@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import RunConfig
@@ -40,6 +40,10 @@ def atomic_write(path: Path, write: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -91,8 +95,11 @@ def save_model(run_dir: Path, model: torch.nn.Module, step: int) -> None:
     save_tensors(Path(run_dir) / MODEL, dict(model.state_dict()), {"step": str(step)})
 
 
-def load_model_state(run_dir: Path, model: torch.nn.Module) -> None:
-    """Load weights into ``model``, rejecting missing, extra or misshapen tensors."""
+def load_model_state(run_dir: Path, model: torch.nn.Module) -> int | None:
+    """Load weights into ``model``, rejecting missing, extra or misshapen tensors.
+
+    Returns the training step the weights were saved at (None if not recorded).
+    """
     path = Path(run_dir) / MODEL
     state = load_tensors(path)
     own = model.state_dict()
@@ -106,12 +113,20 @@ def load_model_state(run_dir: Path, model: torch.nn.Module) -> None:
             raise FractalError(f"{path}: tensor {k} has shape {tuple(v.shape)}, config.json "
                                f"implies {tuple(own[k].shape)}")
     model.load_state_dict(state)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            step = (f.metadata() or {}).get("step")
+    except (SafetensorError, OSError):
+        step = None
+    return int(step) if step is not None and step.isdigit() else None
 
 
 def save_train_state(run_dir: Path, optimizer: torch.optim.Optimizer, info: dict[str, Any]) -> None:
     """Optimizer moments as safetensors, everything scalar as JSON (written last)."""
     sd = optimizer.state_dict()
     tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
     for pid, st in sd["state"].items():
         for key, val in st.items():
             tensors[f"opt.{pid}.{key}"] = val if torch.is_tensor(val) else torch.tensor(val)
@@ -130,6 +145,8 @@ def load_train_state(run_dir: Path, optimizer: torch.optim.Optimizer) -> dict[st
     try:
         optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
         torch.set_rng_state(tensors["rng.torch"])
+        if "rng.cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors["rng.cuda"])
     except (KeyError, ValueError, RuntimeError) as e:
         raise FractalError(f"{run_dir}: training state does not match the model ({e})") from None
     return info

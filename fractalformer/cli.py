@@ -7,7 +7,9 @@ becomes one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -83,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--top-p", type=float)
     sp.add_argument("--seed", type=int)
     sp.add_argument("--no-adaptive", action="store_true", help="always draft gamma tokens")
+    sp.add_argument("--unknown", choices=("error", "replace"), default="error",
+                    help="what to do with prompt characters the tokenizer lacks")
     sp.add_argument("--compare", action="store_true", help="also time plain KV-cache decoding")
     sp.add_argument("--json", action="store_true", help="print the text and statistics as JSON")
 
@@ -218,7 +222,7 @@ def cmd_speculate(a: argparse.Namespace) -> int:
     tok = model.tokenizer
     drafts = [parse_sub_model(d, model) for d in a.draft]
     target = parse_sub_model(a.target, model)
-    ids = tok.encode(a.prompt)
+    ids = tok.encode(a.prompt, on_unknown=a.unknown)
     stats = SpecStats()
     decode = tok.stream_decoder()
     out = []
@@ -247,7 +251,7 @@ def cmd_speculate(a: argparse.Namespace) -> int:
 
 
 def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if temperature < 0:
+    if not math.isfinite(temperature) or temperature < 0:
         raise FractalError(f"--temperature must not be negative, got {temperature}")
     if top_k is not None and top_k < 1:
         raise FractalError(f"--top-k must be at least 1, got {top_k}")
@@ -274,7 +278,9 @@ def cmd_extract(a: argparse.Namespace) -> int:
         raise FractalError(f"{out} already holds a run; choose another --out")
     model = fractalformer.load(a.run)
     sub = model.extract(a.level, a.index)
-    cfg = RunConfig(sub.config, model.run_config.train)
+    train = dataclasses.replace(model.run_config.train, groups="", emergent_every=0, routing="shared")
+    cfg = RunConfig(sub.config, train)
+    cfg.validate()
     save_run_config(out, cfg, model.tokenizer)
     save_model(out, sub, 0)
     # a fresh training state, so `fractalformer train --out DIR --resume` trains it further

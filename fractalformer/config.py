@@ -182,6 +182,8 @@ class TrainConfig:
         _choice(self, "device", ("auto", "cpu", "cuda"))
         _choice(self, "routing", ("shared", "split", "shard"))
         _choice(self, "cluster_method", ("dbscan", "agglomerative"))
+        if not 0 <= self.seed < 2**31:
+            raise FractalError(f"seed must lie in [0, 2**31), got {self.seed}")
         _nonnegative(self, "emergent_every")
         _positive(self, "cluster_eps", "cluster_min_samples")
         _choice(self, "dtype", ("auto", "float32", "bfloat16"))
@@ -203,6 +205,8 @@ class RunConfig:
             raise FractalError("token groups (groups / emergent_every) need a nested model: their loss "
                                "applies to the narrower sub-models")
         if t.routing != "shared":
+            if m.family == "mrl":
+                raise FractalError("routing must be shared for family=mrl: its sizes share one body")
             if m.family == "gpt":
                 raise FractalError(f"routing={t.routing} needs a nested model (family fractal, "
                                    "matformer or mrl)")
@@ -221,6 +225,8 @@ class RunConfig:
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         if not isinstance(d, dict) or not isinstance(d.get("model"), dict):
             raise FractalError("config must have a 'model' table")
+        if not isinstance(d.get("train", {}), dict):
+            raise FractalError("config's 'train' must be a table")
         cfg = cls()
         apply_overrides(cfg, {**d.get("model", {}), **d.get("train", {})}, strict_types=True)
         return cfg

@@ -9,7 +9,9 @@ embedding columns a width owns (DBSCAN on cosine distance, as the seed, or
 agglomerative clustering).
 
 Groups files are JSON: ``{"sizes": {"2": [["a", "b", ...], ...], "4": [...]}}`` with
-tokens written as their text; tokens in no group stay singletons.
+tokens written as their text; tokens in no group stay singletons. Files a run writes
+(``groups.json``, ``clusters.json``) also carry the token ids under ``"ids"`` - text is not
+unique for every tokenizer (bytes >= 128 all decode to U+FFFD) - and are read back by id.
 """
 
 from __future__ import annotations
@@ -86,29 +88,55 @@ def load_groups(path: str, tok: Tokenizer) -> dict[int, list[list[int]]]:
         sizes = d["sizes"]
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise FractalError(f"groups file {path} is not a JSON object with 'sizes' ({e})") from None
+    if "ids" in d:
+        return _from_ids(d["ids"], tok, path)
     index = {s: i for i, s in enumerate(token_strings(tok))}
     out: dict[int, list[list[int]]] = {}
-    for width, groups in sizes.items():
-        seen: set[int] = set()
-        out[int(width)] = []
-        for g in groups:
-            ids = []
-            for s in g:
-                if s not in index:
-                    raise FractalError(f"groups file {path}: token {s!r} is not in the {tok.name} vocabulary")
-                if index[s] in seen:
-                    raise FractalError(f"groups file {path}: token {s!r} is in two groups at size {width}")
-                seen.add(index[s])
-                ids.append(index[s])
-            out[int(width)].append(ids)
+    try:
+        for width, groups in sizes.items():
+            seen: set[int] = set()
+            out[int(width)] = []
+            for g in groups:
+                ids = []
+                for s in g:
+                    if not isinstance(s, str) or s not in index:
+                        raise FractalError(f"groups file {path}: token {s!r} is not in the {tok.name} "
+                                           "vocabulary")
+                    if index[s] in seen:
+                        raise FractalError(f"groups file {path}: token {s!r} is in two groups at size "
+                                           f"{width}")
+                    seen.add(index[s])
+                    ids.append(index[s])
+                out[int(width)].append(ids)
+    except (AttributeError, TypeError, ValueError) as e:
+        raise FractalError(f"groups file {path}: 'sizes' must map widths to lists of token lists "
+                           f"({e})") from None
     return out
 
 
-def save_groups(path: Path, groups: dict[int, list[list[int]]], tok: Tokenizer, about: str) -> None:
+def _from_ids(sizes: dict, tok: Tokenizer, where: object) -> dict[int, list[list[int]]]:
+    try:
+        out = {int(w): [[int(i) for i in g] for g in gs] for w, gs in sizes.items()}
+    except (AttributeError, TypeError, ValueError) as e:
+        raise FractalError(f"{where}: 'ids' must map widths to lists of id lists ({e})") from None
+    if any(not 0 <= i < tok.vocab_size for gs in out.values() for g in gs for i in g):
+        raise FractalError(f"{where}: a token id lies outside the {tok.name} vocabulary")
+    return out
+
+
+def _sizes(groups: dict[int, list[list[int]]], tok: Tokenizer) -> dict[str, list[list[str]]]:
     strings = token_strings(tok)
-    obj = {"about": about, "tokenizer": tok.name,
-           "sizes": {str(w): [[strings[i] for i in g] for g in gs] for w, gs in sorted(groups.items())}}
-    path.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return {str(w): [[strings[i] for i in g] for g in gs] for w, gs in sorted(groups.items())}
+
+
+def save_groups(path: Path, groups: dict[int, list[list[int]]], tok: Tokenizer, about: str,
+                with_ids: bool = True) -> None:
+    from .checkpoint import write_text
+
+    obj = {"about": about, "tokenizer": tok.name, "sizes": _sizes(groups, tok)}
+    if with_ids:
+        obj["ids"] = {str(w): gs for w, gs in sorted(groups.items())}
+    write_text(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
 
 
 def target_matrix(groups: list[list[int]], vocab: int) -> torch.Tensor:
@@ -158,21 +186,23 @@ def recluster(model: torch.nn.Module, tok: Tokenizer, method: str, eps: float, m
     return out
 
 
-def initial_groups(run_dir: Path, tok: Tokenizer, spec: str, widths: list[int], resume_step: int | None
-                   ) -> dict[int, list[list[int]]]:
-    """The groups a run starts (or resumes) with; a fresh imposed run saves them as groups.json."""
+def initial_groups(run_dir: Path, tok: Tokenizer, spec: str, widths: list[int], resume_step: int | None,
+                   write: bool = True) -> dict[int, list[list[int]]]:
+    """The groups a run starts (or resumes) with; a fresh imposed run saves them as groups.json
+    (``write``: only the main process writes)."""
     clusters = run_dir / "clusters.json"
     if resume_step is not None:
         if clusters.is_file():
             past = [c for c in json.loads(clusters.read_text()) if c["step"] <= resume_step]
             if past:
-                return _from_strings(past[-1]["sizes"], tok)
+                return _from_ids(past[-1]["ids"], tok, clusters)
         imposed = run_dir / "groups.json"
         return load_groups(str(imposed), tok) if imposed.is_file() else {}
     if not spec:
         return {}
     groups = seed_groups(tok, widths) if spec == "seed" else load_groups(spec, tok)
-    save_groups(run_dir / "groups.json", groups, tok, f"imposed groups ({spec})")
+    if write:
+        save_groups(run_dir / "groups.json", groups, tok, f"imposed groups ({spec})")
     return groups
 
 
@@ -184,13 +214,7 @@ def log_clustering(run_dir: Path, step: int, groups: dict[int, list[list[int]]],
     path = run_dir / "clusters.json"
     history = json.loads(path.read_text()) if path.is_file() else []
     history = [c for c in history if c["step"] < step]
-    strings = token_strings(tok)
-    sizes = {str(w): [[strings[i] for i in g] for g in gs] for w, gs in sorted(groups.items())}
-    history.append({"step": step, "method": method, "sizes": sizes,
+    history.append({"step": step, "method": method, "sizes": _sizes(groups, tok),
+                    "ids": {str(w): gs for w, gs in sorted(groups.items())},
                     "n_groups": {str(w): len(gs) for w, gs in groups.items()}})
     write_json(path, history)
-
-
-def _from_strings(sizes: dict[str, list[list[str]]], tok: Tokenizer) -> dict[int, list[list[int]]]:
-    index = {s: i for i, s in enumerate(token_strings(tok))}
-    return {int(w): [[index[s] for s in g] for g in gs] for w, gs in sizes.items()}

@@ -202,6 +202,8 @@ def get_tokenizer(name: str, text: str | None = None) -> Tokenizer:
 
 def tokenizer_from_dict(spec: dict[str, Any]) -> Tokenizer:
     """Rebuild a tokenizer saved with ``to_dict`` (as stored in a run folder)."""
+    if not isinstance(spec, dict):
+        raise FractalError(f"saved tokenizer must be a table, got {spec!r}")
     name = spec.get("name")
     if name == "char":
         chars = spec.get("chars")

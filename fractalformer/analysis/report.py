@@ -76,14 +76,13 @@ def emergent_ari(run_dir: Path, model: torch.nn.Module) -> dict[int, float]:
         return {}
     last = json.loads(path.read_text())[-1]
     tok = model.tokenizer
-    index = {s: i for i, s in enumerate(token_strings(tok))}
     widths = [model.level_width(lv) for lv in range(model.nest.levels)]
     imposed = seed_groups(tok, widths)
     v = tok.vocab_size
     out = {}
-    for w, groups in last["sizes"].items():
+    for w, groups in last["ids"].items():
         if int(w) in imposed:
-            found = groups_to_labels([[index[s] for s in g] for g in groups], v)
+            found = groups_to_labels(groups, v)
             out[int(w)] = round(float(adjusted_rand_score(groups_to_labels(imposed[int(w)], v), found)), 4)
     return out
 

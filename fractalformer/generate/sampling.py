@@ -8,6 +8,7 @@ uncached generation give the same tokens.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import torch
@@ -44,6 +45,11 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def fresh_seed() -> int:
+    """A random seed that leaves torch's global generator alone."""
+    return int.from_bytes(os.urandom(8), "little") % 2**63
+
+
 def select_logits(logits: dict[int, torch.Tensor], level: int, index: int | str) -> torch.Tensor:
     """Last-position logits of sub-model ``(level, index)``, or of the level's ensemble
     (``index == "ensemble"``: mean of the sub-models' log-probabilities)."""
@@ -70,7 +76,7 @@ def generate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, tem
     ctx = model.config.block_size
     levels = model.needed_levels(level)
     gen = torch.Generator(device=device)
-    gen.manual_seed(seed if seed is not None else torch.seed())
+    gen.manual_seed(seed if seed is not None else fresh_seed())
     tokens = list(prompt[-ctx:])
     caches = model.new_cache(1, levels) if use_cache else None
     logits = model.run(torch.tensor([tokens], device=device), levels, caches)

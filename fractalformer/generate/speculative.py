@@ -29,7 +29,7 @@ import torch
 
 from ..errors import FractalError
 from ..nn import KVCache
-from .sampling import generate, probabilities
+from .sampling import fresh_seed, generate, probabilities
 
 
 @dataclass
@@ -42,7 +42,8 @@ class SpecStats:
     accepted: int = 0  # of those, accepted
     tokens: int = 0  # tokens emitted
     plain_tokens: int = 0  # tokens emitted by plain decoding (fallback or past the context)
-    target_time: float = 0.0
+    verify_calls: int = 0  # target calls that verified drafts
+    verify_time: float = 0.0
     draft_time: float = 0.0
     gammas: list[int] = field(default_factory=list)
 
@@ -57,9 +58,9 @@ class SpecStats:
     @property
     def cost_ratio(self) -> float:
         """c: time of one draft step over one target call."""
-        if not self.draft_calls or not self.target_calls:
+        if not self.draft_calls or not self.verify_calls:
             return 0.0
-        return (self.draft_time / self.draft_calls) / (self.target_time / self.target_calls)
+        return (self.draft_time / self.draft_calls) / (self.verify_time / self.verify_calls)
 
     def to_json(self) -> dict:
         return {"alpha": round(self.alpha, 4),
@@ -119,7 +120,7 @@ def speculate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int,
     device = model.embed.weight.device
     ctx = model.config.block_size
     gen = torch.Generator(device=device)
-    gen.manual_seed(seed if seed is not None else torch.seed())
+    gen.manual_seed(seed if seed is not None else fresh_seed())
     tl, tj = target
     levels = sorted({lv for lv, _ in drafts})
     groups = [_Draft(model, lv, [j for dl, j in drafts if dl == lv]) for lv in levels]
@@ -128,10 +129,12 @@ def speculate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int,
     seq = list(prompt[-ctx:])
     emitted = 0
 
-    def target_forward(tokens: torch.Tensor) -> torch.Tensor:  # (k, t) -> (k, t, V)
+    def target_forward(tokens: torch.Tensor, verify: bool = True) -> torch.Tensor:  # (k, t) -> (k, t, V)
         t0 = time.perf_counter()
         out = model.run(tokens, [tl], {tl: tcache})[tl][tj]
-        stats.target_time += time.perf_counter() - t0
+        if verify:  # c compares a draft step with a verification call
+            stats.verify_time += time.perf_counter() - t0
+            stats.verify_calls += 1
         stats.target_calls += 1
         return out
 
@@ -142,16 +145,17 @@ def speculate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int,
             g.step(torch.tensor([seq[:-1]] * g.n, device=device))
     drafted_len = len(seq) - 1  # positions held by the draft caches
     g_now = gamma
-    plain_until = 0  # fallback: plain steps until this many tokens are emitted
+    plain_until = -1  # in fallback: plain decoding until this many tokens are emitted
 
     while emitted < max_new_tokens:
         room = min(ctx - len(seq), max_new_tokens - emitted - 1)
-        if adaptive and stats.examined >= 8 and stats.draft_calls and stats.target_calls:
+        if plain_until >= 0 and emitted >= plain_until:  # fallback over: probe with one round
+            plain_until, g_now = -1, gamma
+        elif adaptive and plain_until < 0 and stats.examined >= 8 and stats.verify_calls:
             g_now = best_gamma(stats.alpha, stats.cost_ratio, gamma)
-            if g_now == 0 and emitted >= plain_until:
+            if g_now == 0:
                 plain_until = emitted + 32  # plain decoding for a while, then probe again
-        g_now = max(g_now, 1) if emitted >= plain_until else 0
-        if room < 1 or g_now == 0:
+        if room < 1 or plain_until >= 0:
             if len(seq) >= ctx:  # past the context: plain sliding-window decoding, as `generate`
                 for tok in generate(model, seq, max_new_tokens - emitted, temperature, top_k, top_p,
                                     int(torch.randint(0, 2**31, (1,), generator=gen)), level=tl, index=tj):
@@ -159,8 +163,9 @@ def speculate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int,
                     stats.plain_tokens += 1
                     yield tok
                 return
-            logits = target_forward(torch.tensor([[seq[-1]]] * k, device=device))[:, -1]
-            tok = int(_pick(probabilities(logits[:1], temperature, top_k, top_p), temperature, gen))
+            logits = target_forward(torch.tensor([[seq[-1]]] * k, device=device), verify=False)[:, -1]
+            tok = int(_pick(logits[:1].float() if temperature <= 0 else
+                            probabilities(logits[:1], temperature, top_k, top_p), temperature, gen))
             seq.append(tok)
             emitted += 1
             stats.tokens += 1
@@ -195,7 +200,9 @@ def speculate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int,
         start = tcache.length
         cand_t = torch.stack(cand)  # (k, g)
         tokens = torch.cat([torch.full((k, 1), seq[-1], device=device, dtype=torch.long), cand_t], 1)
-        p_all = probabilities(target_forward(tokens), temperature, top_k, top_p)  # (k, g + 1, V)
+        scores = target_forward(tokens)  # (k, g + 1, V)
+        # greedy compares raw logits (exactly what plain greedy decoding does)
+        p_all = scores.float() if temperature <= 0 else probabilities(scores, temperature, top_k, top_p)
 
         # 3. verify position by position; the longest accepted continuation wins
         live = list(range(k))
@@ -210,7 +217,7 @@ def speculate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int,
                     ok = x == int(p.argmax())
                 else:
                     q = qs[c][i]
-                    ok = bool(torch.rand((), generator=gen, device=device) * q[x] <= p[x])
+                    ok = bool(torch.rand((), generator=gen, device=device) * q[x] < p[x])
                     if not ok:
                         resid = (p - q).clamp_min(0)
                         p = resid / resid.sum() if resid.sum() > 0 else p
@@ -227,7 +234,7 @@ def speculate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int,
             new.append(int(_pick(p_all[live[0], g_round][None], temperature, gen)))
 
         # 4. roll the target cache back to the accepted prefix (pending + accepted), on every row
-        commit_row(tcache, live[0], start, start + len(new))
+        commit_row(tcache, live[0], start, start + len(new), model.nest.count(tl))
         for tok in new[: max_new_tokens - emitted]:
             seq.append(tok)
             emitted += 1
@@ -235,10 +242,15 @@ def speculate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int,
             yield tok
 
 
-def commit_row(cache: KVCache, src: int, start: int, keep: int) -> None:
-    """Keep positions ``< keep``; positions ``start .. keep`` of every row become row ``src``'s."""
+def commit_row(cache: KVCache, src: int, start: int, keep: int, groups: int = 1) -> None:
+    """Keep positions ``< keep``; positions ``start .. keep`` of every row become row ``src``'s.
+
+    The cache's rows are ``groups`` blocks (one per sub-model of the level) of one row per
+    candidate; the copy happens inside every block.
+    """
     for kv in (cache.k, cache.v):
-        kv[:, :, :, start:keep] = kv[:, src:src + 1, :, start:keep]
+        blocks = kv.view(kv.shape[0], groups, kv.shape[1] // groups, *kv.shape[2:])
+        blocks[:, :, :, :, start:keep] = blocks[:, :, src:src + 1, :, start:keep]
     cache.length = keep
 
 
@@ -256,7 +268,6 @@ def _check(model: torch.nn.Module, drafts: list[tuple[int, int]], target: tuple[
         raise FractalError("speculative decoding needs at least one --draft")
     if gamma < 1:
         raise FractalError(f"--gamma must be at least 1, got {gamma}")
-    model.nest.check(*target)
     for lv, j in [*drafts, target]:
         model.nest.check(lv, j)
         if model.needed_levels(lv) != [lv]:

@@ -168,6 +168,9 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, stop_after: int
         set_cpu_threads(dd.local_world)
     if t.batch_size % dd.world:
         raise FractalError(f"batch_size {t.batch_size} is not divisible by {dd.world} processes")
+    if dd.world > 1 and t.routing != "shared":
+        raise FractalError(f"routing={t.routing} is single-process for now: under DDP each rank would "
+                           "re-split its share of the rows (use routing=shared)")
 
     tok, corpus = prepare_data(cfg, ckpt.load_run_config(out)[1] if resume else None)
     torch.manual_seed(t.seed)
@@ -175,13 +178,15 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, stop_after: int
     optimizer = make_optimizer(model, cfg)
     start, elapsed0 = 0, 0.0
     if resume:
-        ckpt.load_model_state(out, model)
+        model_step = ckpt.load_model_state(out, model)
         info = ckpt.load_train_state(out, optimizer)
         start, elapsed0 = int(info["step"]), float(info.get("elapsed_s", 0.0))
-        if int(info.get("model_step", start)) != start:
-            raise FractalError(f"{out}: model and training state are from different steps")
+        if model_step is not None and model_step != start:
+            raise FractalError(f"{out}: model.safetensors (step {model_step}) and the training state "
+                               f"(step {start}) are from different steps; the run was cut off mid-save")
         if dd.main:
             _start_metrics(out / "metrics.csv", metric_fields(cfg), keep_until=start)
+            ckpt.save_run_config(out, cfg, tok)  # a changed --max-steps is the new horizon
     elif dd.main:
         out.mkdir(parents=True, exist_ok=True)
         ckpt.save_run_config(out, cfg, tok)
@@ -196,7 +201,8 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, stop_after: int
 
     if t.groups or t.emergent_every:
         widths = [model.level_width(lv) for lv in range(model.nest.levels)]
-        model.set_groups(hierarchy.initial_groups(out, tok, t.groups, widths, start if resume else None))
+        model.set_groups(hierarchy.initial_groups(out, tok, t.groups, widths, start if resume else None,
+                                                  write=dd.main))
     val_batches = fixed_val_batches(corpus, t.eval_batches, t.batch_size, cfg.model.block_size, t.seed)
     local_b = t.batch_size // dd.world
     tokens_per_step = t.batch_size * cfg.model.block_size
@@ -204,7 +210,7 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, stop_after: int
     def save(step: int, elapsed: float) -> None:
         if dd.main:
             ckpt.save_model(out, model, step)
-            ckpt.save_train_state(out, optimizer, {"step": step, "model_step": step, "elapsed_s": elapsed})
+            ckpt.save_train_state(out, optimizer, {"step": step, "elapsed_s": elapsed})
 
     if dd.main:
         n = model.num_params()
@@ -230,11 +236,12 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, stop_after: int
             loss.backward()
             if t.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            stats = torch.cat([loss.detach().float().view(1), sub_losses.float().cpu(),
-                               torch.tensor([float(flag.requested)])]).cpu()
+            stats = torch.cat([loss.detach().float().view(1), sub_losses.float(),
+                               torch.tensor([float(flag.requested)], device=loss.device)])
             if dd.world > 1:
                 dist.all_reduce(stats)
                 stats[:-1] /= dd.world
+            stats = stats.cpu()
             train_loss = float(stats[0])
             if not math.isfinite(train_loss):
                 bar.close()
@@ -256,7 +263,8 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, stop_after: int
                 if len(subs) > 1:
                     row |= {f"val_{sub_name(*k)}": f"{v:.6f}" for k, v in val.items()}
                 if dd.main:
-                    smallest = min(v for k, v in val.items() if k[0] == model.nest.levels - 1)
+                    smallest = min(v for k, v in val.items()
+                                   if k[0] == model.nest.levels - 1 and k[1] != "ensemble")
                     extra = (f" | smallest level best {smallest:.4f}" if len(subs) > 1 else "")
                     bar.write(f"step {step}: train {train_loss:.4f} | val {vl:.4f} nats/token, "
                               f"{to_bpc(vl, corpus.val_units_per_token):.3f} bits/{tok.unit}{extra}")
