@@ -160,3 +160,19 @@ def test_real_process_prints_no_traceback(tmp_path: Path) -> None:
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: run folder not found: {tmp_path / 'nothing'}"
+
+
+def test_checkpoint_cut_off_between_model_and_state(capsys, run_copy: Path) -> None:
+    state = json.loads((run_copy / "train_state.json").read_text())
+    state["step"] = 10  # as if the process died after writing the step-20 model only
+    (run_copy / "train_state.json").write_text(json.dumps(state))
+    code, _, err = run_cli(capsys, "train", "--out", run_copy, "--resume", "--max-steps", "30")
+    assert_one_line_error(code, err, "are from different steps")
+
+
+def test_more_bad_values(capsys, tiny_run: Path, tmp_path: Path) -> None:
+    code, _, err = run_cli(capsys, "sample", tiny_run, "--temperature", "nan")
+    assert_one_line_error(code, err, "--temperature")
+    code, _, err = run_cli(capsys, "train", *TINY, "--set", "seed=99999999999999999999", "--out",
+                           tmp_path / "s")
+    assert_one_line_error(code, err, "seed must lie in")

@@ -109,6 +109,11 @@ def test_imposed_and_emergent_run_and_the_report(capsys, tmp_path: Path) -> None
     assert set(summary["cosines"]["a,A"]) == {"32", "16", "8", "4"}
     assert set(summary["emergent_ari"]) <= {"4", "8", "16"}
     assert summary["consistency"]["0.0"]["top1_agreement"] == 1.0
+    # the full-width model extracts to a plain dense run that loads and samples
+    code, _, err = run_cli(capsys, "extract", out, "--level", "0", "--index", "0", "--out", tmp_path / "x")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "sample", tmp_path / "x", "--max-new-tokens", "5")
+    assert code == 0, err
     # resuming re-installs the last emergent groups: same losses as the uninterrupted run
     part = tmp_path / "part"
     args = ["train", "--preset", "tiny", "--quiet", "--tokenizer", "char", "--set", "family=mrl", "--set",

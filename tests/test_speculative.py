@@ -37,10 +37,12 @@ def test_greedy_equals_plain_greedy(drafts, gamma: int) -> None:
             assert list(speculate(m, prompt, 40, drafts, gamma, temperature=0, adaptive=adaptive)) == plain
 
 
-def test_target_can_be_a_sub_model() -> None:
+@pytest.mark.parametrize("target,drafts", [((1, 1), [(2, 2), (2, 3)]), ((1, 0), [(2, 0), (2, 1), (2, 3)])])
+def test_target_can_be_a_sub_model(target, drafts) -> None:
     m = model()
-    plain = list(generate(m, [3, 1], 20, temperature=0, level=1, index=1))
-    assert list(speculate(m, [3, 1], 20, [(2, 2), (2, 3)], 3, target=(1, 1), temperature=0)) == plain
+    for prompt in ([3, 1], [5, 9, 2, 7]):
+        plain = list(generate(m, prompt, 40, temperature=0, level=target[0], index=target[1]))
+        assert list(speculate(m, prompt, 40, drafts, 3, target=target, temperature=0)) == plain
 
 
 def test_commit_row_rolls_every_row_back_to_the_winner() -> None:
