@@ -129,3 +129,17 @@ def test_groups_need_a_nested_model(capsys, tmp_path: Path) -> None:
     code, _, err = run_cli(capsys, "train", "--preset", "tiny", "--set", "groups=seed", "--out",
                            tmp_path / "x")
     assert code == 2 and "need a nested model" in err
+
+
+@pytest.mark.parametrize("fixture", ["tiny_run", "fractal_run"])
+def test_report_builds_for_dense_and_fractal_runs(capsys, request, fixture: str, tmp_path: Path) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(request.getfixturevalue(fixture), run)
+    code, _, err = run_cli(capsys, "analyze", run, "--windows", "2")
+    assert code == 0, err
+    summary = json.loads((run / "analysis" / "summary.json").read_text())
+    n_sub = 1 if fixture == "tiny_run" else 7
+    assert len(summary["consistency"]) == n_sub and "0.0" in summary["consistency"]
+    assert (run / "analysis" / "report.html").stat().st_size > 10_000
