@@ -33,10 +33,10 @@ from .gpt import GPT
 class LowRank(nn.Module):
     """``x -> up(down(x))`` of rank ``r``, one map per layer and level pair."""
 
-    def __init__(self, dim: int, rank: int) -> None:
+    def __init__(self, dim: int, rank: int, std: float) -> None:
         super().__init__()
-        self.lora_down = nn.Parameter(torch.empty(rank, dim))
-        self.lora_up = nn.Parameter(torch.empty(dim, rank))
+        self.lora_down = nn.Parameter(torch.randn(rank, dim) * std)
+        self.lora_up = nn.Parameter(torch.zeros(dim, rank))  # starts by adding nothing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x @ self.lora_down.T) @ self.lora_up.T
@@ -51,9 +51,9 @@ class FractalFormer(GPT):
             # parent state: either way a level-l-wide vector for the pair (l, l + 1)
             widths = [cfg.d_model // cfg.split**lv for lv in range(cfg.levels - 1)]
             self.maps = nn.ModuleList(
-                nn.ModuleList(LowRank(w, cfg.residual_rank) for w in widths) for _ in range(cfg.n_layer)
+                nn.ModuleList(LowRank(w, cfg.residual_rank, cfg.init_std) for w in widths)
+                for _ in range(cfg.n_layer)
             )
-            self.reset_parameters()
 
     def extractable(self, level: int) -> bool:
         r = self.config.residual

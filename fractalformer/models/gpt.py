@@ -82,8 +82,6 @@ class GPT(nn.Module):
                 nn.init.zeros_(p)
             elif name.endswith(("attn.o.weight", "mlp.down.weight")):
                 nn.init.normal_(p, std=resid_std)
-            elif name.endswith("lora_up"):
-                nn.init.zeros_(p)
             else:
                 nn.init.normal_(p, std=std)
 
