@@ -104,20 +104,17 @@ def test_corrupt_and_truncated_checkpoint(capsys, run_copy: Path) -> None:
     assert snapshot(run_copy) == before
 
 
-def test_config_that_does_not_match_weights(capsys, run_copy: Path) -> None:
+@pytest.mark.parametrize("key,value,command,match", [
+    ("d_model", 64, "eval", "config.json implies"),
+    ("vocab_size", 100, "sample", "vocab_size 100 does not match"),
+])
+def test_config_that_does_not_match_the_run(capsys, run_copy: Path, key: str, value: int, command: str,
+                                            match: str) -> None:
     cfg = json.loads((run_copy / "config.json").read_text())
-    cfg["model"]["d_model"] = 64
+    cfg["model"][key] = value
     (run_copy / "config.json").write_text(json.dumps(cfg))
-    code, _, err = run_cli(capsys, "eval", run_copy)
-    assert_one_line_error(code, err, "config.json implies")
-
-
-def test_wrong_vocab_in_config(capsys, run_copy: Path) -> None:
-    cfg = json.loads((run_copy / "config.json").read_text())
-    cfg["model"]["vocab_size"] = 100
-    (run_copy / "config.json").write_text(json.dumps(cfg))
-    code, _, err = run_cli(capsys, "sample", run_copy)
-    assert_one_line_error(code, err, "vocab_size 100 does not match")
+    code, _, err = run_cli(capsys, command, run_copy)
+    assert_one_line_error(code, err, match)
 
 
 def test_broken_config_json(capsys, run_copy: Path) -> None:

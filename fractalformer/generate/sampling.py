@@ -41,8 +41,14 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     """Pick one token per row of ``logits`` (B, vocab); temperature 0 means greedy."""
     if temperature <= 0:
         return logits.argmax(-1)
-    probs = probabilities(logits, temperature, top_k, top_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return pick(probabilities(logits, temperature, top_k, top_p), temperature, generator)
+
+
+def pick(scores: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Draw from ``scores`` (probabilities), or take their argmax when greedy."""
+    if temperature <= 0:
+        return scores.argmax(-1)
+    return torch.multinomial(scores, 1, generator=generator).squeeze(-1)
 
 
 def fresh_seed() -> int:

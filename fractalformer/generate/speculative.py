@@ -29,7 +29,7 @@ import torch
 
 from ..errors import FractalError
 from ..nn import KVCache
-from .sampling import fresh_seed, generate, probabilities
+from .sampling import fresh_seed, generate, pick, probabilities
 
 
 @dataclass
@@ -164,7 +164,7 @@ def speculate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int,
                     yield tok
                 return
             logits = target_forward(torch.tensor([[seq[-1]]] * k, device=device), verify=False)[:, -1]
-            tok = int(_pick(logits[:1].float() if temperature <= 0 else
+            tok = int(pick(logits[:1].float() if temperature <= 0 else
                             probabilities(logits[:1], temperature, top_k, top_p), temperature, gen))
             seq.append(tok)
             emitted += 1
@@ -183,7 +183,7 @@ def speculate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int,
             toks, probs = [], []
             for i in range(g_round):
                 q = probabilities(logits, temperature, top_k, top_p)
-                x = _pick(q, temperature, gen)
+                x = pick(q, temperature, gen)
                 toks.append(x)
                 probs.append(q)
                 if i + 1 < g_round:
@@ -225,13 +225,13 @@ def speculate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int,
                     chosen = x
                     break
             if chosen is None:
-                new.append(int(_pick(p[None], temperature, gen)))
+                new.append(int(pick(p[None], temperature, gen)))
                 break
             stats.accepted += 1
             new.append(chosen)
             live = [c for c in live if int(cand_t[c, i]) == chosen]
         else:  # every drafted token accepted: the target's bonus token
-            new.append(int(_pick(p_all[live[0], g_round][None], temperature, gen)))
+            new.append(int(pick(p_all[live[0], g_round][None], temperature, gen)))
 
         # 4. roll the target cache back to the accepted prefix (pending + accepted), on every row
         commit_row(tcache, live[0], start, start + len(new), model.nest.count(tl))
@@ -252,12 +252,6 @@ def commit_row(cache: KVCache, src: int, start: int, keep: int, groups: int = 1)
         blocks = kv.view(kv.shape[0], groups, kv.shape[1] // groups, *kv.shape[2:])
         blocks[:, :, :, :, start:keep] = blocks[:, :, src:src + 1, :, start:keep]
     cache.length = keep
-
-
-def _pick(probs: torch.Tensor, temperature: float, gen: torch.Generator) -> torch.Tensor:
-    if temperature <= 0:
-        return probs.argmax(-1)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
 def _check(model: torch.nn.Module, drafts: list[tuple[int, int]], target: tuple[int, int], gamma: int,
