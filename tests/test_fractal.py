@@ -128,6 +128,9 @@ def test_train_mode_and_cached_inference_compute_the_same_function(name: str) ->
         (["family=fractal", "levels=3", "level_weights=1,2"], "level_weights needs 3"),
         (["family=fractal", "levels=3", "split=1"], "split must be at least 2"),
         (["routing=shard"], "needs a nested model"),
+        (["family=fractal", "levels=3", "distill=1.5"], "distill must lie in [0, 1]"),
+        (["family=mrl", "levels=3", "distill=0.5"], "not family mrl"),
+        (["family=fractal", "levels=3", "distill=0.5", "routing=split"], "cannot combine with distill"),
     ],
 )
 def test_bad_nesting_configs(sets: list[str], match: str) -> None:
@@ -141,6 +144,30 @@ def test_level_weights() -> None:
     cfg.level_weights = "2,1,1"
     w = cfg.sub_model_weights()
     assert w[0] == pytest.approx(0.5) and w[1] == pytest.approx(0.125) and w[3] == pytest.approx(0.0625)
+
+
+@pytest.mark.parametrize("name", ["fractal", "matformer"])
+def test_distillation_pulls_sub_models_towards_the_full_model(name: str) -> None:
+    m = make(name).train()
+    m.config.distill = 0.25
+    x, y = torch.randint(0, 40, (4, 16)), torch.randint(0, 40, (4, 16))
+    _, loss, sub = m(x, y)
+    logits = m.run(x, m.body_levels())
+    teacher = F.log_softmax(logits[0][0], -1)
+    terms = []
+    for k, (lv, j) in enumerate(m.config.sub_models()):
+        own = F.cross_entropy(logits[lv][j].flatten(0, 1), y.flatten())
+        torch.testing.assert_close(own.detach(), sub[k])  # the reported losses stay plain cross-entropy
+        kl = F.kl_div(F.log_softmax(logits[lv][j], -1), teacher, log_target=True, reduction="none").sum(-1)
+        terms.append(own if lv == 0 else 0.75 * own + 0.25 * kl.mean())
+    torch.testing.assert_close(loss, (m.weights * torch.stack(terms)).sum())
+    # the teacher is detached: without the full model's own loss, weights only it owns get no gradient
+    m.config.level_weights = "0,1,1"
+    m.weights = torch.tensor(m.config.sub_model_weights())
+    w, dims = m.blocks[0].mlp.down.weight, m.blocks[0].mlp.down.nest_dims["weight"]
+    owned = torch.autograd.grad(m.nest.take(w, 1, dims).sum(), w)[0] != 0
+    grad = torch.autograd.grad(m(x, y)[1], w)[0]
+    assert grad[owned].abs().sum() > 0 and not owned.all() and grad[~owned].abs().sum() == 0
 
 
 def test_every_sub_model_learns(fractal_run: Path) -> None:
@@ -198,6 +225,7 @@ def test_fractal_cli_eval_sample_extract(capsys, fractal_run: Path, tmp_path: Pa
     ["family=fractal", "levels=3", "routing=split"],
     ["family=fractal", "levels=3", "routing=shard"],
     ["family=fractal", "levels=3", "residual=upstream", "residual_rank=2"],
+    ["family=fractal", "levels=3", "distill=0.5", "dtype=bfloat16"],  # bf16 autocast on the CPU too
 ])
 def test_every_family_trains_from_the_cli(capsys, tmp_path: Path, sets: list[str]) -> None:
     args = [a for s in sets for a in ("--set", s)]

@@ -10,7 +10,13 @@ import torch
 from fractalformer import FractalError
 from fractalformer.config import ModelConfig
 from fractalformer.generate import SpecStats, generate, speculate
-from fractalformer.generate.speculative import best_gamma, commit_row, parse_sub_model
+from fractalformer.generate.speculative import (
+    _Policy,
+    best_gamma,
+    commit_row,
+    expected_tokens,
+    parse_sub_model,
+)
 from fractalformer.models import build_model
 from fractalformer.nn import KVCache
 
@@ -104,10 +110,44 @@ def test_sampling_is_distributed_as_the_target(drafts, gamma: int, top_k: int | 
     assert chi_square_rejects(draft_counts, expected, n)
 
 
-def test_best_gamma_falls_back_when_drafting_does_not_pay() -> None:
-    assert best_gamma(0.9, 0.1, 8) >= 4
-    assert best_gamma(0.1, 0.8, 8) == 0
-    assert best_gamma(0.0, 0.05, 8) == 0
+def test_best_gamma_weighs_draft_verify_and_plain_costs() -> None:
+    # (alpha, draft step, verify round, plain step): drafting pays only with cheap drafts that agree
+    assert best_gamma(0.9, 0.1, 1.0, 1.0, 8) >= 4
+    assert best_gamma(0.1, 0.8, 1.0, 1.0, 8) == 0
+    assert best_gamma(0.0, 0.05, 1.0, 1.0, 8) == 0
+    assert best_gamma(0.9, 0.1, 1.0, 0.2, 8) == 0  # verifying costs 5 plain steps: never worth it
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+
+
+def test_policy_measures_then_drafts_only_while_it_pays() -> None:
+    p = _Policy(4, adaptive=True)
+    assert p.gamma() == 0  # plain decoding is measured first (the first call warms up)
+    p.timed("plain", 5.0)
+    p.timed("plain", 1.0)
+    assert p.gamma() == 4 and p.cost["plain"] == 1.0
+    for _ in range(2):
+        p.timed("draft", 0.1)
+        p.timed("verify", 1.5)
+        p.accepted(4, 4)
+    assert p.gamma() == 4
+    p.accepted(32, 0)  # the recent acceptance collapses: back off to plain decoding, then probe again
+    assert p.gamma() == 0 and p.plain_left == 16
+    assert [p.gamma() for _ in range(16)] == [0] * 16
+    p.accepted(32, 32)
+    assert p.gamma() > 0
+    p.timed("draft", 100.0)  # drafting can never pay now: stop probing
+    assert p.gamma() == 0 and p.plain_left > 10**6
+    assert _Policy(3, adaptive=False).gamma() == 3
+
+
+def test_row_view_shares_memory_row_by_row() -> None:
+    cache = KVCache(2, 6, 1, 10, 4, "cpu", torch.float32)  # 2 groups x 3 candidate rows
+    view = cache.row_view(2, 0)
+    assert view.k.shape == (2, 2, 1, 10, 4)
+    view.length = 3
+    view.update(1, torch.ones(2, 1, 2, 4), torch.ones(2, 1, 2, 4))
+    assert cache.k[1, [0, 3], :, 3:5].eq(1).all() and cache.k.sum() == 2 * 2 * 4
+    assert cache.v[1, [0, 3], :, 3:5].eq(1).all() and cache.v.sum() == 2 * 2 * 4
 
 
 @pytest.mark.parametrize("spec,match", [

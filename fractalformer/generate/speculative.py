@@ -1,8 +1,9 @@
 """Speculative decoding with a model's own nested sub-models as drafts.
 
-Each round, every draft proposes ``gamma`` tokens (drafts of one level run as one
-batched pass, each sub-model reading its own row), the target scores every candidate in
-one batched forward, and the longest accepted continuation is kept.
+Each round, every draft proposes ``gamma`` tokens, the target scores every candidate in
+one batched forward, and the longest accepted continuation is kept. A lone draft runs
+as a dense model holding only its own weights (``extract``); several drafts of one level
+run as one batched pass of that level, each sub-model reading its own row.
 
 Acceptance keeps the output distributed exactly as the target's:
 
@@ -15,13 +16,15 @@ Acceptance keeps the output distributed exactly as the target's:
   from the last residual. With one draft this is Leviathan et al. / Chen et al. (2023).
 
 KV caches of target and drafts are rolled back after every round. ``adaptive`` picks
-``gamma`` from the running acceptance rate and the measured draft/target cost, and falls
-back to plain decoding (probing again now and then) when drafting does not pay.
+``gamma`` from the running acceptance rate and the measured costs of a draft step, a
+verification round and a plain decoding step, and decodes plainly (one row, exactly as
+``generate``) while drafting does not pay, probing again at growing intervals.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -37,14 +40,15 @@ class SpecStats:
     """What a speculative run did; ``alpha`` is the per-position acceptance rate."""
 
     target_calls: int = 0
-    draft_calls: int = 0
+    draft_calls: int = 0  # draft steps (all drafts once)
     examined: int = 0  # draft positions verified
     accepted: int = 0  # of those, accepted
     tokens: int = 0  # tokens emitted
     plain_tokens: int = 0  # tokens emitted by plain decoding (fallback or past the context)
-    verify_calls: int = 0  # target calls that verified drafts
-    verify_time: float = 0.0
+    rounds: int = 0  # draft-and-verify rounds
     draft_time: float = 0.0
+    verify_time: float = 0.0  # target forward, acceptance and rollback of every round
+    plain_time: float = 0.0
     gammas: list[int] = field(default_factory=list)
 
     @property
@@ -57,16 +61,17 @@ class SpecStats:
 
     @property
     def cost_ratio(self) -> float:
-        """c: time of one draft step over one target call."""
-        if not self.draft_calls or not self.verify_calls:
+        """c: time of one draft step over one verification round."""
+        if not self.draft_calls or not self.rounds:
             return 0.0
-        return (self.draft_time / self.draft_calls) / (self.verify_time / self.verify_calls)
+        return (self.draft_time / self.draft_calls) / (self.verify_time / self.rounds)
 
     def to_json(self) -> dict:
         return {"alpha": round(self.alpha, 4),
                 "tokens_per_target_call": round(self.tokens_per_target_call, 3),
                 "cost_ratio_c": round(self.cost_ratio, 3), "target_calls": self.target_calls,
-                "draft_calls": self.draft_calls, "tokens": self.tokens, "plain_tokens": self.plain_tokens,
+                "rounds": self.rounds, "draft_calls": self.draft_calls, "tokens": self.tokens,
+                "plain_tokens": self.plain_tokens,
                 "mean_gamma": round(sum(self.gammas) / len(self.gammas), 2) if self.gammas else 0.0}
 
 
@@ -80,31 +85,225 @@ def parse_sub_model(spec: str, model: torch.nn.Module) -> tuple[int, int]:
     return level, index
 
 
-def best_gamma(alpha: float, c: float, max_gamma: int) -> int:
-    """gamma maximising expected tokens per unit time; 0 when plain decoding is faster."""
+def expected_tokens(alpha: float, gamma: int) -> float:
+    """Tokens a round of ``gamma`` drafted positions yields at per-position acceptance ``alpha``."""
     alpha = min(alpha, 0.999)
-    best, best_speed = 0, 1.0
+    return (1 - alpha ** (gamma + 1)) / (1 - alpha)
+
+
+def best_gamma(alpha: float, draft_step: float, verify: float, plain_step: float, max_gamma: int) -> int:
+    """gamma maximising tokens per second; 0 when plain decoding is at least as fast."""
+    best, best_rate = 0, 1.0 / plain_step
     for g in range(1, max_gamma + 1):
-        speed = (1 - alpha ** (g + 1)) / (1 - alpha) / (c * g + 1)
-        if speed > best_speed:
-            best, best_speed = g, speed
+        rate = expected_tokens(alpha, g) / (g * draft_step + verify)
+        if rate > best_rate:
+            best, best_rate = g, rate
     return best
 
 
-class _Draft:
-    """The drafts of one level: one batched forward per step, one row per sub-model."""
+class _Policy:
+    """Adaptive gamma: learn the costs and the acceptance, then draft only while it pays."""
+
+    def __init__(self, max_gamma: int, adaptive: bool) -> None:
+        self.max_gamma, self.adaptive = max_gamma, adaptive
+        self.recent: deque[bool] = deque(maxlen=32)  # acceptance of the latest drafted positions
+        self.cost: dict[str, float] = {}  # moving averages: "draft" step, "verify" round, "plain" step
+        self.seen: set[str] = set()
+        self.plain_left = 0  # tokens to decode plainly before probing again
+        self.backoff = 16
+
+    def timed(self, kind: str, seconds: float) -> None:
+        if kind not in self.seen:  # the first call of each kind warms up: not representative
+            self.seen.add(kind)
+        elif kind not in self.cost:
+            self.cost[kind] = seconds
+        else:
+            self.cost[kind] += 0.2 * (seconds - self.cost[kind])
+
+    def accepted(self, examined: int, accepted: int) -> None:
+        self.recent.extend([True] * accepted + [False] * (examined - accepted))
+
+    def gamma(self) -> int:
+        if not self.adaptive:
+            return self.max_gamma
+        if self.plain_left > 0:
+            self.plain_left -= 1
+            return 0
+        if "plain" not in self.cost:  # measure plain decoding first
+            return 0
+        if "verify" not in self.cost or len(self.recent) < 8:
+            return self.max_gamma
+        costs = (self.cost["draft"], self.cost["verify"], self.cost["plain"])
+        g = best_gamma(sum(self.recent) / len(self.recent), *costs, self.max_gamma)
+        if g:
+            self.backoff = 16
+            return g
+        # drafting does not pay now; if it cannot pay even when every token is accepted, stop probing
+        self.plain_left = 10**9 if not best_gamma(1.0, *costs, self.max_gamma) else self.backoff
+        self.backoff = min(2 * self.backoff, 256)
+        return 0
+
+
+class _Drafter:
+    """Drafts from one level: a lone sub-model as an extracted dense model, or the whole
+    level as one batched pass (row ``j`` is sub-model ``j``, fed its own tokens)."""
 
     def __init__(self, model: torch.nn.Module, level: int, indices: list[int]) -> None:
-        self.model, self.level, self.indices = model, level, indices
-        self.n = model.nest.count(level)
-        self.cache = model.new_cache(1, [level])[level]
+        if len(indices) == 1:  # only its own weights: far cheaper than running the level
+            self.runner, self.level, self.rows = model.extract(level, indices[0]).eval(), 0, [0]
+        else:
+            self.runner, self.level, self.rows = model, level, indices
+        self.n = self.runner.nest.count(self.level)
+        self.cache = self.runner.new_cache(1, [self.level])[self.level]
         self.device = model.embed.weight.device
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (n, t): row j is fed to sub-model j. Returns last-position logits (n, V)."""
-        idx = torch.zeros(self.level + 1, *tokens.shape, dtype=torch.long, device=self.device)
-        idx[self.level] = tokens
-        return self.model.run(idx, [self.level], {self.level: self.cache})[self.level][:, 0, -1]
+        if self.level == 0:
+            idx = tokens
+        else:
+            idx = torch.zeros(self.level + 1, *tokens.shape, dtype=torch.long, device=self.device)
+            idx[self.level] = tokens
+        return self.runner.run(idx, [self.level], {self.level: self.cache})[self.level][:, 0, -1]
+
+
+class _Session:
+    """State of one speculative generation: sequence, caches, drafters, sampling."""
+
+    def __init__(self, model: torch.nn.Module, prompt: list[int], drafts: list[tuple[int, int]],
+                 target: tuple[int, int], temperature: float, top_k: int | None, top_p: float | None,
+                 seed: int | None, stats: SpecStats) -> None:
+        self.model, self.stats = model, stats
+        self.device = model.embed.weight.device
+        self.sampling = (temperature, top_k, top_p)
+        self.greedy = temperature <= 0
+        self.gen = torch.Generator(device=self.device)
+        self.gen.manual_seed(seed if seed is not None else fresh_seed())
+        self.tl, self.tj = target
+        levels = sorted({lv for lv, _ in drafts})
+        self.drafters = [_Drafter(model, lv, [j for dl, j in drafts if dl == lv]) for lv in levels]
+        self.k = len(drafts)  # target rows: one per candidate
+        self.groups = model.nest.count(self.tl)  # the target level's sub-models ride in the rows too
+        self.tcache = model.new_cache(self.k, [self.tl])[self.tl]
+        self.row0 = self.tcache.row_view(self.groups, 0)  # plain decoding runs on one row
+        self.seq = list(prompt[-model.config.block_size:])
+        self.synced = 0  # positions whose keys/values every target row holds
+        if len(self.seq) > 1:  # prefill all but the last prompt token (it is "pending")
+            self._plain_forward(self.seq[:-1])
+            for d in self.drafters:
+                d.step(torch.tensor([self.seq[:-1]] * d.n, device=self.device))
+
+    def _target(self, tokens: torch.Tensor) -> torch.Tensor:  # (k, t) -> (k, t, V)
+        self.stats.target_calls += 1
+        return self.model.run(tokens, [self.tl], {self.tl: self.tcache})[self.tl][self.tj]
+
+    def _plain_forward(self, tokens: list[int]) -> torch.Tensor:
+        """Run the target on one row only (the other rows catch up before the next round)."""
+        self.row0.length = self.tcache.length
+        out = self.model.run(torch.tensor([tokens], device=self.device), [self.tl], {self.tl: self.row0})
+        self.tcache.length = self.row0.length
+        return out[self.tl][self.tj, 0, -1]
+
+    def plain_step(self) -> int:
+        t0 = time.perf_counter()
+        logits = self._plain_forward([self.seq[-1]])
+        self.stats.target_calls += 1
+        t, k, p = self.sampling
+        tok = int(pick(logits[None].float() if self.greedy else probabilities(logits[None], t, k, p), t,
+                       self.gen))
+        self.seq.append(tok)
+        self.stats.plain_tokens += 1
+        self.stats.plain_time += time.perf_counter() - t0
+        return tok
+
+    def propose(self, g: int) -> tuple[list[list[int]], list[torch.Tensor]]:
+        """Every draft's ``g`` tokens (as lists) and, when sampling, its distributions (g, V)."""
+        t0 = time.perf_counter()
+        t, k, p = self.sampling
+        cand: list[list[int]] = []
+        qs: list[torch.Tensor] = []
+        for d in self.drafters:
+            logits = d.step(torch.tensor([self.seq[d.cache.length:]] * d.n, device=self.device))
+            toks, probs = [], []
+            for i in range(g):
+                if self.greedy:
+                    x = logits.argmax(-1)
+                else:
+                    q = probabilities(logits, t, k, p)
+                    x = pick(q, t, self.gen)
+                    probs.append(q)
+                toks.append(x)
+                if i + 1 < g:
+                    logits = d.step(x[:, None])
+            rows = torch.stack(toks, 1).tolist()  # (n, g)
+            cand += [rows[r] for r in d.rows]
+            if probs:
+                q_all = torch.stack(probs, 1)
+                qs += [q_all[r] for r in d.rows]
+            d.cache.length = len(self.seq)  # keep only the shared prefix (through the pending token)
+        self.stats.draft_time += time.perf_counter() - t0
+        self.stats.draft_calls += g
+        return cand, qs
+
+    def verify(self, cand: list[list[int]], qs: list[torch.Tensor]) -> list[int]:
+        """Score every candidate in one batched target forward; return the accepted tokens."""
+        t0 = time.perf_counter()
+        s, g = self.stats, len(cand[0])
+        if self.synced < self.tcache.length:  # plain steps filled row 0 only
+            commit_row(self.tcache, 0, self.synced, self.tcache.length, self.groups)
+        start = self.tcache.length
+        scores = self._target(torch.tensor([[self.seq[-1], *c] for c in cand], device=self.device))
+        live = list(range(self.k))
+        new: list[int] = []
+        if self.greedy:  # compare with the argmax of the raw logits, as plain greedy decoding does
+            best = scores.argmax(-1).tolist()  # (k, g + 1)
+            for i in range(g):
+                want = best[live[0]][i]
+                new.append(want)
+                live_next = [c for c in live if cand[c][i] == want]
+                if not live_next:
+                    break
+                live = live_next
+            else:
+                new.append(best[live[0]][g])
+        else:
+            new = self._accept_sampled(scores, cand, qs, live)
+        accepted = len(new) - 1
+        s.examined += min(len(new), g)
+        s.accepted += accepted
+        self.commit(live[0], start, start + len(new))
+        s.rounds += 1
+        s.verify_time += time.perf_counter() - t0
+        return new
+
+    def _accept_sampled(self, scores: torch.Tensor, cand: list[list[int]], qs: list[torch.Tensor],
+                        live: list[int]) -> list[int]:
+        """Recursive rejection sampling; ``live`` is narrowed in place to the winners."""
+        t, k, p_ = self.sampling
+        p_all = probabilities(scores, t, k, p_)
+        g, new = len(cand[0]), []
+        for i in range(g):
+            p = p_all[live[0], i]
+            chosen = None
+            for c in live:
+                x, q = cand[c][i], qs[c][i]
+                if bool(torch.rand((), generator=self.gen, device=self.device) * q[x] < p[x]):
+                    chosen = x
+                    break
+                resid = (p - q).clamp_min(0)
+                p = resid / resid.sum() if resid.sum() > 0 else p
+            if chosen is None:
+                new.append(int(pick(p[None], t, self.gen)))
+                return new
+            new.append(chosen)
+            live[:] = [c for c in live if cand[c][i] == chosen]
+        new.append(int(pick(p_all[live[0], g][None], t, self.gen)))
+        return new
+
+    def commit(self, src: int, start: int, keep: int) -> None:
+        if self.k > 1:
+            commit_row(self.tcache, src, start, keep, self.groups)
+        self.tcache.length = self.synced = keep
 
 
 @torch.no_grad()
@@ -117,126 +316,36 @@ def speculate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int,
     stats = stats if stats is not None else SpecStats()
     _check(model, drafts, target, gamma, prompt)
     model.eval()
-    device = model.embed.weight.device
     ctx = model.config.block_size
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed if seed is not None else fresh_seed())
-    tl, tj = target
-    levels = sorted({lv for lv, _ in drafts})
-    groups = [_Draft(model, lv, [j for dl, j in drafts if dl == lv]) for lv in levels]
-    k = len(drafts)
-    tcache = model.new_cache(k, [tl])[tl]
-    seq = list(prompt[-ctx:])
+    sess = _Session(model, prompt, drafts, target, temperature, top_k, top_p, seed, stats)
+    policy = _Policy(gamma, adaptive)
     emitted = 0
-
-    def target_forward(tokens: torch.Tensor, verify: bool = True) -> torch.Tensor:  # (k, t) -> (k, t, V)
-        t0 = time.perf_counter()
-        out = model.run(tokens, [tl], {tl: tcache})[tl][tj]
-        if verify:  # c compares a draft step with a verification call
-            stats.verify_time += time.perf_counter() - t0
-            stats.verify_calls += 1
-        stats.target_calls += 1
-        return out
-
-    # prefill everything but the last prompt token, which is "pending" (not counted as a call)
-    if len(seq) > 1:
-        model.run(torch.tensor([seq[:-1]] * k, device=device), [tl], {tl: tcache})
-        for g in groups:
-            g.step(torch.tensor([seq[:-1]] * g.n, device=device))
-    drafted_len = len(seq) - 1  # positions held by the draft caches
-    g_now = gamma
-    plain_until = -1  # in fallback: plain decoding until this many tokens are emitted
-
     while emitted < max_new_tokens:
-        room = min(ctx - len(seq), max_new_tokens - emitted - 1)
-        if plain_until >= 0 and emitted >= plain_until:  # fallback over: probe with one round
-            plain_until, g_now = -1, gamma
-        elif adaptive and plain_until < 0 and stats.examined >= 8 and stats.verify_calls:
-            g_now = best_gamma(stats.alpha, stats.cost_ratio, gamma)
-            if g_now == 0:
-                plain_until = emitted + 32  # plain decoding for a while, then probe again
-        if room < 1 or plain_until >= 0:
-            if len(seq) >= ctx:  # past the context: plain sliding-window decoding, as `generate`
-                for tok in generate(model, seq, max_new_tokens - emitted, temperature, top_k, top_p,
-                                    int(torch.randint(0, 2**31, (1,), generator=gen)), level=tl, index=tj):
+        room = min(ctx - len(sess.seq), max_new_tokens - emitted - 1)
+        g = min(policy.gamma(), room)
+        if g < 1:
+            if len(sess.seq) >= ctx:  # past the context: plain sliding-window decoding, as `generate`
+                seed2 = int(torch.randint(0, 2**31, (1,), generator=sess.gen))
+                for tok in generate(model, sess.seq, max_new_tokens - emitted, *sess.sampling, seed2,
+                                    level=target[0], index=target[1]):
                     stats.tokens += 1
                     stats.plain_tokens += 1
                     yield tok
                 return
-            logits = target_forward(torch.tensor([[seq[-1]]] * k, device=device), verify=False)[:, -1]
-            tok = int(pick(logits[:1].float() if temperature <= 0 else
-                            probabilities(logits[:1], temperature, top_k, top_p), temperature, gen))
-            seq.append(tok)
-            emitted += 1
-            stats.tokens += 1
-            stats.plain_tokens += 1
-            yield tok
-            continue
-        g_round = min(g_now, room)
-        stats.gammas.append(g_round)
-
-        # 1. drafts propose g_round tokens each (one batched pass per level per step)
-        cand, qs = [], []
-        t0 = time.perf_counter()
-        for g in groups:
-            logits = g.step(torch.tensor([seq[drafted_len:]] * g.n, device=device))
-            toks, probs = [], []
-            for i in range(g_round):
-                q = probabilities(logits, temperature, top_k, top_p)
-                x = pick(q, temperature, gen)
-                toks.append(x)
-                probs.append(q)
-                if i + 1 < g_round:
-                    logits = g.step(x[:, None])
-            toks_t, probs_t = torch.stack(toks, 1), torch.stack(probs, 1)  # (n, g), (n, g, V)
-            cand += [toks_t[j] for j in g.indices]
-            qs += [probs_t[j] for j in g.indices]
-            g.cache.length = len(seq)  # keep only the shared prefix (through the pending token)
-        drafted_len = len(seq)
-        stats.draft_time += time.perf_counter() - t0
-        stats.draft_calls += g_round  # draft steps (every draft level once per step)
-
-        # 2. the target scores every candidate in one batched forward
-        start = tcache.length
-        cand_t = torch.stack(cand)  # (k, g)
-        tokens = torch.cat([torch.full((k, 1), seq[-1], device=device, dtype=torch.long), cand_t], 1)
-        scores = target_forward(tokens)  # (k, g + 1, V)
-        # greedy compares raw logits (exactly what plain greedy decoding does)
-        p_all = scores.float() if temperature <= 0 else probabilities(scores, temperature, top_k, top_p)
-
-        # 3. verify position by position; the longest accepted continuation wins
-        live = list(range(k))
-        new: list[int] = []
-        for i in range(g_round):
-            stats.examined += 1
-            p = p_all[live[0], i]
-            chosen = None
-            for c in live:
-                x = int(cand_t[c, i])
-                if temperature <= 0:
-                    ok = x == int(p.argmax())
-                else:
-                    q = qs[c][i]
-                    ok = bool(torch.rand((), generator=gen, device=device) * q[x] < p[x])
-                    if not ok:
-                        resid = (p - q).clamp_min(0)
-                        p = resid / resid.sum() if resid.sum() > 0 else p
-                if ok:
-                    chosen = x
-                    break
-            if chosen is None:
-                new.append(int(pick(p[None], temperature, gen)))
-                break
-            stats.accepted += 1
-            new.append(chosen)
-            live = [c for c in live if int(cand_t[c, i]) == chosen]
-        else:  # every drafted token accepted: the target's bonus token
-            new.append(int(pick(p_all[live[0], g_round][None], temperature, gen)))
-
-        # 4. roll the target cache back to the accepted prefix (pending + accepted), on every row
-        commit_row(tcache, live[0], start, start + len(new), model.nest.count(tl))
+            t0 = time.perf_counter()
+            new = [sess.plain_step()]
+            policy.timed("plain", time.perf_counter() - t0)
+        else:
+            stats.gammas.append(g)
+            t0 = time.perf_counter()
+            cand, qs = sess.propose(g)
+            t1 = time.perf_counter()
+            new = sess.verify(cand, qs)
+            policy.timed("draft", (t1 - t0) / g)
+            policy.timed("verify", time.perf_counter() - t1)
+            policy.accepted(min(len(new), g), len(new) - 1)
+            sess.seq += new
         for tok in new[: max_new_tokens - emitted]:
-            seq.append(tok)
             emitted += 1
             stats.tokens += 1
             yield tok

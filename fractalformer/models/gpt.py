@@ -128,7 +128,7 @@ class GPT(nn.Module):
         hq, hkv, hd = self.blocks[0].attn.shape(level)
         f = self.nest.split**level
         return dataclasses.replace(
-            c, family="gpt", levels=1, residual="none", residual_rank=0, level_weights="",
+            c, family="gpt", levels=1, residual="none", residual_rank=0, level_weights="", distill=0.0,
             d_model=c.d_model // f, n_head=hq, n_kv_head=hkv, head_dim=hd)
 
     def extract(self, level: int, index: int) -> GPT:
@@ -190,17 +190,25 @@ class GPT(nn.Module):
         logits = self.run(idx, self.body_levels() if cache is None else sorted(cache), cache)
         if targets is None:
             return logits[0][0], None, None
-        losses = []
+        losses, trained = [], []
+        d = self.config.distill
+        teacher = F.log_softmax(logits[0][0].detach().float(), -1) if d else None  # (B, T, V)
         for lv, lg in sorted(logits.items()):
             y = targets if targets.dim() == 2 else _rows(targets[lv], lg.shape[0])
             y = y.expand(lg.shape[0], *y.shape[-2:]).flatten()
+            logp = F.log_softmax(lg.float(), -1)
             if lv in self.group_targets:  # soft targets: -mean log p over the target's group
-                ce = -(self.group_targets[lv][y] * F.log_softmax(lg.float().flatten(0, 2), -1)).sum(-1)
+                ce = -(self.group_targets[lv][y] * logp.flatten(0, 2)).sum(-1)
             else:
-                ce = F.cross_entropy(lg.float().flatten(0, 2), y, reduction="none")
-            losses.append(ce.view(lg.shape[0], -1).mean(1))
+                ce = F.nll_loss(logp.flatten(0, 2), y, reduction="none")
+            ce = ce.view(lg.shape[0], -1).mean(1)
+            losses.append(ce)
+            if teacher is not None and lv > 0:  # self-distillation: agree with the full model
+                kl = (teacher.exp() * (teacher - logp)).sum(-1).flatten(1).mean(1)
+                ce = (1 - d) * ce + d * kl
+            trained.append(ce)
         sub = torch.cat(losses)
-        return logits[0][0], (sub * self.weights).sum(), sub.detach()
+        return logits[0][0], (torch.cat(trained) * self.weights).sum(), sub.detach()
 
 
 def _rows(idx: torch.Tensor, n: int) -> torch.Tensor:

@@ -26,6 +26,14 @@ class KVCache:
         self.max_len = max_len
         self.length = 0
 
+    def row_view(self, groups: int, row: int) -> KVCache:
+        """Row ``row`` of each of ``groups`` equal blocks of rows, sharing this cache's memory
+        (its ``length`` is its own)."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = (kv.unflatten(1, (groups, -1))[:, :, row] for kv in (self.k, self.v))
+        view.max_len, view.length = self.max_len, self.length
+        return view
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new keys/values at ``length ..`` and return all valid ones."""
         end = self.length + k.shape[-2]

@@ -192,8 +192,8 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, stop_after: int
         ckpt.save_run_config(out, cfg, tok)
         _start_metrics(out / "metrics.csv", metric_fields(cfg))
 
-    use_bf16 = device == "cuda" and t.dtype in ("auto", "bfloat16")
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext())
+    use_bf16 = t.dtype == "bfloat16" or (device == "cuda" and t.dtype == "auto")
+    autocast = (torch.autocast(device, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext())
     fwd = torch.compile(model) if t.compile else model
     if dd.world > 1:
         ids = [torch.cuda.current_device()] if device == "cuda" else None
