@@ -1,9 +1,10 @@
 """Training throughput (tokens/s) of a config, eager and optionally torch.compile.
 
-    python bench/bench_train.py [--preset default] [--set key=value ...] [--steps 10] [--compile]
+    python bench/bench_train.py [--preset default] [--set key=value ...] [--steps 10] [--compile] [--bf16]
 
-Prints the machine, then tokens/s per variant and its ratio to the first (eager) one,
-all measured in this run.
+Prints the machine, then tokens/s per variant (fp32 eager; torch.compile; bf16 autocast,
+which on CPU needs native bf16 matmuls such as AVX512-BF16 or AMX to pay) and its ratio
+to the first (eager) one, all measured in this run.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--compile", action="store_true", help="also time torch.compile")
+    ap.add_argument("--bf16", action="store_true", help="also time bf16 autocast on CPU (CUDA runs bf16)")
     a = ap.parse_args()
     cfg = build_config(a.preset, None, a.set)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -36,18 +38,20 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, cfg.model.vocab_size, (b, t), generator=gen).to(device)
     y = torch.randint(0, cfg.model.vocab_size, (b, t), generator=gen).to(device)
-    bf16 = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
     print(f"machine: {machine()}")
     print(f"config: preset {a.preset} {' '.join(a.set)} | batch {b} x {t} tokens | device {device}")
-    variants = [("eager", False)] + ([("torch.compile", True)] if a.compile else [])
+    cuda = device == "cuda"
+    variants = [("eager", False, cuda)] + ([("torch.compile", True, cuda)] if a.compile else [])
+    variants += [("bf16 autocast", False, True)] if a.bf16 and not cuda else []
     base = None
-    for name, compiled in variants:
+    for name, compiled, use_bf16 in variants:
+        bf16 = torch.autocast(device, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
         torch.manual_seed(0)
         model = build_model(cfg.model).to(device)
         opt = make_optimizer(model, cfg)
         fwd = torch.compile(model) if compiled else model
 
-        def step(fwd=fwd, opt=opt, model=model) -> None:
+        def step(fwd=fwd, opt=opt, model=model, bf16=bf16) -> None:
             with bf16:
                 loss = fwd(x, y)[1]
             loss.backward()
