@@ -185,7 +185,7 @@ class _Session:
         self.k = len(drafts)  # target rows: one per candidate
         self.groups = model.nest.count(self.tl)  # the target level's sub-models ride in the rows too
         self.tcache = model.new_cache(self.k, [self.tl])[self.tl]
-        self.row0 = self.tcache.row_view(self.groups, 0)  # plain decoding runs on one row
+        self.row0 = self.tcache.rows(self.groups, 1)  # plain decoding runs on one row
         self.seq = list(prompt[-model.config.block_size:])
         self.synced = 0  # positions whose keys/values every target row holds
         if len(self.seq) > 1:  # prefill all but the last prompt token (it is "pending")
@@ -193,9 +193,18 @@ class _Session:
             for d in self.drafters:
                 d.step(torch.tensor([self.seq[:-1]] * d.n, device=self.device))
 
-    def _target(self, tokens: torch.Tensor) -> torch.Tensor:  # (k, t) -> (k, t, V)
+    def _target(self, tokens: torch.Tensor) -> torch.Tensor:  # (u, t) -> (u, t, V), u <= k
+        """Run the target on the first ``u`` candidate rows (all rows if no view allows fewer)."""
         self.stats.target_calls += 1
-        return self.model.run(tokens, [self.tl], {self.tl: self.tcache})[self.tl][self.tj]
+        u = tokens.shape[0]
+        if u < self.k and (self.groups == 1 or u == 1):
+            view = self.tcache.rows(self.groups, u)
+            out = self.model.run(tokens, [self.tl], {self.tl: view})
+            self.tcache.length = view.length
+            return out[self.tl][self.tj]
+        if u < self.k:  # pad with copies of the first candidate
+            tokens = torch.cat([tokens, tokens[:1].expand(self.k - u, -1)])
+        return self.model.run(tokens, [self.tl], {self.tl: self.tcache})[self.tl][self.tj][:u]
 
     def _plain_forward(self, tokens: list[int]) -> torch.Tensor:
         """Run the target on one row only (the other rows catch up before the next round)."""
@@ -252,8 +261,10 @@ class _Session:
         if self.synced < self.tcache.length:  # plain steps filled row 0 only
             commit_row(self.tcache, 0, self.synced, self.tcache.length, self.groups)
         start = self.tcache.length
+        if self.greedy:  # identical proposals need one verification row
+            cand = [list(c) for c in dict.fromkeys(map(tuple, cand))]
         scores = self._target(torch.tensor([[self.seq[-1], *c] for c in cand], device=self.device))
-        live = list(range(self.k))
+        live = list(range(len(cand)))
         new: list[int] = []
         if self.greedy:  # compare with the argmax of the raw logits, as plain greedy decoding does
             best = scores.argmax(-1).tolist()  # (k, g + 1)

@@ -10,6 +10,9 @@ from .linear import Linear
 from .nesting import Nesting
 from .rope import Rotary
 
+# scaled_dot_product_attention shares key/value heads among query heads itself from torch 2.5
+_NATIVE_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+
 
 class KVCache:
     """Keys and values of every layer for positions ``0 .. length - 1``.
@@ -26,11 +29,13 @@ class KVCache:
         self.max_len = max_len
         self.length = 0
 
-    def row_view(self, groups: int, row: int) -> KVCache:
-        """Row ``row`` of each of ``groups`` equal blocks of rows, sharing this cache's memory
-        (its ``length`` is its own)."""
+    def rows(self, groups: int, n: int) -> KVCache:
+        """The first ``n`` rows of each of ``groups`` equal blocks of rows, sharing this
+        cache's memory (its ``length`` is its own). One group, or one row per group."""
+        if groups > 1 and n > 1:
+            raise ValueError("a view of several rows exists for one group only")
         view = KVCache.__new__(KVCache)
-        view.k, view.v = (kv.unflatten(1, (groups, -1))[:, :, row] for kv in (self.k, self.v))
+        view.k, view.v = (kv.unflatten(1, (groups, -1))[:, :, :n].flatten(1, 2) for kv in (self.k, self.v))
         view.max_len, view.length = self.max_len, self.length
         return view
 
@@ -87,7 +92,8 @@ class Attention(nn.Module):
         q, k = rotary(q, start), rotary(k, start)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        if hkv != hq:
+        gqa = hkv != hq and _NATIVE_GQA  # no copy of the cached keys/values per step
+        if hkv != hq and not gqa:
             k = k.repeat_interleave(hq // hkv, dim=1)
             v = v.repeat_interleave(hq // hkv, dim=1)
         mask, causal = None, True
@@ -98,6 +104,6 @@ class Attention(nn.Module):
                 mask = torch.arange(start + t, device=x.device)[None, :] <= pos_q[:, None]
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal,
-            dropout_p=self.dropout if self.training else 0.0,
+            dropout_p=self.dropout if self.training else 0.0, **({"enable_gqa": True} if gqa else {}),
         )
         return self.o(y.transpose(1, 2).reshape(n, b, t, hq * hd), level)
