@@ -85,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--top-p", type=float)
     sp.add_argument("--seed", type=int)
     sp.add_argument("--no-adaptive", action="store_true", help="always draft gamma tokens")
+    sp.add_argument("--confidence", type=float, default=0.0,
+                    help="a draft stops a round early at a token it gives less probability (0: never)")
     sp.add_argument("--unknown", choices=("error", "replace"), default="error",
                     help="what to do with prompt characters the tokenizer lacks")
     sp.add_argument("--compare", action="store_true", help="also time plain KV-cache decoding")
@@ -230,7 +232,7 @@ def cmd_speculate(a: argparse.Namespace) -> int:
     if not a.json:
         sys.stdout.write(a.prompt)
     for i in speculate(model, ids, a.max_new_tokens, drafts, a.gamma, target, temperature, a.top_k, a.top_p,
-                       a.seed, adaptive=not a.no_adaptive, stats=stats):
+                       a.seed, adaptive=not a.no_adaptive, confidence=a.confidence, stats=stats):
         out.append(decode(i))
         if not a.json:
             sys.stdout.write(out[-1])

@@ -43,6 +43,17 @@ def test_greedy_equals_plain_greedy(drafts, gamma: int) -> None:
             assert list(speculate(m, prompt, 40, drafts, gamma, temperature=0, adaptive=adaptive)) == plain
 
 
+@pytest.mark.parametrize("drafts", [[(2, 1)], [(1, 0), (2, 1), (2, 2)]])
+def test_confident_drafts_stop_early_and_stay_exact(drafts) -> None:
+    m = model()
+    for prompt in ([1, 2, 3, 4, 5], list(range(30))):
+        plain = list(generate(m, prompt, 40, temperature=0))
+        stats = SpecStats()
+        assert list(speculate(m, prompt, 40, drafts, 6, temperature=0, adaptive=False, confidence=0.1,
+                              stats=stats)) == plain
+        assert min(stats.gammas) < max(stats.gammas)  # some drafts did stop early
+
+
 @pytest.mark.parametrize("target,drafts", [((1, 1), [(2, 2), (2, 3)]), ((1, 0), [(2, 0), (2, 1), (2, 3)])])
 def test_target_can_be_a_sub_model(target, drafts) -> None:
     m = model()
@@ -64,17 +75,19 @@ def test_commit_row_rolls_every_row_back_to_the_winner() -> None:
         assert torch.equal(cache.v[:, row, :, 4:7], cache.v[:, 2, :, 4:7])
 
 
-def exact_pairs(m, prompt: list[int], top_k: int | None) -> dict[tuple[int, int], float]:
-    """The target's exact distribution of its next two tokens (temperature 1)."""
+def exact_dist(m, prompt: list[int], top_k: int | None, length: int) -> dict[tuple[int, ...], float]:
+    """The target's exact distribution of its next ``length`` tokens (temperature 1)."""
     from fractalformer.generate import probabilities
 
     with torch.no_grad():
-        p1 = probabilities(m(torch.tensor([prompt]))[0][0, -1], 1.0, top_k)
-        out = {}
-        for a in range(len(p1)):
-            if p1[a] > 0:
-                p2 = probabilities(m(torch.tensor([[*prompt, a]]))[0][0, -1], 1.0, top_k)
-                out |= {(a, b): float(p1[a] * p2[b]) for b in range(len(p2)) if p2[b] > 0}
+        p = probabilities(m(torch.tensor([prompt]))[0][0, -1], 1.0, top_k)
+        out = {(a,): float(p[a]) for a in range(len(p)) if p[a] > 0}
+        for _ in range(length - 1):
+            nxt = {}
+            for seq, ps in out.items():
+                p = probabilities(m(torch.tensor([[*prompt, *seq]]))[0][0, -1], 1.0, top_k)
+                nxt |= {(*seq, b): ps * float(p[b]) for b in range(len(p)) if p[b] > 0}
+            out = nxt
     return out
 
 
@@ -90,22 +103,32 @@ def chi_square_rejects(counts: Counter, expected: dict, n: int) -> bool:
     return stat > critical
 
 
-@pytest.mark.parametrize("drafts,gamma,top_k", [([(1, 0)], 2, None), ([(1, 0), (2, 3), (2, 1)], 2, 4)])
-def test_sampling_is_distributed_as_the_target(drafts, gamma: int, top_k: int | None) -> None:
+@pytest.mark.parametrize("drafts,gamma,top_k,length,confidence", [
+    ([(1, 0)], 2, None, 2, 0.0),
+    ([(1, 0), (2, 3), (2, 1)], 2, 4, 2, 0.0),
+    ([(2, 3)], 3, None, 3, 0.5),  # three tokens: drafts of length 2 that may stop after one
+])
+def test_sampling_is_distributed_as_the_target(drafts, gamma: int, top_k: int | None, length: int,
+                                               confidence: float) -> None:
     m = model(vocab=6)
     prompt = [1, 2, 3]
-    expected = exact_pairs(m, prompt, top_k)
+    expected = exact_dist(m, prompt, top_k, length)
     n = 1200
     counts: Counter = Counter()
     stats = SpecStats()
     for seed in range(n):
-        a, b = speculate(m, prompt, 2, drafts, gamma, temperature=1.0, top_k=top_k, seed=seed,
-                         adaptive=False, stats=stats)
-        counts[(a, b)] += 1
+        counts[tuple(speculate(m, prompt, length, drafts, gamma, temperature=1.0, top_k=top_k, seed=seed,
+                               adaptive=False, confidence=confidence, stats=stats))] += 1
     assert 0.05 < stats.alpha < 0.95  # drafts are both accepted and rejected: the test has teeth
+    if confidence:  # some drafts stopped early
+        eager = SpecStats()
+        for seed in range(n):
+            list(speculate(m, prompt, length, drafts, gamma, temperature=1.0, seed=seed, adaptive=False,
+                           stats=eager))
+        assert stats.draft_calls < eager.draft_calls
     assert not chi_square_rejects(counts, expected, n)
     # the same test does reject a sampler that is off: the draft's own distribution
-    draft_counts = Counter(tuple(generate(m, prompt, 2, 1.0, top_k, seed=s, level=1, index=0))
+    draft_counts = Counter(tuple(generate(m, prompt, length, 1.0, top_k, seed=s, level=1, index=0))
                            for s in range(n))
     assert chi_square_rejects(draft_counts, expected, n)
 
@@ -189,6 +212,7 @@ def test_speculate_cli(capsys, fractal_run) -> None:
                              "--temperature", "0")
     assert plain.rstrip("\n") == report["text"]
     for args, match in ((["--draft", "0:0"], "not smaller"), (["--draft", "2:7"], "index 7 is out of range"),
-                        (["--draft", "two"], "LEVEL:INDEX"), (["--draft", "2:0", "--gamma", "0"], "gamma")):
+                        (["--draft", "two"], "LEVEL:INDEX"), (["--draft", "2:0", "--gamma", "0"], "gamma"),
+                        (["--draft", "2:0", "--confidence", "2"], "confidence")):
         code, _, err = run_cli(capsys, "speculate", fractal_run, *args)
         assert code == 2 and len(err.strip().splitlines()) == 1 and match in err

@@ -155,6 +155,8 @@ class _Drafter:
             self.runner, self.level, self.rows = model, level, indices
         self.n = self.runner.nest.count(self.level)
         self.cache = self.runner.new_cache(1, [self.level])[self.level]
+        self.proposed: list[list[int]] = []  # the latest round's tokens, one list per row
+        self.fed = 0  # how many of them are in the cache
         self.device = model.embed.weight.device
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -172,7 +174,7 @@ class _Session:
 
     def __init__(self, model: torch.nn.Module, prompt: list[int], drafts: list[tuple[int, int]],
                  target: tuple[int, int], temperature: float, top_k: int | None, top_p: float | None,
-                 seed: int | None, stats: SpecStats) -> None:
+                 seed: int | None, confidence: float, stats: SpecStats) -> None:
         self.model, self.stats = model, stats
         self.device = model.embed.weight.device
         self.sampling = (temperature, top_k, top_p)
@@ -182,6 +184,7 @@ class _Session:
         self.tl, self.tj = target
         levels = sorted({lv for lv, _ in drafts})
         self.drafters = [_Drafter(model, lv, [j for dl, j in drafts if dl == lv]) for lv in levels]
+        self.confidence = confidence
         self.k = len(drafts)  # target rows: one per candidate
         self.groups = model.nest.count(self.tl)  # the target level's sub-models ride in the rows too
         self.tcache = model.new_cache(self.k, [self.tl])[self.tl]
@@ -225,34 +228,50 @@ class _Session:
         self.stats.plain_time += time.perf_counter() - t0
         return tok
 
-    def propose(self, g: int) -> tuple[list[list[int]], list[torch.Tensor]]:
-        """Every draft's ``g`` tokens (as lists) and, when sampling, its distributions (g, V)."""
+    def propose(self, g: int) -> tuple[list[list[int]], list[torch.Tensor], int]:
+        """Every draft's tokens (as lists), when sampling its distributions (g', V), and g'.
+
+        A draft stops early once its most confident row gives its latest token less than
+        ``confidence`` probability; all candidates are cut to the shortest draft.
+        """
         t0 = time.perf_counter()
         t, k, p = self.sampling
         cand: list[list[int]] = []
         qs: list[torch.Tensor] = []
+        steps = 0
         for d in self.drafters:
             logits = d.step(torch.tensor([self.seq[d.cache.length:]] * d.n, device=self.device))
             toks, probs = [], []
             for i in range(g):
-                if self.greedy:
-                    x = logits.argmax(-1)
-                else:
-                    q = probabilities(logits, t, k, p)
-                    x = pick(q, t, self.gen)
-                    probs.append(q)
+                q = (logits if not self.confidence else logits.float().softmax(-1)) if self.greedy else \
+                    probabilities(logits, t, k, p)
+                x = pick(q, t, self.gen)
                 toks.append(x)
-                if i + 1 < g:
-                    logits = d.step(x[:, None])
-            rows = torch.stack(toks, 1).tolist()  # (n, g)
-            cand += [rows[r] for r in d.rows]
-            if probs:
+                probs.append(q)
+                if i + 1 == g or (self.confidence and float(q.max()) < self.confidence):
+                    break
+                logits = d.step(x[:, None])
+            d.proposed, d.fed = torch.stack(toks, 1).tolist(), len(toks) - 1  # (n, g'), tokens in cache
+            steps = max(steps, len(toks))
+            cand += [d.proposed[r] for r in d.rows]
+            if not self.greedy:
                 q_all = torch.stack(probs, 1)
                 qs += [q_all[r] for r in d.rows]
-            d.cache.length = len(self.seq)  # keep only the shared prefix (through the pending token)
+        g = min(len(c) for c in cand)
         self.stats.draft_time += time.perf_counter() - t0
-        self.stats.draft_calls += g
-        return cand, qs
+        self.stats.draft_calls += steps
+        return [c[:g] for c in cand], [q[:g] for q in qs], steps
+
+    def rollback_drafts(self, new: list[int]) -> None:
+        """Keep in each draft's cache the longest prefix of its own tokens that was accepted."""
+        for d in self.drafters:
+            keep = min(d.fed, len(new) - 1)  # the last new token is pending: fed next round
+            for row in d.proposed:
+                same = 0
+                while same < keep and row[same] == new[same]:
+                    same += 1
+                keep = same
+            d.cache.length = len(self.seq) + keep
 
     def verify(self, cand: list[list[int]], qs: list[torch.Tensor]) -> list[int]:
         """Score every candidate in one batched target forward; return the accepted tokens."""
@@ -283,6 +302,7 @@ class _Session:
         s.examined += min(len(new), g)
         s.accepted += accepted
         self.commit(live[0], start, start + len(new))
+        self.rollback_drafts(new)
         s.rounds += 1
         s.verify_time += time.perf_counter() - t0
         return new
@@ -321,14 +341,18 @@ class _Session:
 def speculate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int,
               drafts: list[tuple[int, int]], gamma: int = 4, target: tuple[int, int] = (0, 0),
               temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-              seed: int | None = None, adaptive: bool = True, stats: SpecStats | None = None
-              ) -> Iterator[int]:
-    """Yield ``max_new_tokens`` tokens distributed exactly as ``target``'s own sampling."""
+              seed: int | None = None, adaptive: bool = True, confidence: float = 0.0,
+              stats: SpecStats | None = None) -> Iterator[int]:
+    """Yield ``max_new_tokens`` tokens distributed exactly as ``target``'s own sampling.
+
+    ``confidence`` > 0 ends a draft's proposal early at a token it gives less probability
+    (the output distribution is unchanged: only how much is proposed depends on it).
+    """
     stats = stats if stats is not None else SpecStats()
-    _check(model, drafts, target, gamma, prompt)
+    _check(model, drafts, target, gamma, prompt, confidence)
     model.eval()
     ctx = model.config.block_size
-    sess = _Session(model, prompt, drafts, target, temperature, top_k, top_p, seed, stats)
+    sess = _Session(model, prompt, drafts, target, temperature, top_k, top_p, seed, confidence, stats)
     policy = _Policy(gamma, adaptive)
     emitted = 0
     while emitted < max_new_tokens:
@@ -347,14 +371,14 @@ def speculate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int,
             new = [sess.plain_step()]
             policy.timed("plain", time.perf_counter() - t0)
         else:
-            stats.gammas.append(g)
             t0 = time.perf_counter()
-            cand, qs = sess.propose(g)
+            cand, qs, steps = sess.propose(g)
+            stats.gammas.append(len(cand[0]))  # drafts may stop early
             t1 = time.perf_counter()
             new = sess.verify(cand, qs)
-            policy.timed("draft", (t1 - t0) / g)
+            policy.timed("draft", (t1 - t0) / steps)
             policy.timed("verify", time.perf_counter() - t1)
-            policy.accepted(min(len(new), g), len(new) - 1)
+            policy.accepted(min(len(new), len(cand[0])), len(new) - 1)
             sess.seq += new
         for tok in new[: max_new_tokens - emitted]:
             emitted += 1
@@ -375,13 +399,15 @@ def commit_row(cache: KVCache, src: int, start: int, keep: int, groups: int = 1)
 
 
 def _check(model: torch.nn.Module, drafts: list[tuple[int, int]], target: tuple[int, int], gamma: int,
-           prompt: list[int]) -> None:
+           prompt: list[int], confidence: float) -> None:
     if not prompt:
         raise FractalError("the prompt is empty")
     if not drafts:
         raise FractalError("speculative decoding needs at least one --draft")
     if gamma < 1:
         raise FractalError(f"--gamma must be at least 1, got {gamma}")
+    if not 0.0 <= confidence <= 1.0:
+        raise FractalError(f"--confidence must lie in [0, 1], got {confidence}")
     for lv, j in [*drafts, target]:
         model.nest.check(lv, j)
         if model.needed_levels(lv) != [lv]:
