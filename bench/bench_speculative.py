@@ -8,8 +8,9 @@ every sub-model of a level drafting in parallel, at fixed gamma and adaptive. Pr
 acceptance rate alpha, mean tokens per target call, draft/verify cost ratio c, the share
 of tokens decoded plainly by the adaptive fallback, and tokens/s with its ratio to the
 baseline (best of ``--repeat``, summed over the prompts; each setting's baseline runs
-alternate with its own runs). Every speculative output is
-checked to be token for token the plain greedy output. ``--markdown`` prints the table
+alternate with its own runs), and on how many prompts the text is token for token the
+plain greedy text (always, in float32; bf16 matmuls round differently for 1 and for
+gamma + 1 positions, so a near-tie may flip). ``--markdown`` prints the table
 as Markdown for the docs.
 """
 
@@ -67,7 +68,7 @@ def main() -> None:
         base_time += t
     total = sum(lengths)
     base = total / base_time
-    rows = [("plain decoding (KV cache)", "", "1.00", "", "", f"{base:.0f}", "1.00x")]
+    rows = [("plain decoding (KV cache)", "", "1.00", "", "", f"{base:.0f}", "1.00x", "")]
     show(rows[-1], a.markdown, header=True)
     settings = [(f"draft {lv}:0", [(lv, 0)]) for lv in range(1, model.nest.levels)]
     for lv in range(1, model.nest.levels):
@@ -77,7 +78,7 @@ def main() -> None:
     plain = lambda ids, n: generate(model, ids, n, temperature=0)  # noqa: E731
     for name, drafts in settings:
         for adaptive in (False, True):
-            stats, elapsed, plain_time = SpecStats(), 0.0, 0.0
+            stats, elapsed, plain_time, same = SpecStats(), 0.0, 0.0, 0
             for ids, n, ref in zip(prompts, lengths, refs, strict=True):
                 one = SpecStats()
 
@@ -88,7 +89,7 @@ def main() -> None:
 
                 # plain and speculative runs alternate, so a slow spell of the machine hits both
                 (tp, _), (t, out) = timed_pair(plain, run, ids, n, a.repeat)
-                assert out == ref, f"{name}: speculative output differs from plain greedy decoding"
+                same += out == ref
                 elapsed += t
                 plain_time += tp
                 merge(stats, one)
@@ -96,7 +97,7 @@ def main() -> None:
             label = f"{name}, {'adaptive gamma <= ' if adaptive else 'gamma = '}{a.gamma}"
             rows.append((label, f"{stats.alpha:.3f}", f"{stats.tokens_per_target_call:.2f}",
                          f"{stats.cost_ratio:.2f}", f"{stats.plain_tokens / stats.tokens:.0%}", f"{rate:.0f}",
-                         f"{plain_time / elapsed:.2f}x"))
+                         f"{plain_time / elapsed:.2f}x", f"{same}/{len(prompts)}"))
             show(rows[-1], a.markdown)
 
 
@@ -118,7 +119,8 @@ def merge(into: SpecStats, one: SpecStats) -> None:
 
 
 def show(row: tuple[str, ...], markdown: bool, header: bool = False) -> None:
-    names = ("setting", "alpha", "tokens/target call", "c", "plain share", "tokens/s", "vs plain")
+    names = ("setting", "alpha", "tokens/target call", "c", "plain share", "tokens/s", "vs plain",
+             "same text")
     if markdown:
         if header:
             print("| " + " | ".join(names) + " |\n|" + "---|" * len(names))
@@ -126,8 +128,9 @@ def show(row: tuple[str, ...], markdown: bool, header: bool = False) -> None:
     else:
         if header:
             print(f"\n{names[0]:<40} {names[1]:>6} {'tok/call':>8} {'c':>5} {'plain':>6} {'tok/s':>7} "
-                  f"{'vs':>6}")
-        print(f"{row[0]:<40} {row[1]:>6} {row[2]:>8} {row[3]:>5} {row[4]:>6} {row[5]:>7} {row[6]:>6}")
+                  f"{'vs':>6} {'same':>5}")
+        widths = (-40, 6, 8, 5, 6, 7, 6, 5)
+        print(" ".join(f"{v:<{-w}}" if w < 0 else f"{v:>{w}}" for v, w in zip(row, widths, strict=True)))
 
 
 if __name__ == "__main__":
