@@ -24,6 +24,7 @@ verification round and a plain decoding step, and decodes plainly (one row, exac
 from __future__ import annotations
 
 import time
+import weakref
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -110,7 +111,7 @@ class _Policy:
         self.cost: dict[str, float] = {}  # moving averages: "draft" step, "verify" round, "plain" step
         self.seen: set[str] = set()
         self.plain_left = 0  # tokens to decode plainly before probing again
-        self.backoff = 16
+        self.backoff = 32
 
     def timed(self, kind: str, seconds: float) -> None:
         if kind not in self.seen:  # the first call of each kind warms up: not representative
@@ -136,12 +137,24 @@ class _Policy:
         costs = (self.cost["draft"], self.cost["verify"], self.cost["plain"])
         g = best_gamma(sum(self.recent) / len(self.recent), *costs, self.max_gamma)
         if g:
-            self.backoff = 16
+            self.backoff = 32
             return g
         # drafting does not pay now; if it cannot pay even when every token is accepted, stop probing
         self.plain_left = 10**9 if not best_gamma(1.0, *costs, self.max_gamma) else self.backoff
         self.backoff = min(2 * self.backoff, 256)
         return 0
+
+
+_EXTRACTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _extracted(model: torch.nn.Module, level: int, index: int) -> torch.nn.Module:
+    """``model.extract(level, index)``, kept until the model's weights change."""
+    version = tuple((p._version, p.data_ptr()) for p in model.parameters())
+    cached = _EXTRACTED.setdefault(model, {})
+    if cached.get((level, index), (None,))[0] != version:
+        cached[(level, index)] = (version, model.extract(level, index).eval())
+    return cached[(level, index)][1]
 
 
 class _Drafter:
@@ -150,7 +163,7 @@ class _Drafter:
 
     def __init__(self, model: torch.nn.Module, level: int, indices: list[int]) -> None:
         if len(indices) == 1:  # only its own weights: far cheaper than running the level
-            self.runner, self.level, self.rows = model.extract(level, indices[0]).eval(), 0, [0]
+            self.runner, self.level, self.rows = _extracted(model, level, indices[0]), 0, [0]
         else:
             self.runner, self.level, self.rows = model, level, indices
         self.n = self.runner.nest.count(self.level)
@@ -191,10 +204,8 @@ class _Session:
         self.row0 = self.tcache.rows(self.groups, 1)  # plain decoding runs on one row
         self.seq = list(prompt[-model.config.block_size:])
         self.synced = 0  # positions whose keys/values every target row holds
-        if len(self.seq) > 1:  # prefill all but the last prompt token (it is "pending")
-            self._plain_forward(self.seq[:-1])
-            for d in self.drafters:
-                d.step(torch.tensor([self.seq[:-1]] * d.n, device=self.device))
+        if len(self.seq) > 1:  # prefill all but the last prompt token (it is "pending");
+            self._plain_forward(self.seq[:-1])  # drafts catch up when they first propose
 
     def _target(self, tokens: torch.Tensor) -> torch.Tensor:  # (u, t) -> (u, t, V), u <= k
         """Run the target on the first ``u`` candidate rows (all rows if no view allows fewer)."""
