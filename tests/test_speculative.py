@@ -154,7 +154,7 @@ def test_policy_measures_then_drafts_only_while_it_pays() -> None:
         p.accepted(4, 4)
     assert p.gamma() == 4
     p.accepted(32, 0)  # the recent acceptance collapses: back off to plain decoding, then probe again
-    assert p.gamma() == 0 and p.plain_left == 32
+    assert p.gamma() == 0 and p.plain_left == 32 and not p.recent  # probes start afresh
     assert [p.gamma() for _ in range(32)] == [0] * 32
     p.accepted(32, 32)
     assert p.gamma() > 0

@@ -142,6 +142,7 @@ class _Policy:
         # drafting does not pay now; if it cannot pay even when every token is accepted, stop probing
         self.plain_left = 10**9 if not best_gamma(1.0, *costs, self.max_gamma) else self.backoff
         self.backoff = min(2 * self.backoff, 256)
+        self.recent.clear()  # the next probe decides on fresh acceptance, not on what made us stop
         return 0
 
 
