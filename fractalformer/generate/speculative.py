@@ -202,35 +202,31 @@ class _Session:
         self.k = len(drafts)  # target rows: one per candidate
         self.groups = model.nest.count(self.tl)  # the target level's sub-models ride in the rows too
         self.tcache = model.new_cache(self.k, [self.tl])[self.tl]
-        self.row0 = self.tcache.rows(self.groups, 1)  # plain decoding runs on one row
+        self.views: dict[int, KVCache] = {}  # the first u rows of the target cache (plain decoding: 1)
         self.seq = list(prompt[-model.config.block_size:])
         self.synced = 0  # positions whose keys/values every target row holds
-        if len(self.seq) > 1:  # prefill all but the last prompt token (it is "pending");
-            self._plain_forward(self.seq[:-1])  # drafts catch up when they first propose
+        if len(self.seq) > 1:  # prefill all but the last prompt token (it is "pending") on one row;
+            self._forward(torch.tensor([self.seq[:-1]], device=self.device))  # drafts catch up later
 
-    def _target(self, tokens: torch.Tensor) -> torch.Tensor:  # (u, t) -> (u, t, V), u <= k
-        """Run the target on the first ``u`` candidate rows (all rows if no view allows fewer)."""
-        self.stats.target_calls += 1
+    def _forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Target logits (u, t, V) for ``tokens`` (u, t) on the first ``u`` candidate rows of
+        its cache: a view when one exists (one group, or one row), else all rows, padded."""
         u = tokens.shape[0]
         if u < self.k and (self.groups == 1 or u == 1):
-            view = self.tcache.rows(self.groups, u)
-            out = self.model.run(tokens, [self.tl], {self.tl: view})
+            if u not in self.views:
+                self.views[u] = self.tcache.rows(self.groups, u)
+            view = self.views[u]
+            view.length = self.tcache.length
+            out = self.model.run(tokens, [self.tl], {self.tl: view})[self.tl][self.tj]
             self.tcache.length = view.length
-            return out[self.tl][self.tj]
+            return out
         if u < self.k:  # pad with copies of the first candidate
             tokens = torch.cat([tokens, tokens[:1].expand(self.k - u, -1)])
         return self.model.run(tokens, [self.tl], {self.tl: self.tcache})[self.tl][self.tj][:u]
 
-    def _plain_forward(self, tokens: list[int]) -> torch.Tensor:
-        """Run the target on one row only (the other rows catch up before the next round)."""
-        self.row0.length = self.tcache.length
-        out = self.model.run(torch.tensor([tokens], device=self.device), [self.tl], {self.tl: self.row0})
-        self.tcache.length = self.row0.length
-        return out[self.tl][self.tj, 0, -1]
-
     def plain_step(self) -> int:
         t0 = time.perf_counter()
-        logits = self._plain_forward([self.seq[-1]])
+        logits = self._forward(torch.tensor([[self.seq[-1]]], device=self.device))[0, -1]
         self.stats.target_calls += 1
         t, k, p = self.sampling
         tok = int(pick(logits[None].float() if self.greedy else probabilities(logits[None], t, k, p), t,
@@ -294,7 +290,8 @@ class _Session:
         start = self.tcache.length
         if self.greedy:  # identical proposals need one verification row
             cand = [list(c) for c in dict.fromkeys(map(tuple, cand))]
-        scores = self._target(torch.tensor([[self.seq[-1], *c] for c in cand], device=self.device))
+        scores = self._forward(torch.tensor([[self.seq[-1], *c] for c in cand], device=self.device))
+        s.target_calls += 1
         live = list(range(len(cand)))
         new: list[int] = []
         if self.greedy:  # compare with the argmax of the raw logits, as plain greedy decoding does
