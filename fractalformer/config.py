@@ -252,7 +252,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "dense": {},
     # A wider FractalFormer whose decode step is bound by reading weights, so its nested
     # drafts (width 256 and 128) are much cheaper than the full model: speculative decoding.
-    # Trained in bf16 autocast (2.6x faster than fp32 on an AVX512-BF16 CPU), with
+    # Trained in bf16 autocast (2.5x faster than fp32 on an AVX512-BF16 CPU), with
     # self-distillation so that the drafts agree with the full model (docs/speculative.md).
     "fractal-512": dict(family="fractal", levels=3, split=2, attn_nesting="heads", d_model=512, n_head=8,
                         n_kv_head=4, head_dim=64, distill=0.5, batch_size=8, dtype="bfloat16",

@@ -143,11 +143,11 @@ def test_best_gamma_weighs_draft_verify_and_plain_costs() -> None:
 
 
 def test_policy_measures_then_drafts_only_while_it_pays() -> None:
-    p = _Policy(4, adaptive=True)
+    p = _Policy(4, adaptive=True, stats=SpecStats())
     assert p.gamma() == 0  # plain decoding is measured first (the first call warms up)
     p.timed("plain", 5.0)
     p.timed("plain", 1.0)
-    assert p.gamma() == 4 and p.cost["plain"] == 1.0
+    assert p.gamma() == 4 and p.cost["plain"] == 1.0 and p.stats.plain_time == 6.0
     for _ in range(2):
         p.timed("draft", 0.1)
         p.timed("verify", 1.5)
@@ -160,7 +160,7 @@ def test_policy_measures_then_drafts_only_while_it_pays() -> None:
     assert p.gamma() > 0
     p.timed("draft", 100.0)  # drafting can never pay now: stop probing
     assert p.gamma() == 0 and p.plain_left > 10**6
-    assert _Policy(3, adaptive=False).gamma() == 3
+    assert _Policy(3, adaptive=False, stats=SpecStats()).gamma() == 3
 
 
 def test_row_views_share_memory() -> None:

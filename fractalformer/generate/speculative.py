@@ -105,15 +105,18 @@ def best_gamma(alpha: float, draft_step: float, verify: float, plain_step: float
 class _Policy:
     """Adaptive gamma: learn the costs and the acceptance, then draft only while it pays."""
 
-    def __init__(self, max_gamma: int, adaptive: bool) -> None:
-        self.max_gamma, self.adaptive = max_gamma, adaptive
+    def __init__(self, max_gamma: int, adaptive: bool, stats: SpecStats) -> None:
+        self.max_gamma, self.adaptive, self.stats = max_gamma, adaptive, stats
         self.recent: deque[bool] = deque(maxlen=32)  # acceptance of the latest drafted positions
         self.cost: dict[str, float] = {}  # moving averages: "draft" step, "verify" round, "plain" step
         self.seen: set[str] = set()
         self.plain_left = 0  # tokens to decode plainly before probing again
         self.backoff = 32
 
-    def timed(self, kind: str, seconds: float) -> None:
+    def timed(self, kind: str, seconds: float, count: int = 1) -> None:
+        """Record ``seconds`` spent on ``count`` "draft" steps, "verify" rounds or "plain" steps."""
+        setattr(self.stats, f"{kind}_time", getattr(self.stats, f"{kind}_time") + seconds)
+        seconds /= count
         if kind not in self.seen:  # the first call of each kind warms up: not representative
             self.seen.add(kind)
         elif kind not in self.cost:
@@ -225,7 +228,6 @@ class _Session:
         return self.model.run(tokens, [self.tl], {self.tl: self.tcache})[self.tl][self.tj][:u]
 
     def plain_step(self) -> int:
-        t0 = time.perf_counter()
         logits = self._forward(torch.tensor([[self.seq[-1]]], device=self.device))[0, -1]
         self.stats.target_calls += 1
         t, k, p = self.sampling
@@ -233,7 +235,6 @@ class _Session:
                        self.gen))
         self.seq.append(tok)
         self.stats.plain_tokens += 1
-        self.stats.plain_time += time.perf_counter() - t0
         return tok
 
     def propose(self, g: int) -> tuple[list[list[int]], list[torch.Tensor], int]:
@@ -242,7 +243,6 @@ class _Session:
         A draft stops early once its most confident row gives its latest token less than
         ``confidence`` probability; all candidates are cut to the shortest draft.
         """
-        t0 = time.perf_counter()
         t, k, p = self.sampling
         cand: list[list[int]] = []
         qs: list[torch.Tensor] = []
@@ -266,7 +266,6 @@ class _Session:
                 q_all = torch.stack(probs, 1)
                 qs += [q_all[r] for r in d.rows]
         g = min(len(c) for c in cand)
-        self.stats.draft_time += time.perf_counter() - t0
         self.stats.draft_calls += steps
         return [c[:g] for c in cand], [q[:g] for q in qs], steps
 
@@ -283,7 +282,6 @@ class _Session:
 
     def verify(self, cand: list[list[int]], qs: list[torch.Tensor]) -> list[int]:
         """Score every candidate in one batched target forward; return the accepted tokens."""
-        t0 = time.perf_counter()
         s, g = self.stats, len(cand[0])
         if self.synced < self.tcache.length:  # plain steps filled row 0 only
             commit_row(self.tcache, 0, self.synced, self.tcache.length, self.groups)
@@ -313,7 +311,6 @@ class _Session:
         self.commit(live[0], start, start + len(new))
         self.rollback_drafts(new)
         s.rounds += 1
-        s.verify_time += time.perf_counter() - t0
         return new
 
     def _accept_sampled(self, scores: torch.Tensor, cand: list[list[int]], qs: list[torch.Tensor],
@@ -362,7 +359,7 @@ def speculate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int,
     model.eval()
     ctx = model.config.block_size
     sess = _Session(model, prompt, drafts, target, temperature, top_k, top_p, seed, confidence, stats)
-    policy = _Policy(gamma, adaptive)
+    policy = _Policy(gamma, adaptive, stats)
     emitted = 0
     while emitted < max_new_tokens:
         room = min(ctx - len(sess.seq), max_new_tokens - emitted - 1)
@@ -385,7 +382,7 @@ def speculate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int,
             stats.gammas.append(len(cand[0]))  # drafts may stop early
             t1 = time.perf_counter()
             new = sess.verify(cand, qs)
-            policy.timed("draft", (t1 - t0) / steps)
+            policy.timed("draft", t1 - t0, steps)
             policy.timed("verify", time.perf_counter() - t1)
             policy.accepted(min(len(new), len(cand[0])), len(new) - 1)
             sess.seq += new
