@@ -30,7 +30,8 @@ class ModelConfig:
 
     ``family`` picks the nesting: ``gpt`` (dense, one level), ``fractal`` (block nesting:
     split**l sub-models at level l), ``matformer`` (prefix nesting of every part) or
-    ``mrl`` (dense body; only the final state and tied output are prefix-nested).
+    ``mrl`` (dense body; only the final state and tied output are prefix-nested). ``moe`` is
+    the dense GPT with product-key sparse layers (PEER, PKM or FHME) in place of the MLP.
     """
 
     family: str = "gpt"
@@ -54,6 +55,20 @@ class ModelConfig:
     norm_eps: float = 1e-6
     dropout: float = 0.0
     init_std: float = 0.02
+    # family "moe" (models/moe.py): product-key sparse layers in place of the MLP
+    moe: str = "none"  # peer (single-neuron experts), pkm (value memory), fhme (fractal experts)
+    moe_layers: str = "all"  # "all" or comma-separated layer indices that get the sparse layer
+    moe_with_mlp: bool = False  # keep the dense MLP beside the sparse layer (outputs added)
+    n_experts: int = 65536  # N, a perfect square: experts (peer, fhme) or memory slots (pkm)
+    moe_heads: int = 4  # retrieval heads h
+    moe_topk: int = 8  # experts per head k (k <= sqrt(N))
+    moe_key_dim: int = 128  # query / product-key width (two halves of key_dim / 2)
+    moe_gate: str = "softmax"  # routing weights from scores: softmax, sigmoid, relu
+    moe_query_norm: str = "rms"  # per-token query norm: rms, layer, none (never batch norm)
+    moe_sparse: bool = False  # row-sparse table gradients, trained by SparseAdam
+    fhme_depth: int = 3  # sub-blocks per fractal expert
+    fhme_adaptive: bool = True  # learned per-token halting (ACT); false = always full depth
+    halt_penalty: float = 0.01  # weight of the ponder cost (mean sub-blocks run / depth)
 
     @property
     def mlp_hidden(self) -> int:
@@ -96,21 +111,61 @@ class ModelConfig:
             raise FractalError(f"dropout must lie in [0, 1), got {self.dropout}")
         if self.mlp_hidden < 1:
             raise FractalError("mlp_mult * d_model must be at least 1")
+        self._validate_moe()
+
+    def sparse_layers(self) -> list[int]:
+        """Indices of the layers whose MLP is a sparse (product-key) layer."""
+        if self.moe == "none":
+            return []
+        if self.moe_layers.strip() == "all":
+            return list(range(self.n_layer))
+        return sorted({int(x) for x in self.moe_layers.split(",")})
+
+    def _validate_moe(self) -> None:
+        _choice(self, "moe", ("none", "peer", "pkm", "fhme"))
+        if self.family == "moe" and self.moe == "none":
+            raise FractalError("family moe needs a sparse layer: set moe to peer, pkm or fhme")
+        if self.moe == "none":
+            return
+        if self.family != "moe":
+            raise FractalError(f"moe={self.moe} cannot nest inside family {self.family}: an expert table "
+                               f"has no width to split between sub-models (use family=moe, levels 1)")
+        _choice(self, "moe_gate", ("softmax", "sigmoid", "relu"))
+        _choice(self, "moe_query_norm", ("rms", "layer", "none"))
+        _positive(self, "n_experts", "moe_heads", "moe_topk", "moe_key_dim", "fhme_depth")
+        _nonnegative(self, "halt_penalty")
+        n = math.isqrt(self.n_experts)
+        if n * n != self.n_experts:
+            raise FractalError(f"n_experts must be a perfect square (product keys: sqrt(N) sub-keys per "
+                               f"half), got {self.n_experts}; nearest: {n * n} or {(n + 1) ** 2}")
+        if self.moe_topk > n:
+            raise FractalError(f"moe_topk ({self.moe_topk}) must not exceed sqrt(n_experts) = {n}")
+        if self.moe_key_dim % 2:
+            raise FractalError(f"moe_key_dim must be even (two halves), got {self.moe_key_dim}")
+        try:
+            layers = self.sparse_layers()
+        except ValueError:
+            raise FractalError(f"moe_layers must be 'all' or comma-separated layer indices, "
+                               f"got {self.moe_layers!r}") from None
+        if not layers or any(not 0 <= i < self.n_layer for i in layers):
+            raise FractalError(f"moe_layers must name layers in 0..{self.n_layer - 1}, got {self.moe_layers!r}")
 
     def _validate_nesting(self) -> None:
-        _choice(self, "family", ("gpt", "fractal", "matformer", "mrl"))
+        _choice(self, "family", ("gpt", "fractal", "matformer", "mrl", "moe"))
         _choice(self, "attn_nesting", ("head_dim", "heads"))
         _choice(self, "residual", ("none", "upstream", "downstream"))
         if self.family == "gpt" and self.levels != 1:
             raise FractalError(f"family gpt is dense: levels must be 1, got {self.levels} "
                                "(use family=fractal, matformer or mrl for nesting)")
-        if self.family != "gpt" and self.levels < 2:
+        if self.family == "moe" and self.levels != 1:
+            raise FractalError(f"family moe is not nested: levels must be 1, got {self.levels}")
+        if self.family not in ("gpt", "moe") and self.levels < 2:
             raise FractalError(f"family {self.family} needs levels >= 2, got {self.levels}")
         if self.split < 2:
             raise FractalError(f"split must be at least 2, got {self.split}")
         if not 0.0 <= self.distill <= 1.0:
             raise FractalError(f"distill must lie in [0, 1], got {self.distill}")
-        if self.distill and self.family in ("gpt", "mrl"):
+        if self.distill and self.family in ("gpt", "mrl", "moe"):
             raise FractalError(f"distill needs nested sub-models with their own bodies (family fractal or "
                                f"matformer), not family {self.family}")
         if self.residual != "none" and self.family != "fractal":
@@ -159,6 +214,7 @@ class TrainConfig:
     min_lr: float = 3e-4
     warmup_steps: int = 100
     weight_decay: float = 0.1
+    table_lr: float = 0.0  # peak lr of expert / memory tables (0 = lr); follows the same schedule
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
@@ -178,7 +234,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         _positive(self, "batch_size", "max_steps", "lr", "eval_every", "eval_batches", "ckpt_every")
-        _nonnegative(self, "min_lr", "warmup_steps", "weight_decay", "grad_clip", "sample_tokens")
+        _nonnegative(self, "table_lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "sample_tokens")
         if self.min_lr > self.lr:
             raise FractalError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         for name in ("beta1", "beta2"):
@@ -213,7 +269,7 @@ class RunConfig:
         if t.routing != "shared":
             if m.family == "mrl":
                 raise FractalError("routing must be shared for family=mrl: its sizes share one body")
-            if m.family == "gpt":
+            if m.family in ("gpt", "moe"):
                 raise FractalError(f"routing={t.routing} needs a nested model (family fractal, "
                                    "matformer or mrl)")
             if m.distill:
@@ -261,6 +317,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "matryoshka": dict(family="mrl", levels=5, split=2, tokenizer="char", vocab_size=65, d_model=32,
                        n_layer=4, n_head=4, n_kv_head=4, head_dim=8, block_size=128, batch_size=32,
                        max_steps=1500, eval_every=250, ckpt_every=500),
+    # Product-key sparse layers in place of the MLP (models/moe.py, docs/moe.md): the dense
+    # reference's dims and schedule; the sparse layer in layers 1 and 3.
+    "peer": dict(family="moe", moe="peer", moe_layers="1,3", n_experts=65536, moe_heads=4, moe_topk=8),
+    "pkm": dict(family="moe", moe="pkm", moe_layers="1,3", n_experts=65536, moe_heads=4, moe_topk=8),
+    "fhme": dict(family="moe", moe="fhme", moe_layers="1,3", n_experts=16384, moe_heads=4, moe_topk=8,
+                 fhme_depth=3),
     # Few-thousand-parameter models for tests and smoke runs.
     "tiny": _TINY,
     "tiny-fractal": {**_TINY, "family": "fractal", "levels": 3, "n_kv_head": 4, "attn_nesting": "heads"},

@@ -31,13 +31,16 @@ class EvalRow:
     val_bpc: float  # bits per character (byte for the byte tokenizer)
     tokens: int
     unit: str = "char"
+    extra: dict | None = None  # family moe: expert usage figures of the validation pass
 
     @property
     def nats_per_char(self) -> float:
         return self.val_bpc * math.log(2)
 
     def to_json(self) -> dict:
-        return {**asdict(self), "val_nats_per_char": self.nats_per_char}
+        d = asdict(self)
+        extra = d.pop("extra") or {}
+        return {**d, "val_nats_per_char": self.nats_per_char, **extra}
 
 
 def to_bpc(loss: float, units_per_token: float) -> float:
@@ -100,13 +103,17 @@ def evaluate_full(model: torch.nn.Module, corpus: Corpus, block_size: int,
                 torch.stack([w[1] for w in full[i : i + batch_size]]))
                for i in range(0, len(full), batch_size)]
     batches += [w for w in windows if len(w[0]) != block_size]
-    losses, n = mean_losses(model, batches, device)
+    track = getattr(model, "track_usage", None)
+    with track() if track else contextlib.nullcontext() as usage:
+        losses, n = mean_losses(model, batches, device)
     rows = []
     for (lv, j), loss in sorted(losses.items(), key=lambda kv: (kv[0][0], isinstance(kv[0][1], str))):
         cfg = model.sub_model_config(lv)
         params = sub_model_params(model, lv) * (model.nest.count(lv) if j == "ensemble" else 1)
         rows.append(EvalRow(lv, j, cfg.d_model, params, loss,
                             to_bpc(loss, corpus.val_units_per_token), n, corpus.unit))
+    if usage is not None:
+        rows[0].extra = usage.summary()
     return rows
 
 

@@ -6,11 +6,12 @@ from ..config import ModelConfig
 from .fractal import FractalFormer
 from .gpt import GPT
 from .matryoshka import MRLGPT
+from .moe import MoEGPT
 
 
 def build_model(cfg: ModelConfig) -> GPT:
-    """The model class of ``cfg.family``: gpt/matformer -> GPT, fractal, mrl."""
-    return {"fractal": FractalFormer, "mrl": MRLGPT}.get(cfg.family, GPT)(cfg)
+    """The model class of ``cfg.family``: gpt/matformer -> GPT, fractal, mrl, moe."""
+    return {"fractal": FractalFormer, "mrl": MRLGPT, "moe": MoEGPT}.get(cfg.family, GPT)(cfg)
 
 
-__all__ = ["GPT", "MRLGPT", "FractalFormer", "build_model"]
+__all__ = ["GPT", "MRLGPT", "FractalFormer", "MoEGPT", "build_model"]

@@ -31,13 +31,13 @@ from ..nn import Attention, Embedding, GeGLU, KVCache, Nesting, RMSNorm, Rotary
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, nest: Nesting, rotaries: list[Rotary]) -> None:
+    def __init__(self, cfg: ModelConfig, nest: Nesting, rotaries: list[Rotary], mlp: nn.Module) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(nest, cfg.d_model, cfg.norm_eps)
         self.attn = Attention(nest, cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim, rotaries,
                               cfg.dropout, by_heads=cfg.attn_nesting == "heads")
         self.mlp_norm = RMSNorm(nest, cfg.d_model, cfg.norm_eps)
-        self.mlp = GeGLU(nest, cfg.d_model, cfg.mlp_hidden, cfg.mlp_bias)
+        self.mlp = mlp
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, level: int, cache: KVCache | None, layer: int) -> torch.Tensor:
@@ -67,7 +67,8 @@ class GPT(nn.Module):
         head_dims = [c.head_dim if c.attn_nesting == "heads" else c.head_dim // c.split**lv
                      for lv in range(attn_levels)]
         self.rotary = nn.ModuleList(Rotary(h, c.block_size, c.rope_theta) for h in head_dims)
-        self.blocks = nn.ModuleList(Block(c, self.nest, list(self.rotary)) for _ in range(c.n_layer))
+        self.blocks = nn.ModuleList(Block(c, self.nest, list(self.rotary), self.make_mlp(i))
+                                    for i in range(c.n_layer))
         self.norm = RMSNorm(self.nest, c.d_model, c.norm_eps)
         self.drop = nn.Dropout(c.dropout)
         self.register_buffer("weights", torch.tensor(cfg.sub_model_weights()), persistent=False)
@@ -89,6 +90,15 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # -- the pieces subclasses change ----------------------------------------------------------
+    def make_mlp(self, layer: int) -> nn.Module:
+        """The feed-forward part of block ``layer``: called with ``(x, level)``."""
+        c = self.config
+        return GeGLU(self.nest, c.d_model, c.mlp_hidden, c.mlp_bias)
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """A loss term the last forward pass left behind (the MoE's ponder cost), if any."""
+        return None
+
     def body_levels(self) -> list[int]:
         """Levels whose transformer body is computed (all of them, unless overridden)."""
         return list(range(self.nest.levels))
@@ -208,7 +218,9 @@ class GPT(nn.Module):
                 ce = (1 - d) * ce + d * kl
             trained.append(ce)
         sub = torch.cat(losses)
-        return logits[0][0], (torch.cat(trained) * self.weights).sum(), sub.detach()
+        loss = (torch.cat(trained) * self.weights).sum()
+        aux = self.aux_loss()
+        return logits[0][0], loss if aux is None else loss + aux, sub.detach()
 
 
 def _rows(idx: torch.Tensor, n: int) -> torch.Tensor:

@@ -28,6 +28,8 @@ from ..data import Corpus, batch_generator, read_text, training_batch
 from ..errors import FractalError
 from ..evaluate import EvalRow, evaluate_full, fixed_val_batches, mean_losses, to_bpc
 from ..models import build_model
+from ..nn.product_keys import is_table
+from .optim import Optimizers
 from ..tokenizers import Tokenizer, get_tokenizer
 
 BASE_FIELDS = ["step", "tokens", "lr", "train_loss", "val_loss", "val_bpc", "elapsed_s"]
@@ -56,15 +58,35 @@ def lr_at(step: int, cfg: RunConfig) -> float:
     return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
-    """AdamW; matrices (and the tied embedding) decay, norm scales and biases do not."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer | Optimizers:
+    """AdamW; matrices (and the tied embedding) decay, norm scales and biases do not.
+
+    Expert / memory tables (``fractalformer.nn.product_keys``) get a group of their own:
+    peak lr ``table_lr`` (scaled along the same schedule), no weight decay; with
+    ``moe_sparse`` their sparse gradients go to ``SparseAdam``, which updates only the rows
+    a step selected.
+    """
     t = cfg.train
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=t.lr, betas=(t.beta1, t.beta2), fused=False,
-    )
+    tables = [p for p in model.parameters() if is_table(p)]
+    rest = [p for p in model.parameters() if not is_table(p)]
+    groups: list[dict[str, Any]] = [
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": t.weight_decay},
+        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    betas = (t.beta1, t.beta2)
+    table_group = {"params": tables, "lr_scale": t.table_lr / t.lr if t.table_lr else 1.0}
+    if not tables:
+        return torch.optim.AdamW(groups, lr=t.lr, betas=betas, fused=False)
+    if cfg.model.moe_sparse:
+        return Optimizers(torch.optim.AdamW(groups, lr=t.lr, betas=betas, fused=False),
+                          torch.optim.SparseAdam([table_group], lr=t.lr, betas=betas))
+    return torch.optim.AdamW([*groups, {**table_group, "weight_decay": 0.0}], lr=t.lr, betas=betas,
+                             fused=False)
+
+
+def clipped_params(model: torch.nn.Module, cfg: RunConfig) -> list[torch.nn.Parameter]:
+    """Parameters under global gradient clipping: all but sparse-gradient tables."""
+    return [p for p in model.parameters() if not (cfg.model.moe_sparse and is_table(p))]
 
 
 @dataclass
@@ -221,12 +243,13 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, stop_after: int
     step, stopped, t0 = start, "done", time.perf_counter()
     log = _CsvLog(out / "metrics.csv", metric_fields(cfg)) if dd.main else contextlib.nullcontext()
     subs = cfg.model.sub_models()
+    clip = clipped_params(model, cfg)
     with _StopFlag() as flag, log:
         model.train()
         while step < t.max_steps:
             lr = lr_at(step, cfg)
             for g in optimizer.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g.get("lr_scale", 1.0)
             x, y = training_batch(corpus.train, t.batch_size, cfg.model.block_size,
                                   batch_generator(t.seed, step), t.routing, model.nest)
             rows = slice(dd.rank * local_b, (dd.rank + 1) * local_b)
@@ -235,7 +258,7 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, stop_after: int
                 _, loss, sub_losses = fwd(x, y)
             loss.backward()
             if t.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                torch.nn.utils.clip_grad_norm_(clip, t.grad_clip)
             stats = torch.cat([loss.detach().float().view(1), sub_losses.float(),
                                torch.tensor([float(flag.requested)], device=loss.device)])
             if dd.world > 1:
@@ -293,6 +316,8 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, stop_after: int
     final = None
     if stopped == "done" and dd.main:
         final = evaluate_full(model, corpus, cfg.model.block_size, device)
+        if final[0].extra:
+            ckpt.write_json(out / "expert_usage.json", final[0].extra)
         from ..analysis.plots import plot_curves
 
         plot_curves(out)

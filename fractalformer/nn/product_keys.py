@@ -1,0 +1,265 @@
+"""Product-key retrieval and the sparse layers built on it: PEER and PKM.
+
+Product keys (Lample et al. 2019) find the top-k of ``N = n**2`` keys while scoring only
+``2 n`` of them: the query is cut in two halves, each half is scored against its own table
+of ``n`` sub-keys, and key ``i * n + j`` scores ``s1[i] + s2[j]``. The exact top-k of all
+``N`` sums lies among the ``k * k`` sums of the two halves' top-k (a sum outside them is
+beaten by ``k`` sums inside), so retrieval is exact at ``O(n)`` cost.
+
+* :class:`PEER` (He 2024, "Mixture of A Million Experts"): every key is a single-neuron
+  expert ``act(u_i . x) v_i``; ``h`` heads retrieve ``k`` experts each and the output is
+  the gate-weighted sum. The up vectors are gathered (a (tokens, h*k, d) tensor; one dot
+  product each); the down vectors are read with ``F.embedding_bag`` and per-sample
+  weights, so no (tokens, h*k, d) tensor of them is ever built.
+* :class:`PKM`: the same retrieval over a table of values, read out with one bag.
+
+The query is normalised per token (RMSNorm or LayerNorm over each head's query).
+BatchNorm, which PEER used, mixes positions and sequences and would break causality.
+
+Expert and value tables are marked ``table = True`` so the optimizer can give them their
+own group (own lr, no weight decay) or a row-sparse optimizer (``sparse=True`` makes
+their gradients sparse: only the rows a batch selected).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Gate = Literal["softmax", "sigmoid", "relu"]
+QueryNorm = Literal["rms", "layer", "none"]
+
+
+def mark_table(p: nn.Parameter) -> nn.Parameter:
+    p.table = True  # read by the optimizer: own parameter group, optionally row-sparse
+    return p
+
+
+def is_table(p: torch.Tensor) -> bool:
+    return bool(getattr(p, "table", False))
+
+
+class ProductKeys(nn.Module):
+    """Query network and product-key top-k: ``x -> (scores, indices)`` of shape (..., h, k)."""
+
+    def __init__(self, d_in: int, n_keys: int, heads: int, topk: int, key_dim: int,
+                 query_norm: QueryNorm = "rms", eps: float = 1e-6) -> None:
+        super().__init__()
+        n = math.isqrt(n_keys)
+        if n * n != n_keys:
+            raise ValueError(f"the number of keys must be a perfect square, got {n_keys}")
+        if not 1 <= topk <= n:
+            raise ValueError(f"top-k must lie in 1..sqrt(N) = {n}, got {topk}")
+        if key_dim % 2:
+            raise ValueError(f"the key dimension must be even (two halves), got {key_dim}")
+        self.n, self.heads, self.topk, self.key_dim = n, heads, topk, key_dim
+        self.query = nn.Linear(d_in, heads * key_dim, bias=False)
+        self.query_norm = query_norm
+        self.q_norm_weight = nn.Parameter(torch.ones(key_dim)) if query_norm != "none" else None
+        self.eps = eps
+        # (2 halves, heads, n sub-keys, key_dim / 2)
+        self.sub_keys = nn.Parameter(torch.empty(2, heads, n, key_dim // 2))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.query.weight, std=1 / math.sqrt(self.query.in_features))
+        # a unit-RMS query half against N(0, 1/dim) keys gives unit-variance scores
+        nn.init.normal_(self.sub_keys, std=1 / math.sqrt(self.key_dim // 2))
+        if self.q_norm_weight is not None:
+            nn.init.ones_(self.q_norm_weight)
+
+    def queries(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., d_in) -> (..., heads, key_dim), normalised per token and head."""
+        q = self.query(x).unflatten(-1, (self.heads, self.key_dim))
+        if self.query_norm == "rms":
+            q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + self.eps) * self.q_norm_weight
+        elif self.query_norm == "layer":
+            q = F.layer_norm(q, (self.key_dim,), self.q_norm_weight, None, self.eps)
+        return q
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = self.queries(x)  # (..., h, dk)
+        q1, q2 = q.chunk(2, dim=-1)
+        s1 = torch.einsum("...hd,hnd->...hn", q1, self.sub_keys[0])
+        s2 = torch.einsum("...hd,hnd->...hn", q2, self.sub_keys[1])
+        k = self.topk
+        v1, i1 = s1.topk(k, dim=-1)  # (..., h, k)
+        v2, i2 = s2.topk(k, dim=-1)
+        sums = (v1.unsqueeze(-1) + v2.unsqueeze(-2)).flatten(-2)  # (..., h, k*k)
+        scores, best = sums.topk(k, dim=-1)
+        idx = i1.gather(-1, best // k) * self.n + i2.gather(-1, best % k)
+        return scores, idx
+
+
+def gate(scores: torch.Tensor, kind: Gate) -> torch.Tensor:
+    """Routing weights from retrieval scores, per head."""
+    if kind == "softmax":
+        return scores.float().softmax(-1).type_as(scores)
+    if kind == "sigmoid":
+        return torch.sigmoid(scores)
+    return F.relu(scores)
+
+
+def bag(table: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, sparse: bool = False) -> torch.Tensor:
+    """``sum_j weights[t, j] * table[idx[t, j]]`` without gathering the rows: (T, d)."""
+    return F.embedding_bag(idx, table, mode="sum", sparse=sparse, per_sample_weights=weights.to(table.dtype))
+
+
+_CHUNK_BYTES = 8 << 20  # gathered rows per chunk: small enough to be reused, not re-faulted
+
+
+def _chunks(idx: torch.Tensor, d: int) -> list[slice]:
+    step = max(1, _CHUNK_BYTES // (idx.shape[1] * d * idx.element_size()))
+    return [slice(s, s + step) for s in range(0, idx.shape[0], step)]
+
+
+def gather_dot(table: torch.Tensor, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``table[idx[t, j]] . x[t]`` for every (t, j): (T, m), gathered chunk by chunk."""
+    out = x.new_empty(idx.shape)
+    for c in _chunks(idx, table.shape[1]):
+        rows = table.index_select(0, idx[c].reshape(-1)).view(*idx[c].shape, -1)
+        out[c] = torch.bmm(rows, x[c].unsqueeze(-1)).squeeze(-1)
+    return out
+
+
+def table_grad(idx: torch.Tensor, coef: torch.Tensor, src: torch.Tensor, n_rows: int,
+               sparse: bool) -> torch.Tensor:
+    """Gradient of a table read as ``sum_j coef[t, j] * table[idx[t, j]]`` given ``src = dL/dout``
+    (or the input, for the up vectors): row ``i`` gets ``sum coef[t, j] src[t]`` over its uses.
+
+    Dense: an (N, d) tensor. Sparse: a coalesced COO tensor holding only the used rows.
+    """
+    d = src.shape[1]
+    if sparse:
+        used, inverse = idx.unique(return_inverse=True)
+        rows = src.new_zeros(used.numel(), d)
+    else:
+        used, inverse = None, idx
+        rows = src.new_zeros(n_rows, d)
+    for c in _chunks(idx, d):
+        rows.index_add_(0, inverse[c].reshape(-1), (coef[c].unsqueeze(-1) * src[c].unsqueeze(1)).flatten(0, 1))
+    if used is None:
+        return rows
+    return torch.sparse_coo_tensor(used.unsqueeze(0), rows, (n_rows, d), is_coalesced=True)
+
+
+class _Experts(torch.autograd.Function):
+    """Single-neuron experts ``out[t] = sum_j g[t, j] gelu(up[i] . x[t]) down[i]``, ``i = idx[t, j]``.
+
+    Written by hand so that neither pass materialises a (T, m, d) tensor of rows: the
+    forward gathers up-vectors in small chunks for the dot products and reads the down
+    vectors with a bag; the backward reads the up vectors with a bag (dL/dx) and
+    accumulates the tables' gradients chunk by chunk (dense, or sparse rows).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, idx: torch.Tensor, g: torch.Tensor, up: torch.Tensor,
+                down: torch.Tensor, sparse: bool) -> torch.Tensor:
+        s = gather_dot(up, idx, x)
+        a = F.gelu(s, approximate="tanh")
+        ctx.save_for_backward(x, idx, g, up, down, s)
+        ctx.sparse = sparse
+        return bag(down, idx, g * a)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, idx, g, up, down, s = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        a = F.gelu(s, approximate="tanh")
+        grad_w = gather_dot(down, idx, grad_out)  # dL/d(g * a)
+        grad_s = torch.ops.aten.gelu_backward(grad_w * g, s, approximate="tanh")
+        grad_x = bag(up, idx, grad_s) if ctx.needs_input_grad[0] else None
+        grad_up = table_grad(idx, grad_s, x, up.shape[0], ctx.sparse) if ctx.needs_input_grad[3] else None
+        grad_down = (table_grad(idx, g * a, grad_out, down.shape[0], ctx.sparse)
+                     if ctx.needs_input_grad[4] else None)
+        return grad_x, None, grad_w * a, grad_up, grad_down, None
+
+
+def experts(x: torch.Tensor, idx: torch.Tensor, g: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+            sparse: bool = False) -> torch.Tensor:
+    """(T, d) tokens through their selected single-neuron experts (T, m) -> (T, d)."""
+    dtype = up.dtype
+    return _Experts.apply(x.to(dtype).contiguous(), idx.contiguous(), g.to(dtype).contiguous(), up, down,
+                          sparse)
+
+
+class SparseStats:
+    """Counts on the validation split: how often each expert was picked and its gate mass."""
+
+    def __init__(self, n_keys: int, device: torch.device | str) -> None:
+        self.hits = torch.zeros(n_keys, dtype=torch.long, device=device)
+        self.mass = torch.zeros(n_keys, dtype=torch.float64, device=device)
+
+    def add(self, idx: torch.Tensor, weights: torch.Tensor) -> None:
+        flat = idx.reshape(-1)
+        self.hits += torch.bincount(flat, minlength=self.hits.numel())
+        self.mass.index_add_(0, flat, weights.detach().reshape(-1).to(torch.float64).abs())
+
+
+class PEER(nn.Module):
+    """Parameter-efficient expert retrieval: ``sum_h sum_k g_hk act(u_i . x) v_i``.
+
+    ``forward`` takes (..., d_model) and returns (..., d_model); every token is routed on
+    its own (no statistics across positions or sequences), so the layer is causal.
+    """
+
+    def __init__(self, d_model: int, n_experts: int, heads: int, topk: int, key_dim: int,
+                 gate: Gate = "softmax", query_norm: QueryNorm = "rms", sparse: bool = False,
+                 out_std: float = 0.02) -> None:
+        super().__init__()
+        self.keys = ProductKeys(d_model, n_experts, heads, topk, key_dim, query_norm)
+        self.up = mark_table(nn.Parameter(torch.empty(n_experts, d_model)))
+        self.down = mark_table(nn.Parameter(torch.empty(n_experts, d_model)))
+        self.gate_kind, self.sparse, self.out_std = gate, sparse, out_std
+        self.stats: SparseStats | None = None  # set by the model to count usage
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.keys.reset_parameters()
+        nn.init.normal_(self.up, std=1 / math.sqrt(self.up.shape[1]))  # u . x ~ N(0, 1) on normed x
+        nn.init.normal_(self.down, std=self.out_std)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flattened routing of (..., d): indices and gate weights, both (..., h*k)."""
+        scores, idx = self.keys(x)
+        g = gate(scores, self.gate_kind)
+        return idx.flatten(-2), g.flatten(-2)
+
+    def forward(self, x: torch.Tensor, level: int = 0) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        idx, g = self.route(x)
+        if self.stats is not None:
+            self.stats.add(idx, g)
+        return experts(x, idx, g, self.up, self.down, self.sparse).view(shape).type_as(x)
+
+
+class PKM(nn.Module):
+    """Product-key memory: ``sum_h sum_k g_hk v_i`` over a value table (one bag read-out)."""
+
+    def __init__(self, d_model: int, n_keys: int, heads: int, topk: int, key_dim: int,
+                 gate: Gate = "softmax", query_norm: QueryNorm = "rms", sparse: bool = False,
+                 out_std: float = 0.02) -> None:
+        super().__init__()
+        self.keys = ProductKeys(d_model, n_keys, heads, topk, key_dim, query_norm)
+        self.values = mark_table(nn.Parameter(torch.empty(n_keys, d_model)))
+        self.gate_kind, self.sparse, self.out_std = gate, sparse, out_std
+        self.stats: SparseStats | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.keys.reset_parameters()
+        nn.init.normal_(self.values, std=self.out_std)
+
+    def forward(self, x: torch.Tensor, level: int = 0) -> torch.Tensor:
+        shape = x.shape
+        scores, idx = self.keys(x.reshape(-1, shape[-1]))
+        g = gate(scores, self.gate_kind).flatten(-2)
+        idx = idx.flatten(-2)
+        if self.stats is not None:
+            self.stats.add(idx, g)
+        return bag(self.values, idx, g, self.sparse).view(shape).type_as(x)

@@ -1,0 +1,57 @@
+"""Several optimizers stepped, scheduled and checkpointed as one.
+
+The MoE's sparse option trains its expert tables with ``SparseAdam`` (row-sparse
+gradients) and everything else with ``AdamW``; the trainer and the checkpoint code see
+one optimizer whose parameter ids run on from the first optimizer into the second, as
+``torch.optim.Optimizer.state_dict`` numbers them within one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class Optimizers:
+    def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[int, Any] = {}
+        groups: list[dict[str, Any]] = []
+        offset = 0
+        for o in self.optimizers:
+            sd = o.state_dict()
+            state |= {pid + offset: st for pid, st in sd["state"].items()}
+            groups += [{**g, "params": [p + offset for p in g["params"]]} for g in sd["param_groups"]]
+            offset += sum(len(g["params"]) for g in sd["param_groups"])
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        groups = list(sd["param_groups"])
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"the saved state has {len(groups)} parameter groups, the optimizer "
+                             f"{len(self.param_groups)}")
+        offset = 0
+        for o in self.optimizers:
+            mine, groups = groups[: len(o.param_groups)], groups[len(o.param_groups):]
+            n = sum(len(g["params"]) for g in mine)
+            o.load_state_dict({
+                "state": {int(pid) - offset: st for pid, st in sd["state"].items()
+                          if offset <= int(pid) < offset + n},
+                "param_groups": [{**g, "params": [p - offset for p in g["params"]]} for g in mine],
+            })
+            offset += n
