@@ -245,6 +245,16 @@ class MoEGPT(GPT):
                 if isinstance(m, FHME):
                     m.counts = None
 
+    def active_params(self, mean_depth: float | None = None) -> int:
+        """Parameters one token uses: all but the tables, plus the rows it selects
+        (``h * k`` experts of two vectors, or values of one, per sub-block run)."""
+        c = self.config
+        tables = sum(p.numel() for p in self.parameters() if getattr(p, "table", False))
+        per_row = {"peer": 2, "pkm": 1, "fhme": 2}[c.moe] * c.d_model
+        depth = (mean_depth or c.fhme_depth) if c.moe == "fhme" else 1
+        used = len(self.sparse_layers()) * c.moe_heads * c.moe_topk * per_row * depth
+        return self.num_params() - tables + round(used)
+
     def sub_model_config(self, level: int) -> ModelConfig:
         self.nest.check(level)
         return self.config

@@ -179,6 +179,32 @@ class _Experts(torch.autograd.Function):
         return grad_x, None, grad_w * a, grad_up, grad_down, None
 
 
+class _Read(torch.autograd.Function):
+    """``out[t] = sum_j g[t, j] table[idx[t, j]]`` (the PKM read-out) with the same hand-written
+    backward as :class:`_Experts`: the bag's own backward sorts every index (slow on CPU)."""
+
+    @staticmethod
+    def forward(ctx: Any, idx: torch.Tensor, g: torch.Tensor, table: torch.Tensor, sparse: bool
+                ) -> torch.Tensor:
+        ctx.save_for_backward(idx, g, table)
+        ctx.sparse = sparse
+        return bag(table, idx, g)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        idx, g, table = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_g = gather_dot(table, idx, grad_out) if ctx.needs_input_grad[1] else None
+        grad_table = (table_grad(idx, g, grad_out, table.shape[0], ctx.sparse)
+                      if ctx.needs_input_grad[2] else None)
+        return None, grad_g, grad_table, None
+
+
+def read(idx: torch.Tensor, g: torch.Tensor, table: torch.Tensor, sparse: bool = False) -> torch.Tensor:
+    """(T, m) indices and weights -> (T, d) weighted sums of table rows."""
+    return _Read.apply(idx.contiguous(), g.to(table.dtype).contiguous(), table, sparse)
+
+
 def experts(x: torch.Tensor, idx: torch.Tensor, g: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
             sparse: bool = False) -> torch.Tensor:
     """(T, d) tokens through their selected single-neuron experts (T, m) -> (T, d)."""
@@ -262,4 +288,4 @@ class PKM(nn.Module):
         idx = idx.flatten(-2)
         if self.stats is not None:
             self.stats.add(idx, g)
-        return bag(self.values, idx, g, self.sparse).view(shape).type_as(x)
+        return read(idx, g, self.values, self.sparse).view(shape).type_as(x)

@@ -120,7 +120,14 @@ def pick_device(name: str) -> str:
 
 
 def set_cpu_threads(local_world: int) -> None:
-    """Share the cores among the processes on this machine instead of oversubscribing."""
+    """Share the cores among the processes on this machine instead of oversubscribing.
+
+    An explicit ``OMP_NUM_THREADS`` wins (several runs side by side on one machine).
+    """
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        torch.set_num_threads(int(env))
+        return
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
