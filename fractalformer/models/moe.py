@@ -59,6 +59,7 @@ class FHME(nn.Module):
         self.depth, self.adaptive, self.out_std = depth, cfg.fhme_adaptive, out_std
         self.ponder: torch.Tensor | None = None  # mean (N + R) / depth of the last forward
         self.counts: list[int] | None = None  # [tokens, sub-block applications] when tracking
+        self.last_depth: torch.Tensor | None = None  # sub-blocks each token of the last call ran
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -126,6 +127,7 @@ class FHME(nn.Module):
             if active.numel() == 0:
                 break
         self.ponder = ((steps + remainder) / self.depth).mean()
+        self.last_depth = steps.detach()
         return acc - x, ran
 
 

@@ -144,7 +144,8 @@ def table_grad(idx: torch.Tensor, coef: torch.Tensor, src: torch.Tensor, n_rows:
         rows.index_add_(0, inverse[c].reshape(-1), (coef[c].unsqueeze(-1) * src[c].unsqueeze(1)).flatten(0, 1))
     if used is None:
         return rows
-    return torch.sparse_coo_tensor(used.unsqueeze(0), rows, (n_rows, d), is_coalesced=True)
+    return torch.sparse_coo_tensor(used.unsqueeze(0), rows, (n_rows, d), is_coalesced=True,
+                                   check_invariants=False)
 
 
 class _Experts(torch.autograd.Function):

@@ -50,8 +50,16 @@ class Optimizers:
             mine, groups = groups[: len(o.param_groups)], groups[len(o.param_groups):]
             n = sum(len(g["params"]) for g in mine)
             o.load_state_dict({
-                "state": {int(pid) - offset: st for pid, st in sd["state"].items()
+                "state": {int(pid) - offset: _plain_step(o, st) for pid, st in sd["state"].items()
                           if offset <= int(pid) < offset + n},
                 "param_groups": [{**g, "params": [p - offset for p in g["params"]]} for g in mine],
             })
             offset += n
+
+
+def _plain_step(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
+    """SparseAdam counts steps in a Python int (its bias correction is computed in float64);
+    a checkpoint stores it as a tensor, which would round the correction differently."""
+    if isinstance(optimizer, torch.optim.SparseAdam) and torch.is_tensor(state.get("step")):
+        return {**state, "step": int(state["step"])}
+    return state

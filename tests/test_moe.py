@@ -1,0 +1,273 @@
+"""FractalMoE: product-key retrieval, PEER / PKM read-outs, FHME halting, the moe family."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fractalformer.config import build_config
+from fractalformer.models import build_model
+from fractalformer.models.moe import FHME, usage_summary
+from fractalformer.nn.product_keys import PEER, PKM, ProductKeys, _Experts, _Read
+from fractalformer.train.trainer import make_optimizer
+
+from .conftest import run_cli
+
+TINY_MOE = ["--preset", "tiny", "--quiet", "--set", "family=moe", "--set", "moe=peer", "--set", "n_experts=256",
+            "--set", "moe_heads=2", "--set", "moe_topk=4", "--set", "moe_key_dim=16", "--set", "sample_tokens=0"]
+
+
+def tiny_model(moe: str, **kw: object) -> torch.nn.Module:
+    sets = ["family=moe", f"moe={moe}", "n_experts=256", "moe_heads=2", "moe_topk=4", "moe_key_dim=16",
+            *(f"{k}={v}" for k, v in kw.items())]
+    torch.manual_seed(0)
+    return build_model(build_config("tiny", None, sets).model)
+
+
+@pytest.mark.parametrize("n_keys, topk", [(16, 1), (16, 4), (256, 3), (256, 16), (4096, 8), (4096, 64)])
+def test_retrieval_equals_brute_force_top_k(n_keys: int, topk: int) -> None:
+    torch.manual_seed(n_keys + topk)
+    pk = ProductKeys(24, n_keys, heads=3, topk=topk, key_dim=16)
+    x = torch.randn(50, 24)
+    scores, idx = pk(x)
+    q1, q2 = pk.queries(x).chunk(2, -1)  # brute force: every one of the N keys
+    s1 = torch.einsum("thd,hnd->thn", q1, pk.sub_keys[0])
+    s2 = torch.einsum("thd,hnd->thn", q2, pk.sub_keys[1])
+    full = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)  # key i * n + j
+    ref_scores, ref_idx = full.topk(topk, -1)
+    torch.testing.assert_close(scores, ref_scores)
+    assert torch.equal(idx, ref_idx)
+
+
+def test_experts_read_out_equals_naive_sum_and_gradchecks() -> None:
+    torch.manual_seed(1)
+    t, m, d, n = 5, 6, 4, 20
+    x = torch.randn(t, d, dtype=torch.float64, requires_grad=True)
+    idx = torch.randint(0, n, (t, m))
+    idx[0, :2] = 3  # a row selected twice by one token
+    g = torch.rand(t, m, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(n, d, dtype=torch.float64, requires_grad=True)
+    down = torch.randn(n, d, dtype=torch.float64, requires_grad=True)
+    out = _Experts.apply(x, idx, g, up, down, False)
+    a = torch.nn.functional.gelu((up[idx] * x[:, None]).sum(-1), approximate="tanh")
+    naive = ((g * a)[..., None] * down[idx]).sum(1)
+    torch.testing.assert_close(out, naive)
+    assert torch.autograd.gradcheck(lambda *z: _Experts.apply(z[0], idx, z[1], z[2], z[3], False),
+                                    (x, g, up, down))
+    table = torch.randn(n, d, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(_Read.apply(idx, g, table, False), (g[..., None] * table[idx]).sum(1))
+    assert torch.autograd.gradcheck(lambda gg, tt: _Read.apply(idx, gg, tt, False), (g, table))
+
+
+def test_sparse_gradients_equal_dense_ones() -> None:
+    torch.manual_seed(2)
+    x = torch.randn(7, 8)
+    grads = {}
+    for sparse in (False, True):
+        torch.manual_seed(3)
+        layer = PEER(8, 64, heads=2, topk=3, key_dim=8, sparse=sparse)
+        layer(x).pow(2).sum().backward()
+        grads[sparse] = (layer.up.grad, layer.down.grad)
+    assert grads[True][0].is_sparse and not grads[False][0].is_sparse
+    for dense, sparse in zip(grads[False], grads[True], strict=True):
+        torch.testing.assert_close(sparse.to_dense(), dense)
+
+
+@pytest.mark.parametrize("layer_cls", [PEER, PKM])
+def test_gradients_reach_only_selected_rows_and_used_sub_keys(layer_cls: type) -> None:
+    torch.manual_seed(4)
+    layer = layer_cls(8, 256, 2, 3, 8)
+    x = torch.randn(5, 8)
+    _, idx = layer.keys(x)
+    layer(x).pow(2).sum().backward()
+    selected = set(idx.flatten().tolist())
+    tables = [layer.up, layer.down] if layer_cls is PEER else [layer.values]
+    for table in tables:
+        touched = set(table.grad.abs().sum(1).nonzero().flatten().tolist())
+        assert touched and touched <= selected
+    n = layer.keys.n
+    for half, used in enumerate((idx // n, idx % n)):
+        for h in range(2):
+            touched = set(layer.keys.sub_keys.grad[half, h].abs().sum(1).nonzero().flatten().tolist())
+            assert touched and touched <= set(used[:, h].flatten().tolist())
+
+
+@pytest.mark.parametrize("moe", ["peer", "pkm", "fhme"])
+def test_causal_and_batch_independent_in_train_mode(moe: str) -> None:
+    model = tiny_model(moe).train()
+    x = torch.randint(0, 128, (3, 16))
+    ref = model(x)[0]
+    for t in (0, 7, 14):
+        y = x.clone()
+        y[:, t + 1] = (y[:, t + 1] + 1) % 128
+        out = model(y)[0]
+        torch.testing.assert_close(out[:, : t + 1], ref[:, : t + 1], rtol=0, atol=1e-6)
+        assert not torch.allclose(out[:, t + 1], ref[:, t + 1])
+    alone = model(x[1:2])[0]  # a row's output does not depend on the other rows
+    torch.testing.assert_close(alone, ref[1:2], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("moe", ["peer", "pkm", "fhme"])
+def test_kv_cache_generation_equals_full_recompute(moe: str) -> None:
+    model = tiny_model(moe).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.normal_(0, 0.5)  # halting units and norms away from their start values
+        x = torch.randint(0, 128, (2, 20))
+        full = model(x)[0]
+        cache = model.new_cache(2)
+        steps = [model(x[:, :8], cache=cache)[0]] + [model(x[:, i : i + 1], cache=cache)[0]
+                                                      for i in range(8, 20)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
+
+
+def fhme_layer(bias: float, weight_std: float) -> FHME:
+    model = tiny_model("fhme", fhme_depth=4, moe_layers="0")
+    layer = model.sparse_layers()[0]
+    with torch.no_grad():
+        layer.halt.weight.normal_(0, weight_std)
+        layer.halt.bias.fill_(bias)
+    return layer
+
+
+def test_halting_depth_depends_on_the_input_and_is_deterministic() -> None:
+    layer = fhme_layer(0.0, 3.0).eval()
+    x = torch.randn(64, 32)
+    out = layer(x)
+    depth = layer.last_depth.clone()
+    assert depth.min() < depth.max()  # tokens differ in how deep they go
+    assert torch.equal(layer(x), out) and torch.equal(layer.last_depth, depth)
+    y = x.clone()
+    y[0] = -y[0] * 3
+    layer(y)
+    assert torch.equal(layer.last_depth[1:], depth[1:])  # per token: the others keep their depth
+
+
+def test_halted_tokens_skip_deeper_sub_blocks_and_are_counted() -> None:
+    layer = fhme_layer(10.0, 0.0)  # p ~ 1: every token stops after sub-block 0
+    layer.counts = [0, 0]
+    layer(torch.randn(40, 32)).sum().backward()
+    assert layer.counts == [40, 40] and torch.all(layer.last_depth == 1)
+    assert all(p.grad is None or not p.grad.any() for p in [*layer.up, *layer.down])
+    assert layer.router.up.grad.any()
+    deep = fhme_layer(-10.0, 0.0)  # p ~ 0: every token runs all four
+    deep.counts = [0, 0]
+    deep(torch.randn(40, 32))
+    assert deep.counts == [40, 160] and math.isclose(float(deep.ponder.detach()), 1.25, abs_tol=1e-3)  # (N + R) / depth, R ~ 1
+
+
+def test_act_weights_sum_to_one() -> None:
+    layer = fhme_layer(-0.5, 1.0)
+    x = torch.randn(30, 32)
+    with torch.no_grad():
+        for t in (*layer.down, layer.router.down):
+            t.zero_()  # sub-blocks add nothing: h_d = x, so the output is (sum_d w_d - 1) x
+    torch.testing.assert_close(layer(x), torch.zeros_like(x), rtol=0, atol=1e-6)
+
+
+def test_usage_summary_on_synthetic_counts() -> None:
+    n = 16
+    even = usage_summary(torch.ones(n, dtype=torch.long), torch.ones(n, dtype=torch.float64))
+    assert even == {"expert_usage": 1.0, "expert_kl": pytest.approx(0.0), "dead_experts": 0.0}
+    hits = torch.zeros(n, dtype=torch.long)
+    hits[:4] = 5
+    mass = torch.zeros(n, dtype=torch.float64)
+    mass[:4] = 1.0
+    s = usage_summary(hits, mass)
+    assert s["expert_usage"] == 0.25 and s["dead_experts"] == 0.75
+    assert s["expert_kl"] == pytest.approx(math.log(4))  # 4 of 16 experts, evenly: log(16/4)
+
+
+def test_sparse_adam_leaves_unselected_rows_bit_identical() -> None:
+    model = tiny_model("peer", moe_sparse=True, moe_layers="1")
+    cfg = build_config("tiny", None, ["family=moe", "moe=peer", "moe_sparse=true"])
+    opt = make_optimizer(model, cfg)
+    layer = model.sparse_layers()[1]
+    before = layer.down.detach().clone()
+    x = torch.randint(0, 128, (2, 16))
+    with layer_stats(layer) as hits:
+        _, loss, _ = model(x, x)
+    loss.backward()
+    assert layer.down.grad.is_sparse
+    opt.step()
+    used = hits > 0
+    assert torch.equal(layer.down[~used], before[~used])
+    assert not torch.equal(layer.down[used], before[used])
+
+
+class layer_stats:  # noqa: N801 - used as a context manager
+    def __init__(self, layer: PEER) -> None:
+        from fractalformer.nn.product_keys import SparseStats
+
+        self.layer, self.stats = layer, SparseStats(layer.up.shape[0], "cpu")
+
+    def __enter__(self) -> torch.Tensor:
+        self.layer.stats = self.stats
+        return self.stats.hits
+
+    def __exit__(self, *_: object) -> None:
+        self.layer.stats = None
+
+
+def test_table_group_has_own_lr_and_no_decay() -> None:
+    model = tiny_model("pkm")
+    cfg = build_config("tiny", None, ["family=moe", "moe=pkm", "table_lr=0.01", "lr=0.002", "min_lr=0"])
+    opt = make_optimizer(model, cfg)
+    group = next(g for g in opt.param_groups if any(getattr(p, "table", False) for p in g["params"]))
+    assert group["weight_decay"] == 0.0 and group["lr_scale"] == pytest.approx(5.0)
+    assert {id(p) for p in group["params"]} == {id(m.values) for m in model.sparse_layers().values()}
+
+
+@pytest.mark.parametrize("extra", [[], ["--set", "moe_sparse=true", "--set", "moe=fhme"]])
+def test_resume_is_exact(tmp_path: Path, capsys: pytest.CaptureFixture, extra: list[str]) -> None:
+    args = [*TINY_MOE, *extra, "--max-steps", "6", "--set", "ckpt_every=3"]
+    assert run_cli(capsys, "train", *args, "--out", tmp_path / "straight")[0] == 0
+    assert run_cli(capsys, "train", *args, "--out", tmp_path / "cut", "--stop-after", "3")[0] == 0
+    assert run_cli(capsys, "train", "--out", tmp_path / "cut", "--resume", "--quiet")[0] == 0
+    a, b = (load_file(str(tmp_path / r / "model.safetensors")) for r in ("straight", "cut"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_cli_train_eval_sample_and_usage(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "fhme"
+    code, stdout, _ = run_cli(capsys, "train", *TINY_MOE, "--set", "moe=fhme", "--out", out)
+    assert code == 0
+    usage = json.loads((out / "expert_usage.json").read_text())
+    assert 0 < usage["expert_usage"] <= 1 and 1 <= usage["mean_depth"] <= 3
+    code, stdout, _ = run_cli(capsys, "eval", out, "--json")
+    row = json.loads(stdout)[0]
+    for key in ("expert_usage", "expert_kl", "dead_experts", "mean_depth", "compute_saved"):
+        assert key in row
+    assert row["compute_saved"] == pytest.approx(1 - row["mean_depth"] / 3)
+    code, stdout, _ = run_cli(capsys, "sample", out, "--max-new-tokens", "20", "--seed", "1")
+    assert code == 0 and len(stdout) > 5
+    code, _, err = run_cli(capsys, "extract", out, "--level", "0", "--index", "0", "--out", tmp_path / "x")
+    assert code == 2 and "not nested" in err
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["n_experts=200"], "perfect square"),
+    (["moe_topk=17"], "must not exceed sqrt"),
+    (["moe_topk=0"], "moe_topk must be positive"),
+    (["moe_gate=tanh"], "moe_gate must be one of"),
+    (["moe_query_norm=batch"], "moe_query_norm must be one of"),
+    (["moe_layers=7"], "moe_layers must name layers"),
+    (["moe_layers=one"], "moe_layers must be"),
+    (["moe=none"], "needs a sparse layer"),
+    (["family=fractal", "levels=3", "moe=peer"], "cannot nest"),
+    (["levels=2"], "levels must be 1"),
+])
+def test_bad_moe_configs_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                            sets: list[str], message: str) -> None:
+    args = [a for s in sets for a in ("--set", s)]
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", *TINY_MOE, "--set", "moe=peer", *args, "--out", out)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
