@@ -40,6 +40,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "peer_with_mlp": ("peer", ["moe_with_mlp=true"]),
     "fhme": ("fhme", []),
     "fhme_full_depth": ("fhme", ["fhme_adaptive=false"]),
+    "fhme_halt_0.1": ("fhme", ["halt_penalty=0.1"]),
 }
 
 
@@ -94,11 +95,13 @@ def report(results: dict[str, dict], steps: int) -> str:
             continue
         row = r["row"]
         vs = f"{row['val_bpc'] - dense['row']['val_bpc']:+.4f}" if dense else "-"
+        gap = row["val_loss"] - r["train_loss_last"]
         lines.append(
             f"| {name} | {r['preset']} {' '.join(r['sets'])} | {r['params']:,} | {r['active_params']:,} | "
-            f"{row['val_loss']:.4f} | {row['val_bpc']:.4f} | {vs} | {row['val_loss'] - r['train_loss_last']:+.3f} | "
-            f"{_f(r, 'expert_usage', '.1%')} | {_f(r, 'expert_kl', '.3f')} | {_f(r, 'dead_experts', '.1%')} | "
-            f"{_f(r, 'mean_depth', '.2f')} | {_f(r, 'compute_saved', '.1%')} | {r['wall_s'] / 60:.1f} min |")
+            f"{row['val_loss']:.4f} | {row['val_bpc']:.4f} | {vs} | {gap:+.3f} | "
+            f"{_f(r, 'expert_usage', '.1%')} | {_f(r, 'expert_kl', '.3f')} | "
+            f"{_f(r, 'dead_experts', '.1%')} | {_f(r, 'mean_depth', '.2f')} | "
+            f"{_f(r, 'compute_saved', '.1%')} | {r['wall_s'] / 60:.1f} min |")
     return "\n".join(lines) + "\n"
 
 

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .config import PRESETS
 from .errors import FractalError
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model (or --resume one)")
     src = t.add_mutually_exclusive_group()
-    src.add_argument("--preset", help="named configuration (default, tiny)")
+    src.add_argument("--preset", help="named configuration: " + ", ".join(PRESETS))
     src.add_argument("--config", metavar="FILE.toml", help="TOML file of config keys")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key (repeatable)")
@@ -147,6 +148,8 @@ def cmd_train(a: argparse.Namespace) -> int:
             who = "" if len(result.final) == 1 else f"sub-model ({f.level}, {f.index}) width {f.width}: "
             print(f"validation {who}{f.val_loss:.4f} nats/token | {f.val_bpc:.4f} bits/{f.unit} | "
                   f"{f.nats_per_char:.4f} nats/{f.unit} ({f.tokens:,} tokens)")
+            if f.extra:
+                print(_usage_line(f.extra))
         print(f"curves: {out / 'curves.png'}")
         if cfg.train.sample_tokens:
             import fractalformer
@@ -181,7 +184,18 @@ def cmd_eval(a: argparse.Namespace) -> int:
         print(f"{r.level:>5} {r.index!s:>8} {r.width:>6} {r.params:>10,} {r.val_loss:>9.4f} "
               f"{r.val_bpc:>8.4f}")
     print(f"({rows[0].tokens:,} validation tokens; loss in nats/token, bits per {unit})")
+    if rows[0].extra:
+        print(_usage_line(rows[0].extra))
     return 0
+
+
+def _usage_line(u: dict) -> str:
+    line = (f"experts: {u['expert_usage']:.1%} used, KL from uniform {u['expert_kl']:.3f} nats, "
+            f"{u['dead_experts']:.1%} dead (mean over sparse layers)")
+    if "mean_depth" in u:
+        line += (f"; fractal experts: mean depth {u['mean_depth']:.2f}, {u['compute_saved']:.1%} of "
+                 "sub-blocks skipped")
+    return line
 
 
 def _stream(model: torch.nn.Module, prompt: str, n: int, temperature: float, top_k: int | None,

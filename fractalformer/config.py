@@ -148,7 +148,8 @@ class ModelConfig:
             raise FractalError(f"moe_layers must be 'all' or comma-separated layer indices, "
                                f"got {self.moe_layers!r}") from None
         if not layers or any(not 0 <= i < self.n_layer for i in layers):
-            raise FractalError(f"moe_layers must name layers in 0..{self.n_layer - 1}, got {self.moe_layers!r}")
+            raise FractalError(f"moe_layers must name layers in 0..{self.n_layer - 1}, "
+                               f"got {self.moe_layers!r}")
 
     def _validate_nesting(self) -> None:
         _choice(self, "family", ("gpt", "fractal", "matformer", "mrl", "moe"))

@@ -201,7 +201,7 @@ def test_sparse_adam_leaves_unselected_rows_bit_identical() -> None:
     assert not torch.equal(layer.down[used], before[used])
 
 
-class layer_stats:  # noqa: N801 - used as a context manager
+class layer_stats:
     def __init__(self, layer: PEER) -> None:
         from fractalformer.nn.product_keys import SparseStats
 
@@ -235,10 +235,17 @@ def test_resume_is_exact(tmp_path: Path, capsys: pytest.CaptureFixture, extra: l
         assert torch.equal(a[k], b[k]), k
 
 
-def test_cli_train_eval_sample_and_usage(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    out = tmp_path / "fhme"
-    code, stdout, _ = run_cli(capsys, "train", *TINY_MOE, "--set", "moe=fhme", "--out", out)
-    assert code == 0
+@pytest.fixture(scope="module")
+def fhme_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("moe") / "fhme"
+    from fractalformer.cli import main
+
+    assert main(["train", *TINY_MOE, "--set", "moe=fhme", "--out", str(out)]) == 0
+    return out
+
+
+def test_cli_train_eval_sample_and_usage(fhme_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = fhme_run
     usage = json.loads((out / "expert_usage.json").read_text())
     assert 0 < usage["expert_usage"] <= 1 and 1 <= usage["mean_depth"] <= 3
     code, stdout, _ = run_cli(capsys, "eval", out, "--json")
@@ -250,6 +257,17 @@ def test_cli_train_eval_sample_and_usage(tmp_path: Path, capsys: pytest.CaptureF
     assert code == 0 and len(stdout) > 5
     code, _, err = run_cli(capsys, "extract", out, "--level", "0", "--index", "0", "--out", tmp_path / "x")
     assert code == 2 and "not nested" in err
+    code, stdout, _ = run_cli(capsys, "eval", out)
+    assert code == 0 and "experts:" in stdout and "mean depth" in stdout
+
+
+def test_analyze_draws_the_expert_usage(fhme_run: Path, capsys: pytest.CaptureFixture) -> None:
+    code, stdout, _ = run_cli(capsys, "analyze", fhme_run, "--windows", "4")
+    assert code == 0
+    page = (fhme_run / "analysis" / "report.html").read_text()
+    assert "Experts (4 validation windows)" in page and (fhme_run / "analysis" / "expert_usage.png").is_file()
+    summary = json.loads((fhme_run / "analysis" / "summary.json").read_text())
+    assert 0 < summary["expert_usage"]["expert_usage"] <= 1
 
 
 @pytest.mark.parametrize("sets, message", [

@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 from pathlib import Path
 
 import matplotlib
@@ -123,6 +124,30 @@ def _dendrogram(model: torch.nn.Module, path: Path) -> None:
     plt.close(fig)
 
 
+def expert_usage(model: torch.nn.Module, windows: torch.Tensor, path: Path) -> dict | None:
+    """Family moe: histogram of how often each expert is selected on ``windows``."""
+    if not hasattr(model, "track_usage"):
+        return None
+    with torch.no_grad(), model.track_usage() as usage:
+        model.run(windows, [0])
+    hits = usage.hits()
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for layer, h in hits.items():
+        h = h.double()
+        bins = torch.logspace(0, math.log10(max(2.0, float(h.max()) + 1)), 30)
+        ax.hist((h[h > 0]).numpy(), bins=bins.numpy(), histtype="step", label=f"layer {layer}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("selections of an expert (token x head picks) on the windows")
+    ax.set_ylabel("experts")
+    ax.set_title("Expert usage (experts never selected are not drawn)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return usage.summary()
+
+
 def _img(path: Path) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
     return f'<img src="data:image/png;base64,{data}" style="max-width:100%">'
@@ -155,6 +180,7 @@ def analyze(run_dir: str | Path, windows: int = 16) -> Path:
     n = min(windows, (len(corpus.val) - 1) // t)
     val_windows = corpus.val[: n * t].view(n, t)
     cons = consistency(model, val_windows)
+    usage = expert_usage(model, val_windows, out / "expert_usage.png")
     _heatmaps(model, out / "similarity.png")
     _dendrogram(model, out / "dendrogram.png")
     curves = plot_curves(run_dir)
@@ -166,10 +192,18 @@ def analyze(run_dir: str | Path, windows: int = 16) -> Path:
                  if (r.level, r.index) in cons else {"top1_agreement": "-", "expected_acceptance": "-"})}
              for r in rows]
     summary = {"rows": [r.to_json() for r in rows], "cosines": cos, "emergent_ari": ari,
-               "consistency": {f"{lv}.{j}": v for (lv, j), v in cons.items()}}
+               "consistency": {f"{lv}.{j}": v for (lv, j), v in cons.items()}, "expert_usage": usage}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     cos_rows = [{"pair": k, **{f"width {w}": v for w, v in d.items()}} for k, d in cos.items()]
     ari_rows = [{"width": w, "ARI vs imposed": v} for w, v in ari.items()]
+    experts = ""
+    if usage is not None:
+        layer_rows = [{"layer": k, **{n: f"{v:.4f}" for n, v in r.items()}}
+                      for k, r in usage["per_layer"].items()]
+        experts = (f"<h2>Experts ({n} validation windows)</h2><p>usage = share of experts selected at "
+                   "least once; KL = KL(summed gate weights || uniform) in nats; dead = share of "
+                   "experts with under 1% of a uniform share of the gate mass.</p>"
+                   f"{_table(layer_rows)}{_img(out / 'expert_usage.png')}")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(run_dir.name)}</title>
 <style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}</style></head><body>
@@ -178,6 +212,7 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}</style></head><b
 validation on the full split ({rows[0].tokens:,} tokens); consistency on {n} validation windows of {t} tokens
 against the full model (top-1 agreement; expected acceptance = mean sum(min(p, q))).</p>
 <h2>Sub-models</h2>{_table(table)}
+{experts}
 <h2>Loss curves</h2>{_img(curves)}
 <h2>Embedding similarity per width</h2>{_img(out / "similarity.png")}
 <h3>Selected pairs</h3>{_table(cos_rows)}

@@ -29,8 +29,8 @@ from ..errors import FractalError
 from ..evaluate import EvalRow, evaluate_full, fixed_val_batches, mean_losses, to_bpc
 from ..models import build_model
 from ..nn.product_keys import is_table
-from .optim import Optimizers
 from ..tokenizers import Tokenizer, get_tokenizer
+from .optim import Optimizers
 
 BASE_FIELDS = ["step", "tokens", "lr", "train_loss", "val_loss", "val_bpc", "elapsed_s"]
 
