@@ -18,8 +18,9 @@ from fractalformer.train.trainer import make_optimizer
 
 from .conftest import run_cli
 
-TINY_MOE = ["--preset", "tiny", "--quiet", "--set", "family=moe", "--set", "moe=peer", "--set", "n_experts=256",
-            "--set", "moe_heads=2", "--set", "moe_topk=4", "--set", "moe_key_dim=16", "--set", "sample_tokens=0"]
+TINY_MOE = ["--preset", "tiny", "--quiet", "--set", "family=moe", "--set", "moe=peer",
+            "--set", "n_experts=256", "--set", "moe_heads=2", "--set", "moe_topk=4",
+            "--set", "moe_key_dim=16", "--set", "sample_tokens=0"]
 
 
 def tiny_model(moe: str, **kw: object) -> torch.nn.Module:
@@ -159,7 +160,8 @@ def test_halted_tokens_skip_deeper_sub_blocks_and_are_counted() -> None:
     deep = fhme_layer(-10.0, 0.0)  # p ~ 0: every token runs all four
     deep.counts = [0, 0]
     deep(torch.randn(40, 32))
-    assert deep.counts == [40, 160] and math.isclose(float(deep.ponder.detach()), 1.25, abs_tol=1e-3)  # (N + R) / depth, R ~ 1
+    # ponder cost (N + R) / depth with N = 4 sub-blocks and a remainder R ~ 1
+    assert deep.counts == [40, 160] and math.isclose(float(deep.ponder.detach()), 1.25, abs_tol=1e-3)
 
 
 def test_act_weights_sum_to_one() -> None:
@@ -244,7 +246,8 @@ def fhme_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_cli_train_eval_sample_and_usage(fhme_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_train_eval_sample_and_usage(fhme_run: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture) -> None:
     out = fhme_run
     usage = json.loads((out / "expert_usage.json").read_text())
     assert 0 < usage["expert_usage"] <= 1 and 1 <= usage["mean_depth"] <= 3
@@ -262,7 +265,7 @@ def test_cli_train_eval_sample_and_usage(fhme_run: Path, tmp_path: Path, capsys:
 
 
 def test_analyze_draws_the_expert_usage(fhme_run: Path, capsys: pytest.CaptureFixture) -> None:
-    code, stdout, _ = run_cli(capsys, "analyze", fhme_run, "--windows", "4")
+    code, _, _ = run_cli(capsys, "analyze", fhme_run, "--windows", "4")
     assert code == 0
     page = (fhme_run / "analysis" / "report.html").read_text()
     assert "Experts (4 validation windows)" in page and (fhme_run / "analysis" / "expert_usage.png").is_file()

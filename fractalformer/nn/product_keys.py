@@ -141,7 +141,8 @@ def table_grad(idx: torch.Tensor, coef: torch.Tensor, src: torch.Tensor, n_rows:
         used, inverse = None, idx
         rows = src.new_zeros(n_rows, d)
     for c in _chunks(idx, d):
-        rows.index_add_(0, inverse[c].reshape(-1), (coef[c].unsqueeze(-1) * src[c].unsqueeze(1)).flatten(0, 1))
+        terms = (coef[c].unsqueeze(-1) * src[c].unsqueeze(1)).flatten(0, 1)
+        rows.index_add_(0, inverse[c].reshape(-1), terms)
     if used is None:
         return rows
     return torch.sparse_coo_tensor(used.unsqueeze(0), rows, (n_rows, d), is_coalesced=True,
