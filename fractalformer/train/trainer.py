@@ -197,6 +197,9 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, stop_after: int
         set_cpu_threads(dd.local_world)
     if t.batch_size % dd.world:
         raise FractalError(f"batch_size {t.batch_size} is not divisible by {dd.world} processes")
+    if dd.world > 1 and cfg.model.moe_sparse:
+        raise FractalError("moe_sparse is single-process for now: DistributedDataParallel cannot "
+                           "all-reduce the tables' sparse gradients (use moe_sparse=false under torchrun)")
     if dd.world > 1 and t.routing != "shared":
         raise FractalError(f"routing={t.routing} is single-process for now: under DDP each rank would "
                            "re-split its share of the rows (use routing=shared)")
