@@ -70,16 +70,10 @@ class FHME(nn.Module):
             nn.init.zeros_(self.halt.weight)
             nn.init.constant_(self.halt.bias, -3.0)  # p ~ 0.05: every token starts at full depth
 
-    @property
-    def stats(self) -> SparseStats | None:
-        return self.router.stats
-
     def forward(self, x: torch.Tensor, level: int = 0) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        idx, g = self.router.route(x)
-        if self.stats is not None:
-            self.stats.add(idx, g)
+        idx, g = self.router.route(x)  # counted by the router when usage is tracked
         tables = [(self.router.up, self.router.down), *zip(self.up, self.down, strict=True)]
         sparse = self.router.sparse
         t = x.shape[0]

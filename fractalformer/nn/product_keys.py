@@ -228,7 +228,26 @@ class SparseStats:
         self.mass.index_add_(0, flat, weights.detach().reshape(-1).to(torch.float64).abs())
 
 
-class PEER(nn.Module):
+class _Retrieval(nn.Module):
+    """What PEER and PKM share: product keys, the gate, the sparse-gradient switch, counts."""
+
+    def __init__(self, d_model: int, n_keys: int, heads: int, topk: int, key_dim: int, gate: Gate,
+                 query_norm: QueryNorm, sparse: bool, out_std: float) -> None:
+        super().__init__()
+        self.keys = ProductKeys(d_model, n_keys, heads, topk, key_dim, query_norm)
+        self.gate_kind, self.sparse, self.out_std = gate, sparse, out_std
+        self.stats: SparseStats | None = None  # set by the model to count usage
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Routing of (T, d): indices and gate weights, both (T, h*k)."""
+        scores, idx = self.keys(x)
+        idx, g = idx.flatten(-2), gate(scores, self.gate_kind).flatten(-2)
+        if self.stats is not None:
+            self.stats.add(idx, g)
+        return idx, g
+
+
+class PEER(_Retrieval):
     """Parameter-efficient expert retrieval: ``sum_h sum_k g_hk act(u_i . x) v_i``.
 
     ``forward`` takes (..., d_model) and returns (..., d_model); every token is routed on
@@ -238,12 +257,9 @@ class PEER(nn.Module):
     def __init__(self, d_model: int, n_experts: int, heads: int, topk: int, key_dim: int,
                  gate: Gate = "softmax", query_norm: QueryNorm = "rms", sparse: bool = False,
                  out_std: float = 0.02) -> None:
-        super().__init__()
-        self.keys = ProductKeys(d_model, n_experts, heads, topk, key_dim, query_norm)
+        super().__init__(d_model, n_experts, heads, topk, key_dim, gate, query_norm, sparse, out_std)
         self.up = mark_table(nn.Parameter(torch.empty(n_experts, d_model)))
         self.down = mark_table(nn.Parameter(torch.empty(n_experts, d_model)))
-        self.gate_kind, self.sparse, self.out_std = gate, sparse, out_std
-        self.stats: SparseStats | None = None  # set by the model to count usage
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -251,32 +267,20 @@ class PEER(nn.Module):
         nn.init.normal_(self.up, std=1 / math.sqrt(self.up.shape[1]))  # u . x ~ N(0, 1) on normed x
         nn.init.normal_(self.down, std=self.out_std)
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flattened routing of (..., d): indices and gate weights, both (..., h*k)."""
-        scores, idx = self.keys(x)
-        g = gate(scores, self.gate_kind)
-        return idx.flatten(-2), g.flatten(-2)
-
     def forward(self, x: torch.Tensor, level: int = 0) -> torch.Tensor:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        idx, g = self.route(x)
-        if self.stats is not None:
-            self.stats.add(idx, g)
-        return experts(x, idx, g, self.up, self.down, self.sparse).view(shape).type_as(x)
+        flat = x.reshape(-1, x.shape[-1])
+        idx, g = self.route(flat)
+        return experts(flat, idx, g, self.up, self.down, self.sparse).view(x.shape).type_as(x)
 
 
-class PKM(nn.Module):
-    """Product-key memory: ``sum_h sum_k g_hk v_i`` over a value table (one bag read-out)."""
+class PKM(_Retrieval):
+    """Product-key memory: ``sum_h sum_k g_hk v_i`` over a value table."""
 
     def __init__(self, d_model: int, n_keys: int, heads: int, topk: int, key_dim: int,
                  gate: Gate = "softmax", query_norm: QueryNorm = "rms", sparse: bool = False,
                  out_std: float = 0.02) -> None:
-        super().__init__()
-        self.keys = ProductKeys(d_model, n_keys, heads, topk, key_dim, query_norm)
+        super().__init__(d_model, n_keys, heads, topk, key_dim, gate, query_norm, sparse, out_std)
         self.values = mark_table(nn.Parameter(torch.empty(n_keys, d_model)))
-        self.gate_kind, self.sparse, self.out_std = gate, sparse, out_std
-        self.stats: SparseStats | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -284,10 +288,5 @@ class PKM(nn.Module):
         nn.init.normal_(self.values, std=self.out_std)
 
     def forward(self, x: torch.Tensor, level: int = 0) -> torch.Tensor:
-        shape = x.shape
-        scores, idx = self.keys(x.reshape(-1, shape[-1]))
-        g = gate(scores, self.gate_kind).flatten(-2)
-        idx = idx.flatten(-2)
-        if self.stats is not None:
-            self.stats.add(idx, g)
-        return read(idx, g, self.values, self.sparse).view(shape).type_as(x)
+        idx, g = self.route(x.reshape(-1, x.shape[-1]))
+        return read(idx, g, self.values, self.sparse).view(x.shape).type_as(x)
