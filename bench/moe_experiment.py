@@ -40,7 +40,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "peer_with_mlp": ("peer", ["moe_with_mlp=true"]),
     "fhme": ("fhme", []),
     "fhme_full_depth": ("fhme", ["fhme_adaptive=false"]),
-    "fhme_halt_0.1": ("fhme", ["halt_penalty=0.1"]),
+    "fhme_halt_0.01": ("fhme", ["halt_penalty=0.01"]),
 }
 
 
@@ -111,9 +111,10 @@ def main() -> None:
     ap.add_argument("--out", default="runs/moe")
     ap.add_argument("--only", nargs="*", choices=list(VARIANTS), help="run only these names")
     ap.add_argument("--docs", default="docs")
+    ap.add_argument("--report", action="store_true", help="only rebuild the table from finished runs")
     a = ap.parse_args()
     root = Path(a.out) / f"steps{a.steps}"
-    for name in a.only or VARIANTS:
+    for name in [] if a.report else a.only or VARIANTS:
         print(f"== {name}", flush=True)
         r = run_one(name, a.steps, root)
         print(f"   {r['wall_s']:.0f} s; BPC {r['row']['val_bpc']:.4f}", flush=True)

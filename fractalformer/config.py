@@ -68,7 +68,7 @@ class ModelConfig:
     moe_sparse: bool = False  # row-sparse table gradients, trained by SparseAdam
     fhme_depth: int = 3  # sub-blocks per fractal expert
     fhme_adaptive: bool = True  # learned per-token halting (ACT); false = always full depth
-    halt_penalty: float = 0.01  # weight of the ponder cost (mean sub-blocks run / depth)
+    halt_penalty: float = 0.1  # weight of the ponder cost (mean sub-blocks run / depth)
 
     @property
     def mlp_hidden(self) -> int:
