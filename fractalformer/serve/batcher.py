@@ -342,7 +342,8 @@ class Batcher:
         if s.emitted == s.job.max_tokens:
             self.solo.remove(s)
             s.tokens.close()
-            self._finish(s.job, s.started, s.first, s.emitted, st.to_json())
+            self._finish(s.job, s.started, s.first, s.emitted,
+                         {**st.to_json(), "examined": st.examined, "accepted": st.accepted})
 
     def _finish(self, job: Job, started: float, first: float, n: int, extra: dict | None = None) -> None:
         end = time.perf_counter()
