@@ -185,7 +185,7 @@ def main() -> None:
             server.wait(timeout=15)
         except subprocess.TimeoutExpired:
             server.kill()
-        if server.returncode not in (0, -signal.SIGINT):
+        if server.returncode not in (0, 130, -signal.SIGINT):  # 130: the CLI's exit after Ctrl-C
             print(f"server exit status {server.returncode}: {server.stderr.read()[-2000:]}", file=sys.stderr)
 
 

@@ -195,12 +195,12 @@ def test_stream_is_openai_sse_and_matches_the_plain_answer(api, model) -> None:
 def test_speculative_marks_accepted_drafts_and_is_exact(api, model) -> None:
     client, _ = api
     body = {"prompt": "To be", "max_tokens": 30, "temperature": 0,
-            "speculate": {"drafts": ["1:0", "2:1"], "gamma": 3}}
+            "speculate": {"drafts": ["1:0", "2:1"], "gamma": 3, "adaptive": False}}
     out = client.post("/v1/completions", json=body).json()
     choice = out["choices"][0]
     assert choice["tokens"] == list(generate(model, model.tokenizer.encode("To be"), 30, 0.0))
     spec = out["stats"]["speculative"]
-    assert sum(choice["drafted"]) == spec["accepted"] and spec["tokens"] == 30
+    assert sum(choice["drafted"]) == spec["accepted"] > 0 and spec["plain_tokens"] == 0
     chunks = [json.loads(d) for d in sse(client, body)[:-1]]
     assert all(isinstance(c["choices"][0]["drafted"], bool) for c in chunks[:-1])
 

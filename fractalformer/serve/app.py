@@ -58,6 +58,7 @@ class Speculation(BaseModel):
 
     drafts: list[str] = Field(min_length=1, max_length=8)
     gamma: int = Field(4, ge=1, le=16)
+    adaptive: bool = True  # draft only while drafting pays (measured); False: always gamma tokens
 
 
 class CompletionRequest(BaseModel):
@@ -213,7 +214,7 @@ def create_app(model: torch.nn.Module, batcher: Batcher, name: str, limits: Limi
             raise ApiError(400, f"the prompt ({len(ids)} tokens) and max_tokens ({req.max_tokens}) exceed "
                                 f"the model's context of {ctx} tokens", "max_tokens")
         drafts: list[tuple[int, int]] = []
-        gamma = 4
+        gamma, adaptive = 4, True
         if req.speculate is not None:
             if target[1] == "ensemble":
                 raise ApiError(400, "speculative decoding needs a single sub-model as its target, "
@@ -222,13 +223,13 @@ def create_app(model: torch.nn.Module, batcher: Batcher, name: str, limits: Limi
             if any(j == "ensemble" for _, j in parsed):
                 raise ApiError(400, "a draft is a single sub-model, not an ensemble", "speculate.drafts")
             drafts = [(lv, int(j)) for lv, j in parsed]
-            gamma = req.speculate.gamma
+            gamma, adaptive = req.speculate.gamma, req.speculate.adaptive
             try:
                 check_speculation(model, drafts, (target[0], int(target[1])), gamma, ids)
             except FractalError as e:
                 raise ApiError(400, str(e), "speculate") from None
         job = Job(ids, req.max_tokens, target, emit, req.temperature, req.top_k,
-                  req.top_p if req.top_p < 1.0 else None, req.seed, drafts, gamma, cancelled)
+                  req.top_p if req.top_p < 1.0 else None, req.seed, drafts, gamma, adaptive, cancelled)
         return job, target_id(target)
 
     @app.post("/v1/completions")

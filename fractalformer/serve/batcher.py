@@ -84,6 +84,7 @@ class Job:
     seed: int | None = None
     drafts: list[tuple[int, int]] = field(default_factory=list)  # speculative decoding when given
     gamma: int = 4
+    adaptive: bool = True
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
 
@@ -309,8 +310,9 @@ class Batcher:
     def _start_solo(self, job: Job) -> None:
         stats = SpecStats()
         level, index = job.target
-        tokens = speculate(self.model, job.prompt, job.max_tokens, job.drafts, job.gamma, (level, int(index)),
-                           job.temperature, job.top_k, job.top_p, job.seed, stats=stats)
+        tokens = speculate(self.model, job.prompt, job.max_tokens, job.drafts, job.gamma,
+                           (level, int(index)), job.temperature, job.top_k, job.top_p, job.seed,
+                           adaptive=job.adaptive, stats=stats)
         self.solo.append(_Solo(job, tokens, stats, time.perf_counter()))
 
     def _advance(self, s: _Solo) -> None:
