@@ -200,7 +200,7 @@ def test_speculative_marks_accepted_drafts_and_is_exact(api, model) -> None:
     choice = out["choices"][0]
     assert choice["tokens"] == list(generate(model, model.tokenizer.encode("To be"), 30, 0.0))
     spec = out["stats"]["speculative"]
-    assert sum(choice["drafted"]) == spec["accepted"] > 0 and spec["plain_tokens"] == 0
+    assert sum(choice["drafted"]) == spec["accepted"] > 0  # (not adaptive: it drafts every round)
     chunks = [json.loads(d) for d in sse(client, body)[:-1]]
     assert all(isinstance(c["choices"][0]["drafted"], bool) for c in chunks[:-1])
 
