@@ -167,7 +167,7 @@ def create_app(model: torch.nn.Module, batcher: Batcher, name: str, limits: Limi
     page = resources.files("fractalformer.serve").joinpath("static", "index.html").read_text(encoding="utf-8")
     info = {"run": name, "context": ctx, "unit": tok.unit, "tokenizer": tok.name,
             "limits": {"max_tokens": max_tokens, "max_prompt_chars": limits.max_prompt_chars,
-                       "max_batch": limits.max_batch, "queue_size": limits.queue_size}}
+                       "max_batch": batcher.max_batch, "queue_size": batcher.pending.maxsize}}
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, e: ApiError) -> JSONResponse:

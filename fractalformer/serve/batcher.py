@@ -149,7 +149,8 @@ class Batcher:
         self.counts = {"completed": 0, "cancelled": 0, "failed": 0, "peak_batch": 0}
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self._lock = threading.RLock()  # the scheduler's state, read by status() from other threads
+        self._lock = threading.RLock()  # the scheduler's state, for jobs() from other threads
+        self.active = 0  # admitted requests after the latest iteration (read without the lock)
 
     # -- the outside: submit, start, stop, look ------------------------------------------------
     def submit(self, job: Job) -> None:
@@ -174,13 +175,13 @@ class Batcher:
         return self._thread is not None and self._thread.is_alive()
 
     def jobs(self) -> list[Job]:
-        """The active (admitted) requests."""
+        """The active (admitted) requests (waits for the scheduler's current iteration)."""
         with self._lock:
-            return [r.job for g in self.groups.values() for r in g.rows] + [s.job for s in self.solo]
+            return self._jobs()
 
     def status(self) -> dict:
-        with self._lock:
-            return {"active": len(self.jobs()), "queued": self.pending.qsize(), **self.counts}
+        """Counts for /health; never waits for the scheduler (the event loop calls it)."""
+        return {"active": self.active, "queued": self.pending.qsize(), **self.counts}
 
     # -- the scheduler thread ------------------------------------------------------------------
     def _run(self) -> None:
@@ -192,6 +193,7 @@ class Batcher:
                     continue
                 with self._lock, torch.no_grad():
                     self._admit(job)
+                    self.active = len(self._jobs())
 
     @torch.no_grad()
     def step(self) -> bool:
@@ -199,8 +201,11 @@ class Batcher:
         with self._lock:
             return self._step()
 
+    def _jobs(self) -> list[Job]:
+        return [r.job for g in self.groups.values() for r in g.rows] + [s.job for s in self.solo]
+
     def _step(self) -> bool:
-        while len(self.jobs()) < self.max_batch:
+        while len(self._jobs()) < self.max_batch:
             try:
                 job = self.pending.get_nowait()
             except queue.Empty:
@@ -217,7 +222,8 @@ class Batcher:
                 del self.groups[key]
         for solo in list(self.solo):
             self._advance(solo)
-        return bool(self.jobs())
+        self.active = len(self._jobs())
+        return self.active > 0
 
     def _admit(self, job: Job) -> None:
         if job.cancelled.is_set():
