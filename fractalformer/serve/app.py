@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -357,8 +358,6 @@ def _error_body(ev: Failed) -> dict:
 def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None,
           log_level: str = "info") -> None:
     """Load the run, bind the port, and serve until interrupted (Ctrl-C)."""
-    import uvicorn
-
     import fractalformer
 
     limits = limits or Limits()
