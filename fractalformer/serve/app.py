@@ -159,8 +159,9 @@ def _last_validation(model: torch.nn.Module, run_dir: Path) -> tuple[int | None,
 
 
 def create_app(model: torch.nn.Module, batcher: Batcher, name: str, limits: Limits,
-               cards: list[dict[str, Any]] | None = None) -> FastAPI:
-    """The FastAPI app; ``batcher`` is started and stopped by the caller (see ``serve``)."""
+               cards: list[dict[str, Any]]) -> FastAPI:
+    """The FastAPI app; ``batcher`` is started and stopped by the caller (see ``serve``), and
+    ``cards`` (``model_cards``) is what /v1/models lists."""
     app = FastAPI(title="FractalFormer", summary=f"serving {name}", version="0.1.0")
     ctx = model.config.block_size
     max_tokens = min(limits.max_tokens, ctx - 1)
@@ -190,7 +191,7 @@ def create_app(model: torch.nn.Module, batcher: Batcher, name: str, limits: Limi
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", **info, "data": cards if cards is not None else []}
+        return {"object": "list", **info, "data": cards}
 
     def make_job(req: CompletionRequest, emit: Any, cancelled: threading.Event) -> tuple[Job, str]:
         if req.sub_model and req.model and req.sub_model != req.model:
