@@ -1,4 +1,4 @@
-"""The ``fractalformer`` command: train, eval, sample, extract, speculate, analyze.
+"""The ``fractalformer`` command: train, eval, sample, extract, speculate, analyze, serve.
 
 Thin by design: parse arguments, call the library, print. Any :class:`FractalError`
 becomes one line on stderr and exit status 2.
@@ -103,6 +103,16 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--level", type=int, required=True)
     x.add_argument("--index", type=int, required=True)
     x.add_argument("--out", required=True)
+
+    sv = sub.add_parser("serve", help="HTTP API and a page for every sub-model (batched; needs [serve])")
+    sv.add_argument("run")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-batch", type=_positive_int, default=16, help="requests decoded together")
+    sv.add_argument("--queue-size", type=_positive_int, default=64,
+                    help="requests that may wait beyond those; more are refused with 503")
+    sv.add_argument("--max-tokens", type=_positive_int, default=1024, help="the most tokens one request gets")
+    sv.add_argument("--max-prompt-chars", type=_positive_int, default=8192)
     return p
 
 
@@ -306,11 +316,24 @@ def cmd_extract(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    try:
+        from .serve import Limits, serve
+    except ImportError as e:
+        raise FractalError(f"fractalformer serve needs the serve extra ({e.name} is missing): "
+                           f"pip install 'fractalformer[serve]'") from None
+    if min(a.max_batch, a.queue_size, a.max_tokens, a.max_prompt_chars) < 1:
+        raise FractalError("--max-batch, --queue-size, --max-tokens and --max-prompt-chars must be "
+                           "at least 1")
+    serve(a.run, a.host, a.port, Limits(a.max_tokens, a.max_prompt_chars, a.max_batch, a.queue_size))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         commands = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "extract": cmd_extract,
-                    "speculate": cmd_speculate, "analyze": cmd_analyze}
+                    "speculate": cmd_speculate, "analyze": cmd_analyze, "serve": cmd_serve}
         return commands[args.command](args)
     except FractalError as e:
         print(f"error: {e}", file=sys.stderr)

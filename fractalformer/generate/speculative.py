@@ -355,7 +355,7 @@ def speculate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int,
     (the output distribution is unchanged: only how much is proposed depends on it).
     """
     stats = stats if stats is not None else SpecStats()
-    _check(model, drafts, target, gamma, prompt, confidence)
+    check_speculation(model, drafts, target, gamma, prompt, confidence)
     model.eval()
     ctx = model.config.block_size
     sess = _Session(model, prompt, drafts, target, temperature, top_k, top_p, seed, confidence, stats)
@@ -404,8 +404,9 @@ def commit_row(cache: KVCache, src: int, start: int, keep: int, groups: int = 1)
     cache.length = keep
 
 
-def _check(model: torch.nn.Module, drafts: list[tuple[int, int]], target: tuple[int, int], gamma: int,
-           prompt: list[int], confidence: float) -> None:
+def check_speculation(model: torch.nn.Module, drafts: list[tuple[int, int]], target: tuple[int, int],
+                      gamma: int, prompt: list[int], confidence: float = 0.0) -> None:
+    """Raise a FractalError for arguments ``speculate`` rejects (before any work is done)."""
     if not prompt:
         raise FractalError("the prompt is empty")
     if not drafts:

@@ -180,7 +180,7 @@ class GPT(nn.Module):
         routed data, where sub-model ``j`` of level ``l`` reads row block ``j`` of ``idx[l]``.
         """
         t = idx.shape[-1]
-        start = next(iter(caches.values())).length if caches else 0
+        start = next(iter(caches.values())).longest() if caches else 0
         if start + t > self.config.block_size:
             raise ValueError(f"sequence of {start + t} tokens exceeds block_size {self.config.block_size}")
         states = {}
@@ -192,7 +192,7 @@ class GPT(nn.Module):
             states = self.exchange(states, i)
         if caches:
             for cache in caches.values():
-                cache.length += t
+                cache.length = cache.length + t  # a new object: per-row lengths may be shared
         return self.head(states)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: Caches | None = None

@@ -18,7 +18,10 @@ class KVCache:
     """Keys and values of every layer for positions ``0 .. length - 1``.
 
     Preallocated to ``max_len``; ``length`` is the number of valid positions, so rolling
-    back (for example after rejected speculative tokens) is ``cache.length = n``.
+    back (for example after rejected speculative tokens) is ``cache.length = n``. It may
+    also be a tensor with one length per row, so that rows at different positions (the
+    requests a server decodes together) share one forward; each row then attends to its
+    own positions only.
     """
 
     def __init__(self, n_layer: int, batch: int, n_kv_head: int, max_len: int, head_dim: int,
@@ -27,7 +30,11 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
-        self.length = 0
+        self.length: int | torch.Tensor = 0
+
+    def longest(self) -> int:
+        """The largest number of valid positions of any row."""
+        return self.length if isinstance(self.length, int) else int(self.length.max())
 
     def rows(self, groups: int, n: int) -> KVCache:
         """The first ``n`` rows of each of ``groups`` equal blocks of rows, sharing this
@@ -40,12 +47,19 @@ class KVCache:
         return view
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new keys/values at ``length ..`` and return all valid ones."""
-        end = self.length + k.shape[-2]
+        """Store the new keys/values at ``length ..`` and return all valid ones (with
+        per-row lengths: every row's, up to the longest; the caller masks the rest)."""
+        end = self.longest() + k.shape[-2]
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} > {self.max_len} positions")
-        self.k[layer, :, :, self.length : end] = k
-        self.v[layer, :, :, self.length : end] = v
+        if isinstance(self.length, int):
+            self.k[layer, :, :, self.length : end] = k
+            self.v[layer, :, :, self.length : end] = v
+        else:  # row r writes at its own positions length[r] ..
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            pos = self.length[:, None] + torch.arange(k.shape[-2], device=k.device)
+            self.k[layer][rows, :, pos] = k.transpose(1, 2)
+            self.v[layer][rows, :, pos] = v.transpose(1, 2)
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
@@ -97,7 +111,11 @@ class Attention(nn.Module):
             k = k.repeat_interleave(hq // hkv, dim=1)
             v = v.repeat_interleave(hq // hkv, dim=1)
         mask, causal = None, True
-        if start > 0:  # queries at start.. attend to every cached key up to their position
+        if isinstance(start, torch.Tensor):  # per-row positions: each row sees its own keys only
+            causal = False
+            pos_q = start[:, None] + torch.arange(t, device=x.device)  # (rows, t)
+            mask = (torch.arange(k.shape[-2], device=x.device) <= pos_q[..., None])[:, None]
+        elif start > 0:  # queries at start.. attend to every cached key up to their position
             causal = False
             if t > 1:
                 pos_q = torch.arange(start, start + t, device=x.device)

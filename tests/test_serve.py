@@ -1,0 +1,437 @@
+"""`fractalformer serve`: batched decoding equals solo decoding, the HTTP API (SSE format,
+bad requests, a full queue, a client that goes away), the CLI's errors, and the page in
+a real headless browser."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import uvicorn
+
+import fractalformer
+from fractalformer.checkpoint import save_model, save_run_config
+from fractalformer.cli import main
+from fractalformer.config import build_config
+from fractalformer.generate import generate
+from fractalformer.models import build_model
+from fractalformer.serve import Batcher, Job, Limits, create_app, model_cards
+from fractalformer.serve.batcher import Finished, Token
+from fractalformer.tokenizers import get_tokenizer
+
+from .conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def random_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained tiny FractalFormer (1 + 2 + 4 sub-models, context 64) with large weights,
+    so that every sub-model's greedy text varies from token to token."""
+    out = tmp_path_factory.mktemp("serve") / "random"
+    cfg = build_config("tiny-fractal", None, ["block_size=64", "init_std=0.3"])
+    torch.manual_seed(0)
+    save_run_config(out, cfg, get_tokenizer("bpe128"))
+    save_model(out, build_model(cfg.model), 0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def model(random_run: Path) -> torch.nn.Module:
+    return fractalformer.load(random_run)
+
+
+def collect(batcher: Batcher, jobs: list[Job]) -> dict[int, list]:
+    """Submit ``jobs`` (their ``emit`` is replaced) and return each one's events by position."""
+    events: dict[int, list] = {i: [] for i in range(len(jobs))}
+    for i, job in enumerate(jobs):
+        job.emit = events[i].append
+        batcher.submit(job)
+    return events
+
+
+def tokens(evs: list) -> list[int]:
+    assert isinstance(evs[-1], Finished), evs[-1]
+    return [e.id for e in evs if isinstance(e, Token)]
+
+
+PROMPTS = ["ROMEO:", "O", "First Citizen:\nBefore we", "To be, or not"]
+TARGETS = [(0, 0), (1, 1), (2, 3), (1, "ensemble"), (2, "ensemble")]
+
+
+def test_batched_greedy_equals_solo_greedy(model: torch.nn.Module) -> None:
+    """Every request queued first, so the first step admits them all into shared batches;
+    prompts of different lengths put the rows at different positions."""
+    tok = model.tokenizer
+    jobs = [Job(tok.encode(p), 24, t, print, temperature=0.0) for t in TARGETS for p in PROMPTS]
+    batcher = Batcher(model, max_batch=len(jobs), queue_size=len(jobs))
+    events = collect(batcher, jobs)
+    while batcher.step():
+        pass
+    # each group (one per model and levels: here one per target) decoded its requests in one forward
+    assert batcher.counts["peak_batch"] == len(PROMPTS)
+    texts = set()
+    for i, job in enumerate(jobs):
+        level, index = job.target
+        solo = list(generate(model, job.prompt, 24, 0.0, level=level, index=index))
+        assert tokens(events[i]) == solo, (job.target, i)
+        texts.add(tuple(solo))
+    assert len(texts) > len(jobs) // 2  # the outputs differ: equality is not trivial
+
+
+def test_requests_joining_and_leaving_mid_decoding_stay_exact(model: torch.nn.Module) -> None:
+    """Requests arrive while others decode and finish at different lengths, so the batch is
+    regathered with old and new rows; seeded sampling is per request, as when alone."""
+    tok = model.tokenizer
+    batcher = Batcher(model, max_batch=3, queue_size=16)  # the rest wait in the queue
+    specs = [(p, n, t) for p, n, t in zip(PROMPTS * 2, [5, 30, 12, 20, 9, 17, 25, 3], [0.0, 1.0] * 4,
+                                          strict=True)]
+    jobs = [Job(tok.encode(p), n, (0, 0), print, temperature=t, seed=7 + i)
+            for i, (p, n, t) in enumerate(specs[:4])]
+    events = collect(batcher, jobs)
+    for _ in range(4):
+        batcher.step()
+    late = [Job(tok.encode(p), n, (1, 0), print, temperature=t, seed=20 + i)
+            for i, (p, n, t) in enumerate(specs[4:])]
+    late_events = collect(batcher, late)
+    while batcher.step():
+        pass
+    assert batcher.counts["peak_batch"] == 3 and batcher.counts["completed"] == 8
+    for job, evs in [*zip(jobs, events.values(), strict=True), *zip(late, late_events.values(), strict=True)]:
+        level, index = job.target
+        solo = generate(model, job.prompt, job.max_tokens, job.temperature, seed=job.seed, level=level,
+                        index=index)
+        assert tokens(evs) == list(solo)
+
+
+def test_per_row_cache_positions_match_one_cache_per_row(model: torch.nn.Module) -> None:
+    """The attention primitive: rows at positions 3 and 7 of one cache give the logits of
+    two separate caches (to float rounding)."""
+    seqs = [[5, 9, 2, 4], [1, 2, 3, 4, 5, 6, 7, 8]]
+    solo = []
+    for s in seqs:
+        caches = model.new_cache(1, [1])
+        model.run(torch.tensor([s[:-1]]), [1], caches)
+        solo.append(model.run(torch.tensor([s[-1:]]), [1], caches)[1][:, 0, -1])
+    batched = model.new_cache(2, [1])
+    for b, s in enumerate(seqs):  # fill row b of both sub-models from its own prefill
+        caches = model.new_cache(1, [1])
+        model.run(torch.tensor([s[:-1]]), [1], caches)
+        for mine, theirs in ((batched[1].k, caches[1].k), (batched[1].v, caches[1].v)):
+            mine.unflatten(1, (2, 2))[:, :, b] = theirs
+    batched[1].length = torch.tensor([len(s) - 1 for s in seqs]).repeat(2)
+    out = model.run(torch.tensor([[s[-1]] for s in seqs]), [1], batched)[1][:, :, -1]
+    for b in range(2):
+        torch.testing.assert_close(out[:, b], solo[b], rtol=1e-5, atol=1e-5)
+    assert batched[1].length.tolist() == [4, 8, 4, 8]
+
+
+# -- the HTTP API on a live server (uvicorn in a thread, loopback only) -----------------------------
+@contextmanager
+def live(model: torch.nn.Module, run: Path, batcher: Batcher, limits: Limits | None = None) -> Iterator[str]:
+    app = create_app(model, batcher, run.name, limits or Limits(), model_cards(model, run))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            assert thread.is_alive()
+            threading.Event().wait(0.02)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def api(model: torch.nn.Module, random_run: Path) -> Iterator[tuple[httpx.Client, Batcher]]:
+    batcher = Batcher(model, max_batch=8, queue_size=8)
+    batcher.start()
+    with live(model, random_run, batcher, Limits(max_tokens=40, max_prompt_chars=100)) as base, \
+            httpx.Client(base_url=base, timeout=30) as client:
+        yield client, batcher
+    batcher.stop()
+
+
+def sse(client: httpx.Client, body: dict) -> list[str]:
+    """The ``data:`` payloads of a streamed completion, checking the event framing."""
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        raw = r.read().decode()
+    events = [e for e in raw.replace("\r\n", "\n").split("\n\n") if e and not e.startswith(":")]
+    assert all(e.startswith("data: ") and "\n" not in e for e in events), raw[:300]
+    return [e[6:] for e in events]
+
+
+def test_stream_is_openai_sse_and_matches_the_plain_answer(api, model) -> None:
+    client, _ = api
+    body = {"prompt": "ROMEO:", "max_tokens": 12, "temperature": 0, "sub_model": "2:1"}
+    data = sse(client, body)
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(d) for d in data[:-1]]
+    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * 12 + ["length"]
+    assert {c["object"] for c in chunks} == {"text_completion"} and len({c["id"] for c in chunks}) == 1
+    n = len(model.tokenizer.encode("ROMEO:"))
+    assert chunks[-1]["usage"] == {"prompt_tokens": n, "completion_tokens": 12, "total_tokens": 12 + n}
+    plain = client.post("/v1/completions", json=body).json()
+    assert plain["model"] == chunks[0]["model"] == "2:1"
+    assert "".join(c["choices"][0]["text"] for c in chunks) == plain["choices"][0]["text"]
+    assert [c["choices"][0]["token"] for c in chunks[:-1]] == plain["choices"][0]["tokens"] == \
+        list(generate(model, model.tokenizer.encode("ROMEO:"), 12, 0.0, level=2, index=1))
+
+
+def test_speculative_marks_accepted_drafts_and_is_exact(api, model) -> None:
+    client, _ = api
+    body = {"prompt": "To be", "max_tokens": 30, "temperature": 0,
+            "speculate": {"drafts": ["1:0", "2:1"], "gamma": 3, "adaptive": False}}
+    out = client.post("/v1/completions", json=body).json()
+    choice = out["choices"][0]
+    assert choice["tokens"] == list(generate(model, model.tokenizer.encode("To be"), 30, 0.0))
+    spec = out["stats"]["speculative"]
+    assert sum(choice["drafted"]) == spec["accepted"] > 0  # (not adaptive: it drafts every round)
+    chunks = [json.loads(d) for d in sse(client, body)[:-1]]
+    assert all(isinstance(c["choices"][0]["drafted"], bool) for c in chunks[:-1])
+
+
+def test_models_and_health(api, model) -> None:
+    client, _ = api
+    models = client.get("/v1/models").json()
+    ids = [m["id"] for m in models["data"]]
+    assert ids == ["0:0", "1:0", "1:1", "1:ensemble", "2:0", "2:1", "2:2", "2:3", "2:ensemble"]
+    widths = {m["id"]: (m["width"], m["params"]) for m in models["data"]}
+    assert widths["0:0"] == (32, model.num_params()) and widths["2:3"][0] == 8
+    assert widths["2:ensemble"][1] == 4 * widths["2:0"][1]
+    assert models["context"] == 64 and models["limits"]["max_tokens"] == 40
+    until(lambda: client.get("/health").json()["active"] == 0)  # earlier tests' requests are done
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["limits"]["max_batch"] == health["limits"]["queue_size"] == 8
+
+
+def test_models_report_the_runs_last_validation(tmp_path: Path) -> None:
+    run = tmp_path / "run"  # stopped after step 1 of 2: validated at step 1, no final evaluation
+    assert main(["train", "--preset", "tiny-fractal", "--quiet", "--max-steps", "2", "--stop-after", "1",
+                 "--set", "eval_every=1", "--set", "sample_tokens=0", "--out", str(run)]) == 0
+    model = fractalformer.load(run)
+    cards = {c["id"]: c for c in model_cards(model, run)}
+    assert set(cards) == {"0:0", "1:0", "1:1", "1:ensemble", "2:0", "2:1", "2:2", "2:3", "2:ensemble"}
+    with (run / "metrics.csv").open() as f:
+        row = next(csv.DictReader(f))
+    assert cards["0:0"]["val_loss"] == round(float(row["val_loss"]), 4)
+    assert cards["2:3"]["val_loss"] == round(float(row["val_2.3"]), 4)
+    assert cards["1:ensemble"]["val_loss"] == round(float(row["val_1.ens"]), 4)
+    assert cards["0:0"]["val_bpc"] == round(float(row["val_bpc"]), 4)
+    assert all(c["val_step"] == 1 and 0 < c["val_bpc"] < 10 for c in cards.values())
+
+
+BAD = [
+    (b"{not json", 400, None, "not valid JSON"),
+    (b"[1, 2]", 400, None, "JSON object"),
+    ({"max_tokens": 4}, 400, "prompt", "Field required"),
+    ({"prompt": "x", "sub_model": "7:0"}, 404, "sub_model", "out of range"),
+    ({"prompt": "x", "sub_model": "1:2"}, 404, "sub_model", "out of range"),
+    ({"prompt": "x", "model": "1:1", "sub_model": "2:1"}, 400, "model", "differ"),
+    ({"prompt": "x", "sub_model": "zero"}, 400, "sub_model", "LEVEL:INDEX"),
+    ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "greater than or equal to 1"),
+    ({"prompt": "x", "max_tokens": 41}, 400, "max_tokens", "at most 40"),
+    ({"prompt": "x" * 101}, 400, "prompt", "at most 100"),
+    ({"prompt": "ROMEO: " * 9, "max_tokens": 40}, 400, "max_tokens", "context of 64"),
+    ({"prompt": "x", "temperature": -0.5}, 400, "temperature", "greater than or equal to 0"),
+    ({"prompt": "x", "temperature": "hot"}, 400, "temperature", "valid number"),
+    ({"prompt": "x", "top_p": 0}, 400, "top_p", "greater than 0"),
+    ({"prompt": "x", "seed": -1}, 400, "seed", "greater than or equal to 0"),
+    ({"prompt": "x", "n": 2}, 400, "n", "unknown field"),
+    ({"prompt": ["x", "y"]}, 400, "prompt", "valid string"),
+    ({"prompt": "caf\u00e9"}, 400, "prompt", "U+00E9"),
+    ({"prompt": ""}, 400, "prompt", "empty"),
+    ({"prompt": "x", "speculate": {"drafts": ["0:0"]}}, 400, "speculate", "deeper level"),
+    ({"prompt": "x", "speculate": {"drafts": []}}, 400, "speculate.drafts", "at least 1"),
+    ({"prompt": "x", "speculate": {"drafts": ["2:0"], "gamma": 0}}, 400, "speculate.gamma", "greater than"),
+    ({"prompt": "x", "ensemble": True, "speculate": {"drafts": ["2:0"]}}, 400, "speculate", "ensemble"),
+]
+
+
+@pytest.mark.parametrize("body,status,param,match", BAD)
+def test_bad_requests_get_json_errors_and_the_server_keeps_serving(api, body, status, param, match) -> None:
+    client, _ = api
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    for stream in (False, True):  # a streamed request is refused before its stream starts
+        if isinstance(body, dict):
+            content = json.dumps({**body, "stream": stream}).encode()
+        r = client.post("/v1/completions", content=content, headers={"content-type": "application/json"})
+        assert r.status_code == status and r.headers["content-type"] == "application/json"
+        err = r.json()["error"]
+        assert match in err["message"] and err["param"] == param, err
+    assert client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+def test_oversized_body_and_unknown_routes(api) -> None:
+    client, _ = api
+    r = client.post("/v1/completions", content=b"x" * 5000, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "exceeds" in r.json()["error"]["message"]
+    assert client.get("/v1/nothing").status_code == 404 and "error" in client.get("/v1/nothing").json()
+    assert client.get("/v1/completions").status_code == 405
+
+
+def until(cond, seconds: float = 20.0) -> None:
+    """Wait (bounded) for a condition another thread brings about."""
+    done = threading.Event()
+    for _ in range(int(seconds / 0.02)):
+        if cond():
+            return
+        done.wait(0.02)
+    raise AssertionError("condition not reached")
+
+
+def test_full_queue_answers_503_until_there_is_room(model, random_run) -> None:
+    batcher = Batcher(model, max_batch=1, queue_size=1)
+    held, release = threading.Event(), threading.Event()
+
+    def hold(ev: object) -> None:  # the scheduler thread stops inside this job's first token
+        if not held.is_set():
+            held.set()
+            assert release.wait(20)
+
+    batcher.start()
+    try:
+        with live(model, random_run, batcher) as base, httpx.Client(base_url=base, timeout=30) as client:
+            batcher.submit(Job(model.tokenizer.encode("O"), 5, (0, 0), hold))
+            assert held.wait(20)
+            batcher.submit(Job(model.tokenizer.encode("O"), 2, (0, 0), lambda ev: None))  # the one place
+            r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "queue_full"
+            assert r.headers["retry-after"] == "1"
+            release.set()
+            until(lambda: batcher.status()["completed"] == 2)
+            assert client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+            until(lambda: batcher.status()["active"] == 0)  # counted at the end of the scheduler's step
+            status = batcher.status()
+            assert status | {"queued": 0, "completed": 3, "failed": 0} == status
+    finally:
+        batcher.stop()
+
+
+def test_client_disconnecting_mid_stream_cancels_its_request(model, random_run) -> None:
+    """A second job decodes beside the streamed request and holds the scheduler (its token
+    callback runs on the scheduler thread) after the stream's first token until the server
+    has seen the client go: the request is dropped with most of its 40 tokens unmade."""
+    batcher = Batcher(model, max_batch=4, queue_size=4)
+    streamed: list[Job] = []
+    seen: list[bool] = []
+
+    def emit(ev: object) -> None:
+        if seen:
+            return
+        if not streamed:  # first token: wait for the streamed request to be queued
+            until(lambda: batcher.pending.qsize() == 1)
+            streamed.append(batcher.pending.queue[0])
+        elif batcher.pending.qsize() == 0:  # admitted, its first token is out: wait for the client to go
+            seen.append(streamed[0].cancelled.wait(20))
+
+    blocker = Job(model.tokenizer.encode("O"), 40, (0, 0), emit, temperature=0.0)
+
+    batcher.submit(blocker)
+    batcher.start()
+    try:
+        with live(model, random_run, batcher) as base, httpx.Client(base_url=base, timeout=30) as client:
+            with client.stream("POST", "/v1/completions",
+                               json={"prompt": "O", "max_tokens": 40, "stream": True, "temperature": 0}) as r:
+                assert next(r.iter_lines()).startswith("data: ")
+            until(lambda: batcher.status()["active"] == 0 and batcher.counts["completed"] == 1)
+            assert seen == [True]
+            assert batcher.counts["cancelled"] == 1 and batcher.counts["completed"] == 1
+            assert client.post("/v1/completions", json={"prompt": "x", "max_tokens": 3}).status_code == 200
+    finally:
+        batcher.stop()
+
+
+# -- the command line -------------------------------------------------------------------------------
+def test_serve_cli_errors_are_one_line(capsys, tmp_path: Path, random_run: Path) -> None:
+    code, _, err = run_cli(capsys, "serve", tmp_path / "nope")
+    assert code == 2 and err.strip() == f"error: run folder not found: {tmp_path / 'nope'}"
+    broken = tmp_path / "broken"
+    shutil.copytree(random_run, broken)
+    (broken / "model.safetensors").write_bytes((random_run / "model.safetensors").read_bytes()[:100])
+    code, _, err = run_cli(capsys, "serve", broken)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "corrupt or truncated" in err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        code, _, err = run_cli(capsys, "serve", random_run, "--port", port)
+    assert code == 2 and err.strip() == f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
+
+
+# -- the page, in headless Chromium -----------------------------------------------------------------
+def chromium(profile: Path):  # -> selenium's Chrome, imported only where a browser exists
+    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not binary or not driver:
+        pytest.skip("no chromium/chromedriver (.ci/run installs Debian's chromium and chromium-driver)")
+    os.environ.setdefault("SE_OFFLINE", "true")  # never let Selenium Manager look for downloads
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = binary
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1280,900", f"--user-data-dir={profile}"):
+        opts.add_argument(flag)
+    return webdriver.Chrome(options=opts, service=Service(executable_path=driver))
+
+
+def test_page_streams_a_completion_in_a_browser(api, model, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    client, _ = api
+    browser = chromium(tmp_path / "profile")
+    try:
+        browser.get(str(client.base_url))
+        wait = WebDriverWait(browser, 30)
+        wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1")
+        assert "7 sub-models" in browser.find_element(By.ID, "info").text
+
+        def fill(field: str, value: str) -> None:
+            el = browser.find_element(By.ID, field)
+            el.clear()
+            el.send_keys(value)
+
+        def run() -> list:
+            browser.find_element(By.ID, "go").click()
+            wait.until(lambda b: b.find_element(By.ID, "status").get_attribute("data-state")
+                       in ("done", "error"))
+            assert browser.find_element(By.ID, "status").text == "done"
+            return browser.find_elements(By.CSS_SELECTOR, "#out .tok")
+
+        fill("prompt", "ROMEO:")
+        fill("max_tokens", "20")
+        fill("temperature", "0")
+        spans = run()
+        want = client.post("/v1/completions",
+                           json={"prompt": "ROMEO:", "max_tokens": 20, "temperature": 0}).json()
+        assert len(spans) == 20
+        text = "return [...document.querySelectorAll('#out .tok')].map(e => e.textContent).join('')"
+        assert browser.execute_script(text) == want["choices"][0]["text"]
+        assert "tokens/s" in browser.find_element(By.ID, "figures").text
+        browser.find_element(By.CSS_SELECTOR, 'input[name="mode"][value="speculative"]').click()
+        spans = run()
+        kinds = [s.get_attribute("class") for s in spans]
+        assert len(spans) == 20 and set(kinds) <= {"tok drafted", "tok target"}
+        assert f"{kinds.count('tok drafted')} of 20 tokens drafted and accepted" in \
+            browser.find_element(By.ID, "figures").text
+        png = tmp_path / "page.png"
+        assert browser.save_screenshot(str(png)) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        browser.quit()
