@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import subprocess
 import sys
 import time
@@ -97,7 +96,9 @@ def step_child(preset: str, sets: list[str], repeat: int) -> None:
         opt.zero_grad(set_to_none=True)
 
     ms = timeit(step, repeat, warmup=1) * 1000
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
+    # VmHWM: this process's own peak (ru_maxrss would carry the parent's peak over exec)
+    with open("/proc/self/status") as f:
+        peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024 / 1024
     print(json.dumps({"ms": ms, "peak_gb": peak, "params": model.num_params()}))
 
 
