@@ -9,7 +9,8 @@
 2. A whole training step (forward, backward, optimizer) of the presets, and its peak
    memory (each in a fresh process: peak RSS), including ``peer`` at N = 262,144 and
    N = 1,048,576.
-3. Batch-1 decoding with the KV cache: milliseconds per token, ``peer`` vs ``dense``.
+3. Batch-1 decoding with the KV cache: milliseconds per token (median of 3 interleaved
+   rounds of 200 tokens), ``peer`` and ``fhme`` vs ``dense``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import subprocess
 import sys
 import time
@@ -120,17 +122,21 @@ def steps(repeat: int) -> list[dict]:
     return rows
 
 
-def decode(tokens: int = 64) -> list[dict]:
+def decode(tokens: int = 200, rounds: int = 3) -> list[dict]:
+    """Median ms/token over ``rounds``, the models interleaved so drift hits them alike."""
     from fractalformer.generate import generate
 
-    rows = []
+    models = {}
     for preset in ("dense", "peer", "fhme"):
         torch.manual_seed(0)
-        model = build_model(build_config(preset).model).eval()
-        model.tokenizer = None
-        t0 = time.perf_counter()
-        n = sum(1 for _ in generate(model, [0], tokens, 0.0, None, None, 0))
-        rows.append({"model": preset, "ms_per_token": (time.perf_counter() - t0) / n * 1000})
+        models[preset] = build_model(build_config(preset).model).eval()
+    times: dict[str, list[float]] = {p: [] for p in models}
+    for _ in range(rounds):
+        for preset, model in models.items():
+            t0 = time.perf_counter()
+            n = sum(1 for _ in generate(model, [0], tokens, 0.0, None, None, 0))
+            times[preset].append((time.perf_counter() - t0) / n * 1000)
+    rows = [{"model": p, "ms_per_token": statistics.median(t)} for p, t in times.items()]
     for r in rows:
         r["vs_dense"] = r["ms_per_token"] / rows[0]["ms_per_token"]
     return rows

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import FractalError
-from ..nn.product_keys import PEER, PKM, SparseStats, experts, mark_table
+from ..nn.product_keys import PEER, PKM, SparseStats, experts, is_table, mark_table
 from .gpt import GPT
 
 HALT_EPS = 0.01  # a token halts once its cumulative halting probability reaches 1 - eps
@@ -124,8 +124,7 @@ class FHME(nn.Module):
         return acc - x, ran
 
 
-def _sparse_layer(cfg: ModelConfig, out_std: float) -> nn.Module:
-    c = cfg
+def _sparse_layer(c: ModelConfig, out_std: float) -> nn.Module:
     if c.moe == "peer":
         return PEER(c.d_model, c.n_experts, c.moe_heads, c.moe_topk, c.moe_key_dim, c.moe_gate,
                     c.moe_query_norm, c.moe_sparse, out_std)
@@ -244,7 +243,7 @@ class MoEGPT(GPT):
         """Parameters one token uses: all but the tables, plus the rows it selects
         (``h * k`` experts of two vectors, or values of one, per sub-block run)."""
         c = self.config
-        tables = sum(p.numel() for p in self.parameters() if getattr(p, "table", False))
+        tables = sum(p.numel() for p in self.parameters() if is_table(p))
         per_row = {"peer": 2, "pkm": 1, "fhme": 2}[c.moe] * c.d_model
         depth = (mean_depth or c.fhme_depth) if c.moe == "fhme" else 1
         used = len(self.sparse_layers()) * c.moe_heads * c.moe_topk * per_row * depth

@@ -104,9 +104,9 @@ def gate(scores: torch.Tensor, kind: Gate) -> torch.Tensor:
     return F.relu(scores)
 
 
-def bag(table: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, sparse: bool = False) -> torch.Tensor:
+def bag(table: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``sum_j weights[t, j] * table[idx[t, j]]`` without gathering the rows: (T, d)."""
-    return F.embedding_bag(idx, table, mode="sum", sparse=sparse, per_sample_weights=weights.to(table.dtype))
+    return F.embedding_bag(idx, table, mode="sum", per_sample_weights=weights.to(table.dtype))
 
 
 _CHUNK_BYTES = 8 << 20  # gathered rows per chunk: small enough to be reused, not re-faulted
