@@ -32,6 +32,7 @@ class ModelConfig:
     split**l sub-models at level l), ``matformer`` (prefix nesting of every part) or
     ``mrl`` (dense body; only the final state and tied output are prefix-nested). ``moe`` is
     the dense GPT with product-key sparse layers (PEER, PKM or FHME) in place of the MLP.
+    ``concept`` puts causal next-concept levels above the tokens (models/concept.py).
     """
 
     family: str = "gpt"
@@ -69,6 +70,24 @@ class ModelConfig:
     fhme_depth: int = 3  # sub-blocks per fractal expert
     fhme_adaptive: bool = True  # learned per-token halting (ACT); false = always full depth
     halt_penalty: float = 0.1  # weight of the ponder cost (mean sub-blocks run / depth)
+    # family "concept" (models/concept.py): causal concept levels above the tokens
+    concept_levels: int = 1  # levels above the tokens; level k groups combo units of level k-1
+    combo: str = "4"  # units per concept: one number for every level, or one per level ("4,4")
+    combiner: str = "sum"  # concept = RMSNorm(sum of units) (the seed) or RMSNorm(linear(concat))
+    concept_read: str = "cross"  # a level reads the one above by cross-attention or by addition
+    concept_share: bool = False  # one stack of blocks for every level + a learned level embedding
+    concept_layers: int = 0  # blocks per concept level (0 = n_layer; shared: the first ones)
+    concept_loss: str = "cosine"  # next-concept regression: cosine, mse, l1
+    concept_weight: str = "0.1"  # regression loss weight: one for every level or one per level
+
+    def combos(self) -> list[int]:
+        """Units per concept at each concept level (level 1 first)."""
+        vals = [int(x) for x in self.combo.split(",")]
+        return vals * self.concept_levels if len(vals) == 1 else vals
+
+    def concept_weights(self) -> list[float]:
+        vals = [float(x) for x in self.concept_weight.split(",")]
+        return vals * self.concept_levels if len(vals) == 1 else vals
 
     @property
     def mlp_hidden(self) -> int:
@@ -112,6 +131,43 @@ class ModelConfig:
         if self.mlp_hidden < 1:
             raise FractalError("mlp_mult * d_model must be at least 1")
         self._validate_moe()
+        self._validate_concept()
+
+    def _validate_concept(self) -> None:
+        if self.family != "concept":
+            changed = [f.name for f in fields(self) if f.name in _CONCEPT_KEYS
+                       and getattr(self, f.name) != f.default]
+            if changed:
+                raise FractalError(f"{changed[0]} needs family=concept (got family {self.family})")
+            return
+        _choice(self, "combiner", ("sum", "linear"))
+        _choice(self, "concept_read", ("cross", "add"))
+        _choice(self, "concept_loss", ("cosine", "mse", "l1"))
+        _positive(self, "concept_levels")
+        _nonnegative(self, "concept_layers")
+        if self.concept_share and self.concept_layers > self.n_layer:
+            raise FractalError(f"concept_share runs the concept levels on the first concept_layers of the "
+                               f"{self.n_layer} shared blocks; got concept_layers {self.concept_layers}")
+        try:
+            combos = self.combos()
+        except ValueError:
+            raise FractalError(f"combo must be an integer or comma-separated integers, "
+                               f"got {self.combo!r}") from None
+        if len(combos) != self.concept_levels or min(combos) < 2:
+            raise FractalError(f"combo needs one value, or {self.concept_levels} (one per concept level), "
+                               f"each at least 2; got {self.combo!r}")
+        try:
+            weights = self.concept_weights()
+        except ValueError:
+            raise FractalError(f"concept_weight must be a number or comma-separated numbers, "
+                               f"got {self.concept_weight!r}") from None
+        if len(weights) != self.concept_levels or any(w < 0 or not math.isfinite(w) for w in weights):
+            raise FractalError(f"concept_weight needs one value, or {self.concept_levels}, each >= 0; "
+                               f"got {self.concept_weight!r}")
+        span = math.prod(combos)
+        if self.block_size < span:
+            raise FractalError(f"block_size {self.block_size} does not cover one top-level concept of "
+                               f"{span} tokens (the product of combo {self.combo!r})")
 
     def sparse_layers(self) -> list[int]:
         """Indices of the layers whose MLP is a sparse (product-key) layer."""
@@ -152,21 +208,22 @@ class ModelConfig:
                                f"got {self.moe_layers!r}")
 
     def _validate_nesting(self) -> None:
-        _choice(self, "family", ("gpt", "fractal", "matformer", "mrl", "moe"))
+        _choice(self, "family", ("gpt", "fractal", "matformer", "mrl", "moe", "concept"))
         _choice(self, "attn_nesting", ("head_dim", "heads"))
         _choice(self, "residual", ("none", "upstream", "downstream"))
         if self.family == "gpt" and self.levels != 1:
             raise FractalError(f"family gpt is dense: levels must be 1, got {self.levels} "
                                "(use family=fractal, matformer or mrl for nesting)")
-        if self.family == "moe" and self.levels != 1:
-            raise FractalError(f"family moe is not nested: levels must be 1, got {self.levels}")
-        if self.family not in ("gpt", "moe") and self.levels < 2:
+        if self.family in ("moe", "concept") and self.levels != 1:
+            raise FractalError(f"family {self.family} is not nested: levels must be 1, got {self.levels} "
+                               "(concept levels are concept_levels)")
+        if self.family not in ("gpt", "moe", "concept") and self.levels < 2:
             raise FractalError(f"family {self.family} needs levels >= 2, got {self.levels}")
         if self.split < 2:
             raise FractalError(f"split must be at least 2, got {self.split}")
         if not 0.0 <= self.distill <= 1.0:
             raise FractalError(f"distill must lie in [0, 1], got {self.distill}")
-        if self.distill and self.family in ("gpt", "mrl", "moe"):
+        if self.distill and self.family in ("gpt", "mrl", "moe", "concept"):
             raise FractalError(f"distill needs nested sub-models with their own bodies (family fractal or "
                                f"matformer), not family {self.family}")
         if self.residual != "none" and self.family != "fractal":
@@ -270,7 +327,7 @@ class RunConfig:
         if t.routing != "shared":
             if m.family == "mrl":
                 raise FractalError("routing must be shared for family=mrl: its sizes share one body")
-            if m.family in ("gpt", "moe"):
+            if m.family in ("gpt", "moe", "concept"):
                 raise FractalError(f"routing={t.routing} needs a nested model (family fractal, "
                                    "matformer or mrl)")
             if m.distill:
@@ -324,10 +381,22 @@ PRESETS: dict[str, dict[str, Any]] = {
     "pkm": dict(family="moe", moe="pkm", moe_layers="1,3", n_experts=65536, moe_heads=4, moe_topk=8),
     "fhme": dict(family="moe", moe="fhme", moe_layers="1,3", n_experts=16384, moe_heads=4, moe_topk=8,
                  fhme_depth=3),
+    # Next-concept levels above the tokens (models/concept.py, docs/concept.md): the dense
+    # reference's dims and schedule for the token level; one concept per 4 tokens, and per
+    # 16 tokens, each a causal transformer read by cross-attention from the level below.
+    "concept": dict(family="concept", concept_levels=2, combo="4", combiner="linear"),
+    # The same on UTF-8 bytes (no tokenizer): concepts of 4 and 16 bytes, then 64; 512-byte
+    # windows, batch 8, so a step reads the dense reference's 4,096 units.
+    "concept-byte": dict(family="concept", tokenizer="byte", vocab_size=256, concept_levels=3, combo="4",
+                         combiner="linear", block_size=512, batch_size=8),
     # Few-thousand-parameter models for tests and smoke runs.
     "tiny": _TINY,
     "tiny-fractal": {**_TINY, "family": "fractal", "levels": 3, "n_kv_head": 4, "attn_nesting": "heads"},
 }
+
+
+_CONCEPT_KEYS = ("concept_levels", "combo", "combiner", "concept_read", "concept_share", "concept_layers",
+                 "concept_loss", "concept_weight")
 
 
 def _positive(obj: Any, *names: str) -> None:

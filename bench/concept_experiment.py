@@ -1,0 +1,156 @@
+"""The next-concept predictor against the dense reference at equal steps, FLOPs and wall time.
+
+    python bench/concept_experiment.py [--steps 500] [--out runs/concept] [--only NAME ...]
+
+Every run uses the dense reference's data and schedule (shipped TinyShakespeare, batch
+16 x 256 bpe128 tokens or 8 x 512 bytes, AdamW 3e-3 -> 3e-4 cosine over ``--steps``, the
+same seed and batches); the concept runs vary one knob of the ``concept`` preset at a time.
+Training FLOPs are counted by ``torch.utils.flop_counter`` on one training step (forward
+and backward). "At equal FLOPs" / "at equal wall time" read the dense run's validation
+curve (the fixed validation batches) where it had spent as much as the concept run in all.
+Results go to ``<out>/steps<N>/<name>/eval.json`` (finished runs are skipped on a re-run)
+and the table to ``docs/concept_experiment_<N>.md`` and ``.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine
+
+import fractalformer
+from fractalformer.config import RunConfig, build_config
+from fractalformer.models import build_model
+from fractalformer.train import train
+
+BYTE = ["tokenizer=byte", "vocab_size=256", "block_size=512", "batch_size=8"]
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "dense": ("dense", []),
+    "concept": ("concept", []),
+    "dense_byte": ("dense", BYTE),
+    "concept_byte": ("concept-byte", []),
+    # ablations, one knob of the concept preset each
+    "no_regression": ("concept", ["concept_weight=0"]),
+    "add": ("concept", ["concept_read=add"]),
+    "shared": ("concept", ["concept_share=true"]),
+    "sum_combiner": ("concept", ["combiner=sum"]),
+    "combo2": ("concept", ["combo=2"]),
+    "combo8": ("concept", ["combo=8"]),
+    "one_level": ("concept", ["concept_levels=1"]),
+    "token2": ("concept", ["n_layer=2"]),  # a 2-block token level under 4-block concept levels
+    # effective context: 4x the window at the same tokens per step
+    "ctx1024": ("concept", ["block_size=1024", "batch_size=4"]),
+    "dense_ctx1024": ("dense", ["block_size=1024", "batch_size=4"]),
+}
+
+
+def step_flops(cfg: RunConfig) -> int:
+    """FLOPs of one training step (forward + backward) of ``cfg``'s model."""
+    torch.manual_seed(0)
+    model = build_model(cfg.model).train()
+    x = torch.randint(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.model.block_size))
+    with FlopCounterMode(display=False) as counter:
+        _, loss, _ = model(x, x)
+        loss.backward()
+    return int(counter.get_total_flops())
+
+
+def run_one(name: str, steps: int, root: Path) -> dict:
+    folder = root / name
+    done = folder / "eval.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    if folder.exists():
+        shutil.rmtree(folder)
+    preset, sets = VARIANTS[name]
+    cfg = build_config(preset, None, [*sets, f"max_steps={steps}", "sample_tokens=0", "eval_every=50"])
+    flops = step_flops(cfg)
+    t0 = time.perf_counter()
+    res = train(cfg, folder, progress=False)
+    wall = time.perf_counter() - t0
+    model = fractalformer.load(folder)
+    with (folder / "metrics.csv").open() as f:
+        metrics = list(csv.DictReader(f))
+    result = {"name": name, "preset": preset, "sets": sets, "steps": steps, "wall_s": round(wall, 1),
+              "params": model.num_params(), "step_flops": flops,
+              "train_s_per_step": float(metrics[-1]["elapsed_s"]) / steps,
+              "val_curve": [(int(r["step"]), float(r["elapsed_s"]), float(r["val_loss"]), float(r["val_bpc"]))
+                            for r in metrics if r.get("val_loss")],
+              "row": res.final[0].to_json()}
+    done.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def at(curve: list, x: float, axis: int) -> float | None:
+    """Validation bits/char of a curve, linearly interpolated at ``x`` on ``axis`` (0 step, 1 s)."""
+    for a, b in itertools.pairwise(curve):
+        if a[axis] <= x <= b[axis]:
+            w = (x - a[axis]) / (b[axis] - a[axis]) if b[axis] > a[axis] else 0.0
+            return a[3] + w * (b[3] - a[3])
+    return None
+
+
+def report(results: dict[str, dict], steps: int) -> str:
+    lines = [f"# Next-concept predictor vs the dense reference ({steps} steps)", "",
+             f"Machine: {machine()}; other jobs shared the 2 cores, so wall times are only roughly "
+             "comparable (quality at equal steps is exact).", "",
+             f"Command: `python bench/concept_experiment.py --steps {steps}`. BPC = bits per character "
+             "(per byte for byte runs) on the full validation split. FLOPs: one training step counted by "
+             "torch's FlopCounterMode. 'dense at equal FLOPs / wall' = the dense run of the same tokenizer "
+             "interpolated on its validation curve (fixed validation batches) at the concept run's total "
+             "FLOPs / wall time; '-' where the dense run did not get that far.", "",
+             "| run | config | params | FLOPs/step | s/step | val nats/token | BPC | "
+             "vs dense (equal steps) | dense at equal FLOPs | dense at equal wall |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name in VARIANTS:
+        r = results.get(name)
+        if r is None:
+            continue
+        row = r["row"]
+        ref = results.get("dense_byte" if "byte" in name else "dense")
+        vs = eq_f = eq_w = "-"
+        if ref is not None and ref is not r:
+            vs = f"{row['val_bpc'] - ref['row']['val_bpc']:+.4f}"
+            f = at(ref["val_curve"], r["step_flops"] * steps / ref["step_flops"], 0)
+            w = at(ref["val_curve"], r["wall_s"], 1)
+            eq_f = f"{f:.4f}" if f is not None else "-"
+            eq_w = f"{w:.4f}" if w is not None else "-"
+        lines.append(f"| {name} | {r['preset']} {' '.join(r['sets'])} | {r['params']:,} | "
+                     f"{r['step_flops'] / 1e9:.1f} G | {r['train_s_per_step']:.2f} | {row['val_loss']:.4f} | "
+                     f"{row['val_bpc']:.4f} | {vs} | {eq_f} | {eq_w} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--out", default="runs/concept")
+    ap.add_argument("--only", nargs="*", choices=list(VARIANTS), help="run only these names")
+    ap.add_argument("--docs", default="docs")
+    ap.add_argument("--report", action="store_true", help="only rebuild the table from finished runs")
+    a = ap.parse_args()
+    root = Path(a.out) / f"steps{a.steps}"
+    for name in [] if a.report else a.only or VARIANTS:
+        print(f"== {name}", flush=True)
+        r = run_one(name, a.steps, root)
+        print(f"   {r['wall_s']:.0f} s; BPC {r['row']['val_bpc']:.4f}", flush=True)
+    results = {n: json.loads((root / n / "eval.json").read_text())
+               for n in VARIANTS if (root / n / "eval.json").is_file()}
+    docs = Path(a.docs)
+    (docs / f"concept_experiment_{a.steps}.json").write_text(json.dumps(results, indent=1))
+    (docs / f"concept_experiment_{a.steps}.md").write_text(report(results, a.steps))
+
+
+if __name__ == "__main__":
+    main()

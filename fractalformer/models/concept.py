@@ -1,0 +1,346 @@
+"""The next-concept predictor: causal concept levels above the tokens.
+
+Level 0 is the tokens (or bytes). A concept of level ``k`` is ``combo_k`` consecutive
+units of level ``k - 1`` made into one vector: RMSNorm of their sum (the seed) or of a
+linear map of their concatenation (``combiner=linear``, order-aware). Groups are aligned
+to the start of the window; a trailing group that is not complete yet is no concept.
+
+Every concept level is a causal transformer over the sequence ``[start_k, c_k(0), c_k(1),
+...]``: a learned start concept, then the level's complete concepts. Its state at
+position ``j`` has read concepts ``0 .. j - 1`` only, so it is the level's *plan* for
+concept ``j``: a regression head predicts ``c_k(j)`` from it (cosine, MSE or L1 against
+the detached concept), and unit ``i`` of the level below, which lies in concept
+``j = i // combo_k``, reads the plans ``0 .. j`` of the level above - by cross-attention
+(``concept_read=cross``, in every block) or by adding the current plan to its input
+(``add``). This is the one-concept shift of MegaByte / Block Transformer / BLT: a unit
+never sees a summary of the concept it belongs to, so the model is causal (the seed's
+v11.3 read ground-truth summaries of the current concept: a leak).
+
+Generation runs top-down with a KV cache at every level (``ConceptCache``): a concept
+level advances one position when a group of the level below completes, the tokens are
+written under the current plan; cached generation equals the full forward.
+
+``grow`` adds a new top level to a trained model as a no-op: the level below reads it
+through a scale initialised to zero, so every logit is unchanged at the step of growth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from ..errors import FractalError
+from ..nn import KVCache, Linear, RMSNorm, Rotary
+from ..nn.attention import _NATIVE_GQA
+from .gpt import GPT, Block
+
+State = torch.Tensor  # (1, B, n, d): a level's vectors, with the leading sub-model axis of nn
+
+
+class CrossAttention(nn.Module):
+    """Queries of a level attend to the plans of the level above up to their own concept.
+
+    RoPE rotates a query by the index of its concept and a key by its own index, so scores
+    depend on how many concepts back a plan lies.
+    """
+
+    def __init__(self, cfg: ModelConfig, nest: object) -> None:
+        super().__init__()
+        self.hq, self.hkv, self.hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.norm = RMSNorm(nest, cfg.d_model, cfg.norm_eps)
+        self.q = Linear(nest, cfg.d_model, self.hq * self.hd, False)
+        self.kv = Linear(nest, cfg.d_model, 2 * self.hkv * self.hd, False, out_groups=2)
+        self.o = Linear(nest, self.hq * self.hd, cfg.d_model, False)
+
+    def keys(self, plans: State, start: int, rotary: Rotary) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, hkv, n, hd) of plans at positions ``start ..``."""
+        _, b, n, _ = plans.shape
+        k, v = self.kv(plans, 0).view(b, n, 2, self.hkv, self.hd).permute(2, 0, 3, 1, 4)
+        return rotary(k, start), v
+
+    def forward(self, x: State, group: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                rotary: Rotary) -> State:
+        """x: (1, B, t, d); ``group`` (t,): the concept of the level above each query lies in."""
+        _, b, t, _ = x.shape
+        q = self.q(self.norm(x, 0), 0).view(b, t, self.hq, self.hd)
+        # rotate query i by its own position group[i]: one rotary row per query
+        q = rotary(q.permute(1, 0, 2, 3).reshape(t, b * self.hq, 1, self.hd), group)
+        q = q.view(t, b, self.hq, self.hd).permute(1, 2, 0, 3)
+        if self.hkv != self.hq and not _NATIVE_GQA:
+            k, v = (z.repeat_interleave(self.hq // self.hkv, dim=1) for z in (k, v))
+        mask = torch.arange(k.shape[-2], device=x.device)[None, :] <= group[:, None]
+        gqa = {"enable_gqa": True} if self.hkv != self.hq and _NATIVE_GQA else {}
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
+        return self.o(y.transpose(1, 2).reshape(1, b, t, self.hq * self.hd), 0)
+
+
+class Reader(nn.Module):
+    """How one level reads the level above: per-block cross-attention, or one projection of
+    the current plan added to the level's input."""
+
+    def __init__(self, cfg: ModelConfig, nest: object, layers: int) -> None:
+        super().__init__()
+        if cfg.concept_read == "cross":
+            self.cross = nn.ModuleList(CrossAttention(cfg, nest) for _ in range(layers))
+        else:
+            self.plan = Linear(nest, cfg.d_model, cfg.d_model, False)
+
+
+class Memory:
+    """What a level reads of the level above: its plans and, for cross-attention, every
+    block's keys and values of them, extended as the level above advances."""
+
+    def __init__(self) -> None:
+        self.plans: State | None = None
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def extend(self, plans: State, reader: Reader, layers: int, rotary: Rotary) -> None:
+        start = 0 if self.plans is None else self.plans.shape[2]
+        self.plans = plans if self.plans is None else torch.cat([self.plans, plans], 2)
+        if not hasattr(reader, "cross"):
+            return
+        new = [reader.cross[i].keys(plans, start, rotary) for i in range(layers)]
+        self.kv = new if not self.kv else [(torch.cat([k0, k1], 2), torch.cat([v0, v1], 2))
+                                           for (k0, v0), (k1, v1) in zip(self.kv, new, strict=True)]
+
+
+class ConceptCache:
+    """Generation state of every level: self-attention KV caches, the complete concepts
+    (level 0: the token embeddings) and what each level has read of the one above.
+
+    ``length`` is the number of tokens seen. Setting it to 0 starts over (the sampler's
+    sliding window); rolling back to another length is not supported.
+    """
+
+    def __init__(self, model: ConceptGPT, batch: int, kv: bool, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        self._args = (model, batch, kv, device, dtype)
+        c, w = model.config, model.embed.weight
+        levels = c.concept_levels + 1
+        self.kv = ([KVCache(model.depth(k), batch, c.n_kv_head, model.positions(c.block_size, k), c.head_dim,
+                            device or w.device, dtype or w.dtype) for k in range(levels)] if kv else None)
+        self.units: list[State | None] = [None] * levels  # complete concepts of each level
+        self.done = [0] * levels  # positions computed at each level
+        self.memory = [Memory() for _ in range(levels - 1)]  # memory[k]: level k reads level k + 1
+        self._length = 0
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    @length.setter
+    def length(self, value: int) -> None:
+        if value == 0:
+            self.__init__(*self._args)  # type: ignore[misc]
+        elif value != self._length:
+            raise FractalError("a concept model's cache can only be reset to 0, not rolled back")
+
+    def longest(self) -> int:
+        return self._length
+
+
+class ConceptGPT(GPT):
+    """The dense GPT as the token level, with ``concept_levels`` causal concept levels above.
+
+    ``run`` returns the token logits as every family does ({0: (1, B, T, vocab)}); the
+    concept regression loss of the last training forward is ``aux_loss``.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        c = cfg
+        n_levels = c.concept_levels
+        self.combo = c.combos()
+        self.span = [math.prod(self.combo[:k]) for k in range(n_levels + 1)]  # tokens per concept
+        self.loss_weights = c.concept_weights()
+        rot = list(self.rotary)
+        cl = c.concept_layers or c.n_layer
+        # level k's blocks: self.blocks (level 0, or every level when shared) or stacks[k - 1]
+        self.stacks = nn.ModuleList() if c.concept_share else nn.ModuleList(
+            nn.ModuleList(Block(c, self.nest, rot, self.make_mlp(i)) for i in range(cl))
+            for _ in range(n_levels))
+        self.level_emb = nn.Parameter(torch.empty(n_levels + 1, c.d_model)) if c.concept_share else None
+        # readers[k] reads level k + 1 (one shared by every level when shared)
+        self.readers = nn.ModuleList(Reader(c, self.nest, c.n_layer if c.concept_share or k == 0 else cl)
+                                     for k in range(1 if c.concept_share else n_levels))
+        self.read_scale = nn.ParameterList(nn.Parameter(torch.ones(c.d_model)) for _ in range(n_levels))
+        self.start = nn.ParameterList(nn.Parameter(torch.empty(c.d_model)) for _ in range(n_levels))
+        self.combiners = nn.ModuleList(
+            Linear(self.nest, k * c.d_model, c.d_model, False) if c.combiner == "linear" else nn.Identity()
+            for k in self.combo)
+        self.concept_norms = nn.ModuleList(RMSNorm(self.nest, c.d_model, c.norm_eps) for _ in range(n_levels))
+        self.plan_norms = nn.ModuleList(RMSNorm(self.nest, c.d_model, c.norm_eps) for _ in range(n_levels))
+        # a head only where the regression loss is on: every parameter takes part in the loss (DDP)
+        self.heads = nn.ModuleDict({str(k + 1): Linear(self.nest, c.d_model, c.d_model, False)
+                                    for k, w in enumerate(self.loss_weights) if w > 0})
+        self._aux: torch.Tensor | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if not hasattr(self, "read_scale"):  # GPT.__init__ calls this before the concept parts exist
+            return
+        super().reset_parameters()
+        resid_std = self.config.init_std / math.sqrt(2 * self.config.n_layer)
+        for reader in self.readers:
+            for x in getattr(reader, "cross", []):
+                nn.init.normal_(x.o.weight, std=resid_std)
+        for s in self.read_scale:
+            nn.init.ones_(s)
+
+    # -- shapes ---------------------------------------------------------------------------
+    def depth(self, level: int) -> int:
+        c = self.config
+        return c.n_layer if level == 0 else (c.concept_layers or c.n_layer)
+
+    def positions(self, tokens: int, level: int) -> int:
+        """Positions level ``level`` runs for ``tokens`` tokens: every concept they touch."""
+        return (tokens - 1) // self.span[level] + 1
+
+    def blocks_of(self, level: int) -> list[Block]:
+        if level == 0:
+            return list(self.blocks)
+        stack = self.blocks if self.config.concept_share else self.stacks[level - 1]
+        return list(stack)[: self.depth(level)]
+
+    def reader(self, level: int) -> Reader:
+        return self.readers[0 if self.config.concept_share else level]
+
+    # -- the family interface ---------------------------------------------------------------
+    def new_cache(self, batch: int, levels: list[int] | None = None,
+                  device: torch.device | str | None = None, dtype: torch.dtype | None = None
+                  ) -> dict[int, ConceptCache]:
+        return {0: ConceptCache(self, batch, True, device, dtype)}
+
+    def aux_loss(self) -> torch.Tensor | None:
+        return self._aux if self.training else None
+
+    def sub_model_config(self, level: int) -> ModelConfig:
+        self.nest.check(level)
+        return self.config
+
+    def extract(self, level: int, index: int) -> GPT:
+        raise FractalError("family concept is not nested: its run folder already holds the only model")
+
+    def run(self, idx: torch.Tensor, levels: list[int], caches: dict[int, ConceptCache] | None = None
+            ) -> dict[int, torch.Tensor]:
+        """Token logits {0: (1, B, t, vocab)} for ``idx`` (B, t) following the cached tokens."""
+        state = caches[0] if caches else ConceptCache(self, idx.shape[0], False)
+        b, t = idx.shape
+        total = state.length + t
+        if total > self.config.block_size:
+            raise ValueError(f"sequence of {total} tokens exceeds block_size {self.config.block_size}")
+        emb = self.embed(idx, 0)  # (1, B, t, d)
+        self._add_units(state, emb, total)
+        top = self.config.concept_levels
+        for k in range(top, 0, -1):  # top-down: a level's plans exist before the level below reads them
+            new = self.positions(total, k) - state.done[k]
+            if new <= 0:
+                continue
+            first = state.done[k]
+            units = state.units[k]
+            inputs = []
+            if first == 0:
+                inputs.append(self.start[k - 1].view(1, 1, 1, -1).expand(1, b, 1, -1))
+            lo, hi = max(first - 1, 0), first + new - 1  # position j reads concept j - 1
+            if hi > lo:
+                inputs.append(units[:, :, lo:hi])
+            plans = self._level(k, torch.cat(inputs, 2), first, state)
+            state.memory[k - 1].extend(plans, self.reader(k - 1), self.depth(k - 1), self.rotary[0])
+        x = self._level(0, emb, state.length, state)
+        state._length = total
+        if caches is None and self.training:
+            self._aux = self._regression(state)
+        return self.head({0: x})
+
+    def _add_units(self, state: ConceptCache, emb: State, total: int) -> None:
+        """Append the new token embeddings and every concept they complete, level by level."""
+        state.units[0] = emb if state.units[0] is None else torch.cat([state.units[0], emb], 2)
+        for k in range(1, self.config.concept_levels + 1):
+            have = 0 if state.units[k] is None else state.units[k].shape[2]
+            complete = total // self.span[k]
+            if complete <= have:
+                break
+            c = self.combo[k - 1]
+            parts = state.units[k - 1][:, :, have * c : complete * c]
+            parts = parts.unflatten(2, (complete - have, c))  # (1, B, n, c, d)
+            if self.config.combiner == "linear":
+                v = self.combiners[k - 1](parts.flatten(-2), 0)
+            else:
+                v = parts.sum(3)
+            v = self.concept_norms[k - 1](v, 0)
+            state.units[k] = v if state.units[k] is None else torch.cat([state.units[k], v], 2)
+
+    def _level(self, k: int, x: State, first: int, state: ConceptCache) -> State:
+        """Run level ``k`` on positions ``first ..``; returns its normed final states."""
+        t = x.shape[2]
+        if self.level_emb is not None:
+            x = x + self.level_emb[k]
+        kv = state.kv[k] if state.kv else None
+        above = state.memory[k] if k < self.config.concept_levels else None
+        group = (torch.arange(first, first + t, device=x.device) // self.combo[k]) if above else None
+        reader, scale = (self.reader(k), self.read_scale[k]) if above else (None, None)
+        if above is not None and not hasattr(reader, "cross"):
+            x = x + scale * reader.plan(above.plans[:, :, group], 0)
+        for i, block in enumerate(self.blocks_of(k)):
+            if above is not None and hasattr(reader, "cross"):
+                k_i, v_i = above.kv[i]
+                x = x + scale * reader.cross[i](x, group, k_i, v_i, self.rotary[0])
+            x = block(x, 0, kv, i)
+        if kv is not None:
+            kv.length += t
+        state.done[k] = first + t
+        return x if k == 0 else self.plan_norms[k - 1](x, 0)
+
+    def _regression(self, state: ConceptCache) -> torch.Tensor | None:
+        """Weighted next-concept regression of every level: plan j against concept j."""
+        total = None
+        for k in range(1, self.config.concept_levels + 1):
+            head = self.heads[str(k)] if str(k) in self.heads else None
+            targets = state.units[k]
+            if head is None or targets is None:
+                continue
+            n = targets.shape[2]
+            pred = head(state.memory[k - 1].plans[:, :, :n], 0).float()
+            y = targets.detach().float()
+            if self.config.concept_loss == "cosine":
+                loss = (1 - F.cosine_similarity(pred, y, dim=-1)).mean()
+            elif self.config.concept_loss == "mse":
+                loss = F.mse_loss(pred, y)
+            else:
+                loss = F.l1_loss(pred, y)
+            loss = self.loss_weights[k - 1] * loss
+            total = loss if total is None else total + loss
+        return total
+
+
+def grow(model: ConceptGPT, combo: int = 4, weight: float | None = None) -> ConceptGPT:
+    """``model`` with one more concept level on top (``combo`` units of the old top each).
+
+    The old top level reads the new one through a zero scale, so the grown model computes
+    exactly the same logits until training moves that scale; everything learned is kept.
+    """
+    c = model.config
+    weights = c.concept_weights()
+    cfg = dataclasses.replace(
+        c, concept_levels=c.concept_levels + 1, combo=",".join(str(x) for x in [*c.combos(), combo]),
+        concept_weight=",".join(str(x) for x in [*weights, weights[-1] if weight is None else weight]))
+    cfg.validate()
+    new = ConceptGPT(cfg).to(model.embed.weight.device)
+    state = model.state_dict()
+    level_emb = state.pop("level_emb", None)  # one row more: copied below
+    missing, unexpected = new.load_state_dict(state, strict=False)
+    top = c.concept_levels
+    own = (f"stacks.{top}.", f"readers.{top}.", f"read_scale.{top}", f"start.{top}", f"combiners.{top}.",
+           f"concept_norms.{top}.", f"plan_norms.{top}.", f"heads.{top + 1}.", "level_emb")
+    if unexpected or any(not name.startswith(own) for name in missing):
+        raise FractalError(f"cannot grow: unmatched weights {unexpected[:3]} {missing[:3]}")
+    with torch.no_grad():
+        if level_emb is not None:
+            new.level_emb[: top + 1] = level_emb
+        new.read_scale[top].zero_()
+    return new.train(model.training)
