@@ -207,6 +207,11 @@ class ConceptGPT(GPT):
         stack = self.blocks if self.config.concept_share else self.stacks[level - 1]
         return list(stack)[: self.depth(level)]
 
+    def plan_of(self, pos: torch.Tensor, level: int) -> torch.Tensor:
+        """The latest plan of level ``level + 1`` that units ``pos`` of ``level`` may read: the
+        plan of the concept they lie in, made from the concepts before it only."""
+        return pos // self.combo[level]
+
     def reader(self, level: int) -> Reader:
         return self.readers[0 if self.config.concept_share else level]
 
@@ -282,7 +287,7 @@ class ConceptGPT(GPT):
             x = x + self.level_emb[k]
         kv = state.kv[k] if state.kv else None
         above = state.memory[k] if k < self.config.concept_levels else None
-        group = (torch.arange(first, first + t, device=x.device) // self.combo[k]) if above else None
+        group = self.plan_of(torch.arange(first, first + t, device=x.device), k) if above else None
         reader, scale = (self.reader(k), self.read_scale[k]) if above else (None, None)
         if above is not None and not hasattr(reader, "cross"):
             x = x + scale * reader.plan(above.plans[:, :, group], 0)

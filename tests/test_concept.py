@@ -1,0 +1,271 @@
+"""The next-concept predictor: causality (perturbation, Jacobian, leak canary), cached
+generation, growth, configs and the command line."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import fractalformer
+from fractalformer.config import build_config
+from fractalformer.generate import generate
+from fractalformer.models import build_model
+from fractalformer.models.concept import ConceptGPT, grow
+from fractalformer.train import train
+
+from .conftest import run_cli
+
+TINY_CONCEPT = ["--preset", "tiny", "--quiet", "--set", "family=concept", "--set", "sample_tokens=0"]
+
+# every configuration the family offers: read, combiner, sharing, loss, levels, group sizes
+CONFIGS = {
+    "cross": [],
+    "add": ["concept_read=add"],
+    "shared": ["concept_share=true", "concept_layers=1"],
+    "sum_mse": ["combiner=sum", "concept_loss=mse"],
+    "l1_no_loss_level": ["concept_levels=2", "combo=2,3", "concept_loss=l1", "concept_weight=0,1"],
+    "three_levels_shared_add": ["concept_levels=3", "combo=2", "concept_share=true", "concept_read=add"],
+    "combo8": ["combo=8", "combiner=linear"],
+}
+
+
+def tiny(sets: list[str], seed: int = 0) -> ConceptGPT:
+    torch.manual_seed(seed)
+    model = build_model(build_config("tiny", None, ["family=concept", *sets]).model)
+    assert isinstance(model, ConceptGPT)
+    return model
+
+
+def leaky_plan_of(self: ConceptGPT, pos: torch.Tensor, level: int) -> torch.Tensor:
+    """The plan one concept ahead (made from the unit's own concept, future units included):
+    the seed v11.3's leak, for checking that the tests catch it (full forward only)."""
+    c = self.combo[level]
+    return torch.clamp(pos // c + 1, max=int(pos[-1]) // c)
+
+
+@torch.no_grad()
+def perturbation_leak(model: ConceptGPT, t_len: int = 30) -> float:
+    """Largest change of the logits at positions <= t when only tokens after t change."""
+    model.eval()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(0, model.config.vocab_size, (2, t_len), generator=gen)
+    base = model.run(x, [0])[0][0]
+    worst = 0.0
+    for t in range(t_len - 1):
+        y = x.clone()
+        y[:, t + 1:] = torch.randint(0, model.config.vocab_size, (2, t_len - t - 1), generator=gen)
+        worst = max(worst, float((model.run(y, [0])[0][0][:, : t + 1] - base[:, : t + 1]).abs().max()))
+    return worst
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_perturbing_the_future_leaves_the_past_unchanged(name: str) -> None:
+    model = tiny(CONFIGS[name])
+    # 30 tokens: not a multiple of any group size, so a trailing incomplete concept is included
+    assert perturbation_leak(model) == 0.0
+    x = torch.randint(0, 128, (1, 30))
+    y = x.clone()
+    y[0, 9] = (y[0, 9] + 1) % 128  # the present and past do change what comes after
+    a, b = model.run(x, [0])[0][0, 0], model.run(y, [0])[0][0, 0]
+    assert torch.equal(a[:9], b[:9]) and not torch.allclose(a[9:], b[9:])
+
+
+def jacobian(model: ConceptGPT, t_len: int) -> torch.Tensor:
+    """J[t, s] = |d (random projection of logits at t) / d (embedding at s)|, summed."""
+    model.eval()
+    emb: list[torch.Tensor] = []
+
+    def keep(_: torch.nn.Module, __: tuple, out: torch.Tensor) -> torch.Tensor:
+        out = out.detach().requires_grad_(True)
+        emb.append(out)
+        return out
+
+    handle = model.embed.register_forward_hook(keep)
+    x = torch.randint(0, model.config.vocab_size, (1, t_len), generator=torch.Generator().manual_seed(2))
+    logits = model.run(x, [0])[0][0, 0]
+    handle.remove()
+    proj = torch.randn(logits.shape[-1], generator=torch.Generator().manual_seed(3))
+    rows = []
+    for t in range(t_len):
+        (g,) = torch.autograd.grad(logits[t] @ proj, emb[0], retain_graph=True)
+        rows.append(g[0, 0].abs().sum(-1))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_jacobian_is_lower_triangular(name: str) -> None:
+    j = jacobian(tiny(CONFIGS[name]), 26)
+    assert float(j.triu(1).abs().max()) == 0.0  # no output depends on a later input
+    assert bool((j.diagonal() > 0).all())  # and every output depends on its own input
+
+
+def test_the_causality_tests_catch_a_one_concept_leak(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ConceptGPT, "plan_of", leaky_plan_of)
+    assert perturbation_leak(tiny([]), 30) > 1e-4
+    assert float(jacobian(tiny([]), 26).triu(1).abs().max()) > 0
+
+
+def canary_loss(tmp_path: Path, leak: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[float, int]:
+    """Validation loss after training on uniform random characters, and the vocabulary."""
+    gen = torch.Generator().manual_seed(5)
+    alphabet = "abcdefghijklmnop"
+    text = "".join(alphabet[i] for i in torch.randint(0, len(alphabet), (40_000,), generator=gen).tolist())
+    (tmp_path / "random.txt").write_text(text)
+    if leak:
+        monkeypatch.setattr(ConceptGPT, "plan_of", leaky_plan_of)
+    cfg = build_config("tiny", None, ["family=concept", "tokenizer=char", f"vocab_size={len(alphabet)}",
+                                      f"data={tmp_path / 'random.txt'}", "max_steps=150", "lr=0.01",
+                                      "sample_tokens=0", "eval_every=150", "ckpt_every=150",
+                                      "combiner=linear"])
+    res = train(cfg, tmp_path / ("leak" if leak else "run"), progress=False)
+    return res.final[0].val_loss, len(alphabet)
+
+
+def test_leak_canary_random_tokens_stay_at_chance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    loss, vocab = canary_loss(tmp_path, False, monkeypatch)
+    assert loss >= math.log(vocab) - 0.05
+    leaked, _ = canary_loss(tmp_path, True, monkeypatch)  # the canary does sing on a leak
+    assert leaked < math.log(vocab) - 0.2
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_cached_generation_equals_full_recompute(name: str) -> None:
+    model = tiny(CONFIGS[name]).eval()
+    x = torch.randint(0, 128, (2, 32))
+    full = model.run(x, [0])[0]
+    cache = model.new_cache(2)
+    cuts = [0, 5, 6, 7, 19, *range(20, 33)]  # a prompt, single tokens, a chunk crossing groups
+    parts = [model.run(x[:, a:b], [0], cache)[0] for a, b in itertools.pairwise(cuts)]
+    torch.testing.assert_close(torch.cat(parts, 2), full, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="exceeds block_size"):
+        model.run(x[:, :1], [0], cache)
+    # the sampler, past the window (sliding): cached and uncached draw the same tokens
+    prompt = x[0, :7].tolist()
+    a = list(generate(model, prompt, 40, temperature=1.0, seed=3))
+    b = list(generate(model, prompt, 40, temperature=1.0, seed=3, use_cache=False))
+    assert a == b
+
+
+@pytest.mark.parametrize("name", ["cross", "shared", "add"])
+def test_growth_starts_as_a_no_op_and_then_learns(name: str) -> None:
+    model = tiny(CONFIGS[name]).train()
+    x, y = torch.randint(0, 128, (4, 32)), torch.randint(0, 128, (4, 32))
+    logits, loss, sub = model(x, y)
+    grown = grow(model, combo=2)
+    assert grown.config.concept_levels == model.config.concept_levels + 1
+    logits2, loss2, sub2 = grown(x, y)
+    torch.testing.assert_close(logits2, logits, rtol=0, atol=0)
+    assert torch.equal(sub2, sub)  # token cross-entropy unchanged at the step of growth
+    assert float(loss2) >= float(loss)  # plus the new level's regression term, nothing else
+    loss2.backward()
+    top = model.config.concept_levels
+    assert float(grown.read_scale[top].grad.abs().sum()) > 0  # the new level's read can open
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["combo=1"], "each at least 2"),
+    (["combo=4,4"], "one value, or 1"),
+    (["combo=x"], "combo must be an integer"),
+    (["concept_levels=3", "block_size=32"], "does not cover one top-level concept"),
+    (["concept_loss=huber"], "concept_loss must be one of"),
+    (["concept_weight=-1"], "concept_weight needs"),
+    (["concept_read=sum"], "concept_read must be one of"),
+    (["concept_share=true", "concept_layers=5"], "concept_share runs"),
+    (["family=gpt", "combo=2"], "needs family=concept"),
+    (["levels=2"], "levels must be 1"),
+])
+def test_bad_concept_configs_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                sets: list[str], message: str) -> None:
+    args = [a for s in sets for a in ("--set", s)]
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", *TINY_CONCEPT, *args, "--out", out)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_presets_build_with_the_seed_tokenizer_and_bytes() -> None:
+    c = build_config("concept").model
+    assert c.family == "concept" and c.vocab_size == 128 and c.concept_levels >= 1
+    cb = build_config("concept-byte")
+    assert cb.train.tokenizer == "byte" and cb.model.vocab_size == 256
+    units = c.block_size * build_config("concept").train.batch_size
+    assert cb.model.block_size * cb.train.batch_size == units  # a step reads as many units
+
+
+@pytest.fixture(scope="module")
+def concept_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("concept") / "run"
+    from fractalformer.cli import main
+
+    assert main(["train", *TINY_CONCEPT, "--set", "concept_levels=2", "--set", "combo=2",
+                 "--out", str(out)]) == 0
+    return out
+
+
+def test_cli_train_eval_sample_analyze_load(concept_run: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture) -> None:
+    code, stdout, _ = run_cli(capsys, "eval", concept_run, "--json")
+    row = json.loads(stdout)[0]
+    assert code == 0 and row["val_loss"] < math.log(128) and row["val_bpc"] > 0
+    code, stdout, _ = run_cli(capsys, "sample", concept_run, "--max-new-tokens", "40", "--seed", "1",
+                              "--prompt", "ROMEO:")
+    assert code == 0 and stdout.startswith("ROMEO:") and len(stdout) > 20
+    code, stdout2, _ = run_cli(capsys, "sample", concept_run, "--max-new-tokens", "40", "--seed", "1",
+                               "--prompt", "ROMEO:", "--no-cache")
+    assert stdout2 == stdout
+    code, _, _ = run_cli(capsys, "analyze", concept_run, "--windows", "2")
+    assert code == 0 and (concept_run / "analysis" / "report.html").is_file()
+    code, _, err = run_cli(capsys, "extract", concept_run, "--level", "0", "--index", "0",
+                           "--out", tmp_path / "x")
+    assert code == 2 and "not nested" in err
+    model = fractalformer.load(concept_run)
+    assert isinstance(model, ConceptGPT) and not model.training
+    idx = torch.tensor([model.tokenizer.encode("ROMEO:")])
+    logits, loss, _ = model(idx)
+    assert logits.shape == (1, idx.shape[1], 128) and loss is None
+
+
+def test_byte_mode_reads_any_utf8(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "t.txt").write_text("Ünïcödé — 汉字 and emoji 🙂. " * 400, encoding="utf-8")
+    out = tmp_path / "run"
+    code, stdout, _ = run_cli(capsys, "train", "--preset", "concept-byte", "--quiet", "--data",
+                              tmp_path / "t.txt",
+                              "--set", "n_layer=1", "--set", "d_model=32", "--set", "n_head=2",
+                              "--set", "head_dim=16", "--set", "block_size=64", "--set", "batch_size=4",
+                              "--set", "sample_tokens=20", "--max-steps", "3", "--out", out)
+    assert code == 0 and "bits/byte" in stdout
+
+
+@pytest.mark.parametrize("extra", [[], ["--set", "concept_share=true", "--set", "concept_read=add"]])
+def test_resume_is_exact(tmp_path: Path, capsys: pytest.CaptureFixture, extra: list[str]) -> None:
+    args = [*TINY_CONCEPT, *extra, "--max-steps", "6", "--set", "ckpt_every=3"]
+    assert run_cli(capsys, "train", *args, "--out", tmp_path / "straight")[0] == 0
+    assert run_cli(capsys, "train", *args, "--out", tmp_path / "cut", "--stop-after", "3")[0] == 0
+    assert run_cli(capsys, "train", "--out", tmp_path / "cut", "--resume", "--quiet")[0] == 0
+    a, b = (load_file(str(tmp_path / r / "model.safetensors")) for r in ("straight", "cut"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="torchrun needs a POSIX system")
+def test_torchrun_two_processes_match_single_process(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    args = [*TINY_CONCEPT, "--set", "concept_levels=2", "--set", "combo=2", "--max-steps", "3"]
+    assert run_cli(capsys, "train", *args, "--out", tmp_path / "single")[0] == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "fractalformer", "train", *args]
+    proc = subprocess.run([*cmd, "--out", str(tmp_path / "ddp")], capture_output=True, text=True, env=env,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    wa, wb = (load_file(str(tmp_path / r / "model.safetensors")) for r in ("single", "ddp"))
+    for k in wa:  # all-reduce sums in another order: float rounding only
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-4)
