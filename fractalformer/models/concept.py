@@ -97,12 +97,15 @@ class Memory:
 
     def __init__(self) -> None:
         self.plans: State | None = None
+        self.added: State | None = None  # concept_read=add: the projected plans
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def extend(self, plans: State, reader: Reader, layers: int, rotary: Rotary) -> None:
         start = 0 if self.plans is None else self.plans.shape[2]
         self.plans = plans if self.plans is None else torch.cat([self.plans, plans], 2)
-        if not hasattr(reader, "cross"):
+        if not hasattr(reader, "cross"):  # projected once per plan, not once per unit reading it
+            added = reader.plan(plans, 0)
+            self.added = added if self.added is None else torch.cat([self.added, added], 2)
             return
         new = [reader.cross[i].keys(plans, start, rotary) for i in range(layers)]
         self.kv = new if not self.kv else [(torch.cat([k0, k1], 2), torch.cat([v0, v1], 2))
@@ -290,7 +293,7 @@ class ConceptGPT(GPT):
         group = self.plan_of(torch.arange(first, first + t, device=x.device), k) if above else None
         reader, scale = (self.reader(k), self.read_scale[k]) if above else (None, None)
         if above is not None and not hasattr(reader, "cross"):
-            x = x + scale * reader.plan(above.plans[:, :, group], 0)
+            x = x + scale * above.added[:, :, group]
         for i, block in enumerate(self.blocks_of(k)):
             if above is not None and hasattr(reader, "cross"):
                 k_i, v_i = above.kv[i]

@@ -364,6 +364,9 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, limits: Li
     limits = limits or Limits()
     run = Path(run)
     model = fractalformer.load(run)
+    if model.config.family == "concept":  # its caches advance concept levels per row position
+        raise FractalError("fractalformer serve cannot batch the concept family yet; use "
+                           "fractalformer sample")
     sock = _bind(host, port)
     batcher = Batcher(model, limits.max_batch, limits.queue_size)
     app = create_app(model, batcher, run.name, limits, model_cards(model, run))
