@@ -48,7 +48,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "combo2": ("concept", ["combo=2"]),
     "combo8": ("concept", ["combo=8"]),
     "one_level": ("concept", ["concept_levels=1"]),
-    "token2": ("concept", ["n_layer=2"]),  # a 2-block token level under 4-block concept levels
+    # a 2-block token level under 4-block concept levels (Block Transformer's trade), by
+    # cross-attention and by addition (the fastest decoder: bench/bench_concept.py)
+    "token2": ("concept", ["n_layer=2", "concept_layers=4"]),
+    "token2_add": ("concept", ["n_layer=2", "concept_layers=4", "concept_read=add"]),
     # effective context: 4x the window at the same tokens per step
     "ctx1024": ("concept", ["block_size=1024", "batch_size=4"]),
     "dense_ctx1024": ("dense", ["block_size=1024", "batch_size=4"]),

@@ -1,4 +1,4 @@
-"""The ``fractalformer`` command: train, eval, sample, extract, speculate, analyze, serve.
+"""The ``fractalformer`` command: train, eval, sample, extract, speculate, analyze, serve, grow.
 
 Thin by design: parse arguments, call the library, print. Any :class:`FractalError`
 becomes one line on stderr and exit status 2.
@@ -103,6 +103,11 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--level", type=int, required=True)
     x.add_argument("--index", type=int, required=True)
     x.add_argument("--out", required=True)
+
+    g = sub.add_parser("grow", help="a concept run plus a top concept level (a no-op at first)")
+    g.add_argument("run")
+    g.add_argument("--combo", type=int, default=4, help="units of the old top level per new concept")
+    g.add_argument("--out", required=True)
 
     sv = sub.add_parser("serve", help="HTTP API and a page for every sub-model (batched; needs [serve])")
     sv.add_argument("run")
@@ -316,6 +321,34 @@ def cmd_extract(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_grow(a: argparse.Namespace) -> int:
+    import fractalformer
+
+    from .checkpoint import save_model, save_run_config, save_train_state
+    from .config import RunConfig
+    from .models.concept import ConceptGPT, grow
+    from .train import make_optimizer
+
+    out = Path(a.out)
+    if (out / "config.json").exists():
+        raise FractalError(f"{out} already holds a run; choose another --out")
+    model = fractalformer.load(a.run)
+    if not isinstance(model, ConceptGPT):
+        raise FractalError(f"grow needs a family=concept run, not family {model.config.family}")
+    if a.combo < 2:
+        raise FractalError(f"--combo must be at least 2, got {a.combo}")
+    grown = grow(model, a.combo)
+    cfg = RunConfig(grown.config, model.run_config.train)
+    cfg.validate()
+    save_run_config(out, cfg, model.tokenizer)
+    save_model(out, grown, 0)
+    # a fresh training state, so `fractalformer train --out DIR --resume` trains it further
+    save_train_state(out, make_optimizer(grown, cfg), {"step": 0, "model_step": 0, "elapsed_s": 0.0})
+    print(f"grown to {grown.config.concept_levels} concept levels (combo {grown.config.combo}): "
+          f"{grown.num_params():,} parameters -> {out}")
+    return 0
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
     try:
         from .serve import Limits, serve
@@ -333,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         commands = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "extract": cmd_extract,
-                    "speculate": cmd_speculate, "analyze": cmd_analyze, "serve": cmd_serve}
+                    "speculate": cmd_speculate, "analyze": cmd_analyze, "serve": cmd_serve,
+                    "grow": cmd_grow}
         return commands[args.command](args)
     except FractalError as e:
         print(f"error: {e}", file=sys.stderr)

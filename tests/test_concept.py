@@ -273,3 +273,17 @@ def test_torchrun_two_processes_match_single_process(tmp_path: Path, capsys: pyt
     wa, wb = (load_file(str(tmp_path / r / "model.safetensors")) for r in ("single", "ddp"))
     for k in wa:  # all-reduce sums in another order: float rounding only
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-4)
+
+
+def test_cli_grow_keeps_the_loss_and_trains_on(concept_run: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "grown"
+    code, stdout, _ = run_cli(capsys, "grow", concept_run, "--combo", "2", "--out", out)
+    assert code == 0 and "3 concept levels" in stdout
+    before = json.loads(run_cli(capsys, "eval", concept_run, "--json")[1])[0]
+    after = json.loads(run_cli(capsys, "eval", out, "--json")[1])[0]
+    assert after["val_loss"] == before["val_loss"] and after["params"] > before["params"]
+    code, _, _ = run_cli(capsys, "train", "--out", out, "--resume", "--quiet", "--max-steps", "3")
+    assert code == 0 and fractalformer.load(out).config.concept_levels == 3
+    code, _, err = run_cli(capsys, "grow", concept_run, "--out", out)
+    assert code == 2 and "already holds a run" in err
