@@ -69,7 +69,7 @@ def step_flops(cfg: RunConfig) -> int:
     return int(counter.get_total_flops())
 
 
-def run_one(name: str, steps: int, root: Path) -> dict:
+def run_one(name: str, steps: int, root: Path, warmup: int) -> dict:
     folder = root / name
     done = folder / "eval.json"
     if done.is_file():
@@ -77,7 +77,8 @@ def run_one(name: str, steps: int, root: Path) -> dict:
     if folder.exists():
         shutil.rmtree(folder)
     preset, sets = VARIANTS[name]
-    cfg = build_config(preset, None, [*sets, f"max_steps={steps}", "sample_tokens=0", "eval_every=50"])
+    cfg = build_config(preset, None, [*sets, f"max_steps={steps}", f"warmup_steps={warmup}",
+                                      "sample_tokens=0", "eval_every=50"])
     flops = step_flops(cfg)
     t0 = time.perf_counter()
     res = train(cfg, folder, progress=False)
@@ -85,7 +86,8 @@ def run_one(name: str, steps: int, root: Path) -> dict:
     model = fractalformer.load(folder)
     with (folder / "metrics.csv").open() as f:
         metrics = list(csv.DictReader(f))
-    result = {"name": name, "preset": preset, "sets": sets, "steps": steps, "wall_s": round(wall, 1),
+    result = {"name": name, "preset": preset, "sets": sets, "steps": steps, "warmup": warmup,
+              "wall_s": round(wall, 1),
               "params": model.num_params(), "step_flops": flops,
               "train_s_per_step": float(metrics[-1]["elapsed_s"]) / steps,
               "val_curve": [(int(r["step"]), float(r["elapsed_s"]), float(r["val_loss"]), float(r["val_bpc"]))
@@ -104,11 +106,12 @@ def at(curve: list, x: float, axis: int) -> float | None:
     return None
 
 
-def report(results: dict[str, dict], steps: int) -> str:
-    lines = [f"# Next-concept predictor vs the dense reference ({steps} steps)", "",
+def report(results: dict[str, dict], steps: int, warmup: int) -> str:
+    lines = [f"# Next-concept predictor vs the dense reference ({steps} steps, warmup {warmup})", "",
              f"Machine: {machine()}; other jobs shared the 2 cores, so wall times are only roughly "
              "comparable (quality at equal steps is exact).", "",
-             f"Command: `python bench/concept_experiment.py --steps {steps}`. BPC = bits per character "
+             f"Command: `python bench/concept_experiment.py --steps {steps} --warmup {warmup}`. "
+             "BPC = bits per character "
              "(per byte for byte runs) on the full validation split. FLOPs: one training step counted by "
              "torch's FlopCounterMode. 'dense at equal FLOPs / wall' = the dense run of the same tokenizer "
              "interpolated on its validation curve (fixed validation batches) at the concept run's total "
@@ -140,19 +143,20 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--out", default="runs/concept")
     ap.add_argument("--only", nargs="*", choices=list(VARIANTS), help="run only these names")
+    ap.add_argument("--warmup", type=int, default=100, help="warmup steps (the presets' 100 by default)")
     ap.add_argument("--docs", default="docs")
     ap.add_argument("--report", action="store_true", help="only rebuild the table from finished runs")
     a = ap.parse_args()
     root = Path(a.out) / f"steps{a.steps}"
     for name in [] if a.report else a.only or VARIANTS:
         print(f"== {name}", flush=True)
-        r = run_one(name, a.steps, root)
+        r = run_one(name, a.steps, root, a.warmup)
         print(f"   {r['wall_s']:.0f} s; BPC {r['row']['val_bpc']:.4f}", flush=True)
     results = {n: json.loads((root / n / "eval.json").read_text())
                for n in VARIANTS if (root / n / "eval.json").is_file()}
     docs = Path(a.docs)
     (docs / f"concept_experiment_{a.steps}.json").write_text(json.dumps(results, indent=1))
-    (docs / f"concept_experiment_{a.steps}.md").write_text(report(results, a.steps))
+    (docs / f"concept_experiment_{a.steps}.md").write_text(report(results, a.steps, a.warmup))
 
 
 if __name__ == "__main__":
