@@ -173,9 +173,8 @@ class ConceptGPT(GPT):
                                      for k in range(1 if c.concept_share else n_levels))
         self.read_scale = nn.ParameterList(nn.Parameter(torch.ones(c.d_model)) for _ in range(n_levels))
         self.start = nn.ParameterList(nn.Parameter(torch.empty(c.d_model)) for _ in range(n_levels))
-        self.combiners = nn.ModuleList(
-            Linear(self.nest, k * c.d_model, c.d_model, False) if c.combiner == "linear" else nn.Identity()
-            for k in self.combo)
+        self.combiners = nn.ModuleList(Linear(self.nest, k * c.d_model, c.d_model, False) for k in self.combo
+                                       ) if c.combiner == "linear" else nn.ModuleList()
         self.concept_norms = nn.ModuleList(RMSNorm(self.nest, c.d_model, c.norm_eps) for _ in range(n_levels))
         self.plan_norms = nn.ModuleList(RMSNorm(self.nest, c.d_model, c.norm_eps) for _ in range(n_levels))
         # a head only where the regression loss is on: every parameter takes part in the loss (DDP)
