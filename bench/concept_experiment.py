@@ -115,26 +115,30 @@ def report(results: dict[str, dict], steps: int, warmup: int) -> str:
              "(per byte for byte runs) on the full validation split. FLOPs: one training step counted by "
              "torch's FlopCounterMode. 'dense at equal FLOPs / wall' = the dense run of the same tokenizer "
              "interpolated on its validation curve (fixed validation batches) at the concept run's total "
-             "FLOPs / wall time; '-' where the dense run did not get that far.", "",
+             "FLOPs / wall time; 'run at dense's FLOPs / wall' = this run's curve at the dense run's "
+             "totals (mid-schedule for a run that costs more, so it favours dense); '-' where a curve "
+             "did not get that far. Curve figures are on the fixed validation batches, not the full "
+             "split.", "",
              "| run | config | params | FLOPs/step | s/step | val nats/token | BPC | "
-             "vs dense (equal steps) | dense at equal FLOPs | dense at equal wall |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "vs dense (equal steps) | dense at equal FLOPs | run at dense's FLOPs | dense at equal wall | "
+             "run at dense's wall |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in VARIANTS:
         r = results.get(name)
         if r is None:
             continue
         row = r["row"]
         ref = results.get("dense_byte" if "byte" in name else "dense")
-        vs = eq_f = eq_w = "-"
+        vs, cells = "-", ["-"] * 4
         if ref is not None and ref is not r:
             vs = f"{row['val_bpc'] - ref['row']['val_bpc']:+.4f}"
-            f = at(ref["val_curve"], r["step_flops"] * steps / ref["step_flops"], 0)
-            w = at(ref["val_curve"], r["wall_s"], 1)
-            eq_f = f"{f:.4f}" if f is not None else "-"
-            eq_w = f"{w:.4f}" if w is not None else "-"
+            ratio = r["step_flops"] / ref["step_flops"]
+            found = [at(ref["val_curve"], steps * ratio, 0), at(r["val_curve"], steps / ratio, 0),
+                     at(ref["val_curve"], r["wall_s"], 1), at(r["val_curve"], ref["wall_s"], 1)]
+            cells = [f"{v:.4f}" if v is not None else "-" for v in found]
         lines.append(f"| {name} | {r['preset']} {' '.join(r['sets'])} | {r['params']:,} | "
                      f"{r['step_flops'] / 1e9:.1f} G | {r['train_s_per_step']:.2f} | {row['val_loss']:.4f} | "
-                     f"{row['val_bpc']:.4f} | {vs} | {eq_f} | {eq_w} |")
+                     f"{row['val_bpc']:.4f} | {vs} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
 
 
