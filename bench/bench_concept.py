@@ -1,6 +1,7 @@
 """Speed of the next-concept predictor against the dense reference, measured in one run.
 
-    python bench/bench_concept.py [--preset concept] [--tokens 200] [--repeat 3] [--json FILE]
+    python bench/bench_concept.py [--preset concept] [--set KEY=VALUE] [--tokens 200] [--repeat 3]
+                                  [--no-context] [--json FILE]
 
 * Decode: greedy tokens/s with KV caches at batch 1 and 16 (a 16-token prompt, then
   ``--tokens`` single-token steps), concept model / dense model.
@@ -54,6 +55,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="override a key of the concept model")
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--no-context", action="store_true", help="decode figures only")
     ap.add_argument("--json", help="also write the figures to this file")
     a = ap.parse_args()
     print(f"machine: {machine()}")
@@ -70,7 +72,7 @@ def main() -> None:
         out["decode"][batch] = row
         print(f"decode batch {batch:>2}: dense {row['dense_tok_s']:8.1f} tok/s | concept "
               f"{row['concept_tok_s']:8.1f} tok/s | concept/dense speed {row['ratio']:.2f}x")
-    for block in (256, 1024, 4096):
+    for block in () if a.no_context else (256, 1024, 4096):
         batch = 4096 // block
         sets = [f"block_size={block}", f"batch_size={batch}"]
         d, c = model_of("dense", sets), model_of(a.preset, [*a.set, *sets])
