@@ -275,7 +275,7 @@ def test_torchrun_two_processes_match_single_process(tmp_path: Path, capsys: pyt
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-4)
 
 
-def test_cli_grow_keeps_the_loss_and_trains_on(concept_run: Path, tmp_path: Path,
+def test_cli_grow_keeps_the_loss_and_trains_on(concept_run: Path, tiny_run: Path, tmp_path: Path,
                                                capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "grown"
     code, stdout, _ = run_cli(capsys, "grow", concept_run, "--combo", "2", "--out", out)
@@ -287,3 +287,5 @@ def test_cli_grow_keeps_the_loss_and_trains_on(concept_run: Path, tmp_path: Path
     assert code == 0 and fractalformer.load(out).config.concept_levels == 3
     code, _, err = run_cli(capsys, "grow", concept_run, "--out", out)
     assert code == 2 and "already holds a run" in err
+    code, _, err = run_cli(capsys, "grow", tiny_run, "--out", tmp_path / "g2")
+    assert code == 2 and "needs a family=concept run" in err and not (tmp_path / "g2").exists()
