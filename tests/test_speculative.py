@@ -10,13 +10,8 @@ import torch
 from fractalformer import FractalError
 from fractalformer.config import ModelConfig
 from fractalformer.generate import SpecStats, generate, speculate
-from fractalformer.generate.speculative import (
-    _Policy,
-    best_gamma,
-    commit_row,
-    expected_tokens,
-    parse_sub_model,
-)
+from fractalformer.generate.spec_policy import Policy, best_gamma, expected_tokens
+from fractalformer.generate.speculative import commit_row, parse_sub_model
 from fractalformer.models import build_model
 from fractalformer.nn import KVCache
 
@@ -143,7 +138,7 @@ def test_best_gamma_weighs_draft_verify_and_plain_costs() -> None:
 
 
 def test_policy_measures_then_drafts_only_while_it_pays() -> None:
-    p = _Policy(4, adaptive=True, stats=SpecStats())
+    p = Policy(4, adaptive=True, stats=SpecStats())
     assert p.gamma() == 0  # plain decoding is measured first (the first call warms up)
     p.timed("plain", 5.0)
     p.timed("plain", 1.0)
@@ -160,7 +155,7 @@ def test_policy_measures_then_drafts_only_while_it_pays() -> None:
     assert p.gamma() > 0
     p.timed("draft", 100.0)  # drafting can never pay now: stop probing
     assert p.gamma() == 0 and p.plain_left > 10**6
-    assert _Policy(3, adaptive=False, stats=SpecStats()).gamma() == 3
+    assert Policy(3, adaptive=False, stats=SpecStats()).gamma() == 3
 
 
 def test_row_views_share_memory() -> None:
