@@ -17,6 +17,7 @@ Writes PNGs and one self-contained ``report.html`` (images inlined) into ``RUN/a
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import json
 import math
@@ -162,23 +163,30 @@ def _table(rows: list[dict]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def analyze(run_dir: str | Path, windows: int = 16) -> Path:
-    """Build ``RUN/analysis/report.html`` (and its PNGs, and ``summary.json``)."""
+def analyze(run_dir: str | Path, windows: int = 16, data: str | None = None, device: str = "cpu",
+            dtype: str = "auto") -> Path:
+    """Build ``RUN/analysis/report.html`` (and its PNGs, and ``summary.json``).
+
+    ``data`` scores another text than the run's own; ``dtype`` bfloat16 (or auto on CUDA)
+    runs the model under bf16 autocast.
+    """
     import fractalformer
 
     from ..evaluate import evaluate_full
-    from ..train.trainer import prepare_data
+    from ..train.trainer import run_data
 
     run_dir = Path(run_dir)
-    model = fractalformer.load(run_dir)
+    model = fractalformer.load(run_dir, device)
     cfg = model.run_config
+    corpus = run_data(run_dir, model, data)
     out = run_dir / "analysis"
     out.mkdir(exist_ok=True)
-    _, corpus = prepare_data(cfg, model.tokenizer)
-    rows = evaluate_full(model, corpus, cfg.model.block_size)
+    bf16 = dtype == "bfloat16" or (dtype == "auto" and device == "cuda")
+    with torch.autocast(device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+        rows = evaluate_full(model, corpus, cfg.model.block_size, device)
     t = cfg.model.block_size
     n = min(windows, (len(corpus.val) - 1) // t)
-    val_windows = corpus.val[: n * t].view(n, t)
+    val_windows = corpus.val[: n * t].view(n, t).to(device)
     cons = consistency(model, val_windows)
     usage = expert_usage(model, val_windows, out / "expert_usage.png")
     _heatmaps(model, out / "similarity.png")
