@@ -41,7 +41,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults after every option; epilogs (the examples) printed as written."""
+    """Defaults after every option that has one; epilogs (the examples) printed as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, [], argparse.SUPPRESS) or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _examples(*lines: str) -> str:
@@ -163,7 +168,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _sampling_args(p: argparse.ArgumentParser, temperature: bool) -> None:
-    p.add_argument("--prompt", default="\n", help="text to continue")
+    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=200, help="tokens to generate")
     if temperature:
         p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -232,12 +237,15 @@ def cmd_train(a: argparse.Namespace) -> int:
         print(f"{why} at step {result.step}; saved to {out}. Continue with: "
               f"fractalformer train --out {out} --resume")
         return 130 if result.stopped == "interrupted" else 0
-    for f in result.final or []:
-        who = "" if len(result.final) == 1 else f"sub-model ({f.level}, {f.index}) width {f.width}: "
-        print(f"validation {who}{f.val_loss:.4f} nats/token | {f.val_bpc:.4f} bits/{f.unit} | "
+    if result.final and len(result.final) == 1:
+        f = result.final[0]
+        print(f"validation {f.val_loss:.4f} nats/token | {f.val_bpc:.4f} bits/{f.unit} | "
               f"{f.nats_per_char:.4f} nats/{f.unit} ({f.tokens:,} tokens)")
         if f.extra:
             print(_usage_line(f.extra))
+    elif result.final:
+        print("validation of every sub-model:")
+        _print_rows(result.final)
     if a.quiet:
         return 0
     print(f"curves: {out / 'curves.png'}")
@@ -285,7 +293,13 @@ def cmd_eval(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps([r.to_json() for r in rows]))
         return 0
-    unit = model.tokenizer.unit
+    _print_rows(rows)
+    return 0
+
+
+def _print_rows(rows: list) -> None:
+    """Validation rows (evaluate.EvalRow) as a table."""
+    unit = rows[0].unit
     print(f"{'level':>5} {'index':>8} {'width':>6} {'params':>10} {'val_loss':>9} {'val_bp' + unit[0]:>8}")
     for r in rows:
         print(f"{r.level:>5} {r.index!s:>8} {r.width:>6} {r.params:>10,} {r.val_loss:>9.4f} "
@@ -293,7 +307,6 @@ def cmd_eval(a: argparse.Namespace) -> int:
     print(f"({rows[0].tokens:,} validation tokens; loss in nats/token, bits per {unit})")
     if rows[0].extra:
         print(_usage_line(rows[0].extra))
-    return 0
 
 
 def _usage_line(u: dict) -> str:

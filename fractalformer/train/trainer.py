@@ -234,13 +234,13 @@ def _resume_note(saved: RunConfig, cfg: RunConfig, start: int) -> str:
     return note
 
 
-def _level_table(val: dict, levels: int) -> list[str]:
+def _level_table(val: dict, widths: list[int]) -> list[str]:
     """Per-sub-model validation losses (nats/token), one compact line per level."""
     lines = []
-    for lv in range(levels):
+    for lv, width in enumerate(widths):
         subs = [f"{v:.4f}" for k, v in val.items() if k[0] == lv and k[1] != "ensemble"]
         ens = val.get((lv, "ensemble"))
-        lines.append(f"  level {lv}: " + " ".join(subs) + ("" if ens is None else f" | ensemble {ens:.4f}"))
+        lines.append(f"  level {lv} (width {width}): " + " ".join(subs) + ("" if ens is None else f" | ensemble {ens:.4f}"))
     return lines
 
 
@@ -368,10 +368,12 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, stop_after: int
                 if len(subs) > 1:
                     row |= {f"val_{sub_name(*k)}": f"{v:.6f}" for k, v in val.items()}
                 if dd.main and progress:
-                    bar.write(f"step {step}: train {train_loss:.4f} | val {vl:.4f} nats/token, "
-                              f"{to_bpc(vl, corpus.val_units_per_token):.3f} bits/{tok.unit} (full model)")
+                    full = float(stats[1]) if len(subs) > 1 else train_loss  # like with like
+                    bar.write(f"step {step}: full model train {full:.4f} | val {vl:.4f} nats/token, "
+                              f"{to_bpc(vl, corpus.val_units_per_token):.3f} bits/{tok.unit}")
                     if len(subs) > 1:
-                        for line in _level_table(val, model.nest.levels):
+                        widths = [model.level_width(lv) for lv in range(model.nest.levels)]
+                        for line in _level_table(val, widths):
                             bar.write(line)
             if dd.main:
                 log.writerow(row)
