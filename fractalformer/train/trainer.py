@@ -240,7 +240,8 @@ def _level_table(val: dict, widths: list[int]) -> list[str]:
     for lv, width in enumerate(widths):
         subs = [f"{v:.4f}" for k, v in val.items() if k[0] == lv and k[1] != "ensemble"]
         ens = val.get((lv, "ensemble"))
-        lines.append(f"  level {lv} (width {width}): " + " ".join(subs) + ("" if ens is None else f" | ensemble {ens:.4f}"))
+        tail = "" if ens is None else f" | ensemble {ens:.4f}"
+        lines.append(f"  level {lv} (width {width}): " + " ".join(subs) + tail)
     return lines
 
 
