@@ -438,7 +438,7 @@ def parse_set(items: list[str]) -> dict[str, str]:
     for item in items:
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
-            raise FractalError(f"--set expects key=value, got {item!r}")
+            raise FractalError(f"a setting is key=value, got {item!r}")
         out[key.strip()] = value
     return out
 
