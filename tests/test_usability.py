@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import stat
+import warnings
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import torch
 
 import fractalformer
 from fractalformer import checkpoint as ckpt
+from fractalformer.analysis.plots import _sub_colour, ema, plot_curves
 from fractalformer.cli import _parser, _warning_line
 from fractalformer.config import build_config
 from fractalformer.data import Corpus
@@ -240,3 +242,24 @@ def test_license_file_matches_pyproject() -> None:
     root = Path(__file__).parent.parent
     license_name = tomllib.loads((root / "pyproject.toml").read_text())["project"]["license"]["text"]
     assert (root / "LICENSE").read_text().startswith(f"{license_name} License")
+
+
+# -- 4. curves -------------------------------------------------------------------------------------
+def test_smoothing_is_not_pulled_towards_the_first_step() -> None:
+    assert ema([5.0, 5.0, 5.0]) == pytest.approx([5.0, 5.0, 5.0])
+    assert ema([10.0] + [1.0] * 30)[-1] < 1.2  # started at the first value it would still read 2.9
+
+
+def test_curves_before_the_first_evaluation_draw_without_warnings(tmp_path: Path) -> None:
+    fields = ["step", "tokens", "lr", "train_loss", "val_loss", "val_bpc", "elapsed_s", "train_0.0",
+              "train_1.0", "train_1.1", "val_0.0", "val_1.0", "val_1.1", "val_1.ens"]
+    lines = [",".join(fields)] + [f"{s},0,0.001,4.{s},,,0,4.{s},4.{s},4.{s},,,," for s in range(1, 4)]
+    (tmp_path / "metrics.csv").write_text("\n".join(lines) + "\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert plot_curves(tmp_path).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sub_models_of_a_level_get_distinct_colours() -> None:
+    colours = [_sub_colour(lv, j, 2**lv) for lv in range(3) for j in range(2**lv)]
+    assert len(set(colours)) == len(colours) == 7

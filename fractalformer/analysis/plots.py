@@ -47,7 +47,8 @@ def plot_curves(run_dir: str | Path, name: str = "curves.png") -> Path:
     train = [float(r["train_0.0" if nested else "train_loss"]) for r in rows]
     if train:
         ax.plot(steps, train, color="tab:blue", alpha=0.25, lw=0.8, label="train, each step's batch")
-        ax.plot(steps, ema(train), color="tab:blue", lw=1.6, label="train, moving average")
+        span = min(0.3, max(0.02, 20 / len(train)))  # about a twentieth of the run: short runs lag less
+        ax.plot(steps, ema(train, span), color="tab:blue", lw=1.6, label="train, moving average")
     val = [(int(r["step"]), float(r["val_loss"])) for r in rows if r.get("val_loss")]
     if val:
         ax.plot(*zip(*val, strict=True), "o-", color="tab:orange", lw=1.6, ms=3, label="validation")
