@@ -117,17 +117,18 @@ def _heatmaps(model: torch.nn.Module, out: Path) -> list[Path]:
     paths = []
     for lv, e in embedding_slices(model).items():
         sim = cosine_matrix(e)[order][:, order].numpy()
-        fig, ax = plt.subplots(figsize=(8.2, 7.4))
+        side = min(14.0, max(7.0, len(order) * 0.085))  # about 9 pixels a token up to 160 tokens
+        fig, ax = plt.subplots(figsize=(side + 1.2, side))
         im = ax.imshow(sim, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
         for k in edges:
             ax.axhline(k - 0.5, color="black", lw=0.6)
             ax.axvline(k - 0.5, color="black", lw=0.6)
-        small = 4.5 if len(order) <= 140 else 2.5
+        small = 6 if len(order) <= 160 else 3.5
         ax.set_xticks(range(len(order)), [labels[i] for i in order], fontsize=small, rotation=90)
         ax.set_yticks(range(len(order)), [labels[i] for i in order], fontsize=small)
         top = ax.secondary_xaxis("top")
         top.set_xticks([(a + b - 1) / 2 for a, b in spans],
-                       [CLASS_NAMES[classes[a]] for a, _ in spans], fontsize=7, rotation=20, ha="left")
+                       [CLASS_NAMES[classes[a]] for a, _ in spans], fontsize=9, rotation=30, ha="left")
         ax.set_title(f"level {lv}: the {e.shape[1]} embedding columns sub-model ({lv}, 0) owns", pad=42)
         fig.colorbar(im, ax=ax, shrink=0.8, label="cosine similarity of two tokens' embeddings")
         path = out / f"similarity_level{lv}.png"
@@ -212,7 +213,7 @@ line-height:1.45}h1{margin-bottom:.2em}h2{margin-top:2em;border-bottom:1px solid
 td,th{border:1px solid #ccc;padding:3px 9px;text-align:left}th{background:#f3f3f3}td.num{text-align:right;
 font-variant-numeric:tabular-nums}tbody tr:nth-child(even){background:#fafafa}img{max-width:100%;height:auto}
 pre{background:#f7f7f7;padding:.6em;white-space:pre-wrap;max-height:14em;overflow:auto}nav a{margin-right:1em}
-.grid{display:flex;flex-wrap:wrap;gap:1em}.grid figure{margin:0;flex:1 1 480px}"""
+figure{margin:1em 0}"""
 
 
 def analyze(run_dir: str | Path, windows: int = 16, data: str | None = None, device: str = "cpu",
@@ -329,7 +330,7 @@ colour family per level, dashed for level ensembles.</p>{_img(curves, "loss curv
 <h2 id=similarity>Embedding similarity per width</h2><p class=about>Cosine similarity between the
 embeddings of every pair of tokens, using only the embedding columns that level's first sub-model owns.
 Tokens are grouped by class (black lines; names on top); red blocks on the diagonal mean a width keeps
-its class together. ␣ is a space, ↵ a newline.</p><div class=grid>{figures}</div>
+its class together. ␣ is a space, ↵ a newline.</p>{figures}
 <h3>Selected pairs</h3><p class=about>cos(a, A) is a case pair, cos(a, i) two vowels, at every width.</p>
 {_table(cos_rows, 1)}
 <h2 id=clusters>Clusters of the embedding</h2><p class=about>Average-linkage clustering of the full
