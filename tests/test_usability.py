@@ -22,6 +22,7 @@ from fractalformer.cli import _parser, _warning_line
 from fractalformer.config import build_config
 from fractalformer.data import Corpus
 from fractalformer.tokenizers import get_tokenizer
+from fractalformer.train import trainer
 from fractalformer.train.trainer import set_cpu_threads
 
 from .conftest import TINY, run_cli
@@ -141,12 +142,14 @@ def test_unusable_run_folders(capsys, tmp_path: Path) -> None:
     assert a_file.read_text() == "x"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
-def test_unwritable_run_folder(capsys, tmp_path: Path) -> None:
+def test_unwritable_run_folder(capsys, tmp_path: Path, monkeypatch) -> None:
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
+    if os.geteuid() == 0:  # root may write anywhere: stand in for a read-only file system
+        monkeypatch.setattr(trainer.os, "access", lambda path, mode: Path(path) != locked)
     code, _, err = run_cli(capsys, "train", *QUICK, "--out", locked / "run")
-    assert_one_line_error(code, err, "is not writable")
+    assert_one_line_error(code, err, f"cannot write run folder {locked / 'run'}: {locked} is not writable")
+    assert list(locked.iterdir()) == []
 
 
 def test_bit_flip_and_non_finite_weights_are_errors(capsys, tiny_run: Path, tmp_path: Path) -> None:
