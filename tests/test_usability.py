@@ -269,3 +269,11 @@ def test_curves_before_the_first_evaluation_draw_without_warnings(tmp_path: Path
 def test_sub_models_of_a_level_get_distinct_colours() -> None:
     colours = [_sub_colour(lv, j, 2**lv) for lv in range(3) for j in range(2**lv)]
     assert len(set(colours)) == len(colours) == 7
+
+
+def test_unknown_character_hint_names_what_train_has(capsys, tmp_path: Path) -> None:
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat " * 40 + "café")
+    code, _, err = run_cli(capsys, "train", *QUICK, "--data", text, "--out", tmp_path / "r")
+    assert_one_line_error(code, err, "(on_unknown='replace' maps unknown characters to '?'; the char")
+    assert "--unknown" not in err  # a sample flag, which train does not have
