@@ -162,10 +162,15 @@ def load_model_state(run_dir: Path, model: torch.nn.Module) -> int | None:
     return int(step) if step is not None and step.isdigit() else None
 
 
-def save_train_state(run_dir: Path, optimizer: torch.optim.Optimizer, info: dict[str, Any]) -> None:
-    """Optimizer moments as safetensors, everything scalar as JSON (written last)."""
+def save_train_state(run_dir: Path, optimizer: torch.optim.Optimizer, info: dict[str, Any],
+                     rng: list[torch.Tensor] | None = None) -> None:
+    """Optimizer moments as safetensors, everything scalar as JSON (written last).
+
+    ``rng``: the CPU generator state of every rank (default: this process's), stored as
+    ``rng.torch.<rank>``.
+    """
     sd = optimizer.state_dict()
-    tensors = {"rng.torch": torch.get_rng_state()}
+    tensors = {f"rng.torch.{r}": s for r, s in enumerate(rng or [torch.get_rng_state()])}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     for pid, st in sd["state"].items():
@@ -175,7 +180,9 @@ def save_train_state(run_dir: Path, optimizer: torch.optim.Optimizer, info: dict
     write_json(Path(run_dir) / STATE_JSON, {**info, "param_groups": sd["param_groups"]})
 
 
-def load_train_state(run_dir: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def load_train_state(run_dir: Path, optimizer: torch.optim.Optimizer, rank: int = 0) -> dict[str, Any]:
+    """Restore the optimizer and ``rank``'s generator; a rank the saving run did not have
+    keeps the stream it was seeded with."""
     info = read_json(Path(run_dir) / STATE_JSON)
     tensors = load_tensors(Path(run_dir) / STATE)
     state: dict[int, dict[str, torch.Tensor]] = {}
@@ -185,7 +192,9 @@ def load_train_state(run_dir: Path, optimizer: torch.optim.Optimizer) -> dict[st
             state.setdefault(int(pid), {})[key] = val
     try:
         optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
-        torch.set_rng_state(tensors["rng.torch"])
+        rng = tensors.get(f"rng.torch.{rank}", tensors.get("rng.torch") if rank == 0 else None)
+        if rng is not None:  # "rng.torch": run folders written before per-rank states
+            torch.set_rng_state(rng)
         if "rng.cuda" in tensors and torch.cuda.is_available():
             torch.cuda.set_rng_state(tensors["rng.cuda"])
     except (KeyError, ValueError, RuntimeError) as e:

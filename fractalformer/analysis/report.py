@@ -30,7 +30,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from ..hierarchy import groups_to_labels, seed_groups, token_class, token_strings
+from ..hierarchy import group_key, groups_to_labels, seed_groups, token_class, token_strings
 from ..tokenizers import Tokenizer
 from .plots import plot_curves
 
@@ -84,11 +84,12 @@ def emergent_ari(run_dir: Path, model: torch.nn.Module) -> dict[int, float]:
     imposed = seed_groups(tok, widths)
     v = tok.vocab_size
     out = {}
-    for w, groups in last["ids"].items():
-        if int(w) in imposed:
+    for key, groups in last["ids"].items():  # "W" or "W.j"; per width, the mean over its sub-models
+        w = group_key(key)[0]
+        if w in imposed:
             found = groups_to_labels(groups, v)
-            out[int(w)] = round(float(adjusted_rand_score(groups_to_labels(imposed[int(w)], v), found)), 4)
-    return out
+            out.setdefault(w, []).append(adjusted_rand_score(groups_to_labels(imposed[w], v), found))
+    return {w: round(float(sum(s) / len(s)), 4) for w, s in out.items()}
 
 
 CLASS_NAMES = ["newline", "space, digits, punctuation", "upper vowels", "upper consonants", "lower vowels",

@@ -275,12 +275,14 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, stop_after: int
     tok, corpus = prepare_data(cfg, saved[1] if saved else None,
                                ckpt.load_data_sha256(out) if resume else None)
     torch.manual_seed(t.seed)
-    model = build_model(cfg.model).to(device)
+    model = build_model(cfg.model).to(device)  # every rank builds the same initial weights
+    if dd.rank:  # ... but draws its own dropout masks (rank 0 keeps the single-process stream)
+        torch.manual_seed(t.seed + 1_000_003 * dd.rank)
     optimizer = make_optimizer(model, cfg)
     start, elapsed0 = 0, 0.0
     if resume:
         model_step = ckpt.load_model_state(out, model)
-        info = ckpt.load_train_state(out, optimizer)
+        info = ckpt.load_train_state(out, optimizer, rank=dd.rank)
         start, elapsed0 = int(info["step"]), float(info.get("elapsed_s", 0.0))
         if model_step is not None and model_step != start:
             raise FractalError(f"{out}: model.safetensors (step {model_step}) and the training state "
@@ -312,9 +314,15 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, stop_after: int
     tokens_per_step = t.batch_size * cfg.model.block_size
 
     def save(step: int, elapsed: float) -> None:
+        rng = [torch.get_rng_state()]
+        if dd.world > 1:  # every rank's generator, so a resumed run draws the masks it would have
+            mine = rng[0].to(device)
+            rng = [torch.empty_like(mine) for _ in range(dd.world)]
+            dist.all_gather(rng, mine)
         if dd.main:
             ckpt.save_model(out, model, step)
-            ckpt.save_train_state(out, optimizer, {"step": step, "elapsed_s": elapsed})
+            info = {"step": step, "elapsed_s": elapsed}
+            ckpt.save_train_state(out, optimizer, info, [r.cpu() for r in rng])
 
     if dd.main and progress:
         n = model.num_params()
