@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from fractalformer.analysis.report import token_labels
 from fractalformer.data import read_text
 from fractalformer.tokenizers import get_tokenizer
@@ -22,6 +24,7 @@ def test_token_labels_are_printable() -> None:
     assert (byte[10], byte[32], byte[65], byte[200]) == ("↵", "␣", "A", "xc8")
 
 
+@pytest.mark.slow
 def test_report_renders_in_a_browser(capsys, tmp_path: Path) -> None:
     text = tmp_path / "small.txt"  # a short text keeps the full validation pass quick
     text.write_text(read_text(None)[:40000])

@@ -372,6 +372,7 @@ def test_serve_cli_errors_are_one_line(capsys, tmp_path: Path, random_run: Path)
     assert code == 2 and err.strip() == f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
 
 
+@pytest.mark.slow
 # -- the page, in headless Chromium -----------------------------------------------------------------
 def test_page_streams_a_completion_in_a_browser(api, model, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By

@@ -98,6 +98,7 @@ def chi_square_rejects(counts: Counter, expected: dict, n: int) -> bool:
     return stat > critical
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("drafts,gamma,top_k,length,confidence", [
     ([(1, 0)], 2, None, 2, 0.0),
     ([(1, 0), (2, 3), (2, 1)], 2, 4, 2, 0.0),

@@ -114,6 +114,7 @@ def test_ctrl_c_saves_and_resumes(tmp_path: Path) -> None:
     assert f'"step": {step}' in (out / "train_state.json").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="torchrun needs a POSIX system")
 def test_ddp_two_processes_match_single_process(tmp_path: Path) -> None:
     sets = ["--set", "batch_size=8", "--set", "sample_tokens=0", "--max-steps", "6"]
