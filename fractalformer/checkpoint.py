@@ -74,6 +74,7 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def save_run_config(run_dir: Path, cfg: RunConfig, tok: Tokenizer) -> None:
+    tok.save(run_dir)  # before config.json, which names the tokenizer's files
     write_json(run_dir / CONFIG, {**cfg.to_dict(), "tokenizer": tok.to_dict()})
 
 
@@ -84,7 +85,7 @@ def load_run_config(run_dir: Path) -> tuple[RunConfig, Tokenizer]:
     d = read_json(run_dir / CONFIG)
     cfg = RunConfig.from_dict(d)
     cfg.validate()
-    tok = tokenizer_from_dict(d.get("tokenizer") or {"name": cfg.train.tokenizer})
+    tok = tokenizer_from_dict(d.get("tokenizer") or {"name": cfg.train.tokenizer}, run_dir)
     if tok.vocab_size != cfg.model.vocab_size:
         raise FractalError(f"{run_dir / CONFIG}: vocab_size {cfg.model.vocab_size} does not match "
                            f"the {tok.name} tokenizer's {tok.vocab_size}")

@@ -1,4 +1,4 @@
-"""The ``fractalformer`` command: train, eval, sample, extract, speculate, analyze, serve.
+"""The ``fractalformer`` command: train, eval, sample, extract, export, speculate, analyze, serve.
 
 Thin by design: parse arguments, call the library, print. Any :class:`FractalError`
 becomes one line on stderr and exit status 2.
@@ -103,6 +103,12 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--level", type=int, required=True)
     x.add_argument("--index", type=int, required=True)
     x.add_argument("--out", required=True)
+
+    ex = sub.add_parser("export", help="a Hugging Face (Llama) folder of a run or sub-model (needs [hf])")
+    ex.add_argument("run")
+    ex.add_argument("--level", type=int, help="export sub-model (level, index) instead of the full model")
+    ex.add_argument("--index", type=int)
+    ex.add_argument("--out", required=True)
 
     sv = sub.add_parser("serve", help="HTTP API and a page for every sub-model (batched; needs [serve])")
     sv.add_argument("run")
@@ -316,6 +322,22 @@ def cmd_extract(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(a: argparse.Namespace) -> int:
+    import fractalformer
+
+    from .export import export
+
+    out = Path(a.out)
+    if out.exists():
+        raise FractalError(f"{out} already exists; choose another --out")
+    model = fractalformer.load(a.run)
+    dense = export(model, model.tokenizer, out, a.level, a.index)
+    print(f"exported {'the model' if a.level is None else f'sub-model ({a.level}, {a.index})'}: "
+          f"{dense.num_params():,} parameters, width {dense.config.d_model} -> {out} "
+          f"(transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+    return 0
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
     try:
         from .serve import Limits, serve
@@ -333,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         commands = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "extract": cmd_extract,
-                    "speculate": cmd_speculate, "analyze": cmd_analyze, "serve": cmd_serve}
+                    "speculate": cmd_speculate, "analyze": cmd_analyze, "serve": cmd_serve,
+                    "export": cmd_export}
         return commands[args.command](args)
     except FractalError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -250,9 +250,9 @@ class TrainConfig:
         _nonnegative(self, "emergent_every")
         _positive(self, "cluster_eps", "cluster_min_samples")
         _choice(self, "dtype", ("auto", "float32", "bfloat16"))
-        from .tokenizers import TOKENIZERS
+        from .tokenizers import check_name
 
-        _choice(self, "tokenizer", TOKENIZERS)
+        check_name(self.tokenizer)
 
 
 @dataclass
