@@ -9,7 +9,9 @@ a half-written checkpoint behind.
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -120,6 +122,68 @@ def load_model_state(run_dir: Path, model: torch.nn.Module) -> int | None:
     except (SafetensorError, OSError):
         step = None
     return int(step) if step is not None and step.isdigit() else None
+
+
+def read_sub_model(run_dir: Path, model: torch.nn.Module, level: int, index: int) -> dict[str, torch.Tensor]:
+    """Sub-model ``(level, index)``'s weights, read from model.safetensors and nothing more.
+
+    ``model`` only supplies the nesting of each parameter (build it on the meta device: it
+    holds no memory). A sub-model owns a few contiguous runs of every nested dimension (one
+    per head or fused part); the rows of each run are read with ``pread`` at the offsets
+    of the safetensors header. safetensors' own lazy ``get_slice`` would read the same
+    bytes through a memory map, whose touched pages (with the kernel's fault-around,
+    about two thirds of the file for a level-2 sub-model) count in the process's peak RSS.
+    """
+    path = Path(run_dir) / MODEL
+    if not path.is_file():
+        raise FractalError(f"{path} not found")
+    state = {}
+    with path.open("rb") as f:
+        base, header = _header(f, path)
+        for mod_name, mod in model.named_modules():
+            dims = getattr(mod, "nest_dims", None)
+            for pname, p in mod.named_parameters(recurse=False) if dims is not None else ():
+                key = f"{mod_name}.{pname}"
+                meta = header.get(key)
+                if not isinstance(meta, dict) or meta.get("shape") != list(p.shape) \
+                        or meta.get("dtype") not in _DTYPES:
+                    raise FractalError(f"{path}: tensor {key} is missing or misshapen for config.json")
+                runs = [_runs(model.nest.owned(n, level, g)[index]) if g else [(0, n)]
+                        for n, g in zip(p.shape, dims[pname], strict=True)]
+                dtype = _DTYPES[meta["dtype"]]
+                row = math.prod(p.shape[1:]) * dtype.itemsize
+                blocks = []
+                for a, b in runs[0]:
+                    data = os.pread(f.fileno(), (b - a) * row, base + meta["data_offsets"][0] + a * row)
+                    if len(data) != (b - a) * row:
+                        raise FractalError(f"{path} is truncated (tensor {key})")
+                    rows = torch.frombuffer(bytearray(data), dtype=dtype).view(b - a, *p.shape[1:])
+                    cols = [rows] if len(runs) == 1 else [rows[:, c:d] for c, d in runs[1]]
+                    blocks.append(torch.cat(cols, 1) if len(cols) > 1 else cols[0])
+                state[key] = torch.cat(blocks)
+    return state
+
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def _header(f: Any, path: Path) -> tuple[int, dict[str, Any]]:
+    """The safetensors header (tensor name -> dtype, shape, data_offsets) and where data starts."""
+    try:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    except (ValueError, UnicodeDecodeError, MemoryError, OverflowError):
+        raise FractalError(f"{path} is corrupt or truncated (bad header)") from None
+    if not isinstance(header, dict):
+        raise FractalError(f"{path} is corrupt (bad header)")
+    return 8 + n, header
+
+
+def _runs(idx: torch.Tensor) -> list[tuple[int, int]]:
+    """Sorted indices as maximal contiguous ``(start, stop)`` runs."""
+    v = idx.tolist()
+    cuts = [0] + [i for i in range(1, len(v)) if v[i] != v[i - 1] + 1] + [len(v)]
+    return [(v[a], v[b - 1] + 1) for a, b in itertools.pairwise(cuts)]
 
 
 def save_train_state(run_dir: Path, optimizer: torch.optim.Optimizer, info: dict[str, Any]) -> None:
