@@ -17,6 +17,7 @@ always decodes with exactly the vocabulary it was trained on.
 
 from __future__ import annotations
 
+import base64
 import codecs
 import hashlib
 import json
@@ -358,12 +359,14 @@ class TiktokenTokenizer(Tokenizer):
         return lambda i: dec.decode(self.enc.decode_single_token_bytes(i))
 
     def to_hf(self) -> Any:
-        from tiktoken.load import dump_tiktoken_bpe
+        """Through transformers' converter, which reads the ranks in tiktoken's file format
+        (``base64(token) rank`` per line; tiktoken's own writer needs ``blobfile``)."""
         from transformers.convert_slow_tokenizer import TikTokenConverter
 
+        ranks = sorted(self.enc._mergeable_ranks.items(), key=lambda kv: kv[1])
         with tempfile.TemporaryDirectory() as d:
             path = str(Path(d) / "ranks.tiktoken")
-            dump_tiktoken_bpe(self.enc._mergeable_ranks, path)
+            Path(path).write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks))
             return TikTokenConverter(vocab_file=path, pattern=self.enc._pat_str,
                                      extra_special_tokens=self.enc._special_tokens).converted()
 
@@ -377,10 +380,9 @@ def gpt2_tokenizer() -> TiktokenTokenizer:
     try:
         return TiktokenTokenizer(tiktoken.get_encoding("gpt2"))
     except Exception as e:  # requests' connection errors, a bad cached file
-        why = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-        raise FractalError(f"the gpt2 tokenizer could not be built: tiktoken downloads GPT-2's BPE file on "
-                           f"first use and this machine has neither a network nor a cached copy "
-                           f"(TIKTOKEN_CACHE_DIR); {type(e).__name__}: {why}") from None
+        raise FractalError(f"the gpt2 tokenizer could not be built ({type(e).__name__}): tiktoken downloads "
+                           f"GPT-2's BPE file on first use, and there is no network and no cached copy "
+                           f"(TIKTOKEN_CACHE_DIR); use bpe:N to train a BPE offline") from None
 
 
 def bpe_size(name: str) -> int | None:
