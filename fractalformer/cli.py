@@ -42,8 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--config", metavar="FILE.toml", help="TOML file of config keys")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key (repeatable)")
-    t.add_argument("--data", help="UTF-8 text file to train on (default: shipped TinyShakespeare)")
-    t.add_argument("--tokenizer", help="bpe128 (default), char or byte")
+    t.add_argument("--data", help="UTF-8 text file or `prepare`d folder (default: shipped TinyShakespeare)")
+    t.add_argument("--tokenizer", help="bpe128 (default), char, byte, bpe:N or gpt2")
     t.add_argument("--out", help="run folder (default: runs/<preset>-<time>)")
     t.add_argument("--max-steps", type=_positive_int, help="training steps (the schedule's horizon)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -104,6 +104,14 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--index", type=int, required=True)
     x.add_argument("--out", required=True)
 
+    pr = sub.add_parser("prepare", help="tokenize text files into a memory-mapped corpus for --data DIR")
+    pr.add_argument("data", nargs="+", help="text files and/or directories (every file under them)")
+    pr.add_argument("--tokenizer", default="bpe128", help="bpe128 (default), char, byte, bpe:N or gpt2")
+    pr.add_argument("--out", required=True)
+    pr.add_argument("--unknown", choices=("error", "replace"), default="error",
+                    help="what to do with characters the tokenizer lacks")
+    pr.add_argument("--quiet", action="store_true", help="no progress bar")
+
     ex = sub.add_parser("export", help="a Hugging Face (Llama) folder of a run or sub-model (needs [hf])")
     ex.add_argument("run")
     ex.add_argument("--level", type=int, help="export sub-model (level, index) instead of the full model")
@@ -125,6 +133,7 @@ def _parser() -> argparse.ArgumentParser:
 def cmd_train(a: argparse.Namespace) -> int:
     from .config import build_config, load_toml, parse_set
     from .data import read_text
+    from .prepare import is_prepared, load_prepared
     from .tokenizers import get_tokenizer
     from .train import train
 
@@ -145,8 +154,14 @@ def cmd_train(a: argparse.Namespace) -> int:
             sets.append(f"tokenizer={a.tokenizer}")
         cfg = build_config(a.preset, a.config, sets)
         explicit = set(parse_set(sets)) | (set(load_toml(a.config)) if a.config else set())
+        if is_prepared(cfg.train.data):  # prepared data: its tokenizer unless one is named
+            tok = load_prepared(cfg.train.data)[1]
+            if not explicit & {"tokenizer", "train.tokenizer"}:
+                cfg.train.tokenizer = tok.name
+        else:
+            tok = get_tokenizer(cfg.train.tokenizer, read_text(cfg.train.data))
         if not explicit & {"vocab_size", "model.vocab_size"}:
-            cfg.model.vocab_size = get_tokenizer(cfg.train.tokenizer, read_text(cfg.train.data)).vocab_size
+            cfg.model.vocab_size = tok.vocab_size
     if a.max_steps is not None:
         if a.max_steps < 1:
             raise FractalError("--max-steps must be at least 1")
@@ -322,6 +337,18 @@ def cmd_extract(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(a: argparse.Namespace) -> int:
+    from .prepare import prepare
+    from .tokenizers import check_name
+
+    check_name(a.tokenizer)
+    m = prepare(a.data, a.tokenizer, a.out, a.unknown, progress=not a.quiet)
+    print(f"prepared {len(m['files'])} file(s), {m['bytes']:,} bytes -> {m['count']:,} {a.tokenizer} tokens "
+          f"({m['train_count']:,} train, {m['val_units_per_token']:.3f} {m['unit']}s per validation token) "
+          f"in {a.out}; train with --data {a.out}")
+    return 0
+
+
 def cmd_export(a: argparse.Namespace) -> int:
     import fractalformer
 
@@ -356,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "extract": cmd_extract,
                     "speculate": cmd_speculate, "analyze": cmd_analyze, "serve": cmd_serve,
-                    "export": cmd_export}
+                    "export": cmd_export, "prepare": cmd_prepare}
         return commands[args.command](args)
     except FractalError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -166,6 +166,7 @@ def analyze(run_dir: str | Path, windows: int = 16) -> Path:
     """Build ``RUN/analysis/report.html`` (and its PNGs, and ``summary.json``)."""
     import fractalformer
 
+    from ..data import as_tensor
     from ..evaluate import evaluate_full
     from ..train.trainer import prepare_data
 
@@ -178,7 +179,7 @@ def analyze(run_dir: str | Path, windows: int = 16) -> Path:
     rows = evaluate_full(model, corpus, cfg.model.block_size)
     t = cfg.model.block_size
     n = min(windows, (len(corpus.val) - 1) // t)
-    val_windows = corpus.val[: n * t].view(n, t)
+    val_windows = as_tensor(corpus.val[: n * t]).view(n, t)
     cons = consistency(model, val_windows)
     usage = expert_usage(model, val_windows, out / "expert_usage.png")
     _heatmaps(model, out / "similarity.png")

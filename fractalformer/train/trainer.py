@@ -29,6 +29,7 @@ from ..errors import FractalError
 from ..evaluate import EvalRow, evaluate_full, fixed_val_batches, mean_losses, to_bpc
 from ..models import build_model
 from ..nn.product_keys import is_table
+from ..prepare import is_prepared
 from ..tokenizers import Tokenizer, get_tokenizer
 from .optim import Optimizers
 
@@ -136,6 +137,24 @@ def set_cpu_threads(local_world: int) -> None:
 
 
 def prepare_data(cfg: RunConfig, tok: Tokenizer | None = None) -> tuple[Tokenizer, Corpus]:
+    """Tokenizer and corpus of the run: ``tok`` (a saved run's) or the configured one.
+
+    ``data`` may be a ``fractalformer prepare`` folder: its ids are memory-mapped and
+    its tokenizer is the one they were made with.
+    """
+    if is_prepared(cfg.train.data):
+        saved, corpus = Corpus.prepared(str(cfg.train.data), cfg.model.block_size)
+        if tok is not None and tok.to_dict() != saved.to_dict():
+            raise FractalError(f"{cfg.train.data} was prepared with the {saved.name} tokenizer, not this "
+                               f"run's {tok.name}")
+        if tok is None and saved.name != cfg.train.tokenizer:
+            raise FractalError(f"{cfg.train.data} was prepared with the {saved.name} tokenizer; "
+                               f"tokenizer={cfg.train.tokenizer} does not match it")
+        tok = tok or saved
+        if tok.vocab_size != cfg.model.vocab_size:
+            raise FractalError(f"vocab_size {cfg.model.vocab_size} does not match the {tok.name} "
+                               f"tokenizer's {tok.vocab_size} tokens")
+        return tok, corpus
     text = read_text(cfg.train.data)
     if tok is None:
         tok = get_tokenizer(cfg.train.tokenizer, text)
