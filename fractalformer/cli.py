@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="run folder (default: runs/<preset>-<time>)")
     t.add_argument("--max-steps", type=_positive_int, help="training steps (the schedule's horizon)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument("--init-from", metavar="RUN", help="fine-tune: start from RUN's weights with a fresh "
+                   "optimizer (RUN's model config and tokenizer unless --tokenizer)")
     t.add_argument("--stop-after", type=_positive_int, metavar="N",
                    help="save and stop after N steps of this invocation, keeping the schedule")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -131,7 +133,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from .config import build_config, load_toml, parse_set
+    from .checkpoint import load_run_config
+    from .config import build_config, init_model_config, load_toml, parse_set
     from .data import read_text
     from .prepare import is_prepared, load_prepared
     from .tokenizers import get_tokenizer
@@ -140,11 +143,9 @@ def cmd_train(a: argparse.Namespace) -> int:
     if a.resume:
         if not a.out:
             raise FractalError("--resume needs --out RUN_DIR")
-        if a.preset or a.config or a.set or a.data or a.tokenizer:
+        if a.preset or a.config or a.set or a.data or a.tokenizer or a.init_from:
             raise FractalError("--resume continues a run with its saved config; only --max-steps "
                                "may change")
-        from .checkpoint import load_run_config
-
         cfg, _ = load_run_config(Path(a.out))
     else:
         sets = list(a.set)
@@ -152,15 +153,23 @@ def cmd_train(a: argparse.Namespace) -> int:
             sets.append(f"data={a.data}")
         if a.tokenizer:
             sets.append(f"tokenizer={a.tokenizer}")
+        if a.init_from:
+            sets.append(f"init_from={a.init_from}")
         cfg = build_config(a.preset, a.config, sets)
         explicit = set(parse_set(sets)) | (set(load_toml(a.config)) if a.config else set())
-        if is_prepared(cfg.train.data):  # prepared data: its tokenizer unless one is named
+        if a.init_from:
+            init_cfg, init_tok = load_run_config(Path(a.init_from))
+            given = (load_toml(a.config) if a.config else {}) | parse_set(sets)
+            cfg = init_model_config(cfg, init_cfg, given)
+            if not explicit & {"tokenizer", "train.tokenizer"}:
+                cfg.train.tokenizer = init_tok.name
+        elif is_prepared(cfg.train.data):  # prepared data: its tokenizer unless one is named
             tok = load_prepared(cfg.train.data)[1]
             if not explicit & {"tokenizer", "train.tokenizer"}:
                 cfg.train.tokenizer = tok.name
         else:
             tok = get_tokenizer(cfg.train.tokenizer, read_text(cfg.train.data))
-        if not explicit & {"vocab_size", "model.vocab_size"}:
+        if not a.init_from and not explicit & {"vocab_size", "model.vocab_size"}:
             cfg.model.vocab_size = tok.vocab_size
     if a.max_steps is not None:
         if a.max_steps < 1:

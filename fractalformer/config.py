@@ -206,7 +206,8 @@ class TrainConfig:
     """Optimisation and bookkeeping. Defaults train the default model in ~10 min on 2 cores."""
 
     tokenizer: str = "bpe128"
-    data: str | None = None  # None = the shipped TinyShakespeare
+    data: str | None = None  # None = the shipped TinyShakespeare, a text file or a prepared folder
+    init_from: str | None = None  # fine-tuning: start from this run's weights (and tokenizer)
     on_unknown: str = "error"  # or "replace": map unknown characters to a known one
     batch_size: int = 16
     routing: str = "shared"  # nested models: shared, split or shard (see data.training_batch)
@@ -432,6 +433,17 @@ def load_toml(path: str) -> dict[str, Any]:
         else:
             flat[k] = v
     return flat
+
+
+def init_model_config(cfg: RunConfig, init: RunConfig, given: dict[str, Any]) -> RunConfig:
+    """Fine-tuning: the model config of the run started from, under ``cfg``'s training config;
+    model keys set explicitly (``given``) still apply (a changed shape fails at loading)."""
+    out = RunConfig(dataclasses.replace(init.model), cfg.train)
+    model_keys = {f.name for f in fields(ModelConfig)}
+    apply_overrides(out, {k: v for k, v in given.items() if k.rpartition(".")[2] in model_keys
+                          and k.rpartition(".")[0] in ("", "model")})
+    out.validate()
+    return out
 
 
 def build_config(

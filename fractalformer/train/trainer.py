@@ -150,18 +150,38 @@ def prepare_data(cfg: RunConfig, tok: Tokenizer | None = None) -> tuple[Tokenize
         if tok is None and saved.name != cfg.train.tokenizer:
             raise FractalError(f"{cfg.train.data} was prepared with the {saved.name} tokenizer; "
                                f"tokenizer={cfg.train.tokenizer} does not match it")
-        tok = tok or saved
-        if tok.vocab_size != cfg.model.vocab_size:
-            raise FractalError(f"vocab_size {cfg.model.vocab_size} does not match the {tok.name} "
-                               f"tokenizer's {tok.vocab_size} tokens")
-        return tok, corpus
+        _check_vocab(cfg, tok or saved)
+        return tok or saved, corpus
     text = read_text(cfg.train.data)
     if tok is None:
         tok = get_tokenizer(cfg.train.tokenizer, text)
-    if tok.vocab_size != cfg.model.vocab_size:
-        raise FractalError(f"vocab_size {cfg.model.vocab_size} does not match the {tok.name} "
-                           f"tokenizer's {tok.vocab_size} tokens")
+    _check_vocab(cfg, tok)
     return tok, Corpus.build(text, tok, cfg.model.block_size, cfg.train.on_unknown)
+
+
+def _check_vocab(cfg: RunConfig, tok: Tokenizer) -> None:
+    if tok.vocab_size != cfg.model.vocab_size:
+        why = f" (the model of --init-from {cfg.train.init_from})" if cfg.train.init_from else ""
+        raise FractalError(f"vocab_size {cfg.model.vocab_size}{why} does not match the {tok.name} "
+                           f"tokenizer's {tok.vocab_size} tokens")
+
+
+def init_tokenizer(cfg: RunConfig) -> Tokenizer | None:
+    """Fine-tuning keeps the tokenizer of the run it starts from unless another is named."""
+    if not cfg.train.init_from:
+        return None
+    _, tok = ckpt.load_run_config(Path(cfg.train.init_from))
+    if cfg.train.tokenizer != tok.name:
+        return None
+    return tok
+
+
+def load_init(model: torch.nn.Module, run: Path) -> None:
+    """Fine-tuning: the weights of ``run``, or one clear line on why they do not fit."""
+    try:
+        ckpt.load_model_state(run, model)
+    except FractalError as e:
+        raise FractalError(f"--init-from {run}: its weights do not fit this model ({e})") from None
 
 
 class _StopFlag:
@@ -223,9 +243,11 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, stop_after: int
         raise FractalError(f"routing={t.routing} is single-process for now: under DDP each rank would "
                            "re-split its share of the rows (use routing=shared)")
 
-    tok, corpus = prepare_data(cfg, ckpt.load_run_config(out)[1] if resume else None)
+    tok, corpus = prepare_data(cfg, ckpt.load_run_config(out)[1] if resume else init_tokenizer(cfg))
     torch.manual_seed(t.seed)
     model = build_model(cfg.model).to(device)
+    if t.init_from and not resume:
+        load_init(model, Path(t.init_from))
     optimizer = make_optimizer(model, cfg)
     start, elapsed0 = 0, 0.0
     if resume:
