@@ -228,6 +228,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU), float32, bfloat16
     compile: bool = False
     sample_tokens: int = 200  # length of the sample printed after training
+    log: str = "csv"  # "tensorboard": also TensorBoard scalars in RUN/tensorboard (the tensorboard extra)
     groups: str = ""  # imposed token groups per width: "" none, "seed", or a JSON file
     emergent_every: int = 0  # re-cluster the embedding into groups every N steps (0 = never)
     cluster_method: str = "dbscan"  # or "agglomerative"
@@ -246,6 +247,7 @@ class TrainConfig:
         _choice(self, "device", ("auto", "cpu", "cuda"))
         _choice(self, "routing", ("shared", "split", "shard"))
         _choice(self, "cluster_method", ("dbscan", "agglomerative"))
+        _choice(self, "log", ("csv", "tensorboard"))
         if not 0 <= self.seed < 2**31:
             raise FractalError(f"seed must lie in [0, 2**31), got {self.seed}")
         _nonnegative(self, "emergent_every")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import importlib.util
 import math
 import os
 import signal
@@ -230,6 +231,9 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, stop_after: int
     device = pick_device(t.device)
     dd = setup_distributed(device)
     check_run_dir(out, resume)
+    if t.log == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise FractalError("log=tensorboard needs the tensorboard package: "
+                           "pip install 'fractalformer[tensorboard]'")
     if dd.world > 1:
         dist.barrier()  # every rank has checked the folder before rank 0 writes to it
     if device == "cpu":
@@ -292,7 +296,8 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, stop_after: int
     bar = tqdm(total=t.max_steps, initial=start, disable=not (progress and dd.main),
                dynamic_ncols=True, unit="step")
     step, stopped, t0 = start, "done", time.perf_counter()
-    log = _CsvLog(out / "metrics.csv", metric_fields(cfg)) if dd.main else contextlib.nullcontext()
+    log = (_CsvLog(out / "metrics.csv", metric_fields(cfg), tensorboard_writer(cfg, out, start)) if dd.main
+           else contextlib.nullcontext())
     subs = cfg.model.sub_models()
     clip = clipped_params(model, cfg)
     with _StopFlag() as flag, log:
@@ -378,19 +383,45 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, stop_after: int
 
 
 class _CsvLog:
-    def __init__(self, path: Path, fields: list[str]) -> None:
+    """metrics.csv, and with ``log=tensorboard`` the same figures as TensorBoard scalars."""
+
+    def __init__(self, path: Path, fields: list[str], tensorboard: Any = None) -> None:
         self._f = path.open("a", newline="")
         self._w = csv.DictWriter(self._f, fieldnames=fields)
+        self._tb = tensorboard
+        self._last: tuple[float, float] | None = None  # (tokens, elapsed) of the previous row
 
     def writerow(self, row: dict[str, Any]) -> None:
         self._w.writerow(row)
         self._f.flush()
+        if self._tb is None:
+            return
+        step, tokens, elapsed = int(row["step"]), float(row["tokens"]), float(row["elapsed_s"])
+        for key, value in row.items():
+            if key.startswith(("train_", "val_")) and value != "":
+                self._tb.add_scalar(key.replace("_", "/", 1), float(value), step)
+        self._tb.add_scalar("lr", float(row["lr"]), step)
+        if self._last is not None and elapsed > self._last[1]:
+            self._tb.add_scalar("tokens_per_s", (tokens - self._last[0]) / (elapsed - self._last[1]), step)
+        self._last = (tokens, elapsed)
 
     def __enter__(self) -> _CsvLog:
         return self
 
     def __exit__(self, *_: Any) -> None:
         self._f.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def tensorboard_writer(cfg: RunConfig, out: Path, start: int) -> Any:
+    """A TensorBoard ``SummaryWriter`` for ``RUN/tensorboard`` (None unless ``log=tensorboard``);
+    a resumed run drops the events logged after its checkpoint (``purge_step``)."""
+    if cfg.train.log != "tensorboard":
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(out / "tensorboard"), purge_step=start or None)
 
 
 def _start_metrics(path: Path, fields: list[str], keep_until: int | None = None) -> None:
