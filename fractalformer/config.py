@@ -327,6 +327,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "pkm": dict(family="moe", moe="pkm", moe_layers="1,3", n_experts=65536, moe_heads=4, moe_topk=8),
     "fhme": dict(family="moe", moe="fhme", moe_layers="1,3", n_experts=16384, moe_heads=4, moe_topk=8,
                  fhme_depth=3),
+    # A 10.4M-parameter FractalFormer (1 + 2 + 4 sub-models) for corpora beyond TinyShakespeare:
+    # a 4096-token byte-level BPE; bench/bench_10m.py trains it on a prepared corpus.
+    "10m": dict(family="fractal", levels=3, split=2, attn_nesting="heads", d_model=384, n_layer=4, n_head=8,
+                n_kv_head=4, head_dim=48, tokenizer="bpe:4096", vocab_size=4096, batch_size=16, lr=1e-3,
+                min_lr=1e-4, max_steps=2000, eval_every=250, ckpt_every=250),
     # Few-thousand-parameter models for tests and smoke runs.
     "tiny": _TINY,
     "tiny-fractal": {**_TINY, "family": "fractal", "levels": 3, "n_kv_head": 4, "attn_nesting": "heads"},
