@@ -9,6 +9,7 @@ a half-written checkpoint behind.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -31,13 +32,24 @@ STATE = "train_state.safetensors"
 STATE_JSON = "train_state.json"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then rename the temporary file onto ``path``."""
+    """Call ``write(tmp_path)`` then rename the temporary file onto ``path``.
+
+    The temporary file is created 0600; the result gets the mode a plain ``open`` would
+    (0666 less the umask), so run folders can be shared like any other file.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -61,23 +73,50 @@ def read_json(path: Path) -> Any:
         raise FractalError(f"{path} is not valid JSON ({e})") from None
 
 
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> None:
+    """Safetensors with a checksum of the contents in its metadata (checked by ``load_tensors``)."""
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    meta = {**(meta or {}), "sha256": tensors_sha256(cpu)}
     atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=meta))
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of ``path``; a file whose contents fail their stored checksum is corrupt."""
     if not path.is_file():
         raise FractalError(f"{path} not found")
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            want = (f.metadata() or {}).get("sha256")
     except (SafetensorError, OSError, ValueError) as e:
         raise FractalError(f"{path} is corrupt or truncated ({str(e).splitlines()[0]})") from None
+    if want is not None and tensors_sha256(tensors) != want:  # files from before checksums: no check
+        raise FractalError(f"{path} is corrupt (its contents do not match the checksum saved with them)")
+    return tensors
 
 
-def save_run_config(run_dir: Path, cfg: RunConfig, tok: Tokenizer) -> None:
-    tok.save(run_dir)  # before config.json, which names the tokenizer's files
-    write_json(run_dir / CONFIG, {**cfg.to_dict(), "tokenizer": tok.to_dict()})
+def save_run_config(run_dir: Path, cfg: RunConfig, tok: Tokenizer, data_sha256: str | None = None) -> None:
+    """``config.json``; ``data_sha256`` identifies the text the run trains on. The
+    tokenizer's own files (a bpe:N ``tokenizer.json``) are written first: config.json names them."""
+    tok.save(run_dir)
+    extra = {"data_sha256": data_sha256} if data_sha256 else {}
+    write_json(run_dir / CONFIG, {**cfg.to_dict(), "tokenizer": tok.to_dict(), **extra})
+
+
+def load_data_sha256(run_dir: Path) -> str | None:
+    """The SHA-256 of the run's training text (None for runs saved before it was recorded)."""
+    value = read_json(Path(run_dir) / CONFIG).get("data_sha256")
+    return value if isinstance(value, str) else None
 
 
 def load_run_config(run_dir: Path) -> tuple[RunConfig, Tokenizer]:
@@ -115,6 +154,9 @@ def load_model_state(run_dir: Path, model: torch.nn.Module) -> int | None:
         if v.shape != own[k].shape:
             raise FractalError(f"{path}: tensor {k} has shape {tuple(v.shape)}, config.json "
                                f"implies {tuple(own[k].shape)}")
+    for k, v in state.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise FractalError(f"{path}: tensor {k} holds non-finite values (nan or inf)")
     model.load_state_dict(state)
     try:
         with safe_open(str(path), framework="pt") as f:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -22,6 +23,7 @@ from .nn.nesting import Nesting
 from .tokenizers import Tokenizer
 
 SHIPPED = "tinyshakespeare"
+UNKNOWN_WARN = 0.01  # replacing more than this share of a training text's characters warns
 
 
 def read_text(path: str | None) -> str:
@@ -83,6 +85,7 @@ class Corpus:
     val: Ids
     val_units_per_token: float  # characters (bytes for the byte tokenizer) per token
     unit: str = "char"
+    sha256: str = ""  # of the text: a run records it, so a changed file is noticed
 
     @classmethod
     def prepared(cls, path: str, block_size: int) -> tuple[Tokenizer, Corpus]:
@@ -91,7 +94,7 @@ class Corpus:
 
         m, tok, ids = load_prepared(path)
         n = int(m["train_count"])
-        corpus = cls(ids[:n], ids[n:], float(m["val_units_per_token"]), m.get("unit", tok.unit))
+        corpus = cls(ids[:n], ids[n:], float(m["val_units_per_token"]), m.get("unit", tok.unit), m["sha256"])
         corpus.check(block_size)
         return tok, corpus
 
@@ -105,12 +108,23 @@ class Corpus:
 
     @classmethod
     def build(cls, text: str, tok: Tokenizer, block_size: int, on_unknown: str = "error") -> Corpus:
+        if on_unknown == "replace":
+            unknown = tok.unknown_count(text)
+            if unknown > UNKNOWN_WARN * len(text):
+                share = unknown / len(text)
+                warnings.warn(f"{unknown:,} of {len(text):,} characters ({share:.1%}) are not in the "
+                              f"{tok.name} vocabulary and become {tok.replacement!r}; the char or byte "
+                              f"tokenizer fits this text", stacklevel=2)
         ids = torch.from_numpy(encode_cached(text, tok, on_unknown).astype(np.int64))
         n = int(0.9 * len(ids))
         train, val = ids[:n], ids[n:]
         cls(train, val, 1.0).check(block_size)
         units = tok.units(tok.decode(val.tolist()))
-        return cls(train, val, units / len(val), tok.unit)
+        return cls(train, val, units / len(val), tok.unit, text_sha256(text))
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def batch_generator(seed: int, step: int) -> torch.Generator:

@@ -61,6 +61,10 @@ class Tokenizer:
         """Length of ``text`` in the unit bits-per-unit is reported in."""
         return len(text)
 
+    def unknown_count(self, text: str) -> int:
+        """Characters of ``text`` outside the vocabulary (those ``on_unknown`` applies to)."""
+        return 0
+
     def stream_decoder(self) -> Callable[[int], str]:
         """A function that turns ids one at a time into the text they complete."""
         return lambda i: self.decode([i])
@@ -91,6 +95,12 @@ class _TableTokenizer(Tokenizer):
         self._chars, self._ids = self._chars[order], self._ids[order]
         self.replacement = next((c for c in ("?", " ") if c in self.stoi), next(iter(self.stoi)))
 
+    def unknown_count(self, text: str) -> int:
+        """Characters of ``text`` outside the character table."""
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+        pos = np.searchsorted(self._chars, codes).clip(max=len(self._chars) - 1)
+        return int((self._chars[pos] != codes).sum())
+
     def _base_ids(self, text: str, on_unknown: str) -> np.ndarray:
         if on_unknown not in ("error", "replace"):
             raise FractalError(f"on_unknown must be 'error' or 'replace', not {on_unknown!r}")
@@ -102,9 +112,8 @@ class _TableTokenizer(Tokenizer):
             if on_unknown == "error":
                 raise FractalError(
                     f"character {text[bad]!r} (U+{ord(text[bad]):04X}) at position {bad} "
-                    f"is not in the {self.name} vocabulary "
-                    f"(use on_unknown='replace' / --unknown replace to map it to "
-                    f"{self.replacement!r})"
+                    f"is not in the {self.name} vocabulary (on_unknown='replace' maps unknown "
+                    f"characters to {self.replacement!r}; the char and byte tokenizers take any text)"
                 )
             codes = np.where(known, codes, ord(self.replacement))
             pos = np.searchsorted(self._chars, codes)

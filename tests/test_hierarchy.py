@@ -103,7 +103,7 @@ def test_imposed_and_emergent_run_and_the_report(capsys, tmp_path: Path) -> None
     code, _, err = run_cli(capsys, "analyze", out, "--windows", "4")
     assert code == 0, err
     html = (out / "analysis" / "report.html").read_text()
-    assert html.count("data:image/png;base64") == 3 and "expected_acceptance" in html
+    assert html.count("data:image/png;base64") == 6 and "expected acceptance" in html  # curves, 4 maps, tree
     summary = json.loads((out / "analysis" / "summary.json").read_text())
     assert set(summary["cosines"]) == {"a,A", "a,i"}
     assert set(summary["cosines"]["a,A"]) == {"32", "16", "8", "4"}

@@ -410,11 +410,15 @@ def check_speculation(model: torch.nn.Module, drafts: list[tuple[int, int]], tar
     if not prompt:
         raise FractalError("the prompt is empty")
     if not drafts:
-        raise FractalError("speculative decoding needs at least one --draft")
+        raise FractalError("speculative decoding needs at least one draft")
     if gamma < 1:
-        raise FractalError(f"--gamma must be at least 1, got {gamma}")
+        raise FractalError(f"gamma must be at least 1, got {gamma}")
     if not 0.0 <= confidence <= 1.0:
-        raise FractalError(f"--confidence must lie in [0, 1], got {confidence}")
+        raise FractalError(f"confidence must lie in [0, 1], got {confidence}")
+    if model.body_levels() == [0] and model.nest.levels > 1:
+        raise FractalError(f"family {model.config.family}: every sub-model reads the full model's body, so "
+                           f"a smaller one drafts at the full cost; speculation needs family fractal or "
+                           f"matformer")
     for lv, j in [*drafts, target]:
         model.nest.check(lv, j)
         if model.needed_levels(lv) != [lv]:

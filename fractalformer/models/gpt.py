@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -138,7 +140,7 @@ class GPT(nn.Module):
         hq, hkv, hd = self.blocks[0].attn.shape(level)
         f = self.nest.split**level
         return dataclasses.replace(
-            c, family="gpt", levels=1, residual="none", residual_rank=0, level_weights="", distill=0.0,
+            c, family="gpt", levels=1, residual="none", residual_rank=0, level_weights=[], distill=0.0,
             d_model=c.d_model // f, n_head=hq, n_kv_head=hkv, head_dim=hd)
 
     def extract(self, level: int, index: int) -> GPT:
@@ -221,6 +223,28 @@ class GPT(nn.Module):
         loss = (torch.cat(trained) * self.weights).sum()
         aux = self.aux_loss()
         return logits[0][0], loss if aux is None else loss + aux, sub.detach()
+
+    # -- the Python API of a loaded model (fractalformer.load sets .tokenizer) --------------------
+    def stream(self, prompt: str, max_new_tokens: int = 200, **kwargs: Any) -> Iterator[str]:
+        """Text pieces continuing ``prompt``; keyword arguments and defaults as :meth:`generate`."""
+        from ..generate.sampling import stream_text
+
+        return stream_text(self, prompt, max_new_tokens, **kwargs)
+
+    def generate(self, prompt: str, max_new_tokens: int = 200, **kwargs: Any) -> str:
+        """The text continuing ``prompt`` (without it), with the ``sample`` command's defaults.
+
+        Keywords: ``temperature`` (0.8; 0 = greedy), ``top_k``, ``top_p``, ``seed``, ``level``
+        and ``index`` (the sub-model; ``index="ensemble"`` for a whole level), ``on_unknown``
+        (``"error"`` or ``"replace"``) and ``use_cache``.
+        """
+        return "".join(self.stream(prompt, max_new_tokens, **kwargs))
+
+    @torch.no_grad()
+    def sub_model_logits(self, idx: torch.Tensor) -> dict[tuple[int, int], torch.Tensor]:
+        """Logits (B, T, vocab) of every sub-model on token ids ``idx`` (B, T), keyed (level, index)."""
+        return {(lv, j): lg[j] for lv, lg in self.run(idx, self.body_levels()).items()
+                for j in range(lg.shape[0])}
 
 
 def _rows(idx: torch.Tensor, n: int) -> torch.Tensor:

@@ -14,7 +14,8 @@ import math
 import os
 import signal
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from tqdm import tqdm
 from .. import checkpoint as ckpt
 from .. import hierarchy
 from ..config import RunConfig
-from ..data import Corpus, batch_generator, read_text, training_batch
+from ..data import SHIPPED, Corpus, batch_generator, read_text, text_sha256, training_batch
 from ..errors import FractalError
 from ..evaluate import EvalRow, evaluate_full, fixed_val_batches, mean_losses, to_bpc
 from ..models import build_model
@@ -121,30 +122,39 @@ def pick_device(name: str) -> str:
     return name
 
 
-def set_cpu_threads(local_world: int) -> None:
-    """Share the cores among the processes on this machine instead of oversubscribing.
+def set_cpu_threads(local_world: int, threads: int = 0) -> int:
+    """Share this machine's CPU threads among its ``local_world`` processes; returns this one's.
 
-    An explicit ``OMP_NUM_THREADS`` wins (several runs side by side on one machine).
+    ``threads`` (the config key) is the machine's total, divided among the processes.
+    Unset, an explicit ``OMP_NUM_THREADS`` is taken as this process's count (the variable's
+    meaning; torchrun sets it per process), else the usable cores are divided.
     """
     env = os.environ.get("OMP_NUM_THREADS", "")
-    if env.isdigit() and int(env) > 0:
-        torch.set_num_threads(int(env))
-        return
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    torch.set_num_threads(max(1, cores // local_world))
+    if threads:
+        n = max(1, threads // local_world)
+    elif env.isdigit() and int(env) > 0:
+        n = int(env)
+    else:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:
+            cores = os.cpu_count() or 1
+        n = max(1, cores // local_world)
+    torch.set_num_threads(n)
+    return n
 
 
-def prepare_data(cfg: RunConfig, tok: Tokenizer | None = None) -> tuple[Tokenizer, Corpus]:
-    """Tokenizer and corpus of the run: ``tok`` (a saved run's) or the configured one.
+def prepare_data(cfg: RunConfig, tok: Tokenizer | None = None,
+                 expect_sha256: str | None = None) -> tuple[Tokenizer, Corpus]:
+    """Tokenizer and corpus of ``cfg``'s text; with ``expect_sha256``, the text must be that one.
 
     ``data`` may be a ``fractalformer prepare`` folder: its ids are memory-mapped and
     its tokenizer is the one they were made with.
     """
     if is_prepared(cfg.train.data):
         saved, corpus = Corpus.prepared(str(cfg.train.data), cfg.model.block_size)
+        if expect_sha256 and corpus.sha256 != expect_sha256:
+            raise FractalError(f"prepared data {cfg.train.data} has changed since the run was trained on it")
         if tok is not None and tok.to_dict() != saved.to_dict():
             raise FractalError(f"{cfg.train.data} was prepared with the {saved.name} tokenizer, not this "
                                f"run's {tok.name}")
@@ -154,6 +164,9 @@ def prepare_data(cfg: RunConfig, tok: Tokenizer | None = None) -> tuple[Tokenize
         _check_vocab(cfg, tok or saved)
         return tok or saved, corpus
     text = read_text(cfg.train.data)
+    if expect_sha256 and text_sha256(text) != expect_sha256:
+        raise FractalError(f"data file {cfg.train.data} has changed since the run was trained on it; its "
+                           f"validation split would be other text (name a data file explicitly to score it)")
     if tok is None:
         tok = get_tokenizer(cfg.train.tokenizer, text)
     _check_vocab(cfg, tok)
@@ -183,6 +196,24 @@ def load_init(model: torch.nn.Module, run: Path) -> None:
         ckpt.load_model_state(run, model)
     except FractalError as e:
         raise FractalError(f"--init-from {run}: its weights do not fit this model ({e})") from None
+
+
+def run_data(run_dir: str | Path, model: torch.nn.Module, data: str | None = None) -> Corpus:
+    """The corpus a trained run is scored on: its own text, checked unchanged, or ``data``."""
+    cfg = model.run_config
+    if data is not None:
+        return prepare_data(replace(cfg, train=replace(cfg.train, data=data)), model.tokenizer)[1]
+    path = cfg.train.data
+    if path not in (None, SHIPPED) and not Path(path).is_file() and not is_prepared(path):
+        raise FractalError(f"the run's data file {path} is not found here; name the data file explicitly")
+    return prepare_data(cfg, model.tokenizer, ckpt.load_data_sha256(Path(run_dir)))[1]
+
+
+def absolute_data(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with its data file as an absolute path, so the run folder works from anywhere."""
+    if cfg.train.data in (None, SHIPPED):
+        return cfg
+    return replace(cfg, train=replace(cfg.train, data=str(Path(cfg.train.data).resolve())))
 
 
 class _StopFlag:
@@ -215,18 +246,52 @@ class TrainResult:
 
 
 def check_run_dir(out: Path, resume: bool) -> None:
+    """Refuse a run folder that cannot be (re)used, before anything is written."""
+    if out.exists() and not out.is_dir():
+        raise FractalError(f"{out} is a file, not a run folder")
     has_run = (out / ckpt.CONFIG).exists()
     if resume and not has_run:
-        raise FractalError(f"--resume: {out} holds no run to resume")
+        raise FractalError(f"{out} holds no run to resume")
     if not resume and has_run:
-        raise FractalError(f"{out} already holds a run; pass --resume to continue it or "
-                           f"choose another --out")
+        raise FractalError(f"{out} already holds a run; resume it or choose another run folder")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise FractalError(f"cannot create run folder {out}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise FractalError(f"cannot write run folder {out}: {existing} is not writable")
+
+
+def _resume_note(saved: RunConfig, cfg: RunConfig, start: int) -> str:
+    """What resuming at ``start`` does, or a FractalError when ``max_steps`` is behind it."""
+    old, new = saved.train.max_steps, cfg.train.max_steps
+    if new < start:
+        raise FractalError(f"the run is at step {start}; max_steps {new} would end it before that")
+    note = f"resuming from step {start} of {new}"
+    if new != old:
+        note += (f" (extended from {old}: the cosine schedule now decays over {new} steps, so the lr "
+                 f"at step {start} is {lr_at(start, cfg):.3g} instead of {lr_at(start, saved):.3g})")
+    return note
+
+
+def _level_table(val: dict, widths: list[int]) -> list[str]:
+    """Per-sub-model validation losses (nats/token), one compact line per level."""
+    lines = []
+    for lv, width in enumerate(widths):
+        subs = [f"{v:.4f}" for k, v in val.items() if k[0] == lv and k[1] != "ensemble"]
+        ens = val.get((lv, "ensemble"))
+        tail = "" if ens is None else f" | ensemble {ens:.4f}"
+        lines.append(f"  level {lv} (width {width}): " + " ".join(subs) + tail)
+    return lines
 
 
 def train(cfg: RunConfig, out: str | Path, resume: bool = False, stop_after: int | None = None,
           progress: bool = True) -> TrainResult:
     """Train (or resume) the run in ``out``; returns the final step and validation figures."""
     out = Path(out)
+    if not resume:
+        cfg = absolute_data(cfg)
     t = cfg.train
     device = pick_device(t.device)
     dd = setup_distributed(device)
@@ -237,7 +302,10 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, stop_after: int
     if dd.world > 1:
         dist.barrier()  # every rank has checked the folder before rank 0 writes to it
     if device == "cpu":
-        set_cpu_threads(dd.local_world)
+        set_cpu_threads(dd.local_world, t.threads)
+    if t.max_steps < t.warmup_steps and dd.main:
+        warnings.warn(f"max_steps ({t.max_steps}) is below warmup_steps ({t.warmup_steps}): the learning "
+                      f"rate never reaches lr", stacklevel=2)
     if t.batch_size % dd.world:
         raise FractalError(f"batch_size {t.batch_size} is not divisible by {dd.world} processes")
     if dd.world > 1 and cfg.model.moe_sparse:
@@ -247,7 +315,9 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, stop_after: int
         raise FractalError(f"routing={t.routing} is single-process for now: under DDP each rank would "
                            "re-split its share of the rows (use routing=shared)")
 
-    tok, corpus = prepare_data(cfg, ckpt.load_run_config(out)[1] if resume else init_tokenizer(cfg))
+    saved = ckpt.load_run_config(out) if resume else None
+    tok, corpus = prepare_data(cfg, saved[1] if saved else init_tokenizer(cfg),
+                               ckpt.load_data_sha256(out) if resume else None)
     torch.manual_seed(t.seed)
     model = build_model(cfg.model).to(device)
     if t.init_from and not resume:
@@ -261,12 +331,15 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, stop_after: int
         if model_step is not None and model_step != start:
             raise FractalError(f"{out}: model.safetensors (step {model_step}) and the training state "
                                f"(step {start}) are from different steps; the run was cut off mid-save")
+        note = _resume_note(saved[0], cfg, start)
         if dd.main:
+            if progress:
+                print(note)
             _start_metrics(out / "metrics.csv", metric_fields(cfg), keep_until=start)
-            ckpt.save_run_config(out, cfg, tok)  # a changed --max-steps is the new horizon
+            ckpt.save_run_config(out, cfg, tok, corpus.sha256)  # a changed max_steps is the new horizon
     elif dd.main:
         out.mkdir(parents=True, exist_ok=True)
-        ckpt.save_run_config(out, cfg, tok)
+        ckpt.save_run_config(out, cfg, tok, corpus.sha256)
         _start_metrics(out / "metrics.csv", metric_fields(cfg))
 
     use_bf16 = t.dtype == "bfloat16" or (device == "cuda" and t.dtype == "auto")
@@ -289,13 +362,14 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, stop_after: int
             ckpt.save_model(out, model, step)
             ckpt.save_train_state(out, optimizer, {"step": step, "elapsed_s": elapsed})
 
-    if dd.main:
+    if dd.main and progress:
         n = model.num_params()
         print(f"model: {n:,} parameters | data: {len(corpus.train):,} train / {len(corpus.val):,} val "
               f"{tok.name} tokens | device: {device} x{dd.world} | run folder: {out}")
     bar = tqdm(total=t.max_steps, initial=start, disable=not (progress and dd.main),
                dynamic_ncols=True, unit="step")
     step, stopped, t0 = start, "done", time.perf_counter()
+    last = t0
     log = (_CsvLog(out / "metrics.csv", metric_fields(cfg), tensorboard_writer(cfg, out, start)) if dd.main
            else contextlib.nullcontext())
     subs = cfg.model.sub_models()
@@ -341,16 +415,20 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, stop_after: int
                 row |= {"val_loss": f"{vl:.6f}", "val_bpc": f"{to_bpc(vl, corpus.val_units_per_token):.4f}"}
                 if len(subs) > 1:
                     row |= {f"val_{sub_name(*k)}": f"{v:.6f}" for k, v in val.items()}
-                if dd.main:
-                    smallest = min(v for k, v in val.items()
-                                   if k[0] == model.nest.levels - 1 and k[1] != "ensemble")
-                    extra = (f" | smallest level best {smallest:.4f}" if len(subs) > 1 else "")
-                    bar.write(f"step {step}: train {train_loss:.4f} | val {vl:.4f} nats/token, "
-                              f"{to_bpc(vl, corpus.val_units_per_token):.3f} bits/{tok.unit}{extra}")
+                if dd.main and progress:
+                    full = float(stats[1]) if len(subs) > 1 else train_loss  # like with like
+                    bar.write(f"step {step}: full model train {full:.4f} | val {vl:.4f} nats/token, "
+                              f"{to_bpc(vl, corpus.val_units_per_token):.3f} bits/{tok.unit}")
+                    if len(subs) > 1:
+                        widths = [model.level_width(lv) for lv in range(model.nest.levels)]
+                        for line in _level_table(val, widths):
+                            bar.write(line)
             if dd.main:
                 log.writerow(row)
-            bar.set_postfix(loss=f"{train_loss:.3f}",
-                            tok_s=f"{(step - start) * tokens_per_step / (time.perf_counter() - t0):,.0f}")
+            now = time.perf_counter()
+            bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}",
+                            tok_s=f"{tokens_per_step / (now - last):,.0f}")  # this step's, not the mean
+            last = now
             bar.update(1)
             if t.emergent_every and step % t.emergent_every == 0 and step < t.max_steps:
                 groups = hierarchy.recluster(model, tok, t.cluster_method, t.cluster_eps,
@@ -370,13 +448,15 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, stop_after: int
     if stopped != "done" or step % t.ckpt_every:
         save(step, elapsed0 + time.perf_counter() - t0)
     final = None
-    if stopped == "done" and dd.main:
-        final = evaluate_full(model, corpus, cfg.model.block_size, device)
-        if final[0].extra:
-            ckpt.write_json(out / "expert_usage.json", final[0].extra)
+    if dd.main:
         from ..analysis.plots import plot_curves
 
         plot_curves(out)
+    if stopped == "done" and dd.main and t.final_eval:
+        final = evaluate_full(model, corpus, cfg.model.block_size, device, windows_limit=t.final_eval,
+                              progress=progress)
+        if final[0].extra:
+            ckpt.write_json(out / "expert_usage.json", final[0].extra)
     if dd.world > 1:
         dist.barrier()
     return TrainResult(step, stopped, final)
