@@ -15,6 +15,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -133,8 +134,11 @@ def load_run_config(run_dir: Path) -> tuple[RunConfig, Tokenizer]:
     return cfg, tok
 
 
-def save_model(run_dir: Path, model: torch.nn.Module, step: int) -> None:
-    save_tensors(Path(run_dir) / MODEL, dict(model.state_dict()), {"step": str(step)})
+def save_model(run_dir: Path, model: torch.nn.Module, step: int,
+               state: dict[str, torch.Tensor] | None = None) -> None:
+    """``model``'s weights (or ``state``: a sharded model's, gathered whole) at ``step``."""
+    save_tensors(Path(run_dir) / MODEL, state if state is not None else dict(model.state_dict()),
+                 {"step": str(step)})
 
 
 def load_model_state(run_dir: Path, model: torch.nn.Module) -> int | None:
@@ -228,9 +232,13 @@ def _runs(idx: torch.Tensor) -> list[tuple[int, int]]:
     return [(v[a], v[b - 1] + 1) for a, b in itertools.pairwise(cuts)]
 
 
-def save_train_state(run_dir: Path, optimizer: torch.optim.Optimizer, info: dict[str, Any]) -> None:
-    """Optimizer moments as safetensors, everything scalar as JSON (written last)."""
-    sd = optimizer.state_dict()
+def save_train_state(run_dir: Path, optimizer: torch.optim.Optimizer, info: dict[str, Any],
+                     sd: dict[str, Any] | None = None) -> None:
+    """Optimizer moments as safetensors, everything scalar as JSON (written last).
+
+    ``sd`` is the optimizer state to save when not ``optimizer.state_dict()`` (a sharded
+    run's, gathered whole: the files never depend on the number of processes)."""
+    sd = sd if sd is not None else optimizer.state_dict()
     tensors = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
@@ -241,14 +249,17 @@ def save_train_state(run_dir: Path, optimizer: torch.optim.Optimizer, info: dict
     write_json(Path(run_dir) / STATE_JSON, {**info, "param_groups": sd["param_groups"]})
 
 
-def load_train_state(run_dir: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def load_train_state(run_dir: Path, optimizer: torch.optim.Optimizer,
+                     layout: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
+    """Restore the optimizer and RNG; ``layout(pid, tensor)`` places each saved (whole)
+    state tensor as parameter ``pid`` is held (a shard of it, in a sharded run)."""
     info = read_json(Path(run_dir) / STATE_JSON)
     tensors = load_tensors(Path(run_dir) / STATE)
     state: dict[int, dict[str, torch.Tensor]] = {}
     for name, val in tensors.items():
         if name.startswith("opt."):
             _, pid, key = name.split(".", 2)
-            state.setdefault(int(pid), {})[key] = val
+            state.setdefault(int(pid), {})[key] = layout(int(pid), val) if layout else val
     try:
         optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
         torch.set_rng_state(tensors["rng.torch"])

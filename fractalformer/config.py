@@ -201,7 +201,10 @@ class TrainConfig:
     data: str | None = None  # None = the shipped TinyShakespeare; a text file or a prepared folder
     init_from: str | None = None  # fine-tuning: start from this run's weights (and tokenizer)
     on_unknown: Literal["error", "replace"] = "error"  # or "replace": map unknown characters to a known one
-    batch_size: int = 16
+    batch_size: int = 16  # rows of one optimizer step, over all processes and micro-batches
+    grad_accum: int = 1  # micro-batches per step: batch_size / grad_accum rows at a time, same gradient
+    sync_every: int = 10  # steps between host reads of the losses (also at evals, checkpoints, the end)
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicated (DDP) or sharded (fully_shard)
     routing: Literal["shared", "split", "shard"] = "shared"  # nested models: see data.training_batch
     max_steps: int = 1400
     lr: float = 3e-3
@@ -231,7 +234,11 @@ class TrainConfig:
 
     def validate(self) -> None:
         _check_choices(self)
-        _positive(self, "batch_size", "max_steps", "lr", "eval_every", "eval_batches", "ckpt_every")
+        _positive(self, "batch_size", "max_steps", "lr", "eval_every", "eval_batches", "ckpt_every",
+                  "grad_accum", "sync_every")
+        if self.batch_size % self.grad_accum:
+            raise FractalError(f"batch_size {self.batch_size} is not divisible by grad_accum "
+                               f"{self.grad_accum}")
         _nonnegative(self, "table_lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "sample_tokens")
         if self.min_lr > self.lr:
             raise FractalError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
@@ -263,6 +270,9 @@ class RunConfig:
             raise FractalError("token groups (groups / emergent_every) need a nested model: their loss "
                                "applies to the narrower sub-models")
         if t.routing != "shared":
+            if t.grad_accum > 1:
+                raise FractalError(f"routing={t.routing} cannot combine with grad_accum: a micro-batch would "
+                                   "re-split the sub-models' row blocks (use routing=shared)")
             if m.family == "mrl":
                 raise FractalError("routing must be shared for family=mrl: its sizes share one body")
             if m.family in ("gpt", "moe"):

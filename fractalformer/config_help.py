@@ -69,6 +69,12 @@ KEY_HELP: dict[str, str] = {
     "threads": "CPU threads for this machine, divided among torchrun processes (0: OMP_NUM_THREADS, "
                "else every core)",
     "final_eval": "validation windows scored after training: -1 the whole split, 0 none, N the first N",
+    "grad_accum": "micro-batches per optimizer step (batch_size / grad_accum rows each): less memory, "
+                  "the same gradient",
+    "sync_every": "steps between reading the losses back to the host (a GPU runs ahead meanwhile); "
+                  "also at every evaluation, checkpoint and the end",
+    "parallel": "under torchrun: ddp (every process holds the whole model) or fsdp (parameters, "
+                "gradients and optimizer state sharded with fully_shard)",
     "sample_tokens": "length of the sample printed after training (0: none)",
     "log": "csv (metrics.csv), or tensorboard: also TensorBoard scalars in RUN/tensorboard",
     "groups": "imposed token groups per width: empty none, seed, or a JSON file",
