@@ -36,6 +36,7 @@ def _require_transformers() -> Any:
     except ImportError:
         raise FractalError("export needs the hf extra (transformers is missing): "
                            "pip install 'fractalformer[hf]'") from None
+    transformers.utils.logging.disable_progress_bar()  # export prints one line of its own
     return transformers
 
 
