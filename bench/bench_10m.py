@@ -104,7 +104,8 @@ def main() -> None:
                     "--unknown", "replace"]) == 0
     m, tok, ids = load_prepared(prepared)
     sets = [f"data={prepared}", f"vocab_size={tok.vocab_size}", f"max_steps={a.steps}",
-            f"eval_every={a.steps}", f"ckpt_every={a.steps}", "sample_tokens=0", *a.set]
+            f"eval_every={a.steps}", f"ckpt_every={a.steps}", f"warmup_steps={min(100, a.steps)}",
+            "sample_tokens=0", *a.set]
     cfg = build_config("10m", None, sets)
     device = pick_device(cfg.train.device)
     bf16 = cfg.train.dtype == "bfloat16" or (device == "cuda" and cfg.train.dtype == "auto")
