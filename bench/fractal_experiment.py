@@ -40,6 +40,10 @@ VARIANTS: dict[str, list[str]] = {
     "ff_upstream": [*FF, "residual=upstream"],
     "ff_downstream": [*FF, "residual=downstream"],
     "ff_split_routing": [*FF, "routing=split"],
+    # issue 13 candidates: weights per level, in-place distillation from the full model
+    "ff_heads_w211": FF + HEADS + ["level_weights=2,1,1"],
+    "ff_heads_distill": FF + HEADS + ["distill=0.5"],
+    "ff_heads_w211_distill": FF + HEADS + ["level_weights=2,1,1", "distill=0.5"],
 }
 
 

@@ -233,13 +233,16 @@ def _runs(idx: torch.Tensor) -> list[tuple[int, int]]:
 
 
 def save_train_state(run_dir: Path, optimizer: torch.optim.Optimizer, info: dict[str, Any],
-                     sd: dict[str, Any] | None = None) -> None:
+                     rng: list[torch.Tensor] | None = None, sd: dict[str, Any] | None = None) -> None:
     """Optimizer moments as safetensors, everything scalar as JSON (written last).
 
-    ``sd`` is the optimizer state to save when not ``optimizer.state_dict()`` (a sharded
-    run's, gathered whole: the files never depend on the number of processes)."""
+    ``rng``: the CPU generator state of every rank (default: this process's), stored as
+    ``rng.torch.<rank>``. ``sd`` is the optimizer state to save when not
+    ``optimizer.state_dict()`` (a sharded run's, gathered whole: the files never depend on
+    the number of processes).
+    """
     sd = sd if sd is not None else optimizer.state_dict()
-    tensors = {"rng.torch": torch.get_rng_state()}
+    tensors = {f"rng.torch.{r}": s for r, s in enumerate(rng or [torch.get_rng_state()])}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     for pid, st in sd["state"].items():
@@ -249,9 +252,10 @@ def save_train_state(run_dir: Path, optimizer: torch.optim.Optimizer, info: dict
     write_json(Path(run_dir) / STATE_JSON, {**info, "param_groups": sd["param_groups"]})
 
 
-def load_train_state(run_dir: Path, optimizer: torch.optim.Optimizer,
+def load_train_state(run_dir: Path, optimizer: torch.optim.Optimizer, rank: int = 0,
                      layout: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
-    """Restore the optimizer and RNG; ``layout(pid, tensor)`` places each saved (whole)
+    """Restore the optimizer and ``rank``'s generator; a rank the saving run did not have
+    keeps the stream it was seeded with. ``layout(pid, tensor)`` places each saved (whole)
     state tensor as parameter ``pid`` is held (a shard of it, in a sharded run)."""
     info = read_json(Path(run_dir) / STATE_JSON)
     tensors = load_tensors(Path(run_dir) / STATE)
@@ -262,7 +266,9 @@ def load_train_state(run_dir: Path, optimizer: torch.optim.Optimizer,
             state.setdefault(int(pid), {})[key] = layout(int(pid), val) if layout else val
     try:
         optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
-        torch.set_rng_state(tensors["rng.torch"])
+        rng = tensors.get(f"rng.torch.{rank}", tensors.get("rng.torch") if rank == 0 else None)
+        if rng is not None:  # "rng.torch": run folders written before per-rank states
+            torch.set_rng_state(rng)
         if "rng.cuda" in tensors and torch.cuda.is_available():
             torch.cuda.set_rng_state(tensors["rng.cuda"])
     except (KeyError, ValueError, RuntimeError) as e:

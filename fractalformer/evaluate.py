@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .data import Corpus, batch_generator, get_batch, sequential_windows
+from .nn.nesting import frozen_weights
 
 Key = tuple[int, int | str]  # (level, index) or (level, "ensemble")
 
@@ -80,11 +81,12 @@ def mean_losses(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.
     model.eval()
     total: dict[Key, float] = {}
     count = 0
+    scope = frozen_weights()  # every batch reuses one gather of each sub-model's weights
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         if x.dim() == 1:
             x, y = x[None], y[None]
-        with autocast or contextlib.nullcontext():
+        with autocast or contextlib.nullcontext(), scope:
             for k, v in loss_sums(model, x, y, ensembles).items():
                 total[k] = total.get(k, 0.0) + v
         count += y.numel()

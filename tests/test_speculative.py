@@ -216,3 +216,14 @@ def test_speculate_cli(capsys, fractal_run) -> None:
                         (["--draft", "2:0", "--confidence", "2"], "confidence")):
         code, _, err = run_cli(capsys, "speculate", fractal_run, *args)
         assert code == 2 and len(err.strip().splitlines()) == 1 and match in err
+
+
+def test_draft_stops_when_every_row_is_unsure_of_its_own_token() -> None:
+    """The early-stop rule reads the probability each row gave the token it drew, not the
+    row's largest probability (they differ when sampling)."""
+    from fractalformer.generate.speculative import draft_is_unsure
+
+    q = torch.tensor([[0.9, 0.1], [0.6, 0.4]])
+    assert draft_is_unsure(q, torch.tensor([1, 1]), 0.5)  # both drew an unlikely token
+    assert not draft_is_unsure(q, torch.tensor([1, 0]), 0.5)  # row 1 is sure of its own token
+    assert not draft_is_unsure(q, torch.tensor([0, 1]), 0.5)

@@ -20,7 +20,7 @@ from fractalformer import checkpoint as ckpt
 from fractalformer.analysis.plots import _sub_colour, ema, plot_curves
 from fractalformer.cli import _parser, _warning_line
 from fractalformer.config import build_config
-from fractalformer.data import Corpus
+from fractalformer.data import Corpus, read_text
 from fractalformer.tokenizers import get_tokenizer
 from fractalformer.train import trainer
 from fractalformer.train.trainer import set_cpu_threads
@@ -56,7 +56,7 @@ def test_threads_flag_reaches_the_config(capsys) -> None:
 
 # -- 2. data paths ---------------------------------------------------------------------------------
 def test_run_records_absolute_data_and_notices_a_changed_file(capsys, tmp_path: Path, monkeypatch) -> None:
-    text = (Path(fractalformer.__file__).parent / "assets" / "tinyshakespeare.txt").read_text()[:60000]
+    text = read_text(None)[:60000]
     (tmp_path / "a").mkdir()
     monkeypatch.chdir(tmp_path / "a")
     Path("mine.txt").write_text(text)
@@ -232,10 +232,13 @@ def test_generate_matches_the_command_line(capsys, fractal_run: Path) -> None:
         model.generate("x", temperature=-1)
 
 
-def test_device_and_dtype_options(capsys, tiny_run: Path) -> None:
-    code, out, _ = run_cli(capsys, "eval", tiny_run, "--device", "cpu", "--dtype", "bfloat16", "--json")
+def test_device_and_dtype_options(capsys, tiny_run: Path, tmp_path: Path) -> None:
+    small = tmp_path / "small.txt"  # another text, so that the two evaluations are quick
+    small.write_text(read_text(None)[:30000])
+    code, out, _ = run_cli(capsys, "eval", tiny_run, "--device", "cpu", "--dtype", "bfloat16", "--json",
+                           "--data", small)
     bf16 = json.loads(out)[0]["val_loss"]
-    code2, out2, _ = run_cli(capsys, "eval", tiny_run, "--json")
+    code2, out2, _ = run_cli(capsys, "eval", tiny_run, "--json", "--data", small)
     assert code == code2 == 0 and bf16 == pytest.approx(json.loads(out2)[0]["val_loss"], rel=0.02)
     code, out, _ = run_cli(capsys, "sample", tiny_run, "--dtype", "bfloat16", "--max-new-tokens", "3")
     assert code == 0
@@ -266,3 +269,11 @@ def test_curves_before_the_first_evaluation_draw_without_warnings(tmp_path: Path
 def test_sub_models_of_a_level_get_distinct_colours() -> None:
     colours = [_sub_colour(lv, j, 2**lv) for lv in range(3) for j in range(2**lv)]
     assert len(set(colours)) == len(colours) == 7
+
+
+def test_unknown_character_hint_names_what_train_has(capsys, tmp_path: Path) -> None:
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat " * 40 + "café")
+    code, _, err = run_cli(capsys, "train", *QUICK, "--data", text, "--out", tmp_path / "r")
+    assert_one_line_error(code, err, "(on_unknown='replace' maps unknown characters to '?'; the char")
+    assert "--unknown" not in err  # a sample flag, which train does not have

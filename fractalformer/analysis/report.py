@@ -30,7 +30,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from ..hierarchy import groups_to_labels, seed_groups, token_class, token_strings
+from ..hierarchy import group_key, groups_to_labels, seed_groups, token_class, token_strings
 from ..tokenizers import Tokenizer
 from .plots import plot_curves
 
@@ -84,11 +84,12 @@ def emergent_ari(run_dir: Path, model: torch.nn.Module) -> dict[int, float]:
     imposed = seed_groups(tok, widths)
     v = tok.vocab_size
     out = {}
-    for w, groups in last["ids"].items():
-        if int(w) in imposed:
+    for key, groups in last["ids"].items():  # "W" or "W.j"; per width, the mean over its sub-models
+        w = group_key(key)[0]
+        if w in imposed:
             found = groups_to_labels(groups, v)
-            out[int(w)] = round(float(adjusted_rand_score(groups_to_labels(imposed[int(w)], v), found)), 4)
-    return out
+            out.setdefault(w, []).append(adjusted_rand_score(groups_to_labels(imposed[w], v), found))
+    return {w: round(float(sum(s) / len(s)), 4) for w, s in out.items()}
 
 
 CLASS_NAMES = ["newline", "space, digits, punctuation", "upper vowels", "upper consonants", "lower vowels",
@@ -129,10 +130,11 @@ def _heatmaps(model: torch.nn.Module, out: Path) -> list[Path]:
         top = ax.secondary_xaxis("top")
         top.set_xticks([(a + b - 1) / 2 for a, b in spans],
                        [CLASS_NAMES[classes[a]] for a, _ in spans], fontsize=9, rotation=30, ha="left")
-        ax.set_title(f"level {lv}: the {e.shape[1]} embedding columns sub-model ({lv}, 0) owns", pad=42)
+        fig.suptitle(f"level {lv}: the {e.shape[1]} embedding columns sub-model ({lv}, 0) owns", y=0.97)
         fig.colorbar(im, ax=ax, shrink=0.8, label="cosine similarity of two tokens' embeddings")
         path = out / f"similarity_level{lv}.png"
-        fig.savefig(path, dpi=110, bbox_inches="tight")
+        fig.subplots_adjust(left=0.07, right=0.98, bottom=0.07, top=0.86)  # drawn once: no tight bbox
+        fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
     return paths
@@ -198,7 +200,7 @@ def _table(rows: list[dict], numeric_from: int = 0) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _samples(model: torch.nn.Module, tokens: int = 160) -> list[tuple[str, str]]:
+def _samples(model: torch.nn.Module, tokens: int = 120) -> list[tuple[str, str]]:
     """A short sample (seed 0, temperature 0.8) from every sub-model."""
     out = []
     for lv, j in model.config.sub_models():
@@ -323,7 +325,7 @@ compare across tokenizers. Top-1 agreement is the share of positions, over {n} v
 sum(min(p, q)) over the vocabulary - the share of this sub-model's draft tokens that speculative decoding with
 the full model as target would accept.</p>
 {_table(table, 2)}
-<h2 id=samples>Samples</h2><p class=about>160 tokens from every sub-model after a newline, temperature 0.8,
+<h2 id=samples>Samples</h2><p class=about>120 tokens from every sub-model after a newline, temperature 0.8,
 seed 0.</p>{sample_html}
 {experts}
 <h2 id=curves>Loss curves</h2><p class=about>Left: the full model's training loss (each step's batch, and a

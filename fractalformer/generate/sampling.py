@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import torch
 
 from ..errors import FractalError
+from ..nn.nesting import frozen_weights
 
 
 def probabilities(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -86,21 +87,24 @@ def generate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, tem
     levels = model.needed_levels(level)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed if seed is not None else fresh_seed())
+    scope = frozen_weights()  # weight slices gathered once for the whole generation
     tokens = list(prompt[-ctx:])
     caches = model.new_cache(1, levels) if use_cache else None
-    logits = model.run(torch.tensor([tokens], device=device), levels, caches)
+    with scope:
+        logits = model.run(torch.tensor([tokens], device=device), levels, caches)
     for _ in range(max_new_tokens):
         nxt = int(sample_next(select_logits(logits, level, index), temperature, top_k, top_p, gen))
         yield nxt
         tokens.append(nxt)
-        if caches is not None and len(tokens) <= ctx:
-            logits = model.run(torch.tensor([[nxt]], device=device), levels, caches)
-        else:  # the window slides: recompute it (exactly what an uncached model sees)
-            tokens = tokens[-ctx:]
-            if caches is not None:
-                for c in caches.values():
-                    c.length = 0
-            logits = model.run(torch.tensor([tokens], device=device), levels, caches)
+        with scope:
+            if caches is not None and len(tokens) <= ctx:
+                logits = model.run(torch.tensor([[nxt]], device=device), levels, caches)
+            else:  # the window slides: recompute it (exactly what an uncached model sees)
+                tokens = tokens[-ctx:]
+                if caches is not None:
+                    for c in caches.values():
+                        c.length = 0
+                logits = model.run(torch.tensor([tokens], device=device), levels, caches)
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:

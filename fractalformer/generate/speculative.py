@@ -24,7 +24,6 @@ verification round and a plain decoding step, and decodes plainly (one row, exac
 from __future__ import annotations
 
 import time
-import weakref
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ import torch
 
 from ..errors import FractalError
 from ..nn import KVCache
+from ..nn.nesting import frozen_weights
 from .sampling import fresh_seed, generate, pick, probabilities
 
 
@@ -149,25 +149,13 @@ class _Policy:
         return 0
 
 
-_EXTRACTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _extracted(model: torch.nn.Module, level: int, index: int) -> torch.nn.Module:
-    """``model.extract(level, index)``, kept until the model's weights change."""
-    version = tuple((p._version, p.data_ptr()) for p in model.parameters())
-    cached = _EXTRACTED.setdefault(model, {})
-    if cached.get((level, index), (None,))[0] != version:
-        cached[(level, index)] = (version, model.extract(level, index).eval())
-    return cached[(level, index)][1]
-
-
 class _Drafter:
     """Drafts from one level: a lone sub-model as an extracted dense model, or the whole
     level as one batched pass (row ``j`` is sub-model ``j``, fed its own tokens)."""
 
     def __init__(self, model: torch.nn.Module, level: int, indices: list[int]) -> None:
         if len(indices) == 1:  # only its own weights: far cheaper than running the level
-            self.runner, self.level, self.rows = _extracted(model, level, indices[0]), 0, [0]
+            self.runner, self.level, self.rows = model.extract(level, indices[0]).eval(), 0, [0]
         else:
             self.runner, self.level, self.rows = model, level, indices
         self.n = self.runner.nest.count(self.level)
@@ -240,8 +228,9 @@ class _Session:
     def propose(self, g: int) -> tuple[list[list[int]], list[torch.Tensor], int]:
         """Every draft's tokens (as lists), when sampling its distributions (g', V), and g'.
 
-        A draft stops early once its most confident row gives its latest token less than
-        ``confidence`` probability; all candidates are cut to the shortest draft.
+        With ``confidence`` > 0 a draft stops early after a token that every one of its rows
+        gave less than ``confidence`` probability (the row most sure of its own latest token
+        decides: :func:`draft_is_unsure`); all candidates are cut to the shortest draft.
         """
         t, k, p = self.sampling
         cand: list[list[int]] = []
@@ -256,7 +245,7 @@ class _Session:
                 x = pick(q, t, self.gen)
                 toks.append(x)
                 probs.append(q)
-                if i + 1 == g or (self.confidence and float(q.max()) < self.confidence):
+                if i + 1 == g or (self.confidence and draft_is_unsure(q, x, self.confidence)):
                     break
                 logits = d.step(x[:, None])
             d.proposed, d.fed = torch.stack(toks, 1).tolist(), len(toks) - 1  # (n, g'), tokens in cache
@@ -358,38 +347,53 @@ def speculate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int,
     check_speculation(model, drafts, target, gamma, prompt, confidence)
     model.eval()
     ctx = model.config.block_size
-    sess = _Session(model, prompt, drafts, target, temperature, top_k, top_p, seed, confidence, stats)
+    scope = frozen_weights()  # weight slices gathered once, entered around each round
+    with scope:
+        sess = _Session(model, prompt, drafts, target, temperature, top_k, top_p, seed, confidence, stats)
     policy = _Policy(gamma, adaptive, stats)
     emitted = 0
     while emitted < max_new_tokens:
         room = min(ctx - len(sess.seq), max_new_tokens - emitted - 1)
         g = min(policy.gamma(), room)
-        if g < 1:
-            if len(sess.seq) >= ctx:  # past the context: plain sliding-window decoding, as `generate`
-                seed2 = int(torch.randint(0, 2**31, (1,), generator=sess.gen))
-                for tok in generate(model, sess.seq, max_new_tokens - emitted, *sess.sampling, seed2,
-                                    level=target[0], index=target[1]):
-                    stats.tokens += 1
-                    stats.plain_tokens += 1
-                    yield tok
-                return
-            t0 = time.perf_counter()
-            new = [sess.plain_step()]
-            policy.timed("plain", time.perf_counter() - t0)
-        else:
-            t0 = time.perf_counter()
-            cand, qs, steps = sess.propose(g)
-            stats.gammas.append(len(cand[0]))  # drafts may stop early
-            t1 = time.perf_counter()
-            new = sess.verify(cand, qs)
-            policy.timed("draft", t1 - t0, steps)
-            policy.timed("verify", time.perf_counter() - t1)
-            policy.accepted(min(len(new), len(cand[0])), len(new) - 1)
-            sess.seq += new
+        if g < 1 and len(sess.seq) >= ctx:  # past the context: plain sliding-window decoding
+            seed2 = int(torch.randint(0, 2**31, (1,), generator=sess.gen))
+            for tok in generate(model, sess.seq, max_new_tokens - emitted, *sess.sampling, seed2,
+                                level=target[0], index=target[1]):
+                stats.tokens += 1
+                stats.plain_tokens += 1
+                yield tok
+            return
+        with scope:
+            new = _round(sess, policy, g, stats)
         for tok in new[: max_new_tokens - emitted]:
             emitted += 1
             stats.tokens += 1
             yield tok
+
+
+def _round(sess: _Session, policy: _Policy, g: int, stats: SpecStats) -> list[int]:
+    """One plain step (``g`` = 0) or one propose-verify-accept round; the new tokens."""
+    if g < 1:
+        t0 = time.perf_counter()
+        new = [sess.plain_step()]
+        policy.timed("plain", time.perf_counter() - t0)
+        return new
+    t0 = time.perf_counter()
+    cand, qs, steps = sess.propose(g)
+    stats.gammas.append(len(cand[0]))  # drafts may stop early
+    t1 = time.perf_counter()
+    new = sess.verify(cand, qs)
+    policy.timed("draft", t1 - t0, steps)
+    policy.timed("verify", time.perf_counter() - t1)
+    policy.accepted(min(len(new), len(cand[0])), len(new) - 1)
+    sess.seq += new
+    return new
+
+
+def draft_is_unsure(q: torch.Tensor, x: torch.Tensor, confidence: float) -> bool:
+    """Whether every row gave its own latest token ``x`` (n,) less than ``confidence``
+    probability under its distribution ``q`` (n, V)."""
+    return float(q.gather(-1, x.view(-1, 1)).max()) < confidence
 
 
 def commit_row(cache: KVCache, src: int, start: int, keep: int, groups: int = 1) -> None:

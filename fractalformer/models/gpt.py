@@ -120,14 +120,22 @@ class GPT(nn.Module):
     def level_width(self, level: int) -> int:
         return self.config.d_model // self.nest.split**level
 
-    def set_groups(self, groups: dict[int, list[list[int]]]) -> None:
-        """Train the level of each width on soft targets spread over token groups
-        (``fractalformer.hierarchy``); widths not given keep plain cross-entropy."""
-        from ..hierarchy import target_matrix
+    def set_groups(self, groups: dict[int | str, list[list[int]]]) -> None:
+        """Train sub-models on soft targets spread over token groups (``fractalformer.hierarchy``).
+
+        Key ``W``: every sub-model of width W; ``"W.j"``: sub-model j of that width alone.
+        Sub-models not named keep plain cross-entropy.
+        """
+        from ..hierarchy import group_key, target_matrix
 
         device, vocab = self.embed.weight.device, self.config.vocab_size
-        self.group_targets = {lv: target_matrix(groups[self.level_width(lv)], vocab).to(device)
-                              for lv in range(self.nest.levels) if self.level_width(lv) in groups}
+        by_sub = {group_key(k): g for k, g in groups.items()}
+        self.group_targets = {}
+        for lv in range(self.nest.levels):
+            w = self.level_width(lv)
+            per = [by_sub.get((w, j), by_sub.get((w, -1))) for j in range(self.nest.count(lv))]
+            if any(g is not None for g in per):  # (count, vocab, vocab): row y of j = j's target
+                self.group_targets[lv] = torch.stack([target_matrix(g or [], vocab) for g in per]).to(device)
 
     def needed_levels(self, level: int) -> list[int]:
         """Levels whose bodies must run to get the logits of ``level``."""
@@ -210,7 +218,9 @@ class GPT(nn.Module):
             y = y.expand(lg.shape[0], *y.shape[-2:]).flatten()
             logp = F.log_softmax(lg.float(), -1)
             if lv in self.group_targets:  # soft targets: -mean log p over the target's group
-                ce = -(self.group_targets[lv][y] * logp.flatten(0, 2)).sum(-1)
+                tm = self.group_targets[lv]
+                soft = tm[torch.arange(len(tm), device=y.device)[:, None], y.view(len(tm), -1)]
+                ce = -(soft.flatten(0, 1) * logp.flatten(0, 2)).sum(-1)
             else:
                 ce = F.nll_loss(logp.flatten(0, 2), y, reduction="none")
             ce = ce.view(lg.shape[0], -1).mean(1)

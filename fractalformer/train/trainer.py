@@ -365,12 +365,14 @@ def setup(cfg: RunConfig, out: Path, resume: bool, progress: bool) -> Session:
     tok, corpus = prepare_data(cfg, saved[1] if saved else init_tokenizer(cfg),
                                ckpt.load_data_sha256(out) if resume else None)
     torch.manual_seed(t.seed)
-    model = build_model(cfg.model).to(device)
+    model = build_model(cfg.model).to(device)  # every rank builds the same initial weights
     start, elapsed0, model_step = 0, 0.0, None
     if resume:
         model_step = ckpt.load_model_state(out, model)
     elif t.init_from:
         load_init(model, Path(t.init_from))
+    if dd.rank:  # ... but draws its own dropout masks (rank 0 keeps the single-process stream)
+        torch.manual_seed(t.seed + 1_000_003 * dd.rank)
     if t.parallel == "fsdp" and dd.world > 1:
         from torch.distributed.fsdp import fully_shard
 
@@ -379,7 +381,8 @@ def setup(cfg: RunConfig, out: Path, resume: bool, progress: bool) -> Session:
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     optimizer = make_optimizer(model, cfg)
     if resume:
-        info = ckpt.load_train_state(out, optimizer, _shard_like(optimizer) if dd.world > 1 else None)
+        layout = _shard_like(optimizer) if dd.world > 1 else None
+        info = ckpt.load_train_state(out, optimizer, dd.rank, layout)
         start, elapsed0 = int(info["step"]), float(info.get("elapsed_s", 0.0))
         if model_step is not None and model_step != start:
             raise FractalError(f"{out}: model.safetensors (step {model_step}) and the training state "
@@ -437,15 +440,22 @@ def _whole(value: Any) -> Any:
 
 
 def save(s: Session, step: int, elapsed: float) -> None:
-    """Checkpoint: whole tensors in the single-process format, whatever the number of processes."""
+    """Checkpoint: whole tensors in the single-process format, whatever the number of
+    processes, and every rank's generator (so a resumed run draws the masks it would have)."""
     state, opt = None, None
     if s.sharded:
         state = {k: _whole(v) for k, v in s.model.state_dict().items()}
         sd = s.optimizer.state_dict()
         opt = {**sd, "state": {pid: {k: _whole(v) for k, v in st.items()} for pid, st in sd["state"].items()}}
+    rng = [torch.get_rng_state()]
+    if s.dd.world > 1:
+        mine = rng[0].to(s.device)
+        rng = [torch.empty_like(mine) for _ in range(s.dd.world)]
+        dist.all_gather(rng, mine)
     if s.dd.main:
         ckpt.save_model(s.out, s.model, step, state)
-        ckpt.save_train_state(s.out, s.optimizer, {"step": step, "elapsed_s": elapsed}, opt)
+        info = {"step": step, "elapsed_s": elapsed}
+        ckpt.save_train_state(s.out, s.optimizer, info, [r.cpu() for r in rng], opt)
 
 
 @contextlib.contextmanager
