@@ -1,4 +1,4 @@
-"""The ``fractalformer`` command: train, eval, sample, extract, speculate, analyze, serve.
+"""The ``fractalformer`` command: train, eval, sample, extract, export, speculate, analyze, serve.
 
 Thin by design: parse arguments, call the library, print. Any :class:`FractalError`
 becomes one line on stderr and exit status 2.
@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from .config import PRESETS, TrainConfig, choices
+from .config import PRESETS
 from .errors import FractalError
 
 if TYPE_CHECKING:
@@ -90,12 +90,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="TOML file of config keys (flat, or [model] / [train] tables), applied on the preset")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key, last (repeatable; fractalformer config lists the keys)")
-    t.add_argument("--data", help="UTF-8 text file to train on (unset: the shipped TinyShakespeare)")
-    t.add_argument("--tokenizer", choices=choices(TrainConfig, "tokenizer"), help="tokenizer (unset: bpe128)")
+    t.add_argument("--data", help="UTF-8 text file or a `fractalformer prepare` folder (unset: the shipped "
+                                  "TinyShakespeare)")
+    t.add_argument("--tokenizer", metavar="NAME",
+                   help="bpe128, char, byte, bpe:N or gpt2 (unset: bpe128; a prepared folder's own)")
     t.add_argument("--out", help="run folder (unset: runs/<preset>-<time>)")
     t.add_argument("--max-steps", type=_positive_int, metavar="N",
                    help="training steps, the schedule's horizon (with --resume: extend the run to N)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out with its saved config")
+    t.add_argument("--init-from", metavar="RUN", help="fine-tune: start from RUN's weights with a fresh "
+                   "optimizer (RUN's model config and tokenizer unless --tokenizer)")
     t.add_argument("--stop-after", type=_positive_int, metavar="N",
                    help="save and stop after N steps of this invocation, keeping the schedule")
     t.add_argument("--print-config", action="store_true",
@@ -148,6 +152,24 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--index", type=int, required=True, help="index of the sub-model within its level")
     x.add_argument("--out", required=True, help="new run folder (resumable with train --resume)")
 
+    pr = command("prepare", "tokenize text files into a memory-mapped corpus for train --data DIR",
+                 "fractalformer prepare corpus/ --tokenizer bpe:4096 --out data/corpus",
+                 "fractalformer train --preset 10m --data data/corpus", parent=common)
+    pr.add_argument("data", nargs="+", help="text files and/or folders (every file under them, sorted)")
+    pr.add_argument("--tokenizer", default="bpe128", help="bpe128, char, byte, bpe:N or gpt2")
+    pr.add_argument("--out", required=True, help="new folder for tokens.bin and manifest.json")
+    pr.add_argument("--unknown", choices=("error", "replace"), default="error",
+                    help="characters the tokenizer lacks: error, or replace with '?'")
+    pr.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    ex = command("export", "a Hugging Face (Llama) folder of a run or one sub-model (needs the hf extra)",
+                 "fractalformer export runs/x --out hf/x",
+                 "fractalformer export runs/x --level 2 --index 1 --out hf/x-2-1", parent=common)
+    ex.add_argument("run", metavar="RUN", help="run folder written by fractalformer train")
+    ex.add_argument("--level", type=int, help="export sub-model (level, index) instead of the full model")
+    ex.add_argument("--index", type=int, help="index of the sub-model within its level")
+    ex.add_argument("--out", required=True, help="new folder for AutoModelForCausalLM.from_pretrained")
+
     sv = command("serve", "HTTP API and a page for every sub-model (batched; needs the serve extra)",
                  "fractalformer serve runs/x --port 8000", parent=common)
     sv.add_argument("run", metavar="RUN", help="run folder written by fractalformer train")
@@ -196,19 +218,19 @@ SPEC_STATS_HELP = """statistics (printed after the text, on stderr; --json puts 
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from .config import build_config, load_toml, parse_set, to_toml
+    from .checkpoint import load_run_config
+    from .config import build_config, init_model_config, load_toml, parse_set, to_toml
     from .data import read_text
+    from .prepare import is_prepared, load_prepared
     from .tokenizers import get_tokenizer
     from .train import train
 
     if a.resume:
         if not a.out:
             raise FractalError("--resume needs --out RUN_DIR")
-        if a.preset or a.config or a.set or a.data or a.tokenizer:
+        if a.preset or a.config or a.set or a.data or a.tokenizer or a.init_from:
             raise FractalError("--resume continues a run with its saved config; only --max-steps, "
                                "--stop-after, --threads and --quiet may be given")
-        from .checkpoint import load_run_config
-
         cfg, _ = load_run_config(Path(a.out))
     else:
         sets = list(a.set)
@@ -216,10 +238,24 @@ def cmd_train(a: argparse.Namespace) -> int:
             sets.append(f"data={a.data}")
         if a.tokenizer:
             sets.append(f"tokenizer={a.tokenizer}")
+        if a.init_from:
+            sets.append(f"init_from={a.init_from}")
         cfg = build_config(a.preset, a.config, sets)
         explicit = set(parse_set(sets)) | (set(load_toml(a.config)) if a.config else set())
-        if not explicit & {"vocab_size", "model.vocab_size"}:
-            cfg.model.vocab_size = get_tokenizer(cfg.train.tokenizer, read_text(cfg.train.data)).vocab_size
+        if a.init_from:
+            init_cfg, init_tok = load_run_config(Path(a.init_from))
+            given = (load_toml(a.config) if a.config else {}) | parse_set(sets)
+            cfg = init_model_config(cfg, init_cfg, given)
+            if not explicit & {"tokenizer", "train.tokenizer"}:
+                cfg.train.tokenizer = init_tok.name
+        elif is_prepared(cfg.train.data):  # prepared data: its tokenizer unless one is named
+            tok = load_prepared(cfg.train.data)[1]
+            if not explicit & {"tokenizer", "train.tokenizer"}:
+                cfg.train.tokenizer = tok.name
+        else:
+            tok = get_tokenizer(cfg.train.tokenizer, read_text(cfg.train.data))
+        if not a.init_from and not explicit & {"vocab_size", "model.vocab_size"}:
+            cfg.model.vocab_size = tok.vocab_size
     if a.max_steps is not None:
         if a.max_steps < 1:
             raise FractalError("--max-steps must be at least 1")
@@ -413,6 +449,34 @@ def cmd_extract(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(a: argparse.Namespace) -> int:
+    from .prepare import prepare
+    from .tokenizers import check_name
+
+    check_name(a.tokenizer)
+    m = prepare(a.data, a.tokenizer, a.out, a.unknown, progress=not a.quiet)
+    print(f"prepared {len(m['files'])} file(s), {m['bytes']:,} bytes -> {m['count']:,} {a.tokenizer} tokens "
+          f"({m['train_count']:,} train, {m['val_units_per_token']:.3f} {m['unit']}s per validation token) "
+          f"in {a.out}; train with --data {a.out}")
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    import fractalformer
+
+    from .export import export
+
+    out = Path(a.out)
+    if out.exists():
+        raise FractalError(f"{out} already exists; choose another --out")
+    model = fractalformer.load(a.run)
+    dense = export(model, model.tokenizer, out, a.level, a.index)
+    print(f"exported {'the model' if a.level is None else f'sub-model ({a.level}, {a.index})'}: "
+          f"{dense.num_params():,} parameters, width {dense.config.d_model} -> {out} "
+          f"(transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+    return 0
+
+
 def _data_sha256(run: str) -> str | None:
     from .checkpoint import load_data_sha256
 
@@ -466,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
                 torch.set_num_threads(args.threads)
         commands = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "extract": cmd_extract,
                     "speculate": cmd_speculate, "analyze": cmd_analyze, "serve": cmd_serve,
-                    "config": cmd_config}
+                    "config": cmd_config, "export": cmd_export, "prepare": cmd_prepare}
         return commands[args.command](args)
     except FractalError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -197,10 +197,14 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation and bookkeeping. Defaults train the default model in ~10 min on 2 cores."""
 
-    tokenizer: Literal["bpe128", "char", "byte"] = "bpe128"
-    data: str | None = None  # None = the shipped TinyShakespeare
+    tokenizer: str = "bpe128"  # bpe128, char, byte, bpe:N or gpt2 (checked by tokenizers.check_name)
+    data: str | None = None  # None = the shipped TinyShakespeare; a text file or a prepared folder
+    init_from: str | None = None  # fine-tuning: start from this run's weights (and tokenizer)
     on_unknown: Literal["error", "replace"] = "error"  # or "replace": map unknown characters to a known one
-    batch_size: int = 16
+    batch_size: int = 16  # rows of one optimizer step, over all processes and micro-batches
+    grad_accum: int = 1  # micro-batches per step: batch_size / grad_accum rows at a time, same gradient
+    sync_every: int = 10  # steps between host reads of the losses (also at evals, checkpoints, the end)
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicated (DDP) or sharded (fully_shard)
     routing: Literal["shared", "split", "shard"] = "shared"  # nested models: see data.training_batch
     max_steps: int = 1400
     lr: float = 3e-3
@@ -221,6 +225,7 @@ class TrainConfig:
     threads: int = 0  # CPU threads on this machine, split among its processes; 0: auto
     final_eval: int = -1  # validation windows scored after training: -1 all (the whole split), 0 none
     sample_tokens: int = 200  # length of the sample printed after training
+    log: Literal["csv", "tensorboard"] = "csv"  # tensorboard: also scalars in RUN/tensorboard (the extra)
     groups: str = ""  # imposed token groups per width: "" none, "seed", or a JSON file
     emergent_every: int = 0  # re-cluster the embedding into groups every N steps (0 = never)
     cluster_method: Literal["dbscan", "agglomerative"] = "dbscan"  # or "agglomerative"
@@ -229,7 +234,11 @@ class TrainConfig:
 
     def validate(self) -> None:
         _check_choices(self)
-        _positive(self, "batch_size", "max_steps", "lr", "eval_every", "eval_batches", "ckpt_every")
+        _positive(self, "batch_size", "max_steps", "lr", "eval_every", "eval_batches", "ckpt_every",
+                  "grad_accum", "sync_every")
+        if self.batch_size % self.grad_accum:
+            raise FractalError(f"batch_size {self.batch_size} is not divisible by grad_accum "
+                               f"{self.grad_accum}")
         _nonnegative(self, "table_lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "sample_tokens")
         if self.min_lr > self.lr:
             raise FractalError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
@@ -243,6 +252,9 @@ class TrainConfig:
             raise FractalError(f"final_eval must be -1 (the whole split), 0 (none) or a number of windows, "
                                f"got {self.final_eval}")
         _positive(self, "cluster_eps", "cluster_min_samples")
+        from .tokenizers import check_name
+
+        check_name(self.tokenizer)
 
 
 @dataclass
@@ -258,6 +270,9 @@ class RunConfig:
             raise FractalError("token groups (groups / emergent_every) need a nested model: their loss "
                                "applies to the narrower sub-models")
         if t.routing != "shared":
+            if t.grad_accum > 1:
+                raise FractalError(f"routing={t.routing} cannot combine with grad_accum: a micro-batch would "
+                                   "re-split the sub-models' row blocks (use routing=shared)")
             if m.family == "mrl":
                 raise FractalError("routing must be shared for family=mrl: its sizes share one body")
             if m.family in ("gpt", "moe"):
@@ -322,6 +337,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Few-thousand-parameter models for tests and smoke runs.
     "tiny": _TINY,
     "tiny-fractal": {**_TINY, "family": "fractal", "levels": 3, "n_kv_head": 4, "attn_nesting": "heads"},
+    # A 10.4M-parameter FractalFormer (1 + 2 + 4 sub-models) for corpora beyond TinyShakespeare:
+    # a 4096-token byte-level BPE; bench/bench_10m.py trains it on a prepared corpus.
+    "10m": dict(family="fractal", levels=3, split=2, attn_nesting="heads", d_model=384, n_layer=4, n_head=8,
+                n_kv_head=4, head_dim=48, tokenizer="bpe:4096", vocab_size=4096, batch_size=16, lr=1e-3,
+                min_lr=1e-4, max_steps=2000, eval_every=250, ckpt_every=250),
 }
 
 
@@ -461,6 +481,17 @@ def load_toml(path: str) -> dict[str, Any]:
         else:
             flat[k] = v
     return flat
+
+
+def init_model_config(cfg: RunConfig, init: RunConfig, given: dict[str, Any]) -> RunConfig:
+    """Fine-tuning: the model config of the run started from, under ``cfg``'s training config;
+    model keys set explicitly (``given``) still apply (a changed shape fails at loading)."""
+    out = RunConfig(dataclasses.replace(init.model), cfg.train)
+    model_keys = {f.name for f in fields(ModelConfig)}
+    apply_overrides(out, {k: v for k, v in given.items() if k.rpartition(".")[2] in model_keys
+                          and k.rpartition(".")[0] in ("", "model")})
+    out.validate()
+    return out
 
 
 def build_config(

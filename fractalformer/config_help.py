@@ -42,8 +42,11 @@ KEY_HELP: dict[str, str] = {
     "fhme_adaptive": "learned per-token halting (false: always full depth)",
     "halt_penalty": "weight of the ponder cost",
     # train
-    "tokenizer": "tokenizer: bpe128 (the seed's), char (the text's characters) or byte",
-    "data": "UTF-8 text file to train on (unset: the shipped TinyShakespeare); stored as an absolute path",
+    "tokenizer": "tokenizer: bpe128 (the seed's), char (the text's characters), byte, bpe:N (a byte-level "
+                 "BPE of N tokens trained on the training split) or gpt2 (tiktoken)",
+    "data": "UTF-8 text file or a `fractalformer prepare` folder to train on (unset: the shipped "
+            "TinyShakespeare); stored as an absolute path",
+    "init_from": "fine-tuning: a run whose weights (and model config, tokenizer) training starts from",
     "on_unknown": "characters the tokenizer lacks: error, or replace them with '?'",
     "batch_size": "sequences per step (summed over torchrun processes)",
     "routing": "nested models: which rows each sub-model reads (shared, split, shard)",
@@ -66,7 +69,14 @@ KEY_HELP: dict[str, str] = {
     "threads": "CPU threads for this machine, divided among torchrun processes (0: OMP_NUM_THREADS, "
                "else every core)",
     "final_eval": "validation windows scored after training: -1 the whole split, 0 none, N the first N",
+    "grad_accum": "micro-batches per optimizer step (batch_size / grad_accum rows each): less memory, "
+                  "the same gradient",
+    "sync_every": "steps between reading the losses back to the host (a GPU runs ahead meanwhile); "
+                  "also at every evaluation, checkpoint and the end",
+    "parallel": "under torchrun: ddp (every process holds the whole model) or fsdp (parameters, "
+                "gradients and optimizer state sharded with fully_shard)",
     "sample_tokens": "length of the sample printed after training (0: none)",
+    "log": "csv (metrics.csv), or tensorboard: also TensorBoard scalars in RUN/tensorboard",
     "groups": "imposed token groups per width: empty none, seed, or a JSON file",
     "emergent_every": "re-cluster the embedding into groups every N steps (0: never)",
     "cluster_method": "clustering of the emergent groups",

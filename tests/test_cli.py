@@ -32,7 +32,7 @@ def snapshot(d: Path) -> dict[str, bytes]:
         (["--set", "n_kv_head=3"], "multiple of n_kv_head"),
         (["--set", "vocab_size=100"], "vocab_size 100 does not match"),
         (["--set", "block_size=100000"], "fewer than block_size"),
-        (["--tokenizer", "nope"], "invalid choice: 'nope'"),
+        (["--tokenizer", "nope"], "tokenizer must be one of bpe128, char, byte, bpe:N, gpt2; got 'nope'"),
         (["--preset", "huge"], "invalid choice: 'huge'"),
         (["--set", "tokenizer=nope"], "tokenizer must be one of"),
         (["--set", "batch_size=-1"], "batch_size must be positive"),

@@ -228,6 +228,7 @@ def analyze(run_dir: str | Path, windows: int = 16, data: str | None = None, dev
     import fractalformer
 
     from .. import checkpoint as ckpt
+    from ..data import as_tensor
     from ..evaluate import evaluate_full
     from ..train.trainer import run_data
 
@@ -242,12 +243,13 @@ def analyze(run_dir: str | Path, windows: int = 16, data: str | None = None, dev
         rows = evaluate_full(model, corpus, cfg.model.block_size, device)
         t = cfg.model.block_size
         n = min(windows, (len(corpus.val) - 1) // t)
-        val_windows = corpus.val[: n * t].view(n, t).to(device)
+        val_windows = as_tensor(corpus.val[: n * t]).view(n, t).to(device)
         cons = consistency(model, val_windows)
         usage = expert_usage(model, val_windows, out / "expert_usage.png")
         samples = _samples(model)
     heatmaps = _heatmaps(model, out)
-    seen = torch.bincount(corpus.train, minlength=model.tokenizer.vocab_size).nonzero().flatten().tolist()
+    counts = torch.bincount(as_tensor(corpus.train), minlength=model.tokenizer.vocab_size)
+    seen = counts.nonzero().flatten().tolist()
     _dendrogram(model, seen, out / "dendrogram.png")
     curves = plot_curves(run_dir)
     cos = pair_cosines(model, [("a", "A"), ("a", "i")])
