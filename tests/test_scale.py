@@ -69,6 +69,7 @@ def torchrun(*args: str) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="torchrun needs a POSIX system")
 def test_fsdp_matches_single_process_and_resumes_across_process_counts(single: Path, tmp_path: Path) -> None:
     out = tmp_path / "fsdp"
