@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 import fractalformer
 from fractalformer.config import build_config
+from fractalformer.errors import FractalError
 from fractalformer.generate import generate
 from fractalformer.models import build_model
 from fractalformer.models.concept import ConceptGPT, grow
@@ -228,14 +229,21 @@ def test_cli_train_eval_sample_analyze_load(concept_run: Path, tmp_path: Path,
     code, _, err = run_cli(capsys, "extract", concept_run, "--level", "0", "--index", "0",
                            "--out", tmp_path / "x")
     assert code == 2 and "not nested" in err
+    code, _, err = run_cli(capsys, "export", concept_run, "--out", tmp_path / "hf")
+    assert code == 2 and "family concept has no Llama equivalent" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "hf").exists()
     if importlib.util.find_spec("uvicorn"):
         code, _, err = run_cli(capsys, "serve", concept_run, "--port", "0")
         assert code == 2 and "cannot batch the concept family" in err
+    with pytest.raises(FractalError, match="not a standalone model in family concept"):
+        fractalformer.load(concept_run, level=0, index=0)
     model = fractalformer.load(concept_run)
     assert isinstance(model, ConceptGPT) and not model.training
     idx = torch.tensor([model.tokenizer.encode("ROMEO:")])
     logits, loss, _ = model(idx)
     assert logits.shape == (1, idx.shape[1], 128) and loss is None
+    assert model.generate("ROMEO:", 20, temperature=0, seed=1) == model.generate("ROMEO:", 20, temperature=0,
+                                                                                 seed=1, use_cache=False)
 
 
 def test_byte_mode_reads_any_utf8(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -260,6 +268,7 @@ def test_resume_is_exact(tmp_path: Path, capsys: pytest.CaptureFixture, extra: l
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="torchrun needs a POSIX system")
 def test_torchrun_two_processes_match_single_process(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     args = [*TINY_CONCEPT, "--set", "concept_levels=2", "--set", "combo=2", "--max-steps", "3"]
