@@ -1,4 +1,5 @@
-"""The ``fractalformer`` command: train, eval, sample, extract, speculate, analyze, serve.
+"""The ``fractalformer`` command: train, eval, sample, extract, speculate, analyze, serve,
+merge, grow.
 
 Thin by design: parse arguments, call the library, print. Any :class:`FractalError`
 becomes one line on stderr and exit status 2.
@@ -103,6 +104,28 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--level", type=int, required=True)
     x.add_argument("--index", type=int, required=True)
     x.add_argument("--out", required=True)
+
+    mg = sub.add_parser("merge", help="glue trained runs into a wider FractalFormer (frozen children)")
+    mg.add_argument("runs", nargs="+", metavar="RUN", help="runs of one shape: the level-1 sub-models")
+    mg.add_argument("--out", required=True)
+    mg.add_argument("--train-glue-steps", type=_positive_int, default=0, metavar="N",
+                    help="train only the glue (off-diagonal blocks) for N steps, the children frozen")
+    mg.add_argument("--then-steps", type=_positive_int, default=0, metavar="M",
+                    help="then train everything for M steps (a new warmup + cosine schedule)")
+    mg.add_argument("--attn-nesting", choices=("heads", "head_dim"), default="heads",
+                    help="attention nesting of the merged model when the runs are dense (default heads)")
+    mg.add_argument("--routing", choices=("shared", "split", "shard"),
+                    help="data routing of the merged run (default: shard when run j trained on data_shard "
+                         "j/N, else shared)")
+    mg.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    gr = sub.add_parser("grow", help="function-preserving growth: the run becomes sub-model (1, 0)")
+    gr.add_argument("run")
+    gr.add_argument("--width", type=_positive_int, required=True, help="width factor (the split, >= 2)")
+    gr.add_argument("--depth", type=_positive_int, default=1, help="depth factor (identity layers inserted)")
+    gr.add_argument("--out", required=True)
+    gr.add_argument("--steps", type=_positive_int, default=0, help="then train for this many steps")
+    gr.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sv = sub.add_parser("serve", help="HTTP API and a page for every sub-model (batched; needs [serve])")
     sv.add_argument("run")
@@ -316,6 +339,30 @@ def cmd_extract(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(a: argparse.Namespace) -> int:
+    from .evaluate import sub_model_params
+    from .growth import merge_runs
+
+    model = merge_runs(a.runs, a.out, a.train_glue_steps, a.then_steps, a.attn_nesting, a.routing,
+                       not a.quiet)
+    c = model.config
+    print(f"merged {len(a.runs)} runs -> {a.out}: FractalFormer d_model {c.d_model}, levels {c.levels}, "
+          f"{model.num_params():,} parameters ({sub_model_params(model, 1):,} per child; "
+          f"glue steps {a.train_glue_steps}, full steps {a.then_steps})")
+    return 0
+
+
+def cmd_grow(a: argparse.Namespace) -> int:
+    from .growth import grow_run
+
+    f = grow_run(a.run, a.out, a.width, a.depth, a.steps, not a.quiet)
+    print(f"grown x{a.width} wide, x{a.depth} deep -> {a.out}; validation at the growth step: original "
+          f"{f['original_val_loss']:.6f} nats/token ({f['original_val_bpc']:.4f} bits/char), grown "
+          f"{f['grown_val_loss']:.6f} ({f['grown_val_bpc']:.4f}); difference "
+          f"{abs(f['grown_val_loss'] - f['original_val_loss']):.2e}")
+    return 0
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
     try:
         from .serve import Limits, serve
@@ -333,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         commands = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "extract": cmd_extract,
-                    "speculate": cmd_speculate, "analyze": cmd_analyze, "serve": cmd_serve}
+                    "speculate": cmd_speculate, "analyze": cmd_analyze, "serve": cmd_serve,
+                    "merge": cmd_merge, "grow": cmd_grow}
         return commands[args.command](args)
     except FractalError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -210,6 +210,9 @@ class TrainConfig:
     on_unknown: str = "error"  # or "replace": map unknown characters to a known one
     batch_size: int = 16
     routing: str = "shared"  # nested models: shared, split or shard (see data.training_batch)
+    data_shard: str = ""  # "J/N": train on contiguous shard J of N of the training tokens ("" = all)
+    freeze: str = "none"  # "children": entries the level-1 sub-models own stay fixed (merge glue)
+    schedule_start: int = 0  # the step where warmup + cosine begin (a merged or grown run's new schedule)
     max_steps: int = 1400
     lr: float = 3e-3
     min_lr: float = 3e-4
@@ -244,6 +247,12 @@ class TrainConfig:
         _choice(self, "on_unknown", ("error", "replace"))
         _choice(self, "device", ("auto", "cpu", "cuda"))
         _choice(self, "routing", ("shared", "split", "shard"))
+        _choice(self, "freeze", ("none", "children"))
+        _nonnegative(self, "schedule_start")
+        if self.schedule_start >= self.max_steps:
+            raise FractalError(f"schedule_start ({self.schedule_start}) must be below max_steps "
+                               f"({self.max_steps})")
+        self.shard()
         _choice(self, "cluster_method", ("dbscan", "agglomerative"))
         if not 0 <= self.seed < 2**31:
             raise FractalError(f"seed must lie in [0, 2**31), got {self.seed}")
@@ -253,6 +262,16 @@ class TrainConfig:
         from .tokenizers import TOKENIZERS
 
         _choice(self, "tokenizer", TOKENIZERS)
+
+
+    def shard(self) -> tuple[int, int]:
+        """``data_shard`` as (J, N); (0, 1) when training on all the data."""
+        if not self.data_shard:
+            return 0, 1
+        j, slash, n = self.data_shard.partition("/")
+        if not (slash and j.strip().isdigit() and n.strip().isdigit() and 0 <= int(j) < int(n)):
+            raise FractalError(f"data_shard must be 'J/N' with 0 <= J < N, got {self.data_shard!r}")
+        return int(j), int(n)
 
 
 @dataclass
@@ -267,6 +286,9 @@ class RunConfig:
         if (t.groups or t.emergent_every) and m.levels == 1:
             raise FractalError("token groups (groups / emergent_every) need a nested model: their loss "
                                "applies to the narrower sub-models")
+        if t.freeze != "none" and (m.family != "fractal" or m.residual != "none"):
+            raise FractalError("freeze=children needs a FractalFormer without cross-level residuals "
+                               "(family=fractal, residual=none): its level-1 sub-models are the children")
         if t.routing != "shared":
             if m.family == "mrl":
                 raise FractalError("routing must be shared for family=mrl: its sizes share one body")

@@ -30,7 +30,7 @@ from ..evaluate import EvalRow, evaluate_full, fixed_val_batches, mean_losses, t
 from ..models import build_model
 from ..nn.product_keys import is_table
 from ..tokenizers import Tokenizer, get_tokenizer
-from .optim import Optimizers
+from .optim import Frozen, Optimizers
 
 BASE_FIELDS = ["step", "tokens", "lr", "train_loss", "val_loss", "val_bpc", "elapsed_s"]
 
@@ -50,11 +50,13 @@ def metric_fields(cfg: RunConfig) -> list[str]:
 
 
 def lr_at(step: int, cfg: RunConfig) -> float:
-    """Linear warmup to ``lr``, then cosine decay to ``min_lr`` at ``max_steps``."""
+    """Linear warmup to ``lr``, then cosine decay to ``min_lr`` at ``max_steps``; both start
+    at ``schedule_start`` (0, or where a merged run's full training begins)."""
     t = cfg.train
+    step, horizon = step - t.schedule_start, t.max_steps - t.schedule_start
     if step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
-    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+    progress = min(1.0, (step - t.warmup_steps) / max(1, horizon - t.warmup_steps))
     return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
 
 
@@ -64,8 +66,17 @@ def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimi
     Expert / memory tables (``fractalformer.nn.product_keys``) get a group of their own:
     peak lr ``table_lr`` (scaled along the same schedule), no weight decay; with
     ``moe_sparse`` their sparse gradients go to ``SparseAdam``, which updates only the rows
-    a step selected.
+    a step selected. With ``freeze=children`` the optimizer keeps the children's entries
+    fixed (``Frozen``): only the glue between them trains.
     """
+    if cfg.train.freeze != "none":
+        from ..growth import frozen_masks
+
+        return Frozen(_make_optimizer(model, cfg), frozen_masks(model))
+    return _make_optimizer(model, cfg)
+
+
+def _make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer | Optimizers:
     t = cfg.train
     tables = [p for p in model.parameters() if is_table(p)]
     rest = [p for p in model.parameters() if not is_table(p)]
@@ -205,6 +216,12 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, stop_after: int
                            "re-split its share of the rows (use routing=shared)")
 
     tok, corpus = prepare_data(cfg, ckpt.load_run_config(out)[1] if resume else None)
+    shard, shards = t.shard()
+    size = len(corpus.train) // shards
+    train_ids = corpus.train[shard * size:(shard + 1) * size]
+    if len(train_ids) < cfg.model.block_size + 1:
+        raise FractalError(f"data_shard {t.data_shard} holds {len(train_ids)} tokens, fewer than "
+                           f"block_size + 1")
     torch.manual_seed(t.seed)
     model = build_model(cfg.model).to(device)
     optimizer = make_optimizer(model, cfg)
@@ -246,7 +263,7 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, stop_after: int
 
     if dd.main:
         n = model.num_params()
-        print(f"model: {n:,} parameters | data: {len(corpus.train):,} train / {len(corpus.val):,} val "
+        print(f"model: {n:,} parameters | data: {len(train_ids):,} train / {len(corpus.val):,} val "
               f"{tok.name} tokens | device: {device} x{dd.world} | run folder: {out}")
     bar = tqdm(total=t.max_steps, initial=start, disable=not (progress and dd.main),
                dynamic_ncols=True, unit="step")
@@ -260,7 +277,7 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, stop_after: int
             lr = lr_at(step, cfg)
             for g in optimizer.param_groups:
                 g["lr"] = lr * g.get("lr_scale", 1.0)
-            x, y = training_batch(corpus.train, t.batch_size, cfg.model.block_size,
+            x, y = training_batch(train_ids, t.batch_size, cfg.model.block_size,
                                   batch_generator(t.seed, step), t.routing, model.nest)
             rows = slice(dd.rank * local_b, (dd.rank + 1) * local_b)
             x, y = x[..., rows, :].to(device), y[..., rows, :].to(device)
