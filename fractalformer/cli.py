@@ -114,6 +114,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="then train everything for M steps (a new warmup + cosine schedule)")
     mg.add_argument("--attn-nesting", choices=("heads", "head_dim"), default="heads",
                     help="attention nesting of the merged model when the runs are dense (default heads)")
+    mg.add_argument("--glue-rank", type=_positive_int, default=0, metavar="R",
+                    help="glue as rank-R maps between the blocks, folded into the weights after the glue "
+                         "steps (0: the off-diagonal blocks themselves)")
     mg.add_argument("--routing", choices=("shared", "split", "shard"),
                     help="data routing of the merged run (default: shard when run j trained on data_shard "
                          "j/N, else shared)")
@@ -344,7 +347,7 @@ def cmd_merge(a: argparse.Namespace) -> int:
     from .growth import merge_runs
 
     model = merge_runs(a.runs, a.out, a.train_glue_steps, a.then_steps, a.attn_nesting, a.routing,
-                       not a.quiet)
+                       a.glue_rank, not a.quiet)
     c = model.config
     print(f"merged {len(a.runs)} runs -> {a.out}: FractalFormer d_model {c.d_model}, levels {c.levels}, "
           f"{model.num_params():,} parameters ({sub_model_params(model, 1):,} per child; "

@@ -40,6 +40,7 @@ class ModelConfig:
     attn_nesting: str = "head_dim"  # "head_dim": all heads, narrower; "heads": blocks of whole heads
     residual: str = "none"  # fractal only: "upstream", "downstream" cross-level residuals
     residual_rank: int = 0  # 0: add states directly; r > 0: through a learned rank-r map
+    glue_rank: int = 0  # fractal: rank-r maps between the level-1 blocks of every linear (merge glue)
     level_weights: str = ""  # comma-separated loss weight per level; "" = every sub-model alike
     distill: float = 0.0  # nested sub-models' loss: (1 - distill) * CE + distill * KL(full || sub)
     vocab_size: int = 128
@@ -99,7 +100,7 @@ class ModelConfig:
     def validate(self) -> None:
         _positive(self, "vocab_size", "block_size", "n_layer", "d_model", "n_head", "n_kv_head",
                   "head_dim", "mlp_mult", "rope_theta", "norm_eps", "init_std", "levels")
-        _nonnegative(self, "residual_rank")
+        _nonnegative(self, "residual_rank", "glue_rank")
         self._validate_nesting()
         if self.n_head % self.n_kv_head:
             raise FractalError(
@@ -171,6 +172,8 @@ class ModelConfig:
                                f"matformer), not family {self.family}")
         if self.residual != "none" and self.family != "fractal":
             raise FractalError("cross-level residuals need family=fractal")
+        if self.glue_rank and (self.family != "fractal" or self.residual != "none"):
+            raise FractalError("glue_rank needs family=fractal without cross-level residuals")
         if self.level_weights:
             try:
                 w = [float(x) for x in self.level_weights.split(",")]

@@ -46,19 +46,44 @@ def nested_params(model: GPT) -> list[tuple[str, torch.nn.Module, str, torch.nn.
 
 
 def frozen_masks(model: GPT) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
-    """Per nested parameter, the entries owned by a level-1 sub-model (the children)."""
+    """Per nested parameter, its frozen entries: those a level-1 sub-model (a child) owns.
+
+    With ``glue_rank > 0`` the glue is the low-rank maps alone, so every entry of the
+    nested weights is frozen (the off-diagonal blocks stay as they are until folded).
+    """
     if model.nest.levels < 2:
         raise FractalError("freeze=children needs a nested model (levels >= 2)")
-    owned = set()
+    nested = nested_params(model)
+    glue = {id(p) for p in model.glue.parameters()} if getattr(model, "glue", None) is not None else set()
+    if {id(p) for *_, p in nested} | glue != {id(p) for p in model.parameters()}:
+        raise FractalError("freeze=children needs every parameter nested (no cross-level residual maps)")
     masks = []
-    for _, mod, pname, p in nested_params(model):
-        mask = torch.zeros(p.shape, dtype=torch.bool, device=p.device)
+    for _, mod, pname, p in nested:
+        mask = torch.full(p.shape, bool(glue), dtype=torch.bool, device=p.device)
         mask[model.nest.index(p.shape, 1, mod.nest_dims[pname], p.device)] = True
         masks.append((p, mask))
-        owned.add(id(p))
-    if any(id(p) not in owned for p in model.parameters()):
-        raise FractalError("freeze=children needs every parameter nested (no cross-level residual maps)")
     return masks
+
+
+def fold_glue(model: GPT) -> GPT:
+    """The same function as a plain FractalFormer: every low-rank glue map added into the
+    off-diagonal blocks of its weight (``glue_rank`` 0)."""
+    if getattr(model, "glue", None) is None:
+        return model
+    plain = FractalFormer(dataclasses.replace(model.config, glue_rank=0)).to(model.embed.weight.device)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("glue.")})
+    with torch.no_grad():
+        for name, mod in plain.named_modules():
+            glue = model.glue[name.replace(".", "_")] if name.replace(".", "_") in model.glue else None
+            if glue is None:
+                continue
+            k = glue.out_idx.shape[0]
+            delta = glue.delta()
+            for i in range(k):
+                for j in range(k):
+                    if i != j:
+                        mod.weight[glue.out_idx[i][:, None], glue.in_idx[j][None, :]] += delta[i, j]
+    return plain.train(model.training)
 
 
 def _check_parent_shape(parent: GPT, child: ModelConfig) -> None:
@@ -78,8 +103,8 @@ def _nestable(cfg: ModelConfig, what: str) -> None:
                            "their sub-models are not standalone")
 
 
-def parent_config(child: ModelConfig, split: int, attn_nesting: str = "heads", depth: int = 1
-                  ) -> ModelConfig:
+def parent_config(child: ModelConfig, split: int, attn_nesting: str = "heads", depth: int = 1,
+                  glue_rank: int = 0) -> ModelConfig:
     """The FractalFormer whose level-1 sub-models have ``child``'s shape (``depth`` times deeper)."""
     nesting = child.attn_nesting if child.family == "fractal" else attn_nesting
     if child.family == "fractal" and child.split != split:
@@ -88,18 +113,21 @@ def parent_config(child: ModelConfig, split: int, attn_nesting: str = "heads", d
     heads = nesting == "heads"
     return dataclasses.replace(
         child, family="fractal", levels=child.levels + 1, split=split, attn_nesting=nesting,
-        level_weights="", distill=0.0, d_model=child.d_model * split, n_layer=child.n_layer * depth,
+        level_weights="", distill=0.0, glue_rank=glue_rank, d_model=child.d_model * split,
+        n_layer=child.n_layer * depth,
         n_head=child.n_head * (split if heads else 1), n_kv_head=child.n_kv_head * (split if heads else 1),
         head_dim=child.head_dim * (1 if heads else split))
 
 
-def merge_models(children: list[GPT], attn_nesting: str = "heads") -> FractalFormer:
+def merge_models(children: list[GPT], attn_nesting: str = "heads", glue_rank: int = 0) -> FractalFormer:
     """A FractalFormer whose level-1 sub-model ``j`` is ``children[j]``, glue blocks zero.
 
-    ``attn_nesting`` applies to dense children (FractalFormer children keep theirs).
+    ``attn_nesting`` applies to dense children (FractalFormer children keep theirs);
+    ``glue_rank > 0`` adds low-rank glue maps (which start adding nothing).
     """
     if len(children) < 2:
         raise FractalError(f"merge needs at least 2 runs, got {len(children)}")
+    children = [fold_glue(c) for c in children]
     first = children[0].config
     for i, c in enumerate(children[1:], 2):
         if c.config.vocab_size != first.vocab_size:
@@ -115,7 +143,7 @@ def merge_models(children: list[GPT], attn_nesting: str = "heads") -> FractalFor
                                f"({getattr(c.config, diff[0])} vs {getattr(first, diff[0])}): "
                                "merged runs must have one shape")
     _nestable(first, "merge")
-    cfg = parent_config(first, len(children), attn_nesting)
+    cfg = parent_config(first, len(children), attn_nesting, glue_rank=glue_rank)
     cfg.validate()
     parent = FractalFormer(cfg).to(children[0].embed.weight.device)
     _check_parent_shape(parent, first)
@@ -131,6 +159,7 @@ def grow_model(model: GPT, width: int, depth: int = 1) -> FractalFormer:
     """A FractalFormer ``width`` times as wide (and ``depth`` times as deep) computing the
     same function as ``model``, which is its sub-model (1, 0) (with ``depth``: sub-model
     (1, 0) is ``model`` with identity layers inserted)."""
+    model = fold_glue(model)
     c = model.config
     _nestable(c, "grow")
     if width < 2 or depth < 1:
@@ -178,16 +207,17 @@ def _check_out(out: Path) -> None:
 
 
 def merge_runs(runs: list[str | Path], out: str | Path, glue_steps: int = 0, then_steps: int = 0,
-               attn_nesting: str = "heads", routing: str | None = None, progress: bool = True
-               ) -> FractalFormer:
+               attn_nesting: str = "heads", routing: str | None = None, glue_rank: int = 0,
+               progress: bool = True) -> FractalFormer:
     """``fractalformer merge``: write the merged run, train the glue, then everything.
 
     ``routing`` None: ``shard`` when run ``j`` trained on data shard ``j/N`` (each child keeps
-    reading its own shard), else ``shared``.
+    reading its own shard), else ``shared``. Low-rank glue (``glue_rank > 0``) is folded
+    into the weights after its training, so the run folder ends as a plain FractalFormer.
     """
     import fractalformer
 
-    from .train import train
+    from .train import make_optimizer, train
 
     out = Path(out)
     _check_out(out)
@@ -197,7 +227,7 @@ def merge_runs(runs: list[str | Path], out: str | Path, glue_steps: int = 0, the
         if m.config.vocab_size == models[0].config.vocab_size and toks[i - 1] != toks[0]:
             raise FractalError(f"run {i} ({runs[i - 1]}) uses another tokenizer ({m.tokenizer.name}) than "
                                f"run 1 ({models[0].tokenizer.name}): merged runs must share one")
-    merged = merge_models(models, attn_nesting)
+    merged = merge_models(models, attn_nesting, glue_rank if glue_steps else 0)
     k = len(models)
     shards = [m.run_config.train.data_shard for m in models]
     t0 = models[0].run_config.train
@@ -211,13 +241,22 @@ def merge_runs(runs: list[str | Path], out: str | Path, glue_steps: int = 0, the
     cfg = RunConfig(merged.config, train_cfg)
     cfg.validate()
     _new_run(out, cfg, merged, models[0].tokenizer,
-             {"merged_from": [str(r) for r in runs], "glue_steps": glue_steps, "then_steps": then_steps})
+             {"merged_from": [str(r) for r in runs], "glue_steps": glue_steps, "glue_rank": glue_rank,
+              "then_steps": then_steps})
     if glue:
         train(cfg, out, resume=True, progress=progress)
+        # the full training gets a schedule of its own, starting where the glue stopped
+        cfg.train = dataclasses.replace(cfg.train, freeze="none", schedule_start=glue_steps,
+                                        max_steps=glue_steps + max(then_steps, 1))
+        if cfg.model.glue_rank:
+            plain = fold_glue(fractalformer.load(out))
+            cfg.model = plain.config
+            ckpt.save_run_config(out, cfg, models[0].tokenizer)
+            ckpt.save_model(out, plain, glue_steps)
+            info = ckpt.read_json(out / ckpt.STATE_JSON)
+            ckpt.save_train_state(out, make_optimizer(plain, cfg),
+                                  {"step": glue_steps, "elapsed_s": info.get("elapsed_s", 0.0)})
     if then_steps:
-        if glue:  # the full training gets a schedule of its own, starting where the glue stopped
-            cfg.train = dataclasses.replace(cfg.train, freeze="none", schedule_start=glue_steps,
-                                            max_steps=glue_steps + then_steps)
         train(cfg, out, resume=True, progress=progress)
     return fractalformer.load(out)
 
