@@ -330,7 +330,8 @@ def cmd_extract(a: argparse.Namespace) -> int:
         raise FractalError(f"{out} already holds a run; choose another --out")
     model = fractalformer.load(a.run)
     sub = model.extract(a.level, a.index)
-    train = dataclasses.replace(model.run_config.train, groups="", emergent_every=0, routing="shared")
+    train = dataclasses.replace(model.run_config.train, groups="", emergent_every=0, routing="shared",
+                                freeze="none", schedule_start=0)
     cfg = RunConfig(sub.config, train)
     cfg.validate()
     save_run_config(out, cfg, model.tokenizer)
