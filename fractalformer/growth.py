@@ -245,10 +245,7 @@ def merge_runs(runs: list[str | Path], out: str | Path, glue_steps: int = 0, the
               "then_steps": then_steps})
     if glue:
         train(cfg, out, resume=True, progress=progress)
-        # the full training gets a schedule of its own, starting where the glue stopped
-        cfg.train = dataclasses.replace(cfg.train, freeze="none", schedule_start=glue_steps,
-                                        max_steps=glue_steps + max(then_steps, 1))
-        if cfg.model.glue_rank:
+        if cfg.model.glue_rank:  # fold: from here on a plain FractalFormer (fresh optimizer state)
             plain = fold_glue(fractalformer.load(out))
             cfg.model = plain.config
             ckpt.save_run_config(out, cfg, models[0].tokenizer)
@@ -256,6 +253,9 @@ def merge_runs(runs: list[str | Path], out: str | Path, glue_steps: int = 0, the
             info = ckpt.read_json(out / ckpt.STATE_JSON)
             ckpt.save_train_state(out, make_optimizer(plain, cfg),
                                   {"step": glue_steps, "elapsed_s": info.get("elapsed_s", 0.0)})
+        # the full training gets a schedule of its own, starting where the glue stopped
+        cfg.train = dataclasses.replace(cfg.train, freeze="none", schedule_start=glue_steps,
+                                        max_steps=glue_steps + then_steps)
     if then_steps:
         train(cfg, out, resume=True, progress=progress)
     return fractalformer.load(out)
