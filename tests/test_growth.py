@@ -15,7 +15,7 @@ from fractalformer import FractalError
 from fractalformer import checkpoint as ckpt
 from fractalformer.config import ModelConfig, RunConfig, build_config
 from fractalformer.data import read_text
-from fractalformer.growth import fold_glue, frozen_masks, grow_model, merge_models, nested_params
+from fractalformer.growth import fold_glue, frozen_masks, grow_model, merge_models
 from fractalformer.models import GPT, build_model
 from fractalformer.tokenizers import get_tokenizer
 from fractalformer.train import make_optimizer
@@ -273,14 +273,16 @@ def test_merge_cli_glue_then_full_on_shards(capsys, tmp_path: Path, small_text: 
     assert [int(r.split(",")[0]) for r in lines[1:]] == list(range(1, 8))
     assert run_cli(capsys, "eval", out)[0] == 0
     glue_only = tmp_path / "g"
-    assert run_cli(capsys, "merge", *kids, "--out", glue_only, "--train-glue-steps", "3", "--quiet")[0] == 0
+    assert run_cli(capsys, "merge", *kids, "--out", glue_only, "--train-glue-steps", "3", "--glue-rank", "2",
+                   "--quiet")[0] == 0
     merged = fractalformer.load(glue_only)
+    assert (merged.config.glue_rank, merged.run_config.train.freeze) == (0, "children")  # folded
     for j, kid in enumerate(kids):  # the children come back out bit-identical
         x = tmp_path / f"x{j}"
         assert run_cli(capsys, "extract", glue_only, "--level", "1", "--index", j, "--out", x)[0] == 0
         assert same_weights(fractalformer.load(x), fractalformer.load(kid))
-    blocks = [p for n, _, _, p in nested_params(merged) if n.endswith("mlp.down.weight")]
-    assert all(p[:16, 16:].abs().sum() > 0 for p in blocks)  # the glue trained
+    glue = [p[~frozen] for p, frozen in frozen_masks(merged) if p.dim() == 2 and (~frozen).any()]
+    assert len(glue) == 8 and all(g.abs().sum() > 0 for g in glue)  # the folded glue trained
 
 
 def test_grow_cli_invariance_then_training(capsys, tmp_path: Path, small_text: Path) -> None:
