@@ -1,6 +1,7 @@
 """Merged-then-glued and grown FractalFormers vs one trained from scratch, by FLOPs.
 
     OMP_NUM_THREADS=1 python bench/bench_merge.py [--steps 800] [--glue 100] [--out runs/bench_merge]
+        [--set lr=1e-3 --tag _lr1e-3 --only merged]    # a variant of the merged / grown runs
 
 A small shape (so that it finishes on a shared 2-core CPU): the parent is a FractalFormer
 of d_model 128, 2 layers, levels 2 (split 2, ``heads`` attention nesting: 4 query / 2 KV
@@ -87,10 +88,28 @@ def reach(points: list[tuple[int, float]], target: float, offset: int = 0) -> in
     return next((s + offset for s, v in points if v <= target), None)
 
 
+def at_merge(out: Path) -> dict[str, float]:
+    """Validation bits/char of every sub-model of the merged model before any glue training."""
+    from fractalformer.evaluate import fixed_val_batches, mean_losses, to_bpc
+    from fractalformer.growth import merge_models
+    from fractalformer.train.trainer import prepare_data
+
+    kids = [fractalformer.load(out / f"child{j}") for j in range(2)]
+    t = kids[0].run_config.train
+    _, corpus = prepare_data(kids[0].run_config, kids[0].tokenizer)
+    batches = fixed_val_batches(corpus, t.eval_batches, t.batch_size, kids[0].config.block_size, t.seed)
+    losses, _ = mean_losses(merge_models(kids).eval(), batches)
+    return {f"{lv}.{j}": to_bpc(v, corpus.val_units_per_token) for (lv, j), v in losses.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=800, help="scratch parent steps S")
     ap.add_argument("--glue", type=int, default=100, help="glue-only steps of the merged run")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="training-key override for the merged and grown runs (e.g. lr=1e-3)")
+    ap.add_argument("--tag", default="", help="suffix of the merged / grown run folders and the doc file")
+    ap.add_argument("--only", choices=("merged", "grown"), help="run one of the two comparisons")
     ap.add_argument("--out", default="runs/bench_merge")
     ap.add_argument("--doc", default="docs/merge_grow")
     a = ap.parse_args()
@@ -100,44 +119,51 @@ def main() -> None:
     budget = a.steps * f_parent
     merged_steps = round((budget - 2 * s_half * f_child) / f_parent)
     grown_steps = round((budget - s_half * f_child) / f_parent)
+    m_dir, g_dir = out / f"merged{a.tag}", out / f"grown{a.tag}"
 
     train_run(out / "scratch", PARENT, a.steps)
-    for j in range(2):
-        train_run(out / f"child{j}", [*CHILD, f"data_shard={j}/2", f"seed={1337 + j}"], s_half)
-    if not done(out / "merged", merged_steps):
-        merge_runs([out / "child0", out / "child1"], out / "merged", a.glue, merged_steps - a.glue,
-                   routing="shared", progress=False)
-    train_run(out / "original", CHILD, s_half)
-    if not (out / "grown" / "provenance.json").is_file():
-        grow_run(out / "original", out / "grown", 2, 1, grown_steps, progress=False)
-
     scratch = curve(out / "scratch")
     target = scratch[-1][1]
-    merged, grown = curve(out / "merged"), curve(out / "grown")
-    grow_info = json.loads((out / "grown" / "provenance.json").read_text())
-    m_reach, g_reach = reach(merged, target), reach(grown, target)
-    result = {
+    result: dict = {
         "machine": machine(),
         "command": " ".join(["python bench/bench_merge.py", *sys.argv[1:]]),
         "flops_per_step": {"parent": f_parent, "child": f_child},
         "scratch": {"steps": a.steps, "flops": budget, "final_bpc": target, "curve": scratch},
-        "children": {"steps_each": s_half, "flops": 2 * s_half * f_child,
-                     "final_bpc": [curve(out / f"child{j}")[-1][1] for j in range(2)]},
-        "merged": {"glue_steps": a.glue, "full_steps": merged_steps - a.glue,
-                   "parent_flops": merged_steps * f_parent,
-                   "total_flops": merged_steps * f_parent + 2 * s_half * f_child,
-                   "final_bpc": merged[-1][1], "reach_step": m_reach,
-                   "reach_parent_flops_fraction": m_reach / a.steps if m_reach else None, "curve": merged},
-        "original": {"steps": s_half, "flops": s_half * f_child, "final_bpc": curve(out / "original")[-1][1]},
-        "grown": {"steps": grown_steps, "total_flops": grown_steps * f_parent + s_half * f_child,
-                  "final_bpc": grown[-1][1], "reach_step": g_reach,
-                  "reach_step_fraction": g_reach / a.steps if g_reach else None,
-                  "at_growth": {k: v for k, v in grow_info.items() if k.endswith(("loss", "bpc"))},
-                  "curve": grown},
     }
-    result["final_evals"] = {name: [r.to_json() for r in _final(out / name)]
-                             for name in ("scratch", "merged", "grown")}
-    Path(a.doc + ".json").write_text(json.dumps(result, indent=1) + "\n")
+    if a.only != "grown":
+        for j in range(2):
+            train_run(out / f"child{j}", [*CHILD, f"data_shard={j}/2", f"seed={1337 + j}"], s_half)
+        if not done(m_dir, merged_steps):
+            merge_runs([out / "child0", out / "child1"], m_dir, a.glue, merged_steps - a.glue,
+                       routing="shared", sets=a.set, progress=False)
+        merged = curve(m_dir)
+        m_reach = reach(merged, target)
+        result["children"] = {"steps_each": s_half, "flops": 2 * s_half * f_child,
+                              "final_bpc": [curve(out / f"child{j}")[-1][1] for j in range(2)]}
+        result["merged"] = {
+            "sets": a.set, "glue_steps": a.glue, "full_steps": merged_steps - a.glue,
+            "parent_flops": merged_steps * f_parent,
+            "total_flops": merged_steps * f_parent + 2 * s_half * f_child,
+            "at_merge_bpc": at_merge(out), "final_bpc": merged[-1][1], "reach_step": m_reach,
+            "reach_parent_flops_fraction": m_reach / a.steps if m_reach else None, "curve": merged}
+    if a.only != "merged":
+        train_run(out / "original", CHILD, s_half)
+        if not (g_dir / "provenance.json").is_file():
+            grow_run(out / "original", g_dir, 2, 1, grown_steps, sets=a.set, progress=False)
+        grown = curve(g_dir)
+        g_reach = reach(grown, target)
+        grow_info = json.loads((g_dir / "provenance.json").read_text())
+        result["original"] = {"steps": s_half, "flops": s_half * f_child,
+                              "final_bpc": curve(out / "original")[-1][1]}
+        result["grown"] = {
+            "sets": a.set, "steps": grown_steps, "total_flops": grown_steps * f_parent + s_half * f_child,
+            "final_bpc": grown[-1][1], "reach_step": g_reach,
+            "reach_step_fraction": g_reach / a.steps if g_reach else None,
+            "at_growth": {k: v for k, v in grow_info.items() if k.endswith(("loss", "bpc"))}, "curve": grown}
+    result["final_evals"] = {name: [r.to_json() for r in _final(path)] for name, path in
+                             (("scratch", out / "scratch"), ("merged", m_dir), ("grown", g_dir))
+                             if name in result}
+    Path(a.doc + a.tag + ".json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "curve"} if isinstance(v, dict) else v
                       for k, v in result.items() if k != "final_evals"}, indent=1))
 

@@ -120,6 +120,8 @@ def _parser() -> argparse.ArgumentParser:
     mg.add_argument("--routing", choices=("shared", "split", "shard"),
                     help="data routing of the merged run (default: shard when run j trained on data_shard "
                          "j/N, else shared)")
+    mg.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a training key of the merged run (lr, batch_size, ...; repeatable)")
     mg.add_argument("--quiet", action="store_true", help="no progress bar")
 
     gr = sub.add_parser("grow", help="function-preserving growth: the run becomes sub-model (1, 0)")
@@ -128,6 +130,8 @@ def _parser() -> argparse.ArgumentParser:
     gr.add_argument("--depth", type=_positive_int, default=1, help="depth factor (identity layers inserted)")
     gr.add_argument("--out", required=True)
     gr.add_argument("--steps", type=_positive_int, default=0, help="then train for this many steps")
+    gr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a training key of the grown run (lr, batch_size, ...; repeatable)")
     gr.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sv = sub.add_parser("serve", help="HTTP API and a page for every sub-model (batched; needs [serve])")
@@ -348,7 +352,7 @@ def cmd_merge(a: argparse.Namespace) -> int:
     from .growth import merge_runs
 
     model = merge_runs(a.runs, a.out, a.train_glue_steps, a.then_steps, a.attn_nesting, a.routing,
-                       a.glue_rank, not a.quiet)
+                       a.glue_rank, a.set, not a.quiet)
     c = model.config
     print(f"merged {len(a.runs)} runs -> {a.out}: FractalFormer d_model {c.d_model}, levels {c.levels}, "
           f"{model.num_params():,} parameters ({sub_model_params(model, 1):,} per child; "
@@ -359,7 +363,7 @@ def cmd_merge(a: argparse.Namespace) -> int:
 def cmd_grow(a: argparse.Namespace) -> int:
     from .growth import grow_run
 
-    f = grow_run(a.run, a.out, a.width, a.depth, a.steps, not a.quiet)
+    f = grow_run(a.run, a.out, a.width, a.depth, a.steps, a.set, not a.quiet)
     print(f"grown x{a.width} wide, x{a.depth} deep -> {a.out}; validation at the growth step: original "
           f"{f['original_val_loss']:.6f} nats/token ({f['original_val_bpc']:.4f} bits/char), grown "
           f"{f['grown_val_loss']:.6f} ({f['grown_val_bpc']:.4f}); difference "

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from .config import ModelConfig, RunConfig
+from .config import ModelConfig, RunConfig, TrainConfig, apply_overrides, parse_set
 from .errors import FractalError
 from .models import GPT, FractalFormer
 
@@ -201,6 +201,19 @@ def _new_run(out: Path, cfg: RunConfig, model: GPT, tok: object, provenance: dic
     ckpt.write_json(out / "provenance.json", provenance)
 
 
+def train_overrides(train: TrainConfig, sets: list[str] | None) -> TrainConfig:
+    """``train`` with ``key=value`` overrides of training keys (the model comes from the runs)."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = parse_set(sets or [])
+    for key in values:
+        if key.removeprefix("train.") not in names:
+            raise FractalError(f"--set {key}: merge and grow take training keys only (the model's shape "
+                               "comes from the runs)")
+    cfg = RunConfig(train=dataclasses.replace(train))
+    apply_overrides(cfg, values)
+    return cfg.train
+
+
 def _check_out(out: Path) -> None:
     if (out / ckpt.CONFIG).exists():
         raise FractalError(f"{out} already holds a run; choose another --out")
@@ -208,11 +221,12 @@ def _check_out(out: Path) -> None:
 
 def merge_runs(runs: list[str | Path], out: str | Path, glue_steps: int = 0, then_steps: int = 0,
                attn_nesting: str = "heads", routing: str | None = None, glue_rank: int = 0,
-               progress: bool = True) -> FractalFormer:
+               sets: list[str] | None = None, progress: bool = True) -> FractalFormer:
     """``fractalformer merge``: write the merged run, train the glue, then everything.
 
     ``routing`` None: ``shard`` when run ``j`` trained on data shard ``j/N`` (each child keeps
-    reading its own shard), else ``shared``. Low-rank glue (``glue_rank > 0``) is folded
+    reading its own shard), else ``shared``. ``sets`` (``key=value``) override training keys
+    of the first run's config (its lr, batch size, ...). Low-rank glue (``glue_rank > 0``) is folded
     into the weights after its training, so the run folder ends as a plain FractalFormer.
     """
     import fractalformer
@@ -230,7 +244,7 @@ def merge_runs(runs: list[str | Path], out: str | Path, glue_steps: int = 0, the
     merged = merge_models(models, attn_nesting, glue_rank if glue_steps else 0)
     k = len(models)
     shards = [m.run_config.train.data_shard for m in models]
-    t0 = models[0].run_config.train
+    t0 = train_overrides(models[0].run_config.train, sets)
     if routing is None:
         routing = ("shard" if shards == [f"{j}/{k}" for j in range(k)]
                    and t0.batch_size % merged.nest.count(merged.nest.levels - 1) == 0 else "shared")
@@ -262,8 +276,9 @@ def merge_runs(runs: list[str | Path], out: str | Path, glue_steps: int = 0, the
 
 
 def grow_run(run: str | Path, out: str | Path, width: int, depth: int = 1, steps: int = 0,
-             progress: bool = True) -> dict[str, float]:
-    """``fractalformer grow``: write the grown run (step 0), optionally train it further.
+             sets: list[str] | None = None, progress: bool = True) -> dict[str, float]:
+    """``fractalformer grow``: write the grown run (step 0), optionally train it further
+    (``sets``: training-key overrides, as for :func:`merge_runs`).
 
     Returns the original's and the grown model's validation loss at the growth step (the
     run's fixed validation batches), in nats/token and bits/char.
@@ -278,7 +293,7 @@ def grow_run(run: str | Path, out: str | Path, width: int, depth: int = 1, steps
     _check_out(out)
     model = fractalformer.load(run)
     grown = grow_model(model, width, depth).eval()
-    t = model.run_config.train
+    t = train_overrides(model.run_config.train, sets)
     train_cfg = dataclasses.replace(t, data_shard="", routing="shared", freeze="none", schedule_start=0,
                                     max_steps=steps or t.max_steps, groups="", emergent_every=0)
     cfg = RunConfig(grown.config, train_cfg)
