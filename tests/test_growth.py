@@ -250,6 +250,7 @@ def test_merge_cli_errors_are_one_line_and_write_nothing(capsys, tmp_path: Path)
     wider = make_run(tmp_path / "f", 6, "d_model=64")
     cases = [([a], "at least 2"), ([a, char], "vocab_size"), ([a, other_tok], "another tokenizer"),
              ([a, deeper], "depth"), ([a, wider], "d_model"), ([a, tmp_path / "nope"], "not found")]
+    cases.append(([a, b, "--set", "d_model=64"], "training keys only"))
     for runs, match in cases:
         code, _, err = run_cli(capsys, "merge", *runs, "--out", tmp_path / "m", "--quiet")
         assert code == 2 and match in err and len(err.strip().splitlines()) == 1, (match, err)
@@ -263,12 +264,12 @@ def test_merge_cli_glue_then_full_on_shards(capsys, tmp_path: Path, small_text: 
     kids = [make_run(tmp_path / f"k{j}", j, f"data_shard={j}/2", f"data={small_text}") for j in range(2)]
     out = tmp_path / "m"
     code, stdout, err = run_cli(capsys, "merge", *kids, "--out", out, "--train-glue-steps", "4",
-                                "--then-steps", "3", "--glue-rank", "2", "--quiet")
+                                "--then-steps", "3", "--glue-rank", "2", "--set", "lr=0.002", "--quiet")
     assert code == 0, err
     assert "merged 2 runs" in stdout
     cfg, _ = ckpt.load_run_config(out)
     assert (cfg.model.glue_rank, cfg.train.freeze, cfg.train.routing) == (0, "none", "shard")
-    assert (cfg.train.schedule_start, cfg.train.max_steps) == (4, 7)
+    assert (cfg.train.schedule_start, cfg.train.max_steps, cfg.train.lr) == (4, 7, 0.002)
     lines = (out / "metrics.csv").read_text().splitlines()
     assert [int(r.split(",")[0]) for r in lines[1:]] == list(range(1, 8))
     assert run_cli(capsys, "eval", out)[0] == 0
