@@ -74,9 +74,10 @@ def fold_glue(model: GPT) -> GPT:
     plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("glue.")})
     with torch.no_grad():
         for name, mod in plain.named_modules():
-            glue = model.glue[name.replace(".", "_")] if name.replace(".", "_") in model.glue else None
-            if glue is None:
+            key = name.replace(".", "_")  # the glue's key for this linear layer
+            if key not in model.glue:
                 continue
+            glue = model.glue[key]
             k = glue.out_idx.shape[0]
             delta = glue.delta()
             for i in range(k):
@@ -136,8 +137,9 @@ def merge_models(children: list[GPT], attn_nesting: str = "heads", glue_rank: in
         if c.config.n_layer != first.n_layer:
             raise FractalError(f"run {i} has depth {c.config.n_layer} (n_layer), run 1 {first.n_layer}: "
                                "merged runs must have one depth")
-        diff = [f.name for f in dataclasses.fields(ModelConfig)
-                if getattr(c.config, f.name) != getattr(first, f.name)]
+        diff = [f.name for f in dataclasses.fields(ModelConfig)  # training objectives may differ
+                if f.name not in ("level_weights", "distill")
+                and getattr(c.config, f.name) != getattr(first, f.name)]
         if diff:
             raise FractalError(f"run {i} differs from run 1 in {', '.join(diff)} "
                                f"({getattr(c.config, diff[0])} vs {getattr(first, diff[0])}): "
