@@ -299,3 +299,14 @@ def test_grow_cli_invariance_then_training(capsys, tmp_path: Path, small_text: P
     assert code == 0, err
     code, _, err = run_cli(capsys, "grow", run, "--width", "1", "--out", tmp_path / "h")
     assert code == 2 and "width >= 2" in err and not (tmp_path / "h").exists()
+
+
+def test_merge_cli_again_quarters_to_one(capsys, tmp_path: Path) -> None:
+    quarters = [make_run(tmp_path / f"q{j}", j, "d_model=16", "n_head=2", "n_kv_head=1") for j in range(4)]
+    for h in range(2):
+        assert run_cli(capsys, "merge", *quarters[2 * h:2 * h + 2], "--out", tmp_path / f"h{h}")[0] == 0
+    assert run_cli(capsys, "merge", tmp_path / "h0", tmp_path / "h1", "--out", tmp_path / "one")[0] == 0
+    one = fractalformer.load(tmp_path / "one")
+    assert (one.config.levels, one.config.d_model) == (3, 64)
+    for j, q in enumerate(quarters):
+        assert same_weights(one.extract(2, j), fractalformer.load(q))
