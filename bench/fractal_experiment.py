@@ -40,6 +40,13 @@ VARIANTS: dict[str, list[str]] = {
     "ff_upstream": [*FF, "residual=upstream"],
     "ff_downstream": [*FF, "residual=downstream"],
     "ff_split_routing": [*FF, "routing=split"],
+    # issue 13 candidates: weights per level, in-place distillation from the full model
+    "ff_heads_w211": FF + HEADS + ["level_weights=2,1,1"],
+    "ff_heads_distill": FF + HEADS + ["distill=0.5"],
+    "ff_heads_w211_distill": FF + HEADS + ["level_weights=2,1,1", "distill=0.5"],
+    # the Matryoshka families against the same head_dim twins (prefix nesting, 1 sub-model per level)
+    "matformer": ["family=matformer", "levels=3", "split=2"],
+    "mrl": ["family=mrl", "levels=3", "split=2"],
 }
 
 
@@ -51,12 +58,23 @@ def twin_sets(variant: list[str], level: int) -> list[str]:
             f"head_dim={c.head_dim}"]
 
 
+# Wall time of one all-levels ``heads`` step over one step of the full model alone
+# (``python bench/bench_fractal.py``, docs/fractalformer.md): the full-width dense twin
+# trained this many times the steps has the FractalFormer's training wall time.
+EQUAL_WALL_RATIO = 2.37
+
+
 def runs() -> dict[str, list[str]]:
     out = {}
     for mode, base in (("head_dim", FF), ("heads", FF + HEADS)):
         for lv in range(3):
             out[f"dense_{mode}_L{lv}"] = twin_sets(base, lv)
+    out["dense_heads_L0_equal_wall"] = twin_sets(FF + HEADS, 0)
     return out | VARIANTS
+
+
+def run_steps(name: str, steps: int) -> int:
+    return round(steps * EQUAL_WALL_RATIO) if name.endswith("_equal_wall") else steps
 
 
 def run_one(name: str, sets: list[str], steps: int, root: Path) -> dict:
@@ -110,10 +128,24 @@ def report(results: dict[str, dict], steps: int) -> str:
     lines += ["## Dense twins", "", "| twin | config | params | val nats/token | BPC | wall |",
               "|---|---|---|---|---|---|"]
     for name, r in results.items():
-        if name.startswith("dense_"):
+        if name.startswith("dense_") and not name.endswith("_equal_wall"):
             row = r["rows"][0]
             lines.append(f"| {name} | {' '.join(r['sets'])} | {row['params']:,} | {row['val_loss']:.4f} | "
                          f"{row['val_bpc']:.4f} | {r['wall_s'] / 60:.1f} min |")
+    eq = results.get("dense_heads_L0_equal_wall")
+    if eq:
+        bpc = eq["rows"][0]["val_bpc"]
+        lines += ["", "## Equal wall time", "",
+                  f"One all-levels `heads` step costs {EQUAL_WALL_RATIO}x a step of the full model alone "
+                  f"(`bench/bench_fractal.py`), so the full-width dense twin given the FractalFormer's "
+                  f"training time runs {eq['steps']} steps (its own cosine schedule): "
+                  f"**{bpc:.4f} bits/char**.", "",
+                  "| FractalFormer variant | full model BPC | vs dense twin at equal wall time |",
+                  "|---|---|---|"]
+        for name, r in results.items():
+            if name.startswith("ff_heads"):
+                full = r["rows"][0]["val_bpc"]
+                lines.append(f"| {name} | {full:.4f} | {(full - bpc) / bpc * 100:+.1f}% |")
     return "\n".join(lines) + "\n"
 
 
@@ -133,7 +165,7 @@ def main() -> None:
                 results[name] = json.loads(done.read_text())
             continue
         print(f"== {name}: {' '.join(sets)}", flush=True)
-        results[name] = run_one(name, sets, a.steps, root)
+        results[name] = run_one(name, sets, run_steps(name, a.steps), root)
         print(f"   {results[name]['wall_s']:.0f} s; full-model BPC {results[name]['rows'][0]['val_bpc']:.4f}",
               flush=True)
         docs = Path(a.docs)

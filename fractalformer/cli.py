@@ -1,4 +1,4 @@
-"""The ``fractalformer`` command: train, eval, sample, extract, speculate, analyze, serve,
+"""The ``fractalformer`` command: train, eval, sample, extract, export, speculate, analyze, serve,
 merge, grow.
 
 Thin by design: parse arguments, call the library, print. Any :class:`FractalError`
@@ -8,13 +8,14 @@ becomes one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
-import math
 import sys
 import time
+import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from .config import PRESETS
 from .errors import FractalError
@@ -33,133 +34,239 @@ def _positive_int(s: str) -> int:
     return v
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fractalformer", description="Self-similar transformers.")
-    sub = p.add_subparsers(dest="command", required=True)
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes as one line on stderr and exit status 2, like every other bad input."""
 
-    t = sub.add_parser("train", help="train a model (or --resume one)")
-    src = t.add_mutually_exclusive_group()
-    src.add_argument("--preset", help="named configuration: " + ", ".join(PRESETS))
-    src.add_argument("--config", metavar="FILE.toml", help="TOML file of config keys")
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after every option that has one; epilogs (the examples) printed as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, [], argparse.SUPPRESS) or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = _Parser(
+        prog="fractalformer", formatter_class=_Help,
+        description="Self-similar (fractal) nested transformers: train, inspect and run them.",
+        epilog=_examples("fractalformer train --preset tiny --out runs/tiny", "fractalformer eval runs/tiny",
+                         'fractalformer sample runs/tiny --prompt "ROMEO:"', "fractalformer COMMAND --help"))
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = _Parser(add_help=False)
+    common.add_argument("--threads", type=_positive_int, metavar="N",
+                        help="CPU threads (unset: OMP_NUM_THREADS, else every core; train divides them "
+                             "among its torchrun processes)")
+    run = _Parser(add_help=False, parents=[common])
+    run.add_argument("run", metavar="RUN", help="run folder written by fractalformer train")
+    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                     help="where the model runs (auto: CUDA when available)")
+    run.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                     help="auto: bf16 autocast on CUDA, fp32 on CPU")
+
+    def command(name: str, about: str, *examples: str, parent: argparse.ArgumentParser = run
+                ) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=about, description=about, parents=[parent], formatter_class=_Help,
+                              epilog=_examples(*examples) if examples else None)
+
+    t = command("train", "train a model (or continue one with --resume)", "fractalformer train",
+                "fractalformer train --preset tiny --out runs/tiny",
+                "fractalformer train --config my.toml --set lr=1e-3 --print-config",
+                "fractalformer train --out runs/tiny --resume --max-steps 40", parent=common)
+    t.add_argument("--preset", choices=list(PRESETS), metavar="NAME",
+                   help="base configuration: " + ", ".join(PRESETS) + " (unset: the config file's "
+                        "preset key, else default)")
+    t.add_argument("--config", metavar="FILE.toml",
+                   help="TOML file of config keys (flat, or [model] / [train] tables), applied on the preset")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config key (repeatable)")
-    t.add_argument("--data", help="UTF-8 text file to train on (default: shipped TinyShakespeare)")
-    t.add_argument("--tokenizer", help="bpe128 (default), char or byte")
-    t.add_argument("--out", help="run folder (default: runs/<preset>-<time>)")
-    t.add_argument("--max-steps", type=_positive_int, help="training steps (the schedule's horizon)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out")
+                   help="override one config key, last (repeatable; fractalformer config lists the keys)")
+    t.add_argument("--data", help="UTF-8 text file or a `fractalformer prepare` folder (unset: the shipped "
+                                  "TinyShakespeare)")
+    t.add_argument("--tokenizer", metavar="NAME",
+                   help="bpe128, char, byte, bpe:N or gpt2 (unset: bpe128; a prepared folder's own)")
+    t.add_argument("--out", help="run folder (unset: runs/<preset>-<time>)")
+    t.add_argument("--max-steps", type=_positive_int, metavar="N",
+                   help="training steps, the schedule's horizon (with --resume: extend the run to N)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out with its saved config")
+    t.add_argument("--init-from", metavar="RUN", help="fine-tune: start from RUN's weights with a fresh "
+                   "optimizer (RUN's model config and tokenizer unless --tokenizer)")
     t.add_argument("--stop-after", type=_positive_int, metavar="N",
                    help="save and stop after N steps of this invocation, keeping the schedule")
-    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--print-config", action="store_true",
+                   help="print the resolved config as TOML (usable as --config) and exit")
+    t.add_argument("--quiet", action="store_true",
+                   help="print only the final validation figures (no bar, no evaluations, no samples)")
 
-    e = sub.add_parser("eval", help="validation loss and bits/char of a run")
-    e.add_argument("run")
+    e = command("eval", "validation loss and bits/char of every sub-model of a run",
+                "fractalformer eval runs/x --json", "fractalformer eval runs/x --data elsewhere/input.txt")
     e.add_argument("--json", action="store_true", help="print a JSON list of rows")
+    e.add_argument("--data", help="score this text instead of the run's own (which must be unchanged)")
 
-    s = sub.add_parser("sample", help="generate text from a run")
-    s.add_argument("run")
-    s.add_argument("--prompt", default="\n")
-    s.add_argument("--max-new-tokens", type=_positive_int, default=200)
-    s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    s.add_argument("--top-k", type=int)
-    s.add_argument("--top-p", type=float)
-    s.add_argument("--seed", type=int)
-    s.add_argument("--unknown", choices=("error", "replace"), default="error",
-                   help="what to do with prompt characters the tokenizer lacks")
+    s = command("sample", "generate text from a run", 'fractalformer sample runs/x --prompt "ROMEO:"',
+                "fractalformer sample runs/x --level 2 --index 3 --temperature 0 --seed 1",
+                "fractalformer sample runs/x --level 1 --ensemble")
+    _sampling_args(s, temperature=True)
     s.add_argument("--no-cache", action="store_true", help="recompute the context every token")
     s.add_argument("--level", type=int, default=0, help="sub-model level (0 = the full model)")
-    s.add_argument("--index", type=int, default=0, help="sub-model index within the level")
+    s.add_argument("--index", type=int, help="sub-model index within the level (unset: 0)")
     s.add_argument("--ensemble", action="store_true",
                    help="sample the whole level as one ensemble (mean of log-probabilities)")
 
-    sp = sub.add_parser("speculate", help="speculative decoding with nested sub-models as drafts")
-    sp.add_argument("run")
+    sp = command("speculate", "speculative decoding with nested sub-models as drafts",
+                 'fractalformer speculate runs/x --draft 2:0 --prompt "ROMEO:" --compare',
+                 "fractalformer speculate runs/x --draft 2:0 --draft 2:1 --gamma 4 --temperature 0.8 --json")
+    sp.epilog += "\n\n" + SPEC_STATS_HELP
     sp.add_argument("--draft", action="append", required=True, metavar="L:J",
                     help="a draft sub-model (repeatable: several drafts propose in parallel)")
-    sp.add_argument("--target", default="0:0", metavar="L:J", help="the model that speaks (default 0:0)")
+    sp.add_argument("--target", default="0:0", metavar="L:J", help="the model that speaks")
     sp.add_argument("--gamma", type=int, default=4, help="tokens drafted per round (the maximum if adaptive)")
-    sp.add_argument("--prompt", default="\n")
-    sp.add_argument("--max-new-tokens", type=_positive_int, default=200)
     mode = sp.add_mutually_exclusive_group()
     mode.add_argument("--greedy", action="store_true", help="greedy decoding (the default)")
     mode.add_argument("--temperature", type=float, help="sample at this temperature instead")
-    sp.add_argument("--top-k", type=int)
-    sp.add_argument("--top-p", type=float)
-    sp.add_argument("--seed", type=int)
+    _sampling_args(sp, temperature=False)
     sp.add_argument("--no-adaptive", action="store_true", help="always draft gamma tokens")
     sp.add_argument("--confidence", type=float, default=0.0,
                     help="a draft stops a round early at a token it gives less probability (0: never)")
-    sp.add_argument("--unknown", choices=("error", "replace"), default="error",
-                    help="what to do with prompt characters the tokenizer lacks")
     sp.add_argument("--compare", action="store_true", help="also time plain KV-cache decoding")
     sp.add_argument("--json", action="store_true", help="print the text and statistics as JSON")
 
-    an = sub.add_parser("analyze", help="embedding similarity, clusters, losses, consistency -> report.html")
-    an.add_argument("run")
+    an = command("analyze", "embedding similarity, clusters, losses, consistency -> RUN/analysis/report.html",
+                 "fractalformer analyze runs/x", "fractalformer analyze runs/x --data elsewhere/input.txt")
     an.add_argument("--windows", type=_positive_int, default=16,
                     help="validation windows used for the consistency figures")
+    an.add_argument("--data", help="score this text instead of the run's own (which must be unchanged)")
 
-    x = sub.add_parser("extract", help="save one sub-model as a standalone dense run folder")
-    x.add_argument("run")
-    x.add_argument("--level", type=int, required=True)
-    x.add_argument("--index", type=int, required=True)
-    x.add_argument("--out", required=True)
+    x = command("extract", "save one sub-model as a standalone dense run folder",
+                "fractalformer extract runs/x --level 1 --index 0 --out runs/half")
+    x.add_argument("--level", type=int, required=True, help="level of the sub-model")
+    x.add_argument("--index", type=int, required=True, help="index of the sub-model within its level")
+    x.add_argument("--out", required=True, help="new run folder (resumable with train --resume)")
 
-    mg = sub.add_parser("merge", help="glue trained runs into a wider FractalFormer (frozen children)")
+    pr = command("prepare", "tokenize text files into a memory-mapped corpus for train --data DIR",
+                 "fractalformer prepare corpus/ --tokenizer bpe:4096 --out data/corpus",
+                 "fractalformer train --preset 10m --data data/corpus", parent=common)
+    pr.add_argument("data", nargs="+", help="text files and/or folders (every file under them, sorted)")
+    pr.add_argument("--tokenizer", default="bpe128", help="bpe128, char, byte, bpe:N or gpt2")
+    pr.add_argument("--out", required=True, help="new folder for tokens.bin and manifest.json")
+    pr.add_argument("--unknown", choices=("error", "replace"), default="error",
+                    help="characters the tokenizer lacks: error, or replace with '?'")
+    pr.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    ex = command("export", "a Hugging Face (Llama) folder of a run or one sub-model (needs the hf extra)",
+                 "fractalformer export runs/x --out hf/x",
+                 "fractalformer export runs/x --level 2 --index 1 --out hf/x-2-1", parent=common)
+    ex.add_argument("run", metavar="RUN", help="run folder written by fractalformer train")
+    ex.add_argument("--level", type=int, help="export sub-model (level, index) instead of the full model")
+    ex.add_argument("--index", type=int, help="index of the sub-model within its level")
+    ex.add_argument("--out", required=True, help="new folder for AutoModelForCausalLM.from_pretrained")
+
+    mg = command("merge", "glue trained runs into a wider FractalFormer (frozen children, then all)",
+                 "fractalformer merge runs/a runs/b --out runs/ab --train-glue-steps 200 --then-steps 400",
+                 "fractalformer merge runs/a runs/b --out runs/ab --train-glue-steps 200 --glue-rank 8",
+                 parent=common)
     mg.add_argument("runs", nargs="+", metavar="RUN", help="runs of one shape: the level-1 sub-models")
-    mg.add_argument("--out", required=True)
+    mg.add_argument("--out", required=True, help="new run folder for the merged model")
     mg.add_argument("--train-glue-steps", type=_positive_int, default=0, metavar="N",
                     help="train only the glue (off-diagonal blocks) for N steps, the children frozen")
     mg.add_argument("--then-steps", type=_positive_int, default=0, metavar="M",
                     help="then train everything for M steps (a new warmup + cosine schedule)")
     mg.add_argument("--attn-nesting", choices=("heads", "head_dim"), default="heads",
-                    help="attention nesting of the merged model when the runs are dense (default heads)")
+                    help="attention nesting of the merged model when the runs are dense")
     mg.add_argument("--glue-rank", type=_positive_int, default=0, metavar="R",
                     help="glue as rank-R maps between the blocks, folded into the weights after the glue "
                          "steps (0: the off-diagonal blocks themselves)")
     mg.add_argument("--routing", choices=("shared", "split", "shard"),
-                    help="data routing of the merged run (default: shard when run j trained on data_shard "
+                    help="data routing of the merged run (unset: shard when run j trained on data_shard "
                          "j/N, else shared)")
     mg.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a training key of the merged run (lr, batch_size, ...; repeatable)")
     mg.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    gr = sub.add_parser("grow", help="function-preserving growth: the run becomes sub-model (1, 0)")
-    gr.add_argument("run")
+    gr = command("grow", "function-preserving growth: the run becomes sub-model (1, 0) of a wider one",
+                 "fractalformer grow runs/x --width 2 --out runs/x2",
+                 "fractalformer grow runs/x --width 2 --depth 2 --out runs/x2d2 --steps 400 --set lr=1e-3",
+                 parent=common)
+    gr.add_argument("run", metavar="RUN", help="run folder written by fractalformer train")
     gr.add_argument("--width", type=_positive_int, required=True, help="width factor (the split, >= 2)")
     gr.add_argument("--depth", type=_positive_int, default=1, help="depth factor (identity layers inserted)")
-    gr.add_argument("--out", required=True)
+    gr.add_argument("--out", required=True, help="new run folder for the grown model")
     gr.add_argument("--steps", type=_positive_int, default=0, help="then train for this many steps")
     gr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a training key of the grown run (lr, batch_size, ...; repeatable)")
     gr.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    sv = sub.add_parser("serve", help="HTTP API and a page for every sub-model (batched; needs [serve])")
-    sv.add_argument("run")
-    sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8000)
+    sv = command("serve", "HTTP API and a page for every sub-model (batched; needs the serve extra)",
+                 "fractalformer serve runs/x --port 8000", parent=common)
+    sv.add_argument("run", metavar="RUN", help="run folder written by fractalformer train")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    sv.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
     sv.add_argument("--max-batch", type=_positive_int, default=16, help="requests decoded together")
     sv.add_argument("--queue-size", type=_positive_int, default=64,
                     help="requests that may wait beyond those; more are refused with 503")
     sv.add_argument("--max-tokens", type=_positive_int, default=1024, help="the most tokens one request gets")
-    sv.add_argument("--max-prompt-chars", type=_positive_int, default=8192)
+    sv.add_argument("--max-prompt-chars", type=_positive_int, default=8192,
+                    help="the longest prompt accepted, in characters")
+
+    c = command("config", "list every config key with its value in a preset and what it means",
+                "fractalformer config", "fractalformer config --preset dense", parent=common)
+    c.add_argument("--preset", choices=list(PRESETS), default="default", metavar="NAME",
+                   help="whose values to show: " + ", ".join(PRESETS))
     return p
 
 
+def _sampling_args(p: argparse.ArgumentParser, temperature: bool) -> None:
+    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=200, help="tokens to generate")
+    if temperature:
+        p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, help="sample among the k likeliest tokens only")
+    p.add_argument("--top-p", type=float, help="sample among the likeliest tokens holding this probability")
+    p.add_argument("--seed", type=int, help="seed of the sampling (unset: a fresh one)")
+    p.add_argument("--unknown", choices=("error", "replace"), default="error",
+                   help="prompt characters the tokenizer lacks: error, or replace with '?' (the echo "
+                        "shows what the model saw)")
+
+
+SPEC_STATS_HELP = """statistics (printed after the text, on stderr; --json puts them beside the text):
+  alpha                   share of drafted tokens the target accepted (per position)
+  tokens_per_target_call  tokens emitted per forward pass of the target (1 = no gain)
+  cost_ratio_c            time of one draft step / time of one verification round
+  target_calls            forward passes of the target (verification rounds + plain steps)
+  rounds                  draft-and-verify rounds
+  draft_calls             draft steps (every draft once per step)
+  tokens                  tokens emitted
+  plain_tokens            of those, decoded plainly (the adaptive policy's choice, or past the context)
+  mean_gamma              mean tokens drafted per round
+  tokens_per_s            emitted tokens per second of wall time
+  plain_tokens_per_s      --compare: plain KV-cache decoding of the same request
+  speedup                 --compare: tokens_per_s / plain_tokens_per_s"""
+
+
 def cmd_train(a: argparse.Namespace) -> int:
-    from .config import build_config, load_toml, parse_set
+    from .checkpoint import load_run_config
+    from .config import build_config, init_model_config, load_toml, parse_set, to_toml
     from .data import read_text
+    from .prepare import is_prepared, load_prepared
     from .tokenizers import get_tokenizer
     from .train import train
 
     if a.resume:
         if not a.out:
             raise FractalError("--resume needs --out RUN_DIR")
-        if a.preset or a.config or a.set or a.data or a.tokenizer:
-            raise FractalError("--resume continues a run with its saved config; only --max-steps "
-                               "may change")
-        from .checkpoint import load_run_config
-
+        if a.preset or a.config or a.set or a.data or a.tokenizer or a.init_from:
+            raise FractalError("--resume continues a run with its saved config; only --max-steps, "
+                               "--stop-after, --threads and --quiet may be given")
         cfg, _ = load_run_config(Path(a.out))
     else:
         sets = list(a.set)
@@ -167,58 +274,104 @@ def cmd_train(a: argparse.Namespace) -> int:
             sets.append(f"data={a.data}")
         if a.tokenizer:
             sets.append(f"tokenizer={a.tokenizer}")
+        if a.init_from:
+            sets.append(f"init_from={a.init_from}")
         cfg = build_config(a.preset, a.config, sets)
         explicit = set(parse_set(sets)) | (set(load_toml(a.config)) if a.config else set())
-        if not explicit & {"vocab_size", "model.vocab_size"}:
-            cfg.model.vocab_size = get_tokenizer(cfg.train.tokenizer, read_text(cfg.train.data)).vocab_size
+        if a.init_from:
+            init_cfg, init_tok = load_run_config(Path(a.init_from))
+            given = (load_toml(a.config) if a.config else {}) | parse_set(sets)
+            cfg = init_model_config(cfg, init_cfg, given)
+            if not explicit & {"tokenizer", "train.tokenizer"}:
+                cfg.train.tokenizer = init_tok.name
+        elif is_prepared(cfg.train.data):  # prepared data: its tokenizer unless one is named
+            tok = load_prepared(cfg.train.data)[1]
+            if not explicit & {"tokenizer", "train.tokenizer"}:
+                cfg.train.tokenizer = tok.name
+        else:
+            tok = get_tokenizer(cfg.train.tokenizer, read_text(cfg.train.data))
+        if not a.init_from and not explicit & {"vocab_size", "model.vocab_size"}:
+            cfg.model.vocab_size = tok.vocab_size
     if a.max_steps is not None:
         if a.max_steps < 1:
             raise FractalError("--max-steps must be at least 1")
         cfg.train.max_steps = a.max_steps
-    out = Path(a.out or f"runs/{a.preset or (Path(a.config).stem if a.config else 'default')}"
-                         f"-{time.strftime('%Y%m%d-%H%M%S')}")
+    if a.threads is not None:
+        cfg.train.threads = a.threads
+    if a.print_config:
+        print(to_toml(cfg), end="")
+        return 0
+    base = a.preset or (Path(a.config).stem if a.config else "default")
+    out = Path(a.out or f"runs/{base}-{time.strftime('%Y%m%d-%H%M%S')}")
     result = train(cfg, out, resume=a.resume, stop_after=a.stop_after, progress=not a.quiet)
     if result.stopped != "done":
         why = "interrupted" if result.stopped == "interrupted" else "stopped"
         print(f"{why} at step {result.step}; saved to {out}. Continue with: "
               f"fractalformer train --out {out} --resume")
         return 130 if result.stopped == "interrupted" else 0
-    if result.final is not None:
-        for f in result.final:
-            who = "" if len(result.final) == 1 else f"sub-model ({f.level}, {f.index}) width {f.width}: "
-            print(f"validation {who}{f.val_loss:.4f} nats/token | {f.val_bpc:.4f} bits/{f.unit} | "
-                  f"{f.nats_per_char:.4f} nats/{f.unit} ({f.tokens:,} tokens)")
-            if f.extra:
-                print(_usage_line(f.extra))
-        print(f"curves: {out / 'curves.png'}")
-        if cfg.train.sample_tokens:
-            import fractalformer
+    if result.final and len(result.final) == 1:
+        f = result.final[0]
+        print(f"validation {f.val_loss:.4f} nats/token | {f.val_bpc:.4f} bits/{f.unit} | "
+              f"{f.nats_per_char:.4f} nats/{f.unit} ({f.tokens:,} tokens)")
+        if f.extra:
+            print(_usage_line(f.extra))
+    elif result.final:
+        print("validation of every sub-model:")
+        _print_rows(result.final)
+    if a.quiet:
+        return 0
+    print(f"curves: {out / 'curves.png'}")
+    if cfg.train.sample_tokens:
+        import fractalformer
 
-            model = fractalformer.load(out)
-            for f in result.final:
-                if f.index == "ensemble":
-                    continue
-                print(f"--- sample from sub-model ({f.level}, {f.index}), width {f.width}:"
-                      if len(result.final) > 1 else "--- sample:")
-                _stream(model, "\n", cfg.train.sample_tokens, 0.8, None, None, 0, "replace", False,
-                        f.level, f.index)
+        model = fractalformer.load(out)
+        subs = cfg.model.sub_models()
+        for level, index in subs:
+            print(f"--- sample from sub-model ({level}, {index}), width {model.level_width(level)}:"
+                  if len(subs) > 1 else "--- sample:")
+            _stream(model, "\n", max_new_tokens=cfg.train.sample_tokens, seed=0, on_unknown="replace",
+                    level=level, index=index)
     return 0
 
 
-def cmd_eval(a: argparse.Namespace) -> int:
+def _load(a: argparse.Namespace) -> torch.nn.Module:
+    """The run's model on ``--device``."""
     import fractalformer
 
-    from .evaluate import evaluate_full
-    from .train.trainer import prepare_data
+    from .train.trainer import pick_device
 
-    model = fractalformer.load(a.run)
+    return fractalformer.load(a.run, pick_device(a.device))
+
+
+def _precision(a: argparse.Namespace, model: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """``--dtype``: bf16 autocast (auto: on CUDA only), or nothing."""
+    import torch
+
+    device = next(model.parameters()).device.type
+    if a.dtype == "bfloat16" or (a.dtype == "auto" and device == "cuda"):
+        return torch.autocast(device, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from .evaluate import evaluate_full
+    from .train.trainer import run_data
+
+    model = _load(a)
     cfg = model.run_config
-    _, corpus = prepare_data(cfg, model.tokenizer)
-    rows = evaluate_full(model, corpus, cfg.model.block_size)
+    corpus = run_data(a.run, model, a.data)
+    with _precision(a, model):
+        rows = evaluate_full(model, corpus, cfg.model.block_size, next(model.parameters()).device)
     if a.json:
         print(json.dumps([r.to_json() for r in rows]))
         return 0
-    unit = model.tokenizer.unit
+    _print_rows(rows)
+    return 0
+
+
+def _print_rows(rows: list) -> None:
+    """Validation rows (evaluate.EvalRow) as a table."""
+    unit = rows[0].unit
     print(f"{'level':>5} {'index':>8} {'width':>6} {'params':>10} {'val_loss':>9} {'val_bp' + unit[0]:>8}")
     for r in rows:
         print(f"{r.level:>5} {r.index!s:>8} {r.width:>6} {r.params:>10,} {r.val_loss:>9.4f} "
@@ -226,7 +379,6 @@ def cmd_eval(a: argparse.Namespace) -> int:
     print(f"({rows[0].tokens:,} validation tokens; loss in nats/token, bits per {unit})")
     if rows[0].extra:
         print(_usage_line(rows[0].extra))
-    return 0
 
 
 def _usage_line(u: dict) -> str:
@@ -238,107 +390,94 @@ def _usage_line(u: dict) -> str:
     return line
 
 
-def _stream(model: torch.nn.Module, prompt: str, n: int, temperature: float, top_k: int | None,
-            top_p: float | None, seed: int | None, unknown: str, no_cache: bool,
-            level: int = 0, index: int | str = 0) -> None:
-    from .generate import generate
-
-    model.nest.check(level, 0 if index == "ensemble" else int(index))
+def _stream(model: torch.nn.Module, prompt: str, **kwargs: Any) -> None:
+    """Echo what the model sees of ``prompt`` (after any replacement), then stream its continuation."""
+    pieces = model.stream(prompt, **kwargs)  # checks every argument before anything is printed
     tok = model.tokenizer
-    ids = tok.encode(prompt, on_unknown=unknown)
-    if not ids:
-        raise FractalError("the prompt is empty")
-    decode = tok.stream_decoder()
-    sys.stdout.write(prompt)
-    for i in generate(model, ids, n, temperature, top_k, top_p, seed, use_cache=not no_cache,
-                      level=level, index=index):
-        sys.stdout.write(decode(i))
+    sys.stdout.write(tok.decode(tok.encode(prompt, on_unknown=kwargs.get("on_unknown", "error"))))
+    for piece in pieces:
+        sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
 
 
 def cmd_sample(a: argparse.Namespace) -> int:
-    _check_sampling(a.temperature, a.top_k, a.top_p)
-    import fractalformer
-
-    _stream(fractalformer.load(a.run), a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p,
-            a.seed, a.unknown, a.no_cache, a.level, "ensemble" if a.ensemble else a.index)
+    if a.ensemble and a.index is not None:
+        raise FractalError("--ensemble samples the whole level, --index one sub-model: give one of them")
+    model = _load(a)
+    with _precision(a, model):
+        _stream(model, a.prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                top_p=a.top_p, seed=a.seed, on_unknown=a.unknown, use_cache=not a.no_cache, level=a.level,
+                index="ensemble" if a.ensemble else a.index or 0)
     return 0
 
 
 def cmd_speculate(a: argparse.Namespace) -> int:
-    import fractalformer
-
     from .generate import SpecStats, generate, speculate
-    from .generate.speculative import parse_sub_model
+    from .generate.sampling import check_sampling
+    from .generate.speculative import check_speculation, parse_sub_model
 
     temperature = a.temperature if a.temperature is not None else 0.0
-    _check_sampling(temperature, a.top_k, a.top_p)
-    model = fractalformer.load(a.run)
+    check_sampling(temperature, a.top_k, a.top_p)
+    model = _load(a)
     tok = model.tokenizer
     drafts = [parse_sub_model(d, model) for d in a.draft]
     target = parse_sub_model(a.target, model)
     ids = tok.encode(a.prompt, on_unknown=a.unknown)
+    check_speculation(model, drafts, target, a.gamma, ids, a.confidence)  # errors before the echo
     stats = SpecStats()
     decode = tok.stream_decoder()
+    seen = tok.decode(ids)
     out = []
-    t0 = time.perf_counter()
-    if not a.json:
-        sys.stdout.write(a.prompt)
-    for i in speculate(model, ids, a.max_new_tokens, drafts, a.gamma, target, temperature, a.top_k, a.top_p,
-                       a.seed, adaptive=not a.no_adaptive, confidence=a.confidence, stats=stats):
-        out.append(decode(i))
-        if not a.json:
-            sys.stdout.write(out[-1])
-            sys.stdout.flush()
-    elapsed = time.perf_counter() - t0
-    report = {**stats.to_json(), "tokens_per_s": round(stats.tokens / elapsed, 1)}
-    if a.compare:
+    with _precision(a, model):
         t0 = time.perf_counter()
-        n = sum(1 for _ in generate(model, ids, a.max_new_tokens, temperature, a.top_k, a.top_p, a.seed,
-                                    level=target[0], index=target[1]))
-        report["plain_tokens_per_s"] = round(n / (time.perf_counter() - t0), 1)
-        report["speedup"] = round(report["tokens_per_s"] / report["plain_tokens_per_s"], 3)
+        if not a.json:
+            sys.stdout.write(seen)
+        for i in speculate(model, ids, a.max_new_tokens, drafts, a.gamma, target, temperature, a.top_k,
+                           a.top_p, a.seed, adaptive=not a.no_adaptive, confidence=a.confidence, stats=stats):
+            out.append(decode(i))
+            if not a.json:
+                sys.stdout.write(out[-1])
+                sys.stdout.flush()
+        elapsed = time.perf_counter() - t0
+        report = {**stats.to_json(), "tokens_per_s": round(stats.tokens / elapsed, 1)}
+        if a.compare:
+            t0 = time.perf_counter()
+            n = sum(1 for _ in generate(model, ids, a.max_new_tokens, temperature, a.top_k, a.top_p, a.seed,
+                                        level=target[0], index=target[1]))
+            report["plain_tokens_per_s"] = round(n / (time.perf_counter() - t0), 1)
+            report["speedup"] = round(report["tokens_per_s"] / report["plain_tokens_per_s"], 3)
     if a.json:
-        print(json.dumps({"text": a.prompt + "".join(out), **report}))
+        print(json.dumps({"text": seen + "".join(out), **report}))
     else:
         print("\n" + " | ".join(f"{k} {v}" for k, v in report.items()), file=sys.stderr)
     return 0
 
 
-def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if not math.isfinite(temperature) or temperature < 0:
-        raise FractalError(f"--temperature must not be negative, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise FractalError(f"--top-k must be at least 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise FractalError(f"--top-p must lie in (0, 1], got {top_p}")
-
-
 def cmd_analyze(a: argparse.Namespace) -> int:
     from .analysis.report import analyze
+    from .train.trainer import pick_device
 
-    print(f"report: {analyze(a.run, max(1, a.windows))}")
+    report = analyze(a.run, max(1, a.windows), data=a.data, device=pick_device(a.device), dtype=a.dtype)
+    print(f"report: {report}")
     return 0
 
 
 def cmd_extract(a: argparse.Namespace) -> int:
-    import fractalformer
-
     from .checkpoint import save_model, save_run_config, save_train_state
     from .config import RunConfig
     from .train import make_optimizer
+    from .train.trainer import check_run_dir
 
     out = Path(a.out)
-    if (out / "config.json").exists():
-        raise FractalError(f"{out} already holds a run; choose another --out")
-    model = fractalformer.load(a.run)
-    sub = model.extract(a.level, a.index)
+    check_run_dir(out, resume=False)
+    model = _load(a)
+    sub = model.extract(a.level, a.index).cpu()
     train = dataclasses.replace(model.run_config.train, groups="", emergent_every=0, routing="shared",
                                 freeze="none", schedule_start=0)
     cfg = RunConfig(sub.config, train)
     cfg.validate()
-    save_run_config(out, cfg, model.tokenizer)
+    save_run_config(out, cfg, model.tokenizer, _data_sha256(a.run))
     save_model(out, sub, 0)
     # a fresh training state, so `fractalformer train --out DIR --resume` trains it further
     save_train_state(out, make_optimizer(sub, cfg), {"step": 0, "model_step": 0, "elapsed_s": 0.0})
@@ -347,12 +486,17 @@ def cmd_extract(a: argparse.Namespace) -> int:
     return 0
 
 
+def _with_threads(a: argparse.Namespace) -> list[str]:
+    """merge / grow: ``--set`` overrides, with ``--threads`` as the trained run's threads key."""
+    return [*a.set, f"threads={a.threads}"] if a.threads is not None else a.set
+
+
 def cmd_merge(a: argparse.Namespace) -> int:
     from .evaluate import sub_model_params
     from .growth import merge_runs
 
     model = merge_runs(a.runs, a.out, a.train_glue_steps, a.then_steps, a.attn_nesting, a.routing,
-                       a.glue_rank, a.set, not a.quiet)
+                       a.glue_rank, _with_threads(a), not a.quiet)
     c = model.config
     print(f"merged {len(a.runs)} runs -> {a.out}: FractalFormer d_model {c.d_model}, levels {c.levels}, "
           f"{model.num_params():,} parameters ({sub_model_params(model, 1):,} per child; "
@@ -363,12 +507,46 @@ def cmd_merge(a: argparse.Namespace) -> int:
 def cmd_grow(a: argparse.Namespace) -> int:
     from .growth import grow_run
 
-    f = grow_run(a.run, a.out, a.width, a.depth, a.steps, a.set, not a.quiet)
+    f = grow_run(a.run, a.out, a.width, a.depth, a.steps, _with_threads(a), not a.quiet)
     print(f"grown x{a.width} wide, x{a.depth} deep -> {a.out}; validation at the growth step: original "
           f"{f['original_val_loss']:.6f} nats/token ({f['original_val_bpc']:.4f} bits/char), grown "
           f"{f['grown_val_loss']:.6f} ({f['grown_val_bpc']:.4f}); difference "
           f"{abs(f['grown_val_loss'] - f['original_val_loss']):.2e}")
     return 0
+
+
+def cmd_prepare(a: argparse.Namespace) -> int:
+    from .prepare import prepare
+    from .tokenizers import check_name
+
+    check_name(a.tokenizer)
+    m = prepare(a.data, a.tokenizer, a.out, a.unknown, progress=not a.quiet)
+    print(f"prepared {len(m['files'])} file(s), {m['bytes']:,} bytes -> {m['count']:,} {a.tokenizer} tokens "
+          f"({m['train_count']:,} train, {m['val_units_per_token']:.3f} {m['unit']}s per validation token) "
+          f"in {a.out}; train with --data {a.out}")
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    import fractalformer
+
+    from .export import export
+
+    out = Path(a.out)
+    if out.exists():
+        raise FractalError(f"{out} already exists; choose another --out")
+    model = fractalformer.load(a.run)
+    dense = export(model, model.tokenizer, out, a.level, a.index)
+    print(f"exported {'the model' if a.level is None else f'sub-model ({a.level}, {a.index})'}: "
+          f"{dense.num_params():,} parameters, width {dense.config.d_model} -> {out} "
+          f"(transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+    return 0
+
+
+def _data_sha256(run: str) -> str | None:
+    from .checkpoint import load_data_sha256
+
+    return load_data_sha256(Path(run))
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
@@ -384,11 +562,41 @@ def cmd_serve(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(a: argparse.Namespace) -> int:
+    from .config import build_config, describe_keys
+
+    cfg = build_config(a.preset)
+    rows = describe_keys()
+    width = max(len(r[1]) for r in rows)
+    for section, key, _, about in rows:
+        value = getattr(getattr(cfg, section), key)
+        shown = "unset" if value is None else json.dumps(value) if isinstance(value, (str, list, bool)) \
+            else repr(value)
+        print(f"{section:<5} {key:<{width}} {shown:<10} {about}")
+    return 0
+
+
+def _warning_line(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> str:
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
     try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version (0) or a usage mistake (2): a status, not an exception
+        return e.code if isinstance(e.code, int) else 2
+    warnings.formatwarning = _warning_line  # library warnings as one line each
+    try:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise FractalError("--threads must be at least 1")
+            if args.command != "train":  # train shares them among its processes itself
+                import torch
+
+                torch.set_num_threads(args.threads)
         commands = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "extract": cmd_extract,
                     "speculate": cmd_speculate, "analyze": cmd_analyze, "serve": cmd_serve,
+                    "config": cmd_config, "export": cmd_export, "prepare": cmd_prepare,
                     "merge": cmd_merge, "grow": cmd_grow}
         return commands[args.command](args)
     except FractalError as e:

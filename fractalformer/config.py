@@ -8,6 +8,7 @@ Every field can be set from a preset, a TOML file (flat keys or ``[model]`` /
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 try:
@@ -16,7 +17,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin, get_type_hints
 
 from .errors import FractalError
 
@@ -34,14 +35,14 @@ class ModelConfig:
     the dense GPT with product-key sparse layers (PEER, PKM or FHME) in place of the MLP.
     """
 
-    family: str = "gpt"
+    family: Literal["gpt", "fractal", "matformer", "mrl", "moe"] = "gpt"
     levels: int = 1  # nesting depth; level l sub-models are 1/split**l as wide
     split: int = 2
-    attn_nesting: str = "head_dim"  # "head_dim": all heads, narrower; "heads": blocks of whole heads
-    residual: str = "none"  # fractal only: "upstream", "downstream" cross-level residuals
+    attn_nesting: Literal["head_dim", "heads"] = "head_dim"  # all heads narrower, or whole heads
+    residual: Literal["none", "upstream", "downstream"] = "none"  # fractal only: cross-level residuals
     residual_rank: int = 0  # 0: add states directly; r > 0: through a learned rank-r map
     glue_rank: int = 0  # fractal: rank-r maps between the level-1 blocks of every linear (merge glue)
-    level_weights: str = ""  # comma-separated loss weight per level; "" = every sub-model alike
+    level_weights: list[float] = field(default_factory=list)  # loss weight per level; [] = all alike
     distill: float = 0.0  # nested sub-models' loss: (1 - distill) * CE + distill * KL(full || sub)
     vocab_size: int = 128
     block_size: int = 256  # context length
@@ -57,15 +58,15 @@ class ModelConfig:
     dropout: float = 0.0
     init_std: float = 0.02
     # family "moe" (models/moe.py): product-key sparse layers in place of the MLP
-    moe: str = "none"  # peer (single-neuron experts), pkm (value memory), fhme (fractal experts)
+    moe: Literal["none", "peer", "pkm", "fhme"] = "none"  # the sparse layer; see docs/moe.md
     moe_layers: str = "all"  # "all" or comma-separated layer indices that get the sparse layer
     moe_with_mlp: bool = False  # keep the dense MLP beside the sparse layer (outputs added)
     n_experts: int = 65536  # N, a perfect square: experts (peer, fhme) or memory slots (pkm)
     moe_heads: int = 4  # retrieval heads h
     moe_topk: int = 8  # experts per head k (k <= sqrt(N))
     moe_key_dim: int = 128  # query / product-key width (two halves of key_dim / 2)
-    moe_gate: str = "softmax"  # routing weights from scores: softmax, sigmoid, relu
-    moe_query_norm: str = "rms"  # per-token query norm: rms, layer, none (never batch norm)
+    moe_gate: Literal["softmax", "sigmoid", "relu"] = "softmax"  # routing weights from scores
+    moe_query_norm: Literal["rms", "layer", "none"] = "rms"  # per-token query norm (never batch norm)
     moe_sparse: bool = False  # row-sparse table gradients, trained by SparseAdam
     fhme_depth: int = 3  # sub-blocks per fractal expert
     fhme_adaptive: bool = True  # learned per-token halting (ACT); false = always full depth
@@ -93,11 +94,12 @@ class ModelConfig:
         gradient from every sub-model that owns it.
         """
         subs = self.sub_models()
-        per_level = [float(w) for w in self.level_weights.split(",")] if self.level_weights else None
+        per_level = self.level_weights or None
         raw = [per_level[lv] / sum(1 for s in subs if s[0] == lv) if per_level else 1.0 for lv, _ in subs]
         return [w / sum(raw) for w in raw]
 
     def validate(self) -> None:
+        _check_choices(self)
         _positive(self, "vocab_size", "block_size", "n_layer", "d_model", "n_head", "n_kv_head",
                   "head_dim", "mlp_mult", "rope_theta", "norm_eps", "init_std", "levels")
         _nonnegative(self, "residual_rank", "glue_rank")
@@ -123,7 +125,6 @@ class ModelConfig:
         return sorted({int(x) for x in self.moe_layers.split(",")})
 
     def _validate_moe(self) -> None:
-        _choice(self, "moe", ("none", "peer", "pkm", "fhme"))
         if self.family == "moe" and self.moe == "none":
             raise FractalError("family moe needs a sparse layer: set moe to peer, pkm or fhme")
         if self.moe == "none":
@@ -131,8 +132,6 @@ class ModelConfig:
         if self.family != "moe":
             raise FractalError(f"moe={self.moe} cannot nest inside family {self.family}: an expert table "
                                f"has no width to split between sub-models (use family=moe, levels 1)")
-        _choice(self, "moe_gate", ("softmax", "sigmoid", "relu"))
-        _choice(self, "moe_query_norm", ("rms", "layer", "none"))
         _positive(self, "n_experts", "moe_heads", "moe_topk", "moe_key_dim", "fhme_depth")
         _nonnegative(self, "halt_penalty")
         n = math.isqrt(self.n_experts)
@@ -153,9 +152,6 @@ class ModelConfig:
                                f"got {self.moe_layers!r}")
 
     def _validate_nesting(self) -> None:
-        _choice(self, "family", ("gpt", "fractal", "matformer", "mrl", "moe"))
-        _choice(self, "attn_nesting", ("head_dim", "heads"))
-        _choice(self, "residual", ("none", "upstream", "downstream"))
         if self.family == "gpt" and self.levels != 1:
             raise FractalError(f"family gpt is dense: levels must be 1, got {self.levels} "
                                "(use family=fractal, matformer or mrl for nesting)")
@@ -175,11 +171,7 @@ class ModelConfig:
         if self.glue_rank and (self.family != "fractal" or self.residual != "none"):
             raise FractalError("glue_rank needs family=fractal without cross-level residuals")
         if self.level_weights:
-            try:
-                w = [float(x) for x in self.level_weights.split(",")]
-            except ValueError:
-                raise FractalError(f"level_weights must be comma-separated numbers, got "
-                                   f"{self.level_weights!r}") from None
+            w = self.level_weights
             if len(w) != self.levels or any(x < 0 or not math.isfinite(x) for x in w) or sum(w) <= 0:
                 raise FractalError(f"level_weights needs {self.levels} non-negative numbers with a "
                                    f"positive sum, got {self.level_weights!r}")
@@ -208,13 +200,17 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation and bookkeeping. Defaults train the default model in ~10 min on 2 cores."""
 
-    tokenizer: str = "bpe128"
-    data: str | None = None  # None = the shipped TinyShakespeare
-    on_unknown: str = "error"  # or "replace": map unknown characters to a known one
-    batch_size: int = 16
-    routing: str = "shared"  # nested models: shared, split or shard (see data.training_batch)
+    tokenizer: str = "bpe128"  # bpe128, char, byte, bpe:N or gpt2 (checked by tokenizers.check_name)
+    data: str | None = None  # None = the shipped TinyShakespeare; a text file or a prepared folder
+    init_from: str | None = None  # fine-tuning: start from this run's weights (and tokenizer)
+    on_unknown: Literal["error", "replace"] = "error"  # or "replace": map unknown characters to a known one
+    batch_size: int = 16  # rows of one optimizer step, over all processes and micro-batches
+    grad_accum: int = 1  # micro-batches per step: batch_size / grad_accum rows at a time, same gradient
+    sync_every: int = 10  # steps between host reads of the losses (also at evals, checkpoints, the end)
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicated (DDP) or sharded (fully_shard)
+    routing: Literal["shared", "split", "shard"] = "shared"  # nested models: see data.training_batch
     data_shard: str = ""  # "J/N": train on contiguous shard J of N of the training tokens ("" = all)
-    freeze: str = "none"  # "children": entries the level-1 sub-models own stay fixed (merge glue)
+    freeze: Literal["none", "children"] = "none"  # children: level-1 sub-models' entries stay fixed (glue)
     schedule_start: int = 0  # the step where warmup + cosine begin (a merged or grown run's new schedule)
     max_steps: int = 1400
     lr: float = 3e-3
@@ -229,43 +225,47 @@ class TrainConfig:
     eval_batches: int = 8
     ckpt_every: int = 200
     seed: int = 1337
-    device: str = "auto"  # auto, cpu, cuda
-    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU), float32, bfloat16
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False
+    threads: int = 0  # CPU threads on this machine, split among its processes; 0: auto
+    final_eval: int = -1  # validation windows scored after training: -1 all (the whole split), 0 none
     sample_tokens: int = 200  # length of the sample printed after training
+    log: Literal["csv", "tensorboard"] = "csv"  # tensorboard: also scalars in RUN/tensorboard (the extra)
     groups: str = ""  # imposed token groups per width: "" none, "seed", or a JSON file
     emergent_every: int = 0  # re-cluster the embedding into groups every N steps (0 = never)
-    cluster_method: str = "dbscan"  # or "agglomerative"
+    cluster_method: Literal["dbscan", "agglomerative"] = "dbscan"  # or "agglomerative"
     cluster_eps: float = 0.1  # cosine distance (DBSCAN eps / agglomerative threshold)
     cluster_min_samples: int = 3
 
     def validate(self) -> None:
-        _positive(self, "batch_size", "max_steps", "lr", "eval_every", "eval_batches", "ckpt_every")
+        _check_choices(self)
+        _positive(self, "batch_size", "max_steps", "lr", "eval_every", "eval_batches", "ckpt_every",
+                  "grad_accum", "sync_every")
+        if self.batch_size % self.grad_accum:
+            raise FractalError(f"batch_size {self.batch_size} is not divisible by grad_accum "
+                               f"{self.grad_accum}")
         _nonnegative(self, "table_lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "sample_tokens")
         if self.min_lr > self.lr:
             raise FractalError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise FractalError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
-        _choice(self, "on_unknown", ("error", "replace"))
-        _choice(self, "device", ("auto", "cpu", "cuda"))
-        _choice(self, "routing", ("shared", "split", "shard"))
-        _choice(self, "freeze", ("none", "children"))
         _nonnegative(self, "schedule_start")
         if self.schedule_start >= self.max_steps:
             raise FractalError(f"schedule_start ({self.schedule_start}) must be below max_steps "
                                f"({self.max_steps})")
         self.shard()
-        _choice(self, "cluster_method", ("dbscan", "agglomerative"))
         if not 0 <= self.seed < 2**31:
             raise FractalError(f"seed must lie in [0, 2**31), got {self.seed}")
-        _nonnegative(self, "emergent_every")
+        _nonnegative(self, "emergent_every", "threads")
+        if self.final_eval < -1:
+            raise FractalError(f"final_eval must be -1 (the whole split), 0 (none) or a number of windows, "
+                               f"got {self.final_eval}")
         _positive(self, "cluster_eps", "cluster_min_samples")
-        _choice(self, "dtype", ("auto", "float32", "bfloat16"))
-        from .tokenizers import TOKENIZERS
+        from .tokenizers import check_name
 
-        _choice(self, "tokenizer", TOKENIZERS)
-
+        check_name(self.tokenizer)
 
     def shard(self) -> tuple[int, int]:
         """``data_shard`` as (J, N); (0, 1) when training on all the data."""
@@ -293,6 +293,9 @@ class RunConfig:
             raise FractalError("freeze=children needs a FractalFormer without cross-level residuals "
                                "(family=fractal, residual=none): its level-1 sub-models are the children")
         if t.routing != "shared":
+            if t.grad_accum > 1:
+                raise FractalError(f"routing={t.routing} cannot combine with grad_accum: a micro-batch would "
+                                   "re-split the sub-models' row blocks (use routing=shared)")
             if m.family == "mrl":
                 raise FractalError("routing must be shared for family=mrl: its sizes share one body")
             if m.family in ("gpt", "moe"):
@@ -318,8 +321,11 @@ class RunConfig:
             raise FractalError("config must have a 'model' table")
         if not isinstance(d.get("train", {}), dict):
             raise FractalError("config's 'train' must be a table")
+        model = dict(d["model"])
+        if isinstance(model.get("level_weights"), str):  # run folders written before it was a list
+            model["level_weights"] = _numbers(model["level_weights"], "level_weights", strict_types=False)
         cfg = cls()
-        apply_overrides(cfg, {**d.get("model", {}), **d.get("train", {})}, strict_types=True)
+        apply_overrides(cfg, {**model, **d.get("train", {})}, strict_types=True)
         return cfg
 
 
@@ -327,9 +333,11 @@ _TINY = dict(block_size=32, n_layer=2, d_model=32, n_head=4, n_kv_head=2, head_d
              max_steps=20, warmup_steps=2, eval_every=10, eval_batches=2, ckpt_every=10, sample_tokens=40)
 PRESETS: dict[str, dict[str, Any]] = {
     # The FractalFormer: the seed's dims, 3 levels of block nesting (1 + 2 + 4 sub-models).
-    # Whole-head nesting with 4 KV heads: see docs/fractalformer.md for why.
+    # Whole-head nesting with 4 KV heads; half the loss on the full model and in-place
+    # distillation of the nested sub-models from it: see docs/fractalformer.md for why.
     "default": dict(family="fractal", levels=3, split=2, attn_nesting="heads", n_kv_head=4,
-                    max_steps=500, eval_every=100, ckpt_every=100),
+                    level_weights=[2.0, 1.0, 1.0], distill=0.5,
+                    max_steps=750, eval_every=250, ckpt_every=250),
     # The seed FractalFormer's dimensions trained densely: the reference model.
     "dense": {},
     # A wider FractalFormer whose decode step is bound by reading weights, so its nested
@@ -352,6 +360,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Few-thousand-parameter models for tests and smoke runs.
     "tiny": _TINY,
     "tiny-fractal": {**_TINY, "family": "fractal", "levels": 3, "n_kv_head": 4, "attn_nesting": "heads"},
+    # A 10.4M-parameter FractalFormer (1 + 2 + 4 sub-models) for corpora beyond TinyShakespeare:
+    # a 4096-token byte-level BPE; bench/bench_10m.py trains it on a prepared corpus.
+    "10m": dict(family="fractal", levels=3, split=2, attn_nesting="heads", d_model=384, n_layer=4, n_head=8,
+                n_kv_head=4, head_dim=48, tokenizer="bpe:4096", vocab_size=4096, batch_size=16, lr=1e-3,
+                min_lr=1e-4, max_steps=2000, eval_every=250, ckpt_every=250),
 }
 
 
@@ -367,9 +380,17 @@ def _nonnegative(obj: Any, *names: str) -> None:
             raise FractalError(f"{n} must not be negative, got {getattr(obj, n)}")
 
 
-def _choice(obj: Any, name: str, options: tuple[str, ...]) -> None:
-    if getattr(obj, name) not in options:
-        raise FractalError(f"{name} must be one of {', '.join(options)}; got {getattr(obj, name)!r}")
+def choices(cls: type, name: str) -> tuple[str, ...]:
+    """The options of a ``Literal[...]`` config field (empty for any other field)."""
+    tp = get_type_hints(cls)[name]
+    return get_args(tp) if get_origin(tp) is Literal else ()
+
+
+def _check_choices(obj: Any) -> None:
+    for f in fields(obj):
+        options = choices(type(obj), f.name)
+        if options and getattr(obj, f.name) not in options:
+            raise FractalError(f"{f.name} must be one of {', '.join(options)}; got {getattr(obj, f.name)!r}")
 
 
 def _field_owner(cfg: RunConfig, key: str) -> tuple[Any, dataclasses.Field]:
@@ -385,8 +406,33 @@ def _field_owner(cfg: RunConfig, key: str) -> tuple[Any, dataclasses.Field]:
     raise FractalError(f"unknown config key {key!r}; known keys: {', '.join(known)}")
 
 
-def _coerce(f: dataclasses.Field, value: Any, key: str, strict_types: bool) -> Any:
-    kind = f.type if isinstance(f.type, str) else f.type.__name__
+def _kind(owner: Any, f: dataclasses.Field) -> str:
+    """The field's type as a short name; a ``Literal`` of strings counts as ``str``."""
+    tp = get_type_hints(type(owner))[f.name]
+    if get_origin(tp) is Literal:
+        return "str"
+    return tp.__name__ if isinstance(tp, type) and get_origin(tp) is None else str(tp)
+
+
+def _numbers(value: Any, key: str, strict_types: bool) -> list[float]:
+    """A list of finite numbers, from a list or (``--set`` only) "1,2,1"."""
+    if isinstance(value, str) and not strict_types:
+        try:
+            value = [float(x) for x in value.split(",")] if value.strip() else []
+        except ValueError:
+            raise FractalError(f"{key} must be comma-separated numbers, got {value!r}") from None
+    if not isinstance(value, list) or any(isinstance(x, bool) or not isinstance(x, (int, float))
+                                          for x in value):
+        raise FractalError(f"{key} must be a list of numbers, got {value!r}")
+    if not all(math.isfinite(x) for x in value):
+        raise FractalError(f"{key} must be finite numbers, got {value!r}")
+    return [float(x) for x in value]
+
+
+def _coerce(owner: Any, f: dataclasses.Field, value: Any, key: str, strict_types: bool) -> Any:
+    kind = _kind(owner, f)
+    if kind == "list[float]":
+        return _numbers(value, key, strict_types)
     if isinstance(value, str) and not strict_types:
         raw = value.strip()
         if kind == "bool":
@@ -429,7 +475,7 @@ def apply_overrides(cfg: RunConfig, values: dict[str, Any], strict_types: bool =
     """Set ``key: value`` pairs (``key`` or ``model.key`` / ``train.key``) on ``cfg``."""
     for key, value in values.items():
         owner, f = _field_owner(cfg, key)
-        setattr(owner, f.name, _coerce(f, value, key, strict_types))
+        setattr(owner, f.name, _coerce(owner, f, value, key, strict_types))
 
 
 def parse_set(items: list[str]) -> dict[str, str]:
@@ -437,12 +483,13 @@ def parse_set(items: list[str]) -> dict[str, str]:
     for item in items:
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
-            raise FractalError(f"--set expects key=value, got {item!r}")
+            raise FractalError(f"a setting is key=value, got {item!r}")
         out[key.strip()] = value
     return out
 
 
 def load_toml(path: str) -> dict[str, Any]:
+    """Flat ``key: value`` pairs of a TOML file (``[model]`` / ``[train]`` keys as ``model.key``)."""
     p = Path(path)
     if not p.is_file():
         raise FractalError(f"config file not found: {path}")
@@ -459,16 +506,76 @@ def load_toml(path: str) -> dict[str, Any]:
     return flat
 
 
+def init_model_config(cfg: RunConfig, init: RunConfig, given: dict[str, Any]) -> RunConfig:
+    """Fine-tuning: the model config of the run started from, under ``cfg``'s training config;
+    model keys set explicitly (``given``) still apply (a changed shape fails at loading)."""
+    out = RunConfig(dataclasses.replace(init.model), cfg.train)
+    model_keys = {f.name for f in fields(ModelConfig)}
+    apply_overrides(out, {k: v for k, v in given.items() if k.rpartition(".")[2] in model_keys
+                          and k.rpartition(".")[0] in ("", "model")})
+    out.validate()
+    return out
+
+
 def build_config(
     preset: str | None = None, toml_path: str | None = None, sets: list[str] | None = None
 ) -> RunConfig:
-    """Preset, then TOML file, then ``--set`` overrides; validated."""
-    if preset is not None and preset not in PRESETS:
-        raise FractalError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    """Preset, then TOML file, then ``--set`` overrides; validated.
+
+    The base is ``preset``, else the TOML file's own ``preset = "..."`` key, else ``default``
+    (the FractalFormer); naming two different presets is an error.
+    """
+    values = load_toml(toml_path) if toml_path else {}
+    named = values.pop("preset", None)
+    if named is not None and not isinstance(named, str):
+        raise FractalError(f"{toml_path}: preset must be a string, got {named!r}")
+    if preset is not None and named is not None and named != preset:
+        raise FractalError(f"preset {preset!r} and the config file's preset {named!r} disagree; name one")
+    base = preset or named or "default"
+    if base not in PRESETS:
+        raise FractalError(f"unknown preset {base!r}; choose one of {', '.join(PRESETS)}")
     cfg = RunConfig()
-    apply_overrides(cfg, PRESETS[preset or "default"], strict_types=True)
-    if toml_path:
-        apply_overrides(cfg, load_toml(toml_path), strict_types=True)
+    apply_overrides(cfg, PRESETS[base], strict_types=True)
+    apply_overrides(cfg, values, strict_types=True)
     apply_overrides(cfg, parse_set(sets or []))
     cfg.validate()
     return cfg
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a valid TOML basic string
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return repr(v)
+
+
+def to_toml(cfg: RunConfig) -> str:
+    """``cfg`` as a TOML file that ``--config`` reads back (``data = None`` is left out)."""
+    out = []
+    for section, part in (("model", cfg.model), ("train", cfg.train)):
+        out.append(f"[{section}]")
+        for f in fields(part):
+            v = getattr(part, f.name)
+            out.append(f"# {f.name}: unset (the shipped TinyShakespeare)" if v is None
+                       else f"{f.name} = {_toml_value(v)}")
+        out.append("")
+    return "\n".join(out)
+
+
+def describe_keys() -> list[tuple[str, str, str, str]]:
+    """(section, key, default, description) for every config key, for ``fractalformer config --list``."""
+    from .config_help import KEY_HELP
+
+    rows = []
+    for section, part in (("model", ModelConfig()), ("train", TrainConfig())):
+        for f in fields(part):
+            options = choices(type(part), f.name)
+            about = KEY_HELP.get(f.name, "")
+            if options:
+                about += f" (one of {', '.join(options)})"
+            rows.append((section, f.name, _toml_value(getattr(part, f.name)) if getattr(part, f.name)
+                         is not None else "unset", about))
+    return rows

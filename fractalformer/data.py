@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -22,6 +23,7 @@ from .nn.nesting import Nesting
 from .tokenizers import Tokenizer
 
 SHIPPED = "tinyshakespeare"
+UNKNOWN_WARN = 0.01  # replacing more than this share of a training text's characters warns
 
 
 def read_text(path: str | None) -> str:
@@ -67,28 +69,62 @@ def encode_cached(text: str, tok: Tokenizer, on_unknown: str = "error") -> np.nd
     return ids
 
 
+Ids = torch.Tensor | np.ndarray  # in memory, or memory-mapped prepared data (``prepare.py``)
+
+
+def as_tensor(ids: Ids) -> torch.Tensor:
+    """int64 tensor of (a slice of) token ids, reading a memory map only where sliced."""
+    return ids if isinstance(ids, torch.Tensor) else torch.from_numpy(np.asarray(ids, dtype=np.int64))
+
+
 @dataclass
 class Corpus:
     """Token ids of one text split 90/10, with the units-per-token needed for BPC."""
 
-    train: torch.Tensor
-    val: torch.Tensor
+    train: Ids
+    val: Ids
     val_units_per_token: float  # characters (bytes for the byte tokenizer) per token
     unit: str = "char"
+    sha256: str = ""  # of the text: a run records it, so a changed file is noticed
 
     @classmethod
-    def build(cls, text: str, tok: Tokenizer, block_size: int, on_unknown: str = "error") -> Corpus:
-        ids = torch.from_numpy(encode_cached(text, tok, on_unknown).astype(np.int64))
-        n = int(0.9 * len(ids))
-        train, val = ids[:n], ids[n:]
-        for name, part in (("training", train), ("validation", val)):
+    def prepared(cls, path: str, block_size: int) -> tuple[Tokenizer, Corpus]:
+        """The memory-mapped ids of a ``fractalformer prepare`` folder and their tokenizer."""
+        from .prepare import load_prepared
+
+        m, tok, ids = load_prepared(path)
+        n = int(m["train_count"])
+        corpus = cls(ids[:n], ids[n:], float(m["val_units_per_token"]), m.get("unit", tok.unit), m["sha256"])
+        corpus.check(block_size)
+        return tok, corpus
+
+    def check(self, block_size: int) -> None:
+        for name, part in (("training", self.train), ("validation", self.val)):
             if len(part) < block_size + 1:
                 raise FractalError(
                     f"the {name} split has {len(part)} tokens, fewer than block_size + 1 = "
                     f"{block_size + 1}; use a longer text or a smaller block_size"
                 )
+
+    @classmethod
+    def build(cls, text: str, tok: Tokenizer, block_size: int, on_unknown: str = "error") -> Corpus:
+        if on_unknown == "replace":
+            unknown = tok.unknown_count(text)
+            if unknown > UNKNOWN_WARN * len(text):
+                share = unknown / len(text)
+                warnings.warn(f"{unknown:,} of {len(text):,} characters ({share:.1%}) are not in the "
+                              f"{tok.name} vocabulary and become {tok.replacement!r}; the char or byte "
+                              f"tokenizer fits this text", stacklevel=2)
+        ids = torch.from_numpy(encode_cached(text, tok, on_unknown).astype(np.int64))
+        n = int(0.9 * len(ids))
+        train, val = ids[:n], ids[n:]
+        cls(train, val, 1.0).check(block_size)
         units = tok.units(tok.decode(val.tolist()))
-        return cls(train, val, units / len(val), tok.unit)
+        return cls(train, val, units / len(val), tok.unit, text_sha256(text))
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def batch_generator(seed: int, step: int) -> torch.Generator:
@@ -96,25 +132,26 @@ def batch_generator(seed: int, step: int) -> torch.Generator:
 
 
 def get_batch(
-    ids: torch.Tensor, batch_size: int, block_size: int, gen: torch.Generator
+    ids: Ids, batch_size: int, block_size: int, gen: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``batch_size`` random windows: inputs and next-token targets, shape (B, T)."""
     starts = torch.randint(0, len(ids) - block_size, (batch_size,), generator=gen)
     offs = torch.arange(block_size + 1)
-    win = ids[starts[:, None] + offs]
+    win = as_tensor(ids[(starts[:, None] + offs).numpy()]) if isinstance(ids, np.ndarray) \
+        else ids[starts[:, None] + offs]
     return win[:, :-1], win[:, 1:]
 
 
-def sequential_windows(ids: torch.Tensor, block_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def sequential_windows(ids: Ids, block_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Non-overlapping windows covering every target of ``ids`` exactly once."""
     out = []
     for s in range(0, len(ids) - 1, block_size):
-        win = ids[s : s + block_size + 1]
+        win = as_tensor(ids[s : s + block_size + 1])
         out.append((win[:-1], win[1:]))
     return out
 
 
-def training_batch(ids: torch.Tensor, batch_size: int, block_size: int, gen: torch.Generator,
+def training_batch(ids: Ids, batch_size: int, block_size: int, gen: torch.Generator,
                    routing: str, nest: Nesting) -> tuple[torch.Tensor, torch.Tensor]:
     """One step's batch under a data routing.
 

@@ -15,8 +15,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from .data import Corpus, batch_generator, get_batch, sequential_windows
+from .nn.nesting import frozen_weights
 
 Key = tuple[int, int | str]  # (level, index) or (level, "ensemble")
 
@@ -79,11 +81,12 @@ def mean_losses(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.
     model.eval()
     total: dict[Key, float] = {}
     count = 0
+    scope = frozen_weights()  # every batch reuses one gather of each sub-model's weights
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         if x.dim() == 1:
             x, y = x[None], y[None]
-        with autocast or contextlib.nullcontext():
+        with autocast or contextlib.nullcontext(), scope:
             for k, v in loss_sums(model, x, y, ensembles).items():
                 total[k] = total.get(k, 0.0) + v
         count += y.numel()
@@ -92,17 +95,23 @@ def mean_losses(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.
 
 
 def evaluate_full(model: torch.nn.Module, corpus: Corpus, block_size: int,
-                  device: torch.device | str = "cpu", batch_size: int = 32) -> list[EvalRow]:
+                  device: torch.device | str = "cpu", batch_size: int = 32, windows_limit: int = -1,
+                  progress: bool = False) -> list[EvalRow]:
     """Every validation target exactly once, in non-overlapping windows of ``block_size``.
 
     One row per sub-model (the full model first), then one per level ensemble.
+    ``windows_limit`` > 0 scores only the first that many windows (a quicker estimate);
+    ``progress`` shows a bar over the batches.
     """
     windows = sequential_windows(corpus.val, block_size)
+    if windows_limit > 0:
+        windows = windows[:windows_limit]
     full = [w for w in windows if len(w[0]) == block_size]
     batches = [(torch.stack([w[0] for w in full[i : i + batch_size]]),
                 torch.stack([w[1] for w in full[i : i + batch_size]]))
                for i in range(0, len(full), batch_size)]
     batches += [w for w in windows if len(w[0]) != block_size]
+    batches = tqdm(batches, desc="validation", unit="batch", leave=False, disable=not progress)
     track = getattr(model, "track_usage", None)
     with track() if track else contextlib.nullcontext() as usage:
         losses, n = mean_losses(model, batches, device)

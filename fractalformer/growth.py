@@ -31,6 +31,7 @@ from . import checkpoint as ckpt
 from .config import ModelConfig, RunConfig, TrainConfig, apply_overrides, parse_set
 from .errors import FractalError
 from .models import GPT, FractalFormer
+from .tokenizers import Tokenizer
 
 
 def nested_params(model: GPT) -> list[tuple[str, torch.nn.Module, str, torch.nn.Parameter]]:
@@ -114,7 +115,7 @@ def parent_config(child: ModelConfig, split: int, attn_nesting: str = "heads", d
     heads = nesting == "heads"
     return dataclasses.replace(
         child, family="fractal", levels=child.levels + 1, split=split, attn_nesting=nesting,
-        level_weights="", distill=0.0, glue_rank=glue_rank, d_model=child.d_model * split,
+        level_weights=[], distill=0.0, glue_rank=glue_rank, d_model=child.d_model * split,
         n_layer=child.n_layer * depth,
         n_head=child.n_head * (split if heads else 1), n_kv_head=child.n_kv_head * (split if heads else 1),
         head_dim=child.head_dim * (1 if heads else split))
@@ -192,14 +193,16 @@ def grow_model(model: GPT, width: int, depth: int = 1) -> FractalFormer:
 
 
 # -- run folders ---------------------------------------------------------------------------
-def _new_run(out: Path, cfg: RunConfig, model: GPT, tok: object, provenance: dict) -> None:
-    """Write ``model`` as an ordinary run folder at step 0 (fresh training state)."""
+def _new_run(out: Path, cfg: RunConfig, model: GPT, tok: Tokenizer, provenance: dict,
+             data_sha256: str | None) -> None:
+    """Write ``model`` as an ordinary run folder at step 0 (fresh training state); ``data_sha256``
+    (the text the runs trained on) lets training it further notice a changed data file."""
     from .train import make_optimizer
 
     cfg.validate()
-    ckpt.save_run_config(out, cfg, tok)
+    ckpt.save_run_config(out, cfg, tok, data_sha256)
     ckpt.save_model(out, model, 0)
-    ckpt.save_train_state(out, make_optimizer(model, cfg), {"step": 0, "elapsed_s": 0.0})
+    ckpt.save_train_state(out, make_optimizer(model, cfg), {"step": 0, "model_step": 0, "elapsed_s": 0.0})
     ckpt.write_json(out / "provenance.json", provenance)
 
 
@@ -217,8 +220,11 @@ def train_overrides(train: TrainConfig, sets: list[str] | None) -> TrainConfig:
 
 
 def _check_out(out: Path) -> None:
+    from .train.trainer import check_run_dir
+
     if (out / ckpt.CONFIG).exists():
         raise FractalError(f"{out} already holds a run; choose another --out")
+    check_run_dir(out, resume=False)  # not a file, writable
 
 
 def merge_runs(runs: list[str | Path], out: str | Path, glue_steps: int = 0, then_steps: int = 0,
@@ -256,19 +262,22 @@ def merge_runs(runs: list[str | Path], out: str | Path, glue_steps: int = 0, the
                                     groups="", emergent_every=0)
     cfg = RunConfig(merged.config, train_cfg)
     cfg.validate()
+    data_sha256 = ckpt.load_data_sha256(Path(runs[0]))
     _new_run(out, cfg, merged, models[0].tokenizer,
              {"merged_from": [str(r) for r in runs], "glue_steps": glue_steps, "glue_rank": glue_rank,
-              "then_steps": then_steps})
-    if glue:
-        train(cfg, out, resume=True, progress=progress)
+              "then_steps": then_steps}, data_sha256)
+    if glue:  # the full training follows: score the whole validation split only after it
+        glue_cfg = RunConfig(cfg.model, dataclasses.replace(cfg.train, final_eval=0)) if then_steps else cfg
+        train(glue_cfg, out, resume=True, progress=progress)
         if cfg.model.glue_rank:  # fold: from here on a plain FractalFormer (fresh optimizer state)
             plain = fold_glue(fractalformer.load(out))
             cfg.model = plain.config
-            ckpt.save_run_config(out, cfg, models[0].tokenizer)
+            ckpt.save_run_config(out, cfg, models[0].tokenizer, ckpt.load_data_sha256(out))
             ckpt.save_model(out, plain, glue_steps)
             info = ckpt.read_json(out / ckpt.STATE_JSON)
             ckpt.save_train_state(out, make_optimizer(plain, cfg),
-                                  {"step": glue_steps, "elapsed_s": info.get("elapsed_s", 0.0)})
+                                  {"step": glue_steps, "model_step": glue_steps,
+                                   "elapsed_s": info.get("elapsed_s", 0.0)})
         # the full training gets a schedule of its own, starting where the glue stopped
         cfg.train = dataclasses.replace(cfg.train, freeze="none", schedule_start=glue_steps,
                                         max_steps=glue_steps + then_steps)
@@ -300,14 +309,15 @@ def grow_run(run: str | Path, out: str | Path, width: int, depth: int = 1, steps
                                     max_steps=steps or t.max_steps, groups="", emergent_every=0)
     cfg = RunConfig(grown.config, train_cfg)
     cfg.validate()
-    _, corpus = prepare_data(cfg, model.tokenizer)
+    _, corpus = prepare_data(cfg, model.tokenizer, ckpt.load_data_sha256(Path(run)))
     batches = fixed_val_batches(corpus, t.eval_batches, t.batch_size, cfg.model.block_size, t.seed)
     figures = {}
     for who, m in (("original", model), ("grown", grown)):
         loss = mean_losses(m, batches, ensembles=False)[0][(0, 0)]
         figures |= {f"{who}_val_loss": loss, f"{who}_val_bpc": to_bpc(loss, corpus.val_units_per_token)}
     _new_run(out, cfg, grown, model.tokenizer,
-             {"grown_from": str(run), "width": width, "depth": depth, **figures})
+             {"grown_from": str(run), "width": width, "depth": depth, **figures},
+             corpus.sha256)
     if steps:
         train(cfg, out, resume=True, progress=progress)
     return figures

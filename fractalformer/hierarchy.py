@@ -114,9 +114,12 @@ def load_groups(path: str, tok: Tokenizer) -> dict[int, list[list[int]]]:
     return out
 
 
-def _from_ids(sizes: dict, tok: Tokenizer, where: object) -> dict[int, list[list[int]]]:
+def _from_ids(sizes: dict, tok: Tokenizer, where: object) -> dict[int | str, list[list[int]]]:
+    out: dict[int | str, list[list[int]]] = {}
     try:
-        out = {int(w): [[int(i) for i in g] for g in gs] for w, gs in sizes.items()}
+        for w, gs in sizes.items():
+            group_key(w)  # "W" or "W.j"
+            out[w if "." in str(w) else int(w)] = [[int(i) for i in g] for g in gs]
     except (AttributeError, TypeError, ValueError) as e:
         raise FractalError(f"{where}: 'ids' must map widths to lists of id lists ({e})") from None
     if any(not 0 <= i < tok.vocab_size for gs in out.values() for g in gs for i in g):
@@ -124,9 +127,20 @@ def _from_ids(sizes: dict, tok: Tokenizer, where: object) -> dict[int, list[list
     return out
 
 
-def _sizes(groups: dict[int, list[list[int]]], tok: Tokenizer) -> dict[str, list[list[str]]]:
+def group_key(key: int | str) -> tuple[int, int]:
+    """(width, sub-model index) of a groups key: ``W`` (every sub-model of width W, index
+    -1) or ``"W.j"`` (sub-model j of that width only)."""
+    w, _, j = str(key).partition(".")
+    return int(w), int(j) if j else -1
+
+
+def _ordered(groups: dict) -> list:
+    return sorted(groups.items(), key=lambda kv: group_key(kv[0]))
+
+
+def _sizes(groups: dict, tok: Tokenizer) -> dict[str, list[list[str]]]:
     strings = token_strings(tok)
-    return {str(w): [[strings[i] for i in g] for g in gs] for w, gs in sorted(groups.items())}
+    return {str(w): [[strings[i] for i in g] for g in gs] for w, gs in _ordered(groups)}
 
 
 def save_groups(path: Path, groups: dict[int, list[list[int]]], tok: Tokenizer, about: str,
@@ -135,7 +149,7 @@ def save_groups(path: Path, groups: dict[int, list[list[int]]], tok: Tokenizer, 
 
     obj = {"about": about, "tokenizer": tok.name, "sizes": _sizes(groups, tok)}
     if with_ids:
-        obj["ids"] = {str(w): gs for w, gs in sorted(groups.items())}
+        obj["ids"] = {str(w): gs for w, gs in _ordered(groups)}
     write_text(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
 
 
@@ -175,14 +189,18 @@ def groups_to_labels(groups: list[list[int]], vocab: int) -> np.ndarray:
 
 
 def recluster(model: torch.nn.Module, tok: Tokenizer, method: str, eps: float, min_samples: int
-              ) -> dict[int, list[list[int]]]:
-    """Emergent groups: cluster, for every width but the largest, the embedding columns that
-    width's (first) sub-model owns."""
+              ) -> dict[int | str, list[list[int]]]:
+    """Emergent groups: for every width but the largest, cluster the embedding columns each
+    sub-model owns. A width with one sub-model is keyed ``W``; siblings own different
+    columns, so each gets its own grouping, keyed ``"W.j"``."""
     emb = model.embed.weight.detach().float().cpu()
-    out = {}
+    out: dict[int | str, list[list[int]]] = {}
     for lv in range(1, model.nest.levels):
-        cols = model.nest.owned(emb.shape[1], lv)[0]
-        out[model.level_width(lv)] = labels_to_groups(cluster(emb[:, cols].numpy(), method, eps, min_samples))
+        owned = model.nest.owned(emb.shape[1], lv)
+        w = model.level_width(lv)
+        for j, cols in enumerate(owned):
+            key = w if len(owned) == 1 else f"{w}.{j}"
+            out[key] = labels_to_groups(cluster(emb[:, cols].numpy(), method, eps, min_samples))
     return out
 
 
@@ -215,6 +233,6 @@ def log_clustering(run_dir: Path, step: int, groups: dict[int, list[list[int]]],
     history = json.loads(path.read_text()) if path.is_file() else []
     history = [c for c in history if c["step"] < step]
     history.append({"step": step, "method": method, "sizes": _sizes(groups, tok),
-                    "ids": {str(w): gs for w, gs in sorted(groups.items())},
-                    "n_groups": {str(w): len(gs) for w, gs in groups.items()}})
+                    "ids": {str(w): gs for w, gs in _ordered(groups)},
+                    "n_groups": {str(w): len(gs) for w, gs in _ordered(groups)}})
     write_json(path, history)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,21 @@ def fractal_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert main(["train", "--preset", "tiny", "--quiet", "--set", "family=fractal", "--set", "levels=3",
                  "--set", "sample_tokens=0", "--max-steps", "40", "--out", str(out)]) == 0
     return out
+
+
+def chromium(profile: Path):  # -> selenium's Chrome, imported only where a browser exists
+    """Debian's headless Chromium under Selenium; skips the test where none is installed."""
+    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not binary or not driver:
+        pytest.skip("no chromium/chromedriver (.ci/run installs Debian's chromium and chromium-driver)")
+    os.environ.setdefault("SE_OFFLINE", "true")  # never let Selenium Manager look for downloads
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = binary
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1280,900", f"--user-data-dir={profile}"):
+        opts.add_argument(flag)
+    return webdriver.Chrome(options=opts, service=Service(executable_path=driver))

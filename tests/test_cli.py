@@ -32,7 +32,9 @@ def snapshot(d: Path) -> dict[str, bytes]:
         (["--set", "n_kv_head=3"], "multiple of n_kv_head"),
         (["--set", "vocab_size=100"], "vocab_size 100 does not match"),
         (["--set", "block_size=100000"], "fewer than block_size"),
-        (["--tokenizer", "nope"], "tokenizer must be one of"),
+        (["--tokenizer", "nope"], "tokenizer must be one of bpe128, char, byte, bpe:N, gpt2; got 'nope'"),
+        (["--preset", "huge"], "invalid choice: 'huge'"),
+        (["--set", "tokenizer=nope"], "tokenizer must be one of"),
         (["--set", "batch_size=-1"], "batch_size must be positive"),
     ],
 )
@@ -131,11 +133,13 @@ def test_sample_bad_input(capsys, tiny_run: Path, tmp_path: Path) -> None:
     assert_one_line_error(code, err, "position 2")
     code, out, _ = run_cli(capsys, "sample", tiny_run, "--prompt", "Olá", "--unknown", "replace",
                            "--max-new-tokens", "3")
-    assert code == 0 and out.startswith("Olá")
+    assert code == 0 and out.startswith("Ol?")  # the echo is what the model saw
+    code, _, err = run_cli(capsys, "sample", tiny_run, "--ensemble", "--index", "1")
+    assert_one_line_error(code, err, "give one of them")
     code, _, err = run_cli(capsys, "sample", tiny_run, "--prompt", "")
     assert_one_line_error(code, err, "prompt is empty")
     code, _, err = run_cli(capsys, "sample", tiny_run, "--top-p", "1.5")
-    assert_one_line_error(code, err, "--top-p")
+    assert_one_line_error(code, err, "top_p must lie in (0, 1]")
     code, _, err = run_cli(capsys, "sample", tmp_path / "missing")
     assert_one_line_error(code, err, "run folder not found")
 
@@ -168,8 +172,9 @@ def test_checkpoint_cut_off_between_model_and_state(capsys, run_copy: Path) -> N
 
 
 def test_more_bad_values(capsys, tiny_run: Path, tmp_path: Path) -> None:
-    code, _, err = run_cli(capsys, "sample", tiny_run, "--temperature", "nan")
-    assert_one_line_error(code, err, "--temperature")
+    code, out, err = run_cli(capsys, "sample", tiny_run, "--temperature", "nan", "--prompt", "ROMEO:")
+    assert_one_line_error(code, err, "temperature must be a finite number >= 0 (0: greedy), got nan")
+    assert out == ""  # nothing echoed before the error
     code, _, err = run_cli(capsys, "train", *TINY, "--set", "seed=99999999999999999999", "--out",
                            tmp_path / "s")
     assert_one_line_error(code, err, "seed must lie in")

@@ -1,9 +1,19 @@
 from __future__ import annotations
 
+from dataclasses import fields
+
 import pytest
 
 from fractalformer import FractalError
-from fractalformer.config import RunConfig, build_config
+from fractalformer.config import (
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    build_config,
+    choices,
+    describe_keys,
+    to_toml,
+)
 
 
 def test_dense_preset_is_the_seed_dims_and_default_is_a_fractalformer() -> None:
@@ -62,3 +72,45 @@ def test_bad_toml(tmp_path) -> None:
         build_config(None, str(tmp_path / "missing.toml"), [])
     with pytest.raises(FractalError, match="unknown preset"):
         build_config("huge", None, [])
+
+
+def test_toml_names_its_base_preset_and_combines_with_preset(tmp_path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text('preset = "dense"\nlr = 0.01\n')
+    cfg = build_config(None, str(f), [])
+    assert cfg.model.family == "gpt" and cfg.train.lr == 0.01
+    assert build_config("dense", str(f), []) == cfg
+    plain = tmp_path / "plain.toml"
+    plain.write_text("lr = 0.01\n")
+    assert build_config("tiny", str(plain), []).model.n_layer == 2  # --preset under --config
+    assert build_config(None, str(plain), []).model.family == "fractal"  # no base named: default
+    with pytest.raises(FractalError, match="disagree"):
+        build_config("tiny", str(f), [])
+
+
+@pytest.mark.parametrize("preset", ["tiny-fractal", "peer", "matryoshka"])
+def test_printed_config_reads_back_as_the_same_config(tmp_path, preset: str) -> None:
+    cfg = build_config(preset, None, ["level_weights=1,2,1"] if preset == "tiny-fractal" else [])
+    f = tmp_path / "c.toml"
+    f.write_text(to_toml(cfg))
+    assert build_config(None, str(f), []) == cfg
+
+
+def test_every_key_is_described_and_choice_fields_are_literals() -> None:
+    rows = describe_keys()
+    assert {r[1] for r in rows} == {f.name for p in (ModelConfig(), TrainConfig()) for f in fields(p)}
+    assert all(r[3] for r in rows)
+    assert choices(TrainConfig, "log") == ("csv", "tensorboard")
+    assert choices(ModelConfig, "family") == ("gpt", "fractal", "matformer", "mrl", "moe")
+    assert choices(ModelConfig, "d_model") == ()
+
+
+def test_level_weights_are_numbers(tmp_path) -> None:
+    f = tmp_path / "w.toml"
+    f.write_text('preset = "tiny-fractal"\nlevel_weights = [2, 1, 1]\n')
+    assert build_config(None, str(f), []).model.level_weights == [2.0, 1.0, 1.0]
+    assert build_config("tiny-fractal", None, ["level_weights=2,1,1"]).model.level_weights == [2.0, 1.0, 1.0]
+    for bad, match in (('"2,1,1"', "list of numbers"), ("[1, true, 1]", "list of numbers")):
+        f.write_text(f'preset = "tiny-fractal"\nlevel_weights = {bad}\n')
+        with pytest.raises(FractalError, match=match):
+            build_config(None, str(f), [])

@@ -95,6 +95,23 @@ def test_merged_model_is_causal_and_cache_consistent() -> None:
         torch.testing.assert_close(torch.cat([s[lv] for s in steps], 2), full[lv], rtol=1e-5, atol=1e-5)
 
 
+def test_full_model_of_a_glued_model_keeps_its_glue(tmp_path: Path) -> None:
+    """Extracting or loading level 0 of a model still training its low-rank glue folds the glue in
+    (an export of a run cut off mid-glue computes what the run does)."""
+    m = random_glue(merge_models([dense(1), dense(2)], glue_rank=2)).eval()
+    x = torch.randint(0, 40, (2, 16))
+    torch.testing.assert_close(m.extract(0, 0)(x)[0], m(x)[0], rtol=1e-4, atol=1e-5)
+    cfg = build_config("tiny-fractal", None, ["levels=2", "glue_rank=2"])
+    tok = get_tokenizer(cfg.train.tokenizer, read_text(cfg.train.data))
+    cfg.model.vocab_size = tok.vocab_size
+    glued = random_glue(build_model(cfg.model)).eval()
+    ckpt.save_run_config(tmp_path, cfg, tok)
+    ckpt.save_model(tmp_path, glued, 0)
+    x = torch.randint(0, tok.vocab_size, (2, 16))
+    loaded = fractalformer.load(tmp_path, level=0, index=0)
+    torch.testing.assert_close(loaded(x)[0], glued(x)[0], rtol=1e-4, atol=1e-5)
+
+
 def test_merge_rejects_mismatched_runs() -> None:
     with pytest.raises(FractalError, match="vocab_size"):
         merge_models([dense(1), dense(2, vocab_size=41)])

@@ -43,6 +43,28 @@ def test_group_loss_is_cross_entropy_for_singleton_groups_and_spreads_otherwise(
     torch.testing.assert_close(grouped[2], manual)
 
 
+def test_fractal_siblings_get_their_own_groups() -> None:
+    """Siblings of a FractalFormer level own different embedding columns: each is
+    clustered on its own columns and trained on its own groups."""
+    from fractalformer.hierarchy import recluster
+
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(family="fractal", levels=2, vocab_size=20, block_size=8, n_layer=1,
+                                d_model=16, n_head=2, head_dim=8))
+    with torch.no_grad():  # sibling 0's columns: tokens 0-9 alike; sibling 1's: 10-19 alike
+        m.embed.weight.normal_()
+        m.embed.weight[:10, :8] = m.embed.weight[0, :8] + 0.01 * torch.randn(10, 8)
+        m.embed.weight[10:, 8:] = m.embed.weight[10, 8:] + 0.01 * torch.randn(10, 8)
+    found = recluster(m, None, "dbscan", 0.1, 3)
+    assert set(found) == {"8.0", "8.1"}
+    assert found["8.0"] == [list(range(10))] and found["8.1"] == [list(range(10, 20))]
+    x, y = torch.randint(0, 20, (3, 8)), torch.randint(0, 20, (3, 8))
+    _, _, plain = m(x, y)
+    m.set_groups({"8.1": [[0, 1, 2, 3]]})
+    _, _, grouped = m(x, y)
+    assert torch.equal(grouped[:2], plain[:2]) and grouped[2] != plain[2]  # sibling 1 alone changes
+
+
 def test_target_matrix_rows_are_distributions() -> None:
     m = target_matrix([[0, 2], [1, 3, 4]], 6)
     torch.testing.assert_close(m.sum(1), torch.ones(6))
@@ -103,7 +125,7 @@ def test_imposed_and_emergent_run_and_the_report(capsys, tmp_path: Path) -> None
     code, _, err = run_cli(capsys, "analyze", out, "--windows", "4")
     assert code == 0, err
     html = (out / "analysis" / "report.html").read_text()
-    assert html.count("data:image/png;base64") == 3 and "expected_acceptance" in html
+    assert html.count("data:image/png;base64") == 6 and "expected acceptance" in html  # curves, 4 maps, tree
     summary = json.loads((out / "analysis" / "summary.json").read_text())
     assert set(summary["cosines"]) == {"a,A", "a,i"}
     assert set(summary["cosines"]["a,A"]) == {"32", "16", "8", "4"}

@@ -297,6 +297,7 @@ def test_bad_moe_configs_are_one_line_errors(tmp_path: Path, capsys: pytest.Capt
     assert not out.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="torchrun needs a POSIX system")
 def test_torchrun_two_processes_match_single_process(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     args = [*TINY_MOE, "--set", "moe=fhme", "--set", "batch_size=8", "--max-steps", "4"]

@@ -67,3 +67,33 @@ def test_unequal_segments_nest_separately() -> None:
     assert owned.tolist() == [[0, 1, 4, 6], [2, 3, 5, 7]]
     with pytest.raises(FractalError, match="does not nest"):
         nest.owned(9, 1, (4, 3, 2))
+
+
+def test_weight_slices_follow_writes_through_data() -> None:
+    """Writes through ``p.data`` (EMA, weight surgery) do not move the version counter; the
+    slices a generation or evaluation reuses must still reflect them."""
+    from fractalformer.config import build_config
+    from fractalformer.evaluate import mean_losses
+    from fractalformer.generate import generate, speculate
+    from fractalformer.models import build_model
+
+    cfg = build_config("tiny-fractal", None, ["vocab_size=40"]).model
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    fresh = build_model(cfg).eval()
+    x = torch.randint(0, 40, (2, 16))
+    batches = [(x, x.roll(1, 1))]
+
+    def outputs(m: torch.nn.Module) -> tuple:
+        return (list(generate(m, [1, 2, 3], 12, temperature=0, level=2, index=1)),
+                list(speculate(m, [1, 2, 3], 12, drafts=[(2, 0)], gamma=3, target=(1, 0), adaptive=False)),
+                mean_losses(m, batches)[0])
+
+    before = outputs(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data.copy_(torch.randn_like(p) * 0.5)
+    fresh.load_state_dict(model.state_dict())
+    after, expected = outputs(model), outputs(fresh)
+    assert after == expected
+    assert after[2] != before[2]  # the write did change what the model computes

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 import socket
 import threading
@@ -29,7 +28,7 @@ from fractalformer.serve import Batcher, Job, Limits, create_app, model_cards
 from fractalformer.serve.batcher import Finished, Token
 from fractalformer.tokenizers import get_tokenizer
 
-from .conftest import run_cli
+from .conftest import chromium, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -373,24 +372,8 @@ def test_serve_cli_errors_are_one_line(capsys, tmp_path: Path, random_run: Path)
     assert code == 2 and err.strip() == f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
 
 
+@pytest.mark.slow
 # -- the page, in headless Chromium -----------------------------------------------------------------
-def chromium(profile: Path):  # -> selenium's Chrome, imported only where a browser exists
-    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not binary or not driver:
-        pytest.skip("no chromium/chromedriver (.ci/run installs Debian's chromium and chromium-driver)")
-    os.environ.setdefault("SE_OFFLINE", "true")  # never let Selenium Manager look for downloads
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = binary
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=1280,900", f"--user-data-dir={profile}"):
-        opts.add_argument(flag)
-    return webdriver.Chrome(options=opts, service=Service(executable_path=driver))
-
-
 def test_page_streams_a_completion_in_a_browser(api, model, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait

@@ -10,13 +10,8 @@ import torch
 from fractalformer import FractalError
 from fractalformer.config import ModelConfig
 from fractalformer.generate import SpecStats, generate, speculate
-from fractalformer.generate.speculative import (
-    _Policy,
-    best_gamma,
-    commit_row,
-    expected_tokens,
-    parse_sub_model,
-)
+from fractalformer.generate.spec_policy import Policy, best_gamma, expected_tokens
+from fractalformer.generate.speculative import commit_row, parse_sub_model
 from fractalformer.models import build_model
 from fractalformer.nn import KVCache
 
@@ -103,6 +98,7 @@ def chi_square_rejects(counts: Counter, expected: dict, n: int) -> bool:
     return stat > critical
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("drafts,gamma,top_k,length,confidence", [
     ([(1, 0)], 2, None, 2, 0.0),
     ([(1, 0), (2, 3), (2, 1)], 2, 4, 2, 0.0),
@@ -143,7 +139,7 @@ def test_best_gamma_weighs_draft_verify_and_plain_costs() -> None:
 
 
 def test_policy_measures_then_drafts_only_while_it_pays() -> None:
-    p = _Policy(4, adaptive=True, stats=SpecStats())
+    p = Policy(4, adaptive=True, stats=SpecStats())
     assert p.gamma() == 0  # plain decoding is measured first (the first call warms up)
     p.timed("plain", 5.0)
     p.timed("plain", 1.0)
@@ -160,7 +156,7 @@ def test_policy_measures_then_drafts_only_while_it_pays() -> None:
     assert p.gamma() > 0
     p.timed("draft", 100.0)  # drafting can never pay now: stop probing
     assert p.gamma() == 0 and p.plain_left > 10**6
-    assert _Policy(3, adaptive=False, stats=SpecStats()).gamma() == 3
+    assert Policy(3, adaptive=False, stats=SpecStats()).gamma() == 3
 
 
 def test_row_views_share_memory() -> None:
@@ -216,3 +212,14 @@ def test_speculate_cli(capsys, fractal_run) -> None:
                         (["--draft", "2:0", "--confidence", "2"], "confidence")):
         code, _, err = run_cli(capsys, "speculate", fractal_run, *args)
         assert code == 2 and len(err.strip().splitlines()) == 1 and match in err
+
+
+def test_draft_stops_when_every_row_is_unsure_of_its_own_token() -> None:
+    """The early-stop rule reads the probability each row gave the token it drew, not the
+    row's largest probability (they differ when sampling)."""
+    from fractalformer.generate.speculative import draft_is_unsure
+
+    q = torch.tensor([[0.9, 0.1], [0.6, 0.4]])
+    assert draft_is_unsure(q, torch.tensor([1, 1]), 0.5)  # both drew an unlikely token
+    assert not draft_is_unsure(q, torch.tensor([1, 0]), 0.5)  # row 1 is sure of its own token
+    assert not draft_is_unsure(q, torch.tensor([0, 1]), 0.5)

@@ -114,6 +114,7 @@ def test_ctrl_c_saves_and_resumes(tmp_path: Path) -> None:
     assert f'"step": {step}' in (out / "train_state.json").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="torchrun needs a POSIX system")
 def test_ddp_two_processes_match_single_process(tmp_path: Path) -> None:
     sets = ["--set", "batch_size=8", "--set", "sample_tokens=0", "--max-steps", "6"]
@@ -128,3 +129,8 @@ def test_ddp_two_processes_match_single_process(tmp_path: Path) -> None:
     wa, wb = (load_file(str(tmp_path / r / "model.safetensors")) for r in ("single", "ddp"))
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+    # each rank draws its own dropout masks and keeps its own generator state for --resume
+    state = load_file(str(tmp_path / "ddp" / "train_state.safetensors"))
+    single = load_file(str(tmp_path / "single" / "train_state.safetensors"))
+    assert not torch.equal(state["rng.torch.0"], state["rng.torch.1"])
+    assert torch.equal(state["rng.torch.0"], single["rng.torch.0"])  # rank 0: the single-process stream

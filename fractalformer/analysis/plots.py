@@ -9,58 +9,61 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
+
+LEVEL_COLOURS = ["Greys", "Blues", "Oranges", "Greens", "Purples", "Reds"]
 
 
-def _ema(values: list[float], alpha: float = 0.05) -> list[float]:
-    out, acc = [], values[0] if values else 0.0
-    for v in values:
+def ema(values: list[float], alpha: float = 0.05) -> list[float]:
+    """Bias-corrected exponential moving average (as Adam's moments): no pull towards the first value."""
+    out, acc = [], 0.0
+    for n, v in enumerate(values, 1):
         acc = alpha * v + (1 - alpha) * acc
-        out.append(acc)
+        out.append(acc / (1 - (1 - alpha) ** n))
     return out
 
 
-def plot_curves(run_dir: str | Path, name: str = "curves.png") -> Path:
-    """Loss against step in nats/token: smoothed train and validation, one colour per sub-model.
+def _sub_colour(level: int, index: int, count: int) -> tuple[float, ...]:
+    """One colour family per level, one shade per sub-model within it."""
+    cmap = plt.get_cmap(LEVEL_COLOURS[level % len(LEVEL_COLOURS)])
+    return cmap(0.9 if count == 1 else 0.45 + 0.5 * index / (count - 1))
 
-    A dense run has one sub-model; a nested run gets a line per (level, index), with
-    level ensembles dashed, so a sub-model that does not learn stands out.
+
+def plot_curves(run_dir: str | Path, name: str = "curves.png") -> Path:
+    """Loss (nats/token) against step: the full model's train and validation loss, like with like.
+
+    Nested runs get a second panel with the validation loss of every sub-model: one colour
+    family per level, one shade per sub-model, level ensembles dashed - so a sub-model that
+    does not learn stands out. Before the first evaluation the panels say so.
     """
     run_dir = Path(run_dir)
     with (run_dir / "metrics.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
-    steps = [int(r["step"]) for r in rows]
-    subs = [k for k in (rows[0] if rows else {}) if k.startswith("train_") and k != "train_loss"]
-    fig, axes = plt.subplots(1, 2 if subs else 1, figsize=(12 if subs else 7, 4.2), squeeze=False)
+    header = list(rows[0]) if rows else []
+    nested = "train_0.0" in header
+    fig, axes = plt.subplots(1, 2 if nested else 1, figsize=(12 if nested else 7, 4.4), squeeze=False)
     ax = axes[0][0]
-    train = [float(r["train_loss"]) for r in rows]
-    ax.plot(steps, train, color="tab:blue", alpha=0.25, lw=0.8, label="train (per step)")
-    ax.plot(steps, _ema(train), color="tab:blue", lw=1.6, label="train (smoothed)")
+    steps = [int(r["step"]) for r in rows]
+    train = [float(r["train_0.0" if nested else "train_loss"]) for r in rows]
+    if train:
+        ax.plot(steps, train, color="tab:blue", alpha=0.25, lw=0.8, label="train, each step's batch")
+        span = min(0.3, max(0.02, 20 / len(train)))  # about a twentieth of the run: short runs lag less
+        ax.plot(steps, ema(train, span), color="tab:blue", lw=1.6, label="train, moving average")
     val = [(int(r["step"]), float(r["val_loss"])) for r in rows if r.get("val_loss")]
     if val:
-        ax.plot(*zip(*val, strict=True), "o-", color="tab:orange", lw=1.6, ms=3,
-                label="validation (full model)")
-    ax.set_title(f"{run_dir.name}: {'weighted total' if subs else 'loss'}")
-    if subs:
-        ax2 = axes[0][1]
-        cmap = plt.get_cmap("viridis")
-        val_keys = [k[len("val_"):] for k in rows[0] if k.startswith("val_") and k[4:5].isdigit()]
-        levels = max(int(k.split(".")[0]) for k in val_keys) + 1
-        for key in val_keys:
-            level = int(key.split(".")[0])
-            pts = [(int(r["step"]), float(r[f"val_{key}"])) for r in rows if r.get(f"val_{key}")]
-            if pts:
-                ens = key.endswith("ens")
-                colour = cmap(level / max(1, levels - 1) * 0.85)
-                ax2.plot(*zip(*pts, strict=True), "--" if ens else "-", color=colour,
-                         lw=1.2, marker="" if ens else "o", ms=2,
-                         label=f"({key.replace('.ens', ', ens')})" if ens else f"({key.replace('.', ', ')})")
-        ax2.set_title("validation loss of every sub-model (level, index)")
-        ax2.legend(fontsize=7, ncol=2)
+        ax.plot(*zip(*val, strict=True), "o-", color="tab:orange", lw=1.6, ms=3, label="validation")
+    ax.set_title(f"{run_dir.name}: full model" + (" (level 0)" if nested else ""))
+    if nested:
+        _sub_model_panel(axes[0][1], rows, header)
     for a in axes[0]:
-        a.set_xlabel("step")
+        a.set_xlabel("training step")
         a.set_ylabel("loss (nats/token)")
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
         a.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=7 if a is not ax else 8, ncol=1 if a is ax else 2)
+        else:
+            a.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=a.transAxes, color="grey")
     fig.tight_layout()
     path = run_dir / name
     tmp = run_dir / f".{name}.tmp.png"
@@ -68,3 +71,24 @@ def plot_curves(run_dir: str | Path, name: str = "curves.png") -> Path:
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def _sub_model_panel(ax: plt.Axes, rows: list[dict[str, str]], header: list[str]) -> None:
+    keys = [k[len("val_"):] for k in header if k.startswith("val_") and k[4:5].isdigit()]
+    counts: dict[int, int] = {}
+    for key in keys:
+        level, index = key.split(".")
+        if index != "ens":
+            counts[int(level)] = counts.get(int(level), 0) + 1
+    for key in keys:
+        level, index = key.split(".")
+        pts = [(int(r["step"]), float(r[f"val_{key}"])) for r in rows if r.get(f"val_{key}")]
+        if not pts:
+            continue
+        if index == "ens":
+            ax.plot(*zip(*pts, strict=True), "--", color=_sub_colour(int(level), 0, 1), lw=1.4,
+                    label=f"level {level} ensemble")
+        else:
+            colour = _sub_colour(int(level), int(index), counts[int(level)])
+            ax.plot(*zip(*pts, strict=True), "-o", color=colour, lw=1.2, ms=2.5, label=f"({level}, {index})")
+    ax.set_title("validation loss of every sub-model (level, index)")

@@ -17,6 +17,8 @@ Writes PNGs and one self-contained ``report.html`` (images inlined) into ``RUN/a
 from __future__ import annotations
 
 import base64
+import contextlib
+import datetime
 import html
 import json
 import math
@@ -28,7 +30,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from ..hierarchy import groups_to_labels, seed_groups, token_class, token_strings
+from ..hierarchy import group_key, groups_to_labels, seed_groups, token_class, token_strings
+from ..tokenizers import Tokenizer
 from .plots import plot_curves
 
 
@@ -81,46 +84,78 @@ def emergent_ari(run_dir: Path, model: torch.nn.Module) -> dict[int, float]:
     imposed = seed_groups(tok, widths)
     v = tok.vocab_size
     out = {}
-    for w, groups in last["ids"].items():
-        if int(w) in imposed:
+    for key, groups in last["ids"].items():  # "W" or "W.j"; per width, the mean over its sub-models
+        w = group_key(key)[0]
+        if w in imposed:
             found = groups_to_labels(groups, v)
-            out[int(w)] = round(float(adjusted_rand_score(groups_to_labels(imposed[int(w)], v), found)), 4)
-    return out
+            out.setdefault(w, []).append(adjusted_rand_score(groups_to_labels(imposed[w], v), found))
+    return {w: round(float(sum(s) / len(s)), 4) for w, s in out.items()}
 
 
-def _heatmaps(model: torch.nn.Module, path: Path) -> None:
-    strings = token_strings(model.tokenizer)
-    order = sorted(range(len(strings)), key=lambda i: (token_class(strings[i]), strings[i]))
-    slices = embedding_slices(model)
-    fig, axes = plt.subplots(1, len(slices), figsize=(4.2 * len(slices), 4.4), squeeze=False)
-    for ax, (lv, e) in zip(axes[0], slices.items(), strict=True):
-        sim = cosine_matrix(e)[order][:, order].numpy()
-        im = ax.imshow(sim, cmap="RdBu_r", vmin=-1, vmax=1)
-        ax.set_title(f"level {lv}: width {e.shape[1]}")
-        if len(order) <= 70:
-            labels = [repr(strings[i])[1:-1] for i in order]
-            ax.set_xticks(range(len(order)), labels, fontsize=4, rotation=90)
-            ax.set_yticks(range(len(order)), labels, fontsize=4)
+CLASS_NAMES = ["newline", "space, digits, punctuation", "upper vowels", "upper consonants", "lower vowels",
+               "lower consonants"]
+
+
+def token_labels(tok: Tokenizer) -> list[str]:
+    """Printable labels: space as ␣, newline as ↵, bytes that are no character as x80."""
+    labels = []
+    for i, s in enumerate(token_strings(tok)):
+        if tok.name == "byte" and (i >= 128 or not chr(i).isprintable()) and s != "\n":
+            labels.append(f"x{i:02x}")
         else:
-            ax.set_xticks([])
-            ax.set_yticks([])
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="cosine similarity")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+            labels.append("".join("␣" if c == " " else "↵" if c == "\n" else c if c.isprintable()
+                                  else f"x{ord(c):02x}" for c in s))
+    return labels
 
 
-def _dendrogram(model: torch.nn.Module, path: Path) -> None:
+def _heatmaps(model: torch.nn.Module, out: Path) -> list[Path]:
+    """One similarity heatmap per level: tokens ordered by class, classes boxed and named."""
+    strings, labels = token_strings(model.tokenizer), token_labels(model.tokenizer)
+    order = sorted(range(len(strings)), key=lambda i: (token_class(strings[i]), strings[i]))
+    classes = [token_class(strings[i]) for i in order]
+    edges = [k for k in range(1, len(order)) if classes[k] != classes[k - 1]]
+    spans = list(zip([0, *edges], [*edges, len(order)], strict=True))
+    paths = []
+    for lv, e in embedding_slices(model).items():
+        sim = cosine_matrix(e)[order][:, order].numpy()
+        side = min(14.0, max(7.0, len(order) * 0.085))  # about 9 pixels a token up to 160 tokens
+        fig, ax = plt.subplots(figsize=(side + 1.2, side))
+        im = ax.imshow(sim, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+        for k in edges:
+            ax.axhline(k - 0.5, color="black", lw=0.6)
+            ax.axvline(k - 0.5, color="black", lw=0.6)
+        small = 6 if len(order) <= 160 else 3.5
+        ax.set_xticks(range(len(order)), [labels[i] for i in order], fontsize=small, rotation=90)
+        ax.set_yticks(range(len(order)), [labels[i] for i in order], fontsize=small)
+        top = ax.secondary_xaxis("top")
+        top.set_xticks([(a + b - 1) / 2 for a, b in spans],
+                       [CLASS_NAMES[classes[a]] for a, _ in spans], fontsize=9, rotation=30, ha="left")
+        fig.suptitle(f"level {lv}: the {e.shape[1]} embedding columns sub-model ({lv}, 0) owns", y=0.97)
+        fig.colorbar(im, ax=ax, shrink=0.8, label="cosine similarity of two tokens' embeddings")
+        path = out / f"similarity_level{lv}.png"
+        fig.subplots_adjust(left=0.07, right=0.98, bottom=0.07, top=0.86)  # drawn once: no tight bbox
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _dendrogram(model: torch.nn.Module, seen: list[int], path: Path) -> None:
+    """Average-linkage clusters of the embeddings of the tokens the training text uses."""
     from scipy.cluster.hierarchy import dendrogram, linkage
 
-    strings = token_strings(model.tokenizer)
-    emb = model.embed.weight.detach().float().cpu().numpy()
+    labels = token_labels(model.tokenizer)
+    emb = model.embed.weight.detach().float().cpu().numpy()[seen]
     z = linkage(emb, method="average", metric="cosine")
-    fig, ax = plt.subplots(figsize=(max(8, len(strings) * 0.12), 4.5))
-    dendrogram(z, labels=[repr(s)[1:-1] for s in strings], ax=ax, leaf_font_size=6, color_threshold=0.7)
-    ax.set_ylabel("cosine distance (average linkage)")
-    ax.set_title("clusters of the full embedding")
+    tall = len(seen) > 100  # many leaves read better down the page than across it
+    size = (8, max(6, len(seen) * 0.12)) if tall else (max(8, len(seen) * 0.13), 4.8)
+    fig, ax = plt.subplots(figsize=size)
+    dendrogram(z, labels=[labels[i] for i in seen], ax=ax, leaf_font_size=7, color_threshold=0.7,
+               orientation="left" if tall else "top")
+    (ax.set_xlabel if tall else ax.set_ylabel)("cosine distance between clusters (average linkage)")
+    ax.set_title(f"clusters of the full embedding ({len(seen)} tokens that occur in the training text)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -148,77 +183,168 @@ def expert_usage(model: torch.nn.Module, windows: torch.Tensor, path: Path) -> d
     return usage.summary()
 
 
-def _img(path: Path) -> str:
+def _img(path: Path, alt: str) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
-    return f'<img src="data:image/png;base64,{data}" style="max-width:100%">'
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
 
 
-def _table(rows: list[dict]) -> str:
+def _table(rows: list[dict], numeric_from: int = 0) -> str:
+    """An HTML table of ``rows`` (dicts with the same keys, written as headers)."""
     if not rows:
-        return "<p>(none)</p>"
+        return "<p class=about>(none)</p>"
     head = "".join(f"<th>{html.escape(str(k))}</th>" for k in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r.values()) + "</tr>"
-                   for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    def cell(i: int, v: object) -> str:
+        return f'<td{" class=num" if i >= numeric_from else ""}>{html.escape(str(v))}</td>'
+
+    body = "".join("<tr>" + "".join(cell(i, v) for i, v in enumerate(r.values())) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def analyze(run_dir: str | Path, windows: int = 16) -> Path:
-    """Build ``RUN/analysis/report.html`` (and its PNGs, and ``summary.json``)."""
+def _samples(model: torch.nn.Module, tokens: int = 120) -> list[tuple[str, str]]:
+    """A short sample (seed 0, temperature 0.8) from every sub-model."""
+    out = []
+    for lv, j in model.config.sub_models():
+        text = model.generate("\n", tokens, seed=0, level=lv, index=j, on_unknown="replace")
+        out.append((f"sub-model ({lv}, {j}), width {model.level_width(lv)}", text))
+    return out
+
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222;
+line-height:1.45}h1{margin-bottom:.2em}h2{margin-top:2em;border-bottom:1px solid #ddd;padding-bottom:.2em}
+.meta,.about{color:#555}table{border-collapse:collapse;margin:.6em 0}
+td,th{border:1px solid #ccc;padding:3px 9px;text-align:left}th{background:#f3f3f3}td.num{text-align:right;
+font-variant-numeric:tabular-nums}tbody tr:nth-child(even){background:#fafafa}img{max-width:100%;height:auto}
+pre{background:#f7f7f7;padding:.6em;white-space:pre-wrap;max-height:14em;overflow:auto}nav a{margin-right:1em}
+figure{margin:1em 0}"""
+
+
+def analyze(run_dir: str | Path, windows: int = 16, data: str | None = None, device: str = "cpu",
+            dtype: str = "auto") -> Path:
+    """Build ``RUN/analysis/report.html`` (and its PNGs, and ``summary.json``).
+
+    ``data`` scores another text than the run's own; ``dtype`` bfloat16 (or auto on CUDA)
+    runs the model under bf16 autocast.
+    """
     import fractalformer
 
+    from .. import checkpoint as ckpt
+    from ..data import as_tensor
     from ..evaluate import evaluate_full
-    from ..train.trainer import prepare_data
+    from ..train.trainer import run_data
 
     run_dir = Path(run_dir)
-    model = fractalformer.load(run_dir)
+    model = fractalformer.load(run_dir, device)
     cfg = model.run_config
+    corpus = run_data(run_dir, model, data)
     out = run_dir / "analysis"
     out.mkdir(exist_ok=True)
-    _, corpus = prepare_data(cfg, model.tokenizer)
-    rows = evaluate_full(model, corpus, cfg.model.block_size)
-    t = cfg.model.block_size
-    n = min(windows, (len(corpus.val) - 1) // t)
-    val_windows = corpus.val[: n * t].view(n, t)
-    cons = consistency(model, val_windows)
-    usage = expert_usage(model, val_windows, out / "expert_usage.png")
-    _heatmaps(model, out / "similarity.png")
-    _dendrogram(model, out / "dendrogram.png")
+    bf16 = dtype == "bfloat16" or (dtype == "auto" and device == "cuda")
+    with torch.autocast(device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+        rows = evaluate_full(model, corpus, cfg.model.block_size, device)
+        t = cfg.model.block_size
+        n = min(windows, (len(corpus.val) - 1) // t)
+        val_windows = as_tensor(corpus.val[: n * t]).view(n, t).to(device)
+        cons = consistency(model, val_windows)
+        usage = expert_usage(model, val_windows, out / "expert_usage.png")
+        samples = _samples(model)
+    heatmaps = _heatmaps(model, out)
+    counts = torch.bincount(as_tensor(corpus.train), minlength=model.tokenizer.vocab_size)
+    seen = counts.nonzero().flatten().tolist()
+    _dendrogram(model, seen, out / "dendrogram.png")
     curves = plot_curves(run_dir)
     cos = pair_cosines(model, [("a", "A"), ("a", "i")])
     ari = emergent_ari(run_dir, model)
-    table = [{"level": r.level, "index": r.index, "width": r.width, "params": f"{r.params:,}",
-              "val nats/token": f"{r.val_loss:.4f}", f"val bits/{r.unit}": f"{r.val_bpc:.4f}",
-              **({k: f"{v:.3f}" for k, v in cons[(r.level, r.index)].items()}
-                 if (r.level, r.index) in cons else {"top1_agreement": "-", "expected_acceptance": "-"})}
+    unit = rows[0].unit
+    table = [{"level": r.level, "index": r.index, "width": r.width, "parameters": f"{r.params:,}",
+              "validation loss (nats/token)": f"{r.val_loss:.4f}",
+              f"validation (bits/{unit})": f"{r.val_bpc:.4f}",
+              **({"top-1 agreement": f"{cons[(r.level, r.index)]['top1_agreement']:.3f}",
+                  "expected acceptance": f"{cons[(r.level, r.index)]['expected_acceptance']:.3f}"}
+                 if (r.level, r.index) in cons else {"top-1 agreement": "-", "expected acceptance": "-"})}
              for r in rows]
     summary = {"rows": [r.to_json() for r in rows], "cosines": cos, "emergent_ari": ari,
                "consistency": {f"{lv}.{j}": v for (lv, j), v in cons.items()}, "expert_usage": usage}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    cos_rows = [{"pair": k, **{f"width {w}": v for w, v in d.items()}} for k, d in cos.items()]
-    ari_rows = [{"width": w, "ARI vs imposed": v} for w, v in ari.items()]
+    ckpt.write_text(out / "summary.json", json.dumps(summary, indent=1))
+    state = ckpt.read_json(run_dir / ckpt.STATE_JSON) if (run_dir / ckpt.STATE_JSON).is_file() else {}
+    page = _page(run_dir, model, rows[0].tokens, n, t, table, samples, usage, curves, heatmaps, cos, ari,
+                 len(seen), state.get("step"))
+    report = out / "report.html"
+    ckpt.write_text(report, page)
+    return report
+
+
+def _page(run_dir: Path, model: torch.nn.Module, val_tokens: int, n: int, t: int, table: list[dict],
+          samples: list[tuple[str, str]], usage: dict | None, curves: Path, heatmaps: list[Path],
+          cos: dict, ari: dict, seen: int, step: int | None) -> str:
+    """The report as one self-contained HTML page, every section with a line on how to read it."""
+    from .. import __version__
+
+    cfg = model.run_config
+    m, tr = cfg.model, cfg.train
+    e = html.escape
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    unit = model.tokenizer.unit
+    run_rows = [{"setting": k, "value": v} for k, v in [
+        ("family", m.family), ("levels x split", f"{m.levels} x {m.split}" if m.levels > 1 else "1 (dense)"),
+        ("width (d_model)", m.d_model), ("layers", m.n_layer), ("heads (query / key-value)",
+                                                                 f"{m.n_head} / {m.n_kv_head}"),
+        ("context (block_size)", m.block_size), ("parameters", f"{model.num_params():,}"),
+        ("tokenizer", f"{model.tokenizer.name} ({model.tokenizer.vocab_size} tokens)"),
+        ("data", tr.data or "the shipped TinyShakespeare"),
+        ("trained", f"{step if step is not None else '?'} of {tr.max_steps} steps, batch {tr.batch_size}, "
+                    f"lr {tr.lr:g} -> {tr.min_lr:g}")]]
     experts = ""
     if usage is not None:
-        layer_rows = [{"layer": k, **{n: f"{v:.4f}" for n, v in r.items()}}
+        layer_rows = [{"layer": k, **{name: f"{v:.4f}" for name, v in r.items()}}
                       for k, r in usage["per_layer"].items()]
-        experts = (f"<h2>Experts ({n} validation windows)</h2><p>usage = share of experts selected at "
-                   "least once; KL = KL(summed gate weights || uniform) in nats; dead = share of "
-                   "experts with under 1% of a uniform share of the gate mass.</p>"
-                   f"{_table(layer_rows)}{_img(out / 'expert_usage.png')}")
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(run_dir.name)}</title>
-<style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}</style></head><body>
-<h1>Analysis of {html.escape(str(run_dir))}</h1>
-<p>{html.escape(cfg.model.family)} model, {model.num_params():,} parameters, tokenizer {model.tokenizer.name};
-validation on the full split ({rows[0].tokens:,} tokens); consistency on {n} validation windows of {t} tokens
-against the full model (top-1 agreement; expected acceptance = mean sum(min(p, q))).</p>
-<h2>Sub-models</h2>{_table(table)}
+        experts = (f"<h2 id=experts>Experts ({n} validation windows)</h2><p class=about>usage = share of "
+                   "experts selected at least once; KL = KL(summed gate weights || uniform) in nats; dead = "
+                   "share of experts with under 1% of a uniform share of the gate mass.</p>"
+                   f"{_table(layer_rows, 1)}{_img(usage_png(run_dir), 'expert usage histogram')}")
+    cos_rows = [{"pair": k, **{f"width {w}": v for w, v in d.items()}} for k, d in cos.items()]
+    ari_rows = [{"width": w, "adjusted Rand index vs imposed": v} for w, v in ari.items()]
+    ari_part = (f"<h3>Emergent clustering against the imposed categories</h3><p class=about>Adjusted Rand "
+                f"index of the last emergent clustering at each width against the seed's categories: 1 = the "
+                f"same partition, 0 = no better than chance.</p>{_table(ari_rows, 0)}" if ari_rows else "")
+    sample_html = "".join(f"<h3>{e(who)}</h3><pre>{e(text)}</pre>" for who, text in samples)
+    figures = "".join(f"<figure>{_img(p, p.stem)}</figure>" for p in heatmaps)
+    return f"""<!doctype html><html lang=en><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Analysis of {e(run_dir.name)}</title><style>{CSS}</style></head><body>
+<h1>Analysis of {e(run_dir.name)}</h1>
+<p class=meta>{e(str(run_dir.resolve()))} &middot; generated {when} by fractalformer {__version__}</p>
+<nav><a href="#run">Run</a><a href="#subs">Sub-models</a><a href="#samples">Samples</a>{
+'<a href="#experts">Experts</a>' if experts else ''}<a href="#curves">Loss curves</a>
+<a href="#similarity">Embedding similarity</a><a href="#clusters">Clusters</a></nav>
+<h2 id=run>The run</h2>{_table(run_rows, 2)}
+<h2 id=subs>Sub-models</h2>
+<p class=about>One row per sub-model (level, index); a level's ensemble averages its sub-models'
+log-probabilities. Validation covers the whole validation split ({val_tokens:,} tokens); bits per {unit}
+compare across tokenizers. Top-1 agreement is the share of positions, over {n} validation windows of
+{t} tokens, where the sub-model's likeliest next token is the full model's; expected acceptance is the mean of
+sum(min(p, q)) over the vocabulary - the share of this sub-model's draft tokens that speculative decoding with
+the full model as target would accept.</p>
+{_table(table, 2)}
+<h2 id=samples>Samples</h2><p class=about>120 tokens from every sub-model after a newline, temperature 0.8,
+seed 0.</p>{sample_html}
 {experts}
-<h2>Loss curves</h2>{_img(curves)}
-<h2>Embedding similarity per width</h2>{_img(out / "similarity.png")}
-<h3>Selected pairs</h3>{_table(cos_rows)}
-<h2>Clusters</h2>{_img(out / "dendrogram.png")}
-<h3>Emergent clustering vs imposed categories</h3>{_table(ari_rows)}
-</body></html>"""
-    report = out / "report.html"
-    report.write_text(page, encoding="utf-8")
-    return report
+<h2 id=curves>Loss curves</h2><p class=about>Left: the full model's training loss (each step's batch, and a
+moving average) and validation loss. Right, for nested models: the validation loss of every sub-model, one
+colour family per level, dashed for level ensembles.</p>{_img(curves, "loss curves")}
+<h2 id=similarity>Embedding similarity per width</h2><p class=about>Cosine similarity between the
+embeddings of every pair of tokens, using only the embedding columns that level's first sub-model owns.
+Tokens are grouped by class (black lines; names on top); red blocks on the diagonal mean a width keeps
+its class together. ␣ is a space, ↵ a newline.</p>{figures}
+<h3>Selected pairs</h3><p class=about>cos(a, A) is a case pair, cos(a, i) two vowels, at every width.</p>
+{_table(cos_rows, 1)}
+<h2 id=clusters>Clusters of the embedding</h2><p class=about>Average-linkage clustering of the full
+embedding of the {seen} tokens the training text uses (unused tokens keep their random initial rows and are
+left out); tokens joined low down are embedded alike.</p>
+{_img(run_dir / "analysis" / "dendrogram.png", "dendrogram")}
+{ari_part}
+</body></html>
+"""
+
+
+def usage_png(run_dir: Path) -> Path:
+    return run_dir / "analysis" / "expert_usage.png"

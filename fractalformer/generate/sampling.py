@@ -8,10 +8,14 @@ uncached generation give the same tokens.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 
 import torch
+
+from ..errors import FractalError
+from ..nn.nesting import frozen_weights
 
 
 def probabilities(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -83,18 +87,54 @@ def generate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, tem
     levels = model.needed_levels(level)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed if seed is not None else fresh_seed())
+    scope = frozen_weights()  # weight slices gathered once for the whole generation
     tokens = list(prompt[-ctx:])
     caches = model.new_cache(1, levels) if use_cache else None
-    logits = model.run(torch.tensor([tokens], device=device), levels, caches)
+    with scope:
+        logits = model.run(torch.tensor([tokens], device=device), levels, caches)
     for _ in range(max_new_tokens):
         nxt = int(sample_next(select_logits(logits, level, index), temperature, top_k, top_p, gen))
         yield nxt
         tokens.append(nxt)
-        if caches is not None and len(tokens) <= ctx:
-            logits = model.run(torch.tensor([[nxt]], device=device), levels, caches)
-        else:  # the window slides: recompute it (exactly what an uncached model sees)
-            tokens = tokens[-ctx:]
-            if caches is not None:
-                for c in caches.values():
-                    c.length = 0
-            logits = model.run(torch.tensor([tokens], device=device), levels, caches)
+        with scope:
+            if caches is not None and len(tokens) <= ctx:
+                logits = model.run(torch.tensor([[nxt]], device=device), levels, caches)
+            else:  # the window slides: recompute it (exactly what an uncached model sees)
+                tokens = tokens[-ctx:]
+                if caches is not None:
+                    for c in caches.values():
+                        c.length = 0
+                logits = model.run(torch.tensor([tokens], device=device), levels, caches)
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Reject sampling settings that would crash or silently mean something else."""
+    if not math.isfinite(temperature) or temperature < 0:
+        raise FractalError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise FractalError(f"top_k must be at least 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise FractalError(f"top_p must lie in (0, 1], got {top_p}")
+
+
+def stream_text(model: torch.nn.Module, prompt: str, max_new_tokens: int = 200, *, temperature: float = 0.8,
+                top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                level: int = 0, index: int | str = 0, on_unknown: str = "error",
+                use_cache: bool = True) -> Iterator[str]:
+    """Text pieces continuing ``prompt``, one per token, from sub-model ``(level, index)``.
+
+    Every argument is checked here, before the first piece, so a caller can print an error
+    before echoing anything. The defaults are the command line's.
+    """
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        raise FractalError("the model has no tokenizer: load it with fractalformer.load(run_dir)")
+    check_sampling(temperature, top_k, top_p)
+    model.nest.check(level, 0 if index == "ensemble" else int(index))
+    ids = tok.encode(prompt, on_unknown=on_unknown)
+    if not ids:
+        raise FractalError("the prompt is empty")
+    decode = tok.stream_decoder()
+    tokens = generate(model, ids, max_new_tokens, temperature, top_k, top_p, seed, use_cache=use_cache,
+                      level=level, index=index)
+    return (decode(i) for i in tokens)

@@ -15,65 +15,23 @@ Acceptance keeps the output distributed exactly as the target's:
   (recursive rejection sampling); if every candidate is rejected the token is sampled
   from the last residual. With one draft this is Leviathan et al. / Chen et al. (2023).
 
-KV caches of target and drafts are rolled back after every round. ``adaptive`` picks
-``gamma`` from the running acceptance rate and the measured costs of a draft step, a
-verification round and a plain decoding step, and decodes plainly (one row, exactly as
-``generate``) while drafting does not pay, probing again at growing intervals.
+KV caches of target and drafts are rolled back after every round. How many tokens to
+draft (``adaptive``: from the running acceptance rate and the measured costs, decoding
+plainly while drafting does not pay) is policy, kept apart in ``spec_policy.py``.
 """
 
 from __future__ import annotations
 
 import time
-import weakref
-from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import FractalError
 from ..nn import KVCache
+from ..nn.nesting import frozen_weights
 from .sampling import fresh_seed, generate, pick, probabilities
-
-
-@dataclass
-class SpecStats:
-    """What a speculative run did; ``alpha`` is the per-position acceptance rate."""
-
-    target_calls: int = 0
-    draft_calls: int = 0  # draft steps (all drafts once)
-    examined: int = 0  # draft positions verified
-    accepted: int = 0  # of those, accepted
-    tokens: int = 0  # tokens emitted
-    plain_tokens: int = 0  # tokens emitted by plain decoding (fallback or past the context)
-    rounds: int = 0  # draft-and-verify rounds
-    draft_time: float = 0.0
-    verify_time: float = 0.0  # target forward, acceptance and rollback of every round
-    plain_time: float = 0.0
-    gammas: list[int] = field(default_factory=list)
-
-    @property
-    def alpha(self) -> float:
-        return self.accepted / self.examined if self.examined else 0.0
-
-    @property
-    def tokens_per_target_call(self) -> float:
-        return self.tokens / self.target_calls if self.target_calls else 0.0
-
-    @property
-    def cost_ratio(self) -> float:
-        """c: time of one draft step over one verification round."""
-        if not self.draft_calls or not self.rounds:
-            return 0.0
-        return (self.draft_time / self.draft_calls) / (self.verify_time / self.rounds)
-
-    def to_json(self) -> dict:
-        return {"alpha": round(self.alpha, 4),
-                "tokens_per_target_call": round(self.tokens_per_target_call, 3),
-                "cost_ratio_c": round(self.cost_ratio, 3), "target_calls": self.target_calls,
-                "rounds": self.rounds, "draft_calls": self.draft_calls, "tokens": self.tokens,
-                "plain_tokens": self.plain_tokens,
-                "mean_gamma": round(sum(self.gammas) / len(self.gammas), 2) if self.gammas else 0.0}
+from .spec_policy import Policy, SpecStats
 
 
 def parse_sub_model(spec: str, model: torch.nn.Module) -> tuple[int, int]:
@@ -86,88 +44,13 @@ def parse_sub_model(spec: str, model: torch.nn.Module) -> tuple[int, int]:
     return level, index
 
 
-def expected_tokens(alpha: float, gamma: int) -> float:
-    """Tokens a round of ``gamma`` drafted positions yields at per-position acceptance ``alpha``."""
-    alpha = min(alpha, 0.999)
-    return (1 - alpha ** (gamma + 1)) / (1 - alpha)
-
-
-def best_gamma(alpha: float, draft_step: float, verify: float, plain_step: float, max_gamma: int) -> int:
-    """gamma maximising tokens per second; 0 when plain decoding is at least as fast."""
-    best, best_rate = 0, 1.0 / plain_step
-    for g in range(1, max_gamma + 1):
-        rate = expected_tokens(alpha, g) / (g * draft_step + verify)
-        if rate > best_rate:
-            best, best_rate = g, rate
-    return best
-
-
-class _Policy:
-    """Adaptive gamma: learn the costs and the acceptance, then draft only while it pays."""
-
-    def __init__(self, max_gamma: int, adaptive: bool, stats: SpecStats) -> None:
-        self.max_gamma, self.adaptive, self.stats = max_gamma, adaptive, stats
-        self.recent: deque[bool] = deque(maxlen=32)  # acceptance of the latest drafted positions
-        self.cost: dict[str, float] = {}  # moving averages: "draft" step, "verify" round, "plain" step
-        self.seen: set[str] = set()
-        self.plain_left = 0  # tokens to decode plainly before probing again
-        self.backoff = 32
-
-    def timed(self, kind: str, seconds: float, count: int = 1) -> None:
-        """Record ``seconds`` spent on ``count`` "draft" steps, "verify" rounds or "plain" steps."""
-        setattr(self.stats, f"{kind}_time", getattr(self.stats, f"{kind}_time") + seconds)
-        seconds /= count
-        if kind not in self.seen:  # the first call of each kind warms up: not representative
-            self.seen.add(kind)
-        elif kind not in self.cost:
-            self.cost[kind] = seconds
-        else:
-            self.cost[kind] += 0.2 * (seconds - self.cost[kind])
-
-    def accepted(self, examined: int, accepted: int) -> None:
-        self.recent.extend([True] * accepted + [False] * (examined - accepted))
-
-    def gamma(self) -> int:
-        if not self.adaptive:
-            return self.max_gamma
-        if self.plain_left > 0:
-            self.plain_left -= 1
-            return 0
-        if "plain" not in self.cost:  # measure plain decoding first
-            return 0
-        if "verify" not in self.cost or len(self.recent) < 8:
-            return self.max_gamma
-        costs = (self.cost["draft"], self.cost["verify"], self.cost["plain"])
-        g = best_gamma(sum(self.recent) / len(self.recent), *costs, self.max_gamma)
-        if g:
-            self.backoff = 32
-            return g
-        # drafting does not pay now; if it cannot pay even when every token is accepted, stop probing
-        self.plain_left = 10**9 if not best_gamma(1.0, *costs, self.max_gamma) else self.backoff
-        self.backoff = min(2 * self.backoff, 256)
-        self.recent.clear()  # the next probe decides on fresh acceptance, not on what made us stop
-        return 0
-
-
-_EXTRACTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _extracted(model: torch.nn.Module, level: int, index: int) -> torch.nn.Module:
-    """``model.extract(level, index)``, kept until the model's weights change."""
-    version = tuple((p._version, p.data_ptr()) for p in model.parameters())
-    cached = _EXTRACTED.setdefault(model, {})
-    if cached.get((level, index), (None,))[0] != version:
-        cached[(level, index)] = (version, model.extract(level, index).eval())
-    return cached[(level, index)][1]
-
-
 class _Drafter:
     """Drafts from one level: a lone sub-model as an extracted dense model, or the whole
     level as one batched pass (row ``j`` is sub-model ``j``, fed its own tokens)."""
 
     def __init__(self, model: torch.nn.Module, level: int, indices: list[int]) -> None:
         if len(indices) == 1:  # only its own weights: far cheaper than running the level
-            self.runner, self.level, self.rows = _extracted(model, level, indices[0]), 0, [0]
+            self.runner, self.level, self.rows = model.extract(level, indices[0]).eval(), 0, [0]
         else:
             self.runner, self.level, self.rows = model, level, indices
         self.n = self.runner.nest.count(self.level)
@@ -240,8 +123,9 @@ class _Session:
     def propose(self, g: int) -> tuple[list[list[int]], list[torch.Tensor], int]:
         """Every draft's tokens (as lists), when sampling its distributions (g', V), and g'.
 
-        A draft stops early once its most confident row gives its latest token less than
-        ``confidence`` probability; all candidates are cut to the shortest draft.
+        With ``confidence`` > 0 a draft stops early after a token that every one of its rows
+        gave less than ``confidence`` probability (the row most sure of its own latest token
+        decides: :func:`draft_is_unsure`); all candidates are cut to the shortest draft.
         """
         t, k, p = self.sampling
         cand: list[list[int]] = []
@@ -256,7 +140,7 @@ class _Session:
                 x = pick(q, t, self.gen)
                 toks.append(x)
                 probs.append(q)
-                if i + 1 == g or (self.confidence and float(q.max()) < self.confidence):
+                if i + 1 == g or (self.confidence and draft_is_unsure(q, x, self.confidence)):
                     break
                 logits = d.step(x[:, None])
             d.proposed, d.fed = torch.stack(toks, 1).tolist(), len(toks) - 1  # (n, g'), tokens in cache
@@ -358,38 +242,53 @@ def speculate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int,
     check_speculation(model, drafts, target, gamma, prompt, confidence)
     model.eval()
     ctx = model.config.block_size
-    sess = _Session(model, prompt, drafts, target, temperature, top_k, top_p, seed, confidence, stats)
-    policy = _Policy(gamma, adaptive, stats)
+    scope = frozen_weights()  # weight slices gathered once, entered around each round
+    with scope:
+        sess = _Session(model, prompt, drafts, target, temperature, top_k, top_p, seed, confidence, stats)
+    policy = Policy(gamma, adaptive, stats)
     emitted = 0
     while emitted < max_new_tokens:
         room = min(ctx - len(sess.seq), max_new_tokens - emitted - 1)
         g = min(policy.gamma(), room)
-        if g < 1:
-            if len(sess.seq) >= ctx:  # past the context: plain sliding-window decoding, as `generate`
-                seed2 = int(torch.randint(0, 2**31, (1,), generator=sess.gen))
-                for tok in generate(model, sess.seq, max_new_tokens - emitted, *sess.sampling, seed2,
-                                    level=target[0], index=target[1]):
-                    stats.tokens += 1
-                    stats.plain_tokens += 1
-                    yield tok
-                return
-            t0 = time.perf_counter()
-            new = [sess.plain_step()]
-            policy.timed("plain", time.perf_counter() - t0)
-        else:
-            t0 = time.perf_counter()
-            cand, qs, steps = sess.propose(g)
-            stats.gammas.append(len(cand[0]))  # drafts may stop early
-            t1 = time.perf_counter()
-            new = sess.verify(cand, qs)
-            policy.timed("draft", t1 - t0, steps)
-            policy.timed("verify", time.perf_counter() - t1)
-            policy.accepted(min(len(new), len(cand[0])), len(new) - 1)
-            sess.seq += new
+        if g < 1 and len(sess.seq) >= ctx:  # past the context: plain sliding-window decoding
+            seed2 = int(torch.randint(0, 2**31, (1,), generator=sess.gen))
+            for tok in generate(model, sess.seq, max_new_tokens - emitted, *sess.sampling, seed2,
+                                level=target[0], index=target[1]):
+                stats.tokens += 1
+                stats.plain_tokens += 1
+                yield tok
+            return
+        with scope:
+            new = _round(sess, policy, g, stats)
         for tok in new[: max_new_tokens - emitted]:
             emitted += 1
             stats.tokens += 1
             yield tok
+
+
+def _round(sess: _Session, policy: Policy, g: int, stats: SpecStats) -> list[int]:
+    """One plain step (``g`` = 0) or one propose-verify-accept round; the new tokens."""
+    if g < 1:
+        t0 = time.perf_counter()
+        new = [sess.plain_step()]
+        policy.timed("plain", time.perf_counter() - t0)
+        return new
+    t0 = time.perf_counter()
+    cand, qs, steps = sess.propose(g)
+    stats.gammas.append(len(cand[0]))  # drafts may stop early
+    t1 = time.perf_counter()
+    new = sess.verify(cand, qs)
+    policy.timed("draft", t1 - t0, steps)
+    policy.timed("verify", time.perf_counter() - t1)
+    policy.accepted(min(len(new), len(cand[0])), len(new) - 1)
+    sess.seq += new
+    return new
+
+
+def draft_is_unsure(q: torch.Tensor, x: torch.Tensor, confidence: float) -> bool:
+    """Whether every row gave its own latest token ``x`` (n,) less than ``confidence``
+    probability under its distribution ``q`` (n, V)."""
+    return float(q.gather(-1, x.view(-1, 1)).max()) < confidence
 
 
 def commit_row(cache: KVCache, src: int, start: int, keep: int, groups: int = 1) -> None:
@@ -410,11 +309,15 @@ def check_speculation(model: torch.nn.Module, drafts: list[tuple[int, int]], tar
     if not prompt:
         raise FractalError("the prompt is empty")
     if not drafts:
-        raise FractalError("speculative decoding needs at least one --draft")
+        raise FractalError("speculative decoding needs at least one draft")
     if gamma < 1:
-        raise FractalError(f"--gamma must be at least 1, got {gamma}")
+        raise FractalError(f"gamma must be at least 1, got {gamma}")
     if not 0.0 <= confidence <= 1.0:
-        raise FractalError(f"--confidence must lie in [0, 1], got {confidence}")
+        raise FractalError(f"confidence must lie in [0, 1], got {confidence}")
+    if model.body_levels() == [0] and model.nest.levels > 1:
+        raise FractalError(f"family {model.config.family}: every sub-model reads the full model's body, so "
+                           f"a smaller one drafts at the full cost; speculation needs family fractal or "
+                           f"matformer")
     for lv, j in [*drafts, target]:
         model.nest.check(lv, j)
         if model.needed_levels(lv) != [lv]:

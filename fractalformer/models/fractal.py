@@ -111,6 +111,15 @@ class FractalFormer(GPT):
             return glue(x, y) if level == 0 else None
         return hook
 
+    def extract(self, level: int, index: int) -> GPT:
+        """As :meth:`GPT.extract`; the full model (level 0) of a glued model includes its glue
+        maps (folded into the weights), which the sub-models never see."""
+        if self.glue is not None and level == 0:
+            from ..growth import fold_glue
+
+            return fold_glue(self).extract(level, index)
+        return super().extract(level, index)
+
     def extractable(self, level: int) -> bool:
         r = self.config.residual
         if r == "upstream":

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -118,14 +120,22 @@ class GPT(nn.Module):
     def level_width(self, level: int) -> int:
         return self.config.d_model // self.nest.split**level
 
-    def set_groups(self, groups: dict[int, list[list[int]]]) -> None:
-        """Train the level of each width on soft targets spread over token groups
-        (``fractalformer.hierarchy``); widths not given keep plain cross-entropy."""
-        from ..hierarchy import target_matrix
+    def set_groups(self, groups: dict[int | str, list[list[int]]]) -> None:
+        """Train sub-models on soft targets spread over token groups (``fractalformer.hierarchy``).
+
+        Key ``W``: every sub-model of width W; ``"W.j"``: sub-model j of that width alone.
+        Sub-models not named keep plain cross-entropy.
+        """
+        from ..hierarchy import group_key, target_matrix
 
         device, vocab = self.embed.weight.device, self.config.vocab_size
-        self.group_targets = {lv: target_matrix(groups[self.level_width(lv)], vocab).to(device)
-                              for lv in range(self.nest.levels) if self.level_width(lv) in groups}
+        by_sub = {group_key(k): g for k, g in groups.items()}
+        self.group_targets = {}
+        for lv in range(self.nest.levels):
+            w = self.level_width(lv)
+            per = [by_sub.get((w, j), by_sub.get((w, -1))) for j in range(self.nest.count(lv))]
+            if any(g is not None for g in per):  # (count, vocab, vocab): row y of j = j's target
+                self.group_targets[lv] = torch.stack([target_matrix(g or [], vocab) for g in per]).to(device)
 
     def needed_levels(self, level: int) -> list[int]:
         """Levels whose bodies must run to get the logits of ``level``."""
@@ -138,7 +148,7 @@ class GPT(nn.Module):
         hq, hkv, hd = self.blocks[0].attn.shape(level)
         f = self.nest.split**level
         return dataclasses.replace(
-            c, family="gpt", levels=1, residual="none", residual_rank=0, glue_rank=0, level_weights="",
+            c, family="gpt", levels=1, residual="none", residual_rank=0, glue_rank=0, level_weights=[],
             distill=0.0, d_model=c.d_model // f, n_head=hq, n_kv_head=hkv, head_dim=hd)
 
     def extract(self, level: int, index: int) -> GPT:
@@ -208,7 +218,9 @@ class GPT(nn.Module):
             y = y.expand(lg.shape[0], *y.shape[-2:]).flatten()
             logp = F.log_softmax(lg.float(), -1)
             if lv in self.group_targets:  # soft targets: -mean log p over the target's group
-                ce = -(self.group_targets[lv][y] * logp.flatten(0, 2)).sum(-1)
+                tm = self.group_targets[lv]
+                soft = tm[torch.arange(len(tm), device=y.device)[:, None], y.view(len(tm), -1)]
+                ce = -(soft.flatten(0, 1) * logp.flatten(0, 2)).sum(-1)
             else:
                 ce = F.nll_loss(logp.flatten(0, 2), y, reduction="none")
             ce = ce.view(lg.shape[0], -1).mean(1)
@@ -221,6 +233,28 @@ class GPT(nn.Module):
         loss = (torch.cat(trained) * self.weights).sum()
         aux = self.aux_loss()
         return logits[0][0], loss if aux is None else loss + aux, sub.detach()
+
+    # -- the Python API of a loaded model (fractalformer.load sets .tokenizer) --------------------
+    def stream(self, prompt: str, max_new_tokens: int = 200, **kwargs: Any) -> Iterator[str]:
+        """Text pieces continuing ``prompt``; keyword arguments and defaults as :meth:`generate`."""
+        from ..generate.sampling import stream_text
+
+        return stream_text(self, prompt, max_new_tokens, **kwargs)
+
+    def generate(self, prompt: str, max_new_tokens: int = 200, **kwargs: Any) -> str:
+        """The text continuing ``prompt`` (without it), with the ``sample`` command's defaults.
+
+        Keywords: ``temperature`` (0.8; 0 = greedy), ``top_k``, ``top_p``, ``seed``, ``level``
+        and ``index`` (the sub-model; ``index="ensemble"`` for a whole level), ``on_unknown``
+        (``"error"`` or ``"replace"``) and ``use_cache``.
+        """
+        return "".join(self.stream(prompt, max_new_tokens, **kwargs))
+
+    @torch.no_grad()
+    def sub_model_logits(self, idx: torch.Tensor) -> dict[tuple[int, int], torch.Tensor]:
+        """Logits (B, T, vocab) of every sub-model on token ids ``idx`` (B, T), keyed (level, index)."""
+        return {(lv, j): lg[j] for lv, lg in self.run(idx, self.body_levels()).items()
+                for j in range(lg.shape[0])}
 
 
 def _rows(idx: torch.Tensor, n: int) -> torch.Tensor:

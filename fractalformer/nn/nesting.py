@@ -21,6 +21,8 @@ sub-models. Level 0 owns everything and takes a fast path with no gather.
 
 from __future__ import annotations
 
+import itertools
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -105,26 +107,63 @@ class Nesting:
         return tuple(index)
 
 
+class _Scope(threading.local):
+    id: int = 0  # the open frozen_weights block of this thread; 0: none
+
+
+_SCOPE = _Scope()
+_SCOPE_IDS = itertools.count(1)
+
+
+class frozen_weights:
+    """While this block is entered, weight slices of nested layers are gathered once and reused.
+
+    The caller promises that no weight changes while it is entered (generation,
+    evaluation). Outside it nothing cached is used, so no write - an optimizer step,
+    ``p.data.copy_``, loading a checkpoint - can leave a stale slice behind (a version
+    counter misses writes through ``.data``). A generator enters its block around each
+    step rather than across ``yield``, so nothing stays open while the caller runs; the
+    block's slices stay valid for it alone until a newer block replaces them. Blocks nest
+    (the outermost decides) and are per thread.
+    """
+
+    def __init__(self) -> None:
+        self.id = next(_SCOPE_IDS)
+        self.outer = 0
+
+    def __enter__(self) -> frozen_weights:
+        self.outer = _SCOPE.id
+        if not self.outer:
+            _SCOPE.id = self.id
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if not self.outer:
+            _SCOPE.id = 0
+
+
+def weight_scope() -> int:
+    """Id of the :class:`frozen_weights` block open in this thread (0: none)."""
+    return _SCOPE.id
+
+
 def take_cached(module: torch.nn.Module, name: str, level: int, transpose: bool = False) -> torch.Tensor:
     """``module.nest.take`` of parameter ``name`` (optionally transposed, contiguous).
 
-    Without autograd (generation, evaluation) the slices are kept and reused until the
-    parameter changes (its version counter moves), so decoding a sub-model does not
-    re-gather its weights at every token.
+    Inside :func:`frozen_weights` without autograd the slices are kept for the rest of the
+    block, so decoding a sub-model does not re-gather its weights at every token.
     """
     p = getattr(module, name)
-    grad = torch.is_grad_enabled() and p.requires_grad
+    keep = _SCOPE.id and not (torch.is_grad_enabled() and p.requires_grad)
     cache = module.__dict__.setdefault("_taken", {})
     key = (name, level, transpose)
-    if not grad and key in cache and cache[key][0] == (p._version, p.data_ptr()):
+    if keep and key in cache and cache[key][0] == _SCOPE.id:
         return cache[key][1]
     t = module.nest.take(p, level, module.nest_dims[name])
     if transpose:
         t = t.transpose(1, 2).contiguous()
-    if grad:
-        cache.pop(key, None)
-    else:
-        cache[key] = ((p._version, p.data_ptr()), t)
+    if keep:
+        cache[key] = (_SCOPE.id, t)
     return t
 
 

@@ -379,11 +379,11 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, limits: Li
 def _bind(host: str, port: int) -> socket.socket:
     """A listening socket, so that a port in use is a one-line error before anything starts."""
     if not 0 <= port < 65536:
-        raise FractalError(f"--port must lie in 0..65535, got {port}")
+        raise FractalError(f"port must lie in 0..65535, got {port}")
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
-        raise FractalError(f"cannot resolve --host {host!r}: {e.strerror}") from None
+        raise FractalError(f"cannot resolve host {host!r}: {e.strerror}") from None
     family, _, _, _, addr = infos[0]
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

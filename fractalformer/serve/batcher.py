@@ -37,6 +37,7 @@ from ..errors import FractalError
 from ..generate import SpecStats, speculate
 from ..generate.sampling import fresh_seed, sample_next, select_logits
 from ..models.gpt import Caches
+from ..nn.nesting import frozen_weights
 
 Target = tuple[int, int | str]  # (level, index) or (level, "ensemble")
 
@@ -149,6 +150,7 @@ class Batcher:
         self.counts = {"completed": 0, "cancelled": 0, "failed": 0, "peak_batch": 0}
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._scope = frozen_weights()  # weights do not change while serving: gather slices once
         self._lock = threading.RLock()  # the scheduler's state, for jobs() from other threads
         self.active = 0  # admitted requests after the latest iteration (read without the lock)
 
@@ -191,14 +193,14 @@ class Batcher:
                     job = self.pending.get(timeout=0.2)
                 except queue.Empty:
                     continue
-                with self._lock, torch.no_grad():
+                with self._lock, torch.no_grad(), self._scope:
                     self._admit(job)
                     self.active = len(self._jobs())
 
     @torch.no_grad()
     def step(self) -> bool:
         """One scheduler iteration; returns whether any request is still active."""
-        with self._lock:
+        with self._lock, self._scope:
             return self._step()
 
     def _jobs(self) -> list[Job]:

@@ -1,0 +1,89 @@
+"""fractalformer prepare: a multi-file corpus to memory-mapped ids, and training on them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fractalformer import prepare as prep
+from fractalformer.data import Corpus, read_text
+from fractalformer.tokenizers import get_tokenizer
+
+from .conftest import TINY, run_cli
+
+
+@pytest.fixture
+def corpus_dir(tmp_path: Path) -> Path:
+    """Generated text in three files over two folders, with non-ASCII characters."""
+    text = read_text(None)[:120_000]
+    root = tmp_path / "corpus"
+    (root / "b").mkdir(parents=True)
+    (root / "a.txt").write_text(text[:50_000])
+    (root / "b" / "c.txt").write_text(text[50_000:100_000] + "naïve café\n")
+    (root / "b" / "d.txt").write_text(text[100_000:])
+    (root / ".hidden").write_text("not read")
+    return root
+
+
+def test_prepare_writes_ids_and_manifest(corpus_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "prep"
+    code, _, err = run_cli(capsys, "prepare", corpus_dir, "--tokenizer", "byte", "--out", out, "--quiet")
+    assert code == 0, err
+    m = json.loads((out / "manifest.json").read_text())
+    files = [corpus_dir / "a.txt", corpus_dir / "b" / "c.txt", corpus_dir / "b" / "d.txt"]
+    assert [f["path"] for f in m["files"]] == [str(f) for f in files]
+    raw = b"".join(f.read_bytes() for f in files)
+    assert m["sha256"] == hashlib.sha256(raw).hexdigest() and m["bytes"] == len(raw)
+    ids = np.fromfile(out / "tokens.bin", dtype=np.uint16)
+    assert m["dtype"] == "uint16" and m["count"] == len(ids) == len(raw)
+    assert ids.tobytes() == np.frombuffer(raw, dtype=np.uint8).astype(np.uint16).tobytes()
+    assert m["train_count"] == int(0.9 * len(ids)) and m["val_units_per_token"] == 1.0
+    tok, corpus = Corpus.prepared(str(out), 32)
+    assert isinstance(corpus.train, np.memmap) and tok.name == "byte"
+    assert len(corpus.train) + len(corpus.val) == len(ids)
+
+
+def test_pieces_cut_after_newlines_and_between_characters(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(prep, "PIECE", 7)
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("one\ntwo three\nfour")
+    b.write_text("ééééééééé")  # two-byte characters, no newline: cut between them
+    parts = list(prep.pieces([a, b]))
+    assert "".join(t for t, _ in parts) == a.read_text() + b.read_text()
+    assert all(t.endswith("\n") for t, _ in parts[:2]) and sum(n for _, n in parts) == 36
+    assert len(parts) >= 5  # b.txt (18 bytes) came in several pieces
+
+
+def test_train_on_prepared_data_uses_its_tokenizer(corpus_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "prep"
+    assert run_cli(capsys, "prepare", corpus_dir / "a.txt", corpus_dir / "b", "--tokenizer", "bpe128",
+                   "--out", out, "--quiet", "--unknown", "replace")[0] == 0  # bpe128 lacks the accents
+    m = json.loads((out / "manifest.json").read_text())
+    tok = get_tokenizer("bpe128")
+    whole = "".join(f.read_text() for f in sorted([corpus_dir / "a.txt", *(corpus_dir / "b").iterdir()]))
+    val_text = tok.decode(np.fromfile(out / "tokens.bin", dtype=np.uint16)[m["train_count"]:])
+    assert m["val_units_per_token"] == pytest.approx(len(val_text) / (m["count"] - m["train_count"]))
+    assert len(tok.encode(whole, "replace")) == pytest.approx(m["count"], abs=5)  # only the file ends differ
+    run = tmp_path / "run"
+    code, text, err = run_cli(capsys, "train", *TINY, "--data", out, "--out", run, "--max-steps", "3",
+                              "--set", "sample_tokens=0")
+    assert code == 0, err
+    assert "bits/char" in text
+    code, _, err = run_cli(capsys, "train", *TINY, "--data", out, "--tokenizer", "byte", "--out",
+                           tmp_path / "r2", "--max-steps", "3")
+    assert code == 2 and "prepared with the bpe128 tokenizer" in err and not (tmp_path / "r2").exists()
+
+
+def test_prepare_errors_are_one_line_and_write_nothing(corpus_dir: Path, tmp_path: Path, capsys) -> None:
+    (corpus_dir / "bad.txt").write_bytes(b"ok\n\xff\xfe")
+    for args, msg in [([corpus_dir], "not UTF-8"), ([tmp_path / "nope"], "not found")]:
+        code, _, err = run_cli(capsys, "prepare", *args, "--tokenizer", "byte", "--out", tmp_path / "p",
+                               "--quiet")
+        assert code == 2 and msg in err and len(err.splitlines()) == 1
+        assert not (tmp_path / "p").exists() and not list(tmp_path.glob(".p.*"))
+    code, _, err = run_cli(capsys, "prepare", corpus_dir / "a.txt", "--out", corpus_dir, "--quiet")
+    assert code == 2 and "already exists" in err
