@@ -337,7 +337,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # distillation of the nested sub-models from it: see docs/fractalformer.md for why.
     "default": dict(family="fractal", levels=3, split=2, attn_nesting="heads", n_kv_head=4,
                     level_weights=[2.0, 1.0, 1.0], distill=0.5,
-                    max_steps=750, eval_every=250, ckpt_every=250),
+                    max_steps=700, eval_every=175, ckpt_every=175),
     # The seed FractalFormer's dimensions trained densely: the reference model.
     "dense": {},
     # A wider FractalFormer whose decode step is bound by reading weights, so its nested
