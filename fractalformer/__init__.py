@@ -30,7 +30,12 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu", level: int | N
     cfg, tok = ckpt.load_run_config(Path(run_dir))
     if (level is None) != (index is None):
         raise FractalError("load a sub-model with both level and index")
-    if level is not None:
+    if level == 0 and cfg.model.glue_rank:  # the full model's glue maps lie outside its slices
+        model = build_model(cfg.model)
+        ckpt.load_model_state(Path(run_dir), model)
+        model = model.extract(level, index)
+        cfg = RunConfig(model.config, cfg.train)
+    elif level is not None:
         with torch.device("meta"):  # the nesting of every parameter, no memory
             full = build_model(cfg.model)
         full.nest.check(level, index)

@@ -1,4 +1,5 @@
-"""The ``fractalformer`` command: train, eval, sample, extract, export, speculate, analyze, serve, grow.
+"""The ``fractalformer`` command: train, eval, sample, extract, export, speculate, analyze, serve,
+merge, grow.
 
 Thin by design: parse arguments, call the library, print. Any :class:`FractalError`
 becomes one line on stderr and exit status 2.
@@ -152,13 +153,6 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--index", type=int, required=True, help="index of the sub-model within its level")
     x.add_argument("--out", required=True, help="new run folder (resumable with train --resume)")
 
-    g = command("grow", "a concept run plus a top concept level (a no-op until trained further)",
-                "fractalformer grow runs/concept --out runs/concept-grown --combo 4",
-                "fractalformer train --out runs/concept-grown --resume --max-steps 1400", parent=common)
-    g.add_argument("run", metavar="RUN", help="run folder of a family=concept run")
-    g.add_argument("--combo", type=int, default=4, help="units of the old top level per new concept")
-    g.add_argument("--out", required=True, help="new run folder (resumable with train --resume)")
-
     pr = command("prepare", "tokenize text files into a memory-mapped corpus for train --data DIR",
                  "fractalformer prepare corpus/ --tokenizer bpe:4096 --out data/corpus",
                  "fractalformer train --preset 10m --data data/corpus", parent=common)
@@ -176,6 +170,47 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--level", type=int, help="export sub-model (level, index) instead of the full model")
     ex.add_argument("--index", type=int, help="index of the sub-model within its level")
     ex.add_argument("--out", required=True, help="new folder for AutoModelForCausalLM.from_pretrained")
+
+    mg = command("merge", "glue trained runs into a wider FractalFormer (frozen children, then all)",
+                 "fractalformer merge runs/a runs/b --out runs/ab --train-glue-steps 200 --then-steps 400",
+                 "fractalformer merge runs/a runs/b --out runs/ab --train-glue-steps 200 --glue-rank 8",
+                 parent=common)
+    mg.add_argument("runs", nargs="+", metavar="RUN", help="runs of one shape: the level-1 sub-models")
+    mg.add_argument("--out", required=True, help="new run folder for the merged model")
+    mg.add_argument("--train-glue-steps", type=_positive_int, default=0, metavar="N",
+                    help="train only the glue (off-diagonal blocks) for N steps, the children frozen")
+    mg.add_argument("--then-steps", type=_positive_int, default=0, metavar="M",
+                    help="then train everything for M steps (a new warmup + cosine schedule)")
+    mg.add_argument("--attn-nesting", choices=("heads", "head_dim"), default="heads",
+                    help="attention nesting of the merged model when the runs are dense")
+    mg.add_argument("--glue-rank", type=_positive_int, default=0, metavar="R",
+                    help="glue as rank-R maps between the blocks, folded into the weights after the glue "
+                         "steps (0: the off-diagonal blocks themselves)")
+    mg.add_argument("--routing", choices=("shared", "split", "shard"),
+                    help="data routing of the merged run (unset: shard when run j trained on data_shard "
+                         "j/N, else shared)")
+    mg.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a training key of the merged run (lr, batch_size, ...; repeatable)")
+    mg.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    gr = command("grow", "function-preserving growth: the run becomes sub-model (1, 0) of a wider one "
+                 "(family concept: one more concept level on top)",
+                 "fractalformer grow runs/x --width 2 --out runs/x2",
+                 "fractalformer grow runs/x --width 2 --depth 2 --out runs/x2d2 --steps 400 --set lr=1e-3",
+                 "fractalformer grow runs/concept --combo 4 --out runs/concept-grown --steps 400",
+                 parent=common)
+    gr.add_argument("run", metavar="RUN", help="run folder written by fractalformer train")
+    gr.add_argument("--width", type=_positive_int,
+                    help="width factor (the split, >= 2); required unless RUN is family concept")
+    gr.add_argument("--depth", type=_positive_int,
+                    help="depth factor (identity layers inserted; default: 1); not for family concept")
+    gr.add_argument("--combo", type=_positive_int,
+                    help="family concept only: units of the old top level per new concept (default: 4)")
+    gr.add_argument("--out", required=True, help="new run folder for the grown model")
+    gr.add_argument("--steps", type=_positive_int, default=0, help="then train for this many steps")
+    gr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a training key of the grown run (lr, batch_size, ...; repeatable)")
+    gr.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sv = command("serve", "HTTP API and a page for every sub-model (batched; needs the serve extra)",
                  "fractalformer serve runs/x --port 8000", parent=common)
@@ -444,7 +479,8 @@ def cmd_extract(a: argparse.Namespace) -> int:
     check_run_dir(out, resume=False)
     model = _load(a)
     sub = model.extract(a.level, a.index).cpu()
-    train = dataclasses.replace(model.run_config.train, groups="", emergent_every=0, routing="shared")
+    train = dataclasses.replace(model.run_config.train, groups="", emergent_every=0, routing="shared",
+                                freeze="none", schedule_start=0)
     cfg = RunConfig(sub.config, train)
     cfg.validate()
     save_run_config(out, cfg, model.tokenizer, _data_sha256(a.run))
@@ -456,31 +492,51 @@ def cmd_extract(a: argparse.Namespace) -> int:
     return 0
 
 
+def _with_threads(a: argparse.Namespace) -> list[str]:
+    """merge / grow: ``--set`` overrides, with ``--threads`` as the trained run's threads key."""
+    return [*a.set, f"threads={a.threads}"] if a.threads is not None else a.set
+
+
+def cmd_merge(a: argparse.Namespace) -> int:
+    from .evaluate import sub_model_params
+    from .growth import merge_runs
+
+    model = merge_runs(a.runs, a.out, a.train_glue_steps, a.then_steps, a.attn_nesting, a.routing,
+                       a.glue_rank, _with_threads(a), not a.quiet)
+    c = model.config
+    print(f"merged {len(a.runs)} runs -> {a.out}: FractalFormer d_model {c.d_model}, levels {c.levels}, "
+          f"{model.num_params():,} parameters ({sub_model_params(model, 1):,} per child; "
+          f"glue steps {a.train_glue_steps}, full steps {a.then_steps})")
+    return 0
+
+
 def cmd_grow(a: argparse.Namespace) -> int:
-    import fractalformer
+    from .checkpoint import load_run_config
+    from .growth import grow_concept_run, grow_run
 
-    from .checkpoint import save_model, save_run_config, save_train_state
-    from .config import RunConfig
-    from .models.concept import ConceptGPT, grow
-    from .train import make_optimizer
-    from .train.trainer import check_run_dir
-
-    out = Path(a.out)
-    check_run_dir(out, resume=False)
-    model = fractalformer.load(a.run)
-    if not isinstance(model, ConceptGPT):
-        raise FractalError(f"grow needs a family=concept run, not family {model.config.family}")
-    if a.combo < 2:
-        raise FractalError(f"--combo must be at least 2, got {a.combo}")
-    grown = grow(model, a.combo)
-    cfg = RunConfig(grown.config, model.run_config.train)
-    cfg.validate()
-    save_run_config(out, cfg, model.tokenizer, _data_sha256(a.run))
-    save_model(out, grown, 0)
-    # a fresh training state, so `fractalformer train --out DIR --resume` trains it further
-    save_train_state(out, make_optimizer(grown, cfg), {"step": 0, "model_step": 0, "elapsed_s": 0.0})
-    print(f"grown to {grown.config.concept_levels} concept levels (combo {grown.config.combo}): "
-          f"{grown.num_params():,} parameters -> {out}")
+    run = Path(a.run)
+    family = load_run_config(run)[0].model.family
+    if family == "concept":  # a concept run grows one more concept level on top
+        if a.width is not None or a.depth is not None:
+            raise FractalError("--width / --depth grow dense or fractal runs; a family concept run grows a "
+                               "concept level on top (--combo C)")
+        grown = grow_concept_run(run, a.out, 4 if a.combo is None else a.combo, a.steps, _with_threads(a),
+                                 not a.quiet)
+        c = grown.config
+        print(f"grown to {c.concept_levels} concept levels (combo {c.combo}): {grown.num_params():,} "
+              f"parameters -> {a.out}")
+        return 0
+    if a.combo is not None:
+        raise FractalError(f"--combo adds a concept level: it needs a family=concept run, not family "
+                           f"{family} (use --width K [--depth D])")
+    if a.width is None:
+        raise FractalError(f"grow needs --width K (>= 2) for a family {family} run")
+    depth = 1 if a.depth is None else a.depth
+    f = grow_run(run, a.out, a.width, depth, a.steps, _with_threads(a), not a.quiet)
+    print(f"grown x{a.width} wide, x{depth} deep -> {a.out}; validation at the growth step: original "
+          f"{f['original_val_loss']:.6f} nats/token ({f['original_val_bpc']:.4f} bits/char), grown "
+          f"{f['grown_val_loss']:.6f} ({f['grown_val_bpc']:.4f}); difference "
+          f"{abs(f['grown_val_loss'] - f['original_val_loss']):.2e}")
     return 0
 
 
@@ -565,7 +621,8 @@ def main(argv: list[str] | None = None) -> int:
                 torch.set_num_threads(args.threads)
         commands = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "extract": cmd_extract,
                     "speculate": cmd_speculate, "analyze": cmd_analyze, "serve": cmd_serve,
-                    "config": cmd_config, "export": cmd_export, "prepare": cmd_prepare, "grow": cmd_grow}
+                    "config": cmd_config, "export": cmd_export, "prepare": cmd_prepare,
+                    "merge": cmd_merge, "grow": cmd_grow}
         return commands[args.command](args)
     except FractalError as e:
         print(f"error: {e}", file=sys.stderr)

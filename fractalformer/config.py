@@ -42,6 +42,7 @@ class ModelConfig:
     attn_nesting: Literal["head_dim", "heads"] = "head_dim"  # all heads narrower, or whole heads
     residual: Literal["none", "upstream", "downstream"] = "none"  # fractal only: cross-level residuals
     residual_rank: int = 0  # 0: add states directly; r > 0: through a learned rank-r map
+    glue_rank: int = 0  # fractal: rank-r maps between the level-1 blocks of every linear (merge glue)
     level_weights: list[float] = field(default_factory=list)  # loss weight per level; [] = all alike
     distill: float = 0.0  # nested sub-models' loss: (1 - distill) * CE + distill * KL(full || sub)
     vocab_size: int = 128
@@ -120,7 +121,7 @@ class ModelConfig:
         _check_choices(self)
         _positive(self, "vocab_size", "block_size", "n_layer", "d_model", "n_head", "n_kv_head",
                   "head_dim", "mlp_mult", "rope_theta", "norm_eps", "init_std", "levels")
-        _nonnegative(self, "residual_rank")
+        _nonnegative(self, "residual_rank", "glue_rank")
         self._validate_nesting()
         if self.n_head % self.n_kv_head:
             raise FractalError(
@@ -221,6 +222,8 @@ class ModelConfig:
                                f"matformer), not family {self.family}")
         if self.residual != "none" and self.family != "fractal":
             raise FractalError("cross-level residuals need family=fractal")
+        if self.glue_rank and (self.family != "fractal" or self.residual != "none"):
+            raise FractalError("glue_rank needs family=fractal without cross-level residuals")
         if self.level_weights:
             w = self.level_weights
             if len(w) != self.levels or any(x < 0 or not math.isfinite(x) for x in w) or sum(w) <= 0:
@@ -260,6 +263,9 @@ class TrainConfig:
     sync_every: int = 10  # steps between host reads of the losses (also at evals, checkpoints, the end)
     parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicated (DDP) or sharded (fully_shard)
     routing: Literal["shared", "split", "shard"] = "shared"  # nested models: see data.training_batch
+    data_shard: str = ""  # "J/N": train on contiguous shard J of N of the training tokens ("" = all)
+    freeze: Literal["none", "children"] = "none"  # children: level-1 sub-models' entries stay fixed (glue)
+    schedule_start: int = 0  # the step where warmup + cosine begin (a merged or grown run's new schedule)
     max_steps: int = 1400
     lr: float = 3e-3
     min_lr: float = 3e-4
@@ -299,6 +305,11 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise FractalError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
+        _nonnegative(self, "schedule_start")
+        if self.schedule_start >= self.max_steps:
+            raise FractalError(f"schedule_start ({self.schedule_start}) must be below max_steps "
+                               f"({self.max_steps})")
+        self.shard()
         if not 0 <= self.seed < 2**31:
             raise FractalError(f"seed must lie in [0, 2**31), got {self.seed}")
         _nonnegative(self, "emergent_every", "threads")
@@ -309,6 +320,15 @@ class TrainConfig:
         from .tokenizers import check_name
 
         check_name(self.tokenizer)
+
+    def shard(self) -> tuple[int, int]:
+        """``data_shard`` as (J, N); (0, 1) when training on all the data."""
+        if not self.data_shard:
+            return 0, 1
+        j, slash, n = self.data_shard.partition("/")
+        if not (slash and j.strip().isdigit() and n.strip().isdigit() and 0 <= int(j) < int(n)):
+            raise FractalError(f"data_shard must be 'J/N' with 0 <= J < N, got {self.data_shard!r}")
+        return int(j), int(n)
 
 
 @dataclass
@@ -323,6 +343,9 @@ class RunConfig:
         if (t.groups or t.emergent_every) and m.levels == 1:
             raise FractalError("token groups (groups / emergent_every) need a nested model: their loss "
                                "applies to the narrower sub-models")
+        if t.freeze != "none" and (m.family != "fractal" or m.residual != "none"):
+            raise FractalError("freeze=children needs a FractalFormer without cross-level residuals "
+                               "(family=fractal, residual=none): its level-1 sub-models are the children")
         if t.routing != "shared":
             if t.grad_accum > 1:
                 raise FractalError(f"routing={t.routing} cannot combine with grad_accum: a micro-batch would "

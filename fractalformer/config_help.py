@@ -11,6 +11,8 @@ KEY_HELP: dict[str, str] = {
     "attn_nesting": "how attention nests: head_dim narrows every head, heads gives blocks of whole heads",
     "residual": "fractal only: cross-level residuals after every layer",
     "residual_rank": "0 adds residual states directly; r > 0 through a learned rank-r map",
+    "glue_rank": "fractal merge glue: rank-r maps between the level-1 blocks of every linear (0: none; "
+                 "folded into the weights after glue training)",
     "level_weights": "loss weight per level (a list, or comma-separated with --set); empty: every "
                      "sub-model alike",
     "distill": "nested sub-models' loss: (1 - distill) * cross-entropy + distill * KL(full || sub)",
@@ -61,6 +63,10 @@ KEY_HELP: dict[str, str] = {
     "on_unknown": "characters the tokenizer lacks: error, or replace them with '?'",
     "batch_size": "sequences per step (summed over torchrun processes)",
     "routing": "nested models: which rows each sub-model reads (shared, split, shard)",
+    "data_shard": "J/N: train on contiguous shard J of N of the training tokens (empty: all of them)",
+    "freeze": "none, or children: the level-1 sub-models' own entries stay fixed and only the glue "
+              "between them trains (fractalformer merge)",
+    "schedule_start": "step where warmup + cosine begin (a merged or grown run's new schedule)",
     "max_steps": "training steps: the cosine schedule's horizon",
     "lr": "peak learning rate",
     "min_lr": "learning rate at the end of the cosine decay",

@@ -296,5 +296,20 @@ def test_cli_grow_keeps_the_loss_and_trains_on(concept_run: Path, tiny_run: Path
     assert code == 0 and fractalformer.load(out).config.concept_levels == 3
     code, _, err = run_cli(capsys, "grow", concept_run, "--out", out)
     assert code == 2 and "already holds a run" in err
+    # one grow command: --combo is for concept runs, --width / --depth for the others
+    code, _, err = run_cli(capsys, "grow", tiny_run, "--combo", "2", "--out", tmp_path / "g2")
+    assert code == 2 and "needs a family=concept run" in err and len(err.splitlines()) == 1
     code, _, err = run_cli(capsys, "grow", tiny_run, "--out", tmp_path / "g2")
-    assert code == 2 and "needs a family=concept run" in err and not (tmp_path / "g2").exists()
+    assert code == 2 and "needs --width" in err and len(err.splitlines()) == 1
+    for opt in (["--width", "2"], ["--depth", "2"]):
+        code, _, err = run_cli(capsys, "grow", concept_run, *opt, "--out", tmp_path / "g2")
+        assert code == 2 and "family concept run grows a concept level" in err and len(err.splitlines()) == 1
+    code, _, err = run_cli(capsys, "grow", concept_run, "--combo", "1", "--out", tmp_path / "g2")
+    assert code == 2 and "--combo must be at least 2" in err
+    assert not (tmp_path / "g2").exists()
+    # --steps and --set as for width growth: the grown run trains on at once
+    code, stdout, err = run_cli(capsys, "grow", concept_run, "--combo", "2", "--steps", "2",
+                                "--set", "lr=1e-3", "--quiet", "--out", tmp_path / "g3")
+    assert code == 0 and "3 concept levels" in stdout, err
+    grown = fractalformer.load(tmp_path / "g3")
+    assert grown.run_config.train.lr == 1e-3 and grown.run_config.train.max_steps == 2

@@ -50,7 +50,7 @@ def test_thread_count_respects_the_choice_and_the_environment(monkeypatch, threa
 def test_threads_flag_reaches_the_config(capsys) -> None:
     code, out, _ = run_cli(capsys, "train", "--preset", "tiny", "--threads", "1", "--print-config")
     assert code == 0 and tomllib.loads(out)["train"]["threads"] == 1
-    for command in ("eval", "sample", "speculate", "analyze", "extract", "serve", "config"):
+    for command in ("eval", "sample", "speculate", "analyze", "extract", "serve", "config", "merge", "grow"):
         assert "--threads" in _subparser(command).format_help(), command
 
 

@@ -16,6 +16,12 @@ the states from before the exchange:
 With ``residual_rank > 0`` the added state goes through a learned low-rank map
 (``up(down(x))``, ``up`` zero-initialised, so training starts with nothing added).
 
+With ``glue_rank r > 0`` (model merging, ``fractalformer.growth``) every linear layer of
+the full model also adds rank-r maps between its level-1 blocks: output block ``i`` gets
+``up_ij(down_ij(x_j))`` from input block ``j != i``. They are the glue between merged
+children; the sub-models never see them, and ``fold_glue`` adds ``up_ij @ down_ij`` into
+the off-diagonal blocks of the weight afterwards, leaving a plain FractalFormer.
+
 Extractability: with ``upstream`` a sub-model depends on its descendants, so only the
 deepest level stays a standalone dense model; with ``downstream`` it depends on its
 ancestors, so only level 0 does. Without residuals every sub-model does.
@@ -23,10 +29,13 @@ ancestors, so only level 0 does. Without residuals every sub-model does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..nn import Linear, Nesting
 from .gpt import GPT
 
 
@@ -42,9 +51,48 @@ class LowRank(nn.Module):
         return (x @ self.lora_down.T) @ self.lora_up.T
 
 
+class Glue(nn.Module):
+    """Rank-r maps between the level-1 blocks of one linear layer, added to its level-0 output.
+
+    ``down[i, j]`` (r, in block) and ``up[i, j]`` (out block, r) carry input block ``j`` to
+    output block ``i``; the diagonal pairs are masked out (the blocks of the children).
+    ``up`` starts at zero, so the merged model starts as the children left it.
+    """
+
+    def __init__(self, nest: Nesting, linear: Linear, rank: int, std: float) -> None:
+        super().__init__()
+        k = nest.split
+        out_groups, in_groups = linear.nest_dims["weight"]
+        out_f, in_f = linear.weight.shape
+        self.register_buffer("out_idx", nest.owned(out_f, 1, out_groups), persistent=False)  # (k, out/k)
+        self.register_buffer("in_idx", nest.owned(in_f, 1, in_groups), persistent=False)
+        self.register_buffer("off", (1 - torch.eye(k))[:, :, None, None], persistent=False)
+        self.down = nn.Parameter(torch.randn(k, k, rank, in_f // k) * std)
+        self.up = nn.Parameter(torch.zeros(k, k, out_f // k, rank))
+
+    def delta(self) -> torch.Tensor:
+        """(k, k, out block, in block): the weight blocks the maps amount to."""
+        return (self.up * self.off) @ self.down
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``y`` (level-0 output of the layer for input ``x``) plus the glue."""
+        k = self.in_idx.shape[0]
+        xb = x[..., self.in_idx.flatten()].unflatten(-1, (k, -1))  # (..., k, in block)
+        h = torch.einsum("...jc,ijrc->...ijr", xb, self.down)
+        add = torch.einsum("...ijr,ijor->...io", h, self.up * self.off).flatten(-2)
+        return y.index_add(-1, self.out_idx.flatten(), add.to(y.dtype))
+
+
 class FractalFormer(GPT):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
+        self.glue = None
+        if cfg.glue_rank:
+            linears = {n: m for n, m in self.named_modules() if isinstance(m, Linear)}
+            self.glue = nn.ModuleDict({n.replace(".", "_"): Glue(self.nest, m, cfg.glue_rank, cfg.init_std)
+                                       for n, m in linears.items()})
+            for n, m in linears.items():
+                m.register_forward_hook(self._glue_hook(self.glue[n.replace(".", "_")]))
         self.maps = None
         if cfg.residual != "none" and cfg.residual_rank > 0:
             # upstream maps act on the parent-shaped children state, downstream maps on the
@@ -54,6 +102,23 @@ class FractalFormer(GPT):
                 nn.ModuleList(LowRank(w, cfg.residual_rank, cfg.init_std) for w in widths)
                 for _ in range(cfg.n_layer)
             )
+
+    @staticmethod
+    def _glue_hook(glue: Glue) -> Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor | None]:
+        """A forward hook adding ``glue`` to a linear layer's level-0 output."""
+        def hook(_: nn.Module, args: tuple, y: torch.Tensor) -> torch.Tensor | None:
+            x, level = args
+            return glue(x, y) if level == 0 else None
+        return hook
+
+    def extract(self, level: int, index: int) -> GPT:
+        """As :meth:`GPT.extract`; the full model (level 0) of a glued model includes its glue
+        maps (folded into the weights), which the sub-models never see."""
+        if self.glue is not None and level == 0:
+            from ..growth import fold_glue
+
+            return fold_glue(self).extract(level, index)
+        return super().extract(level, index)
 
     def extractable(self, level: int) -> bool:
         r = self.config.residual

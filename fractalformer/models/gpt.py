@@ -148,8 +148,8 @@ class GPT(nn.Module):
         hq, hkv, hd = self.blocks[0].attn.shape(level)
         f = self.nest.split**level
         return dataclasses.replace(
-            c, family="gpt", levels=1, residual="none", residual_rank=0, level_weights=[], distill=0.0,
-            d_model=c.d_model // f, n_head=hq, n_kv_head=hkv, head_dim=hd)
+            c, family="gpt", levels=1, residual="none", residual_rank=0, glue_rank=0, level_weights=[],
+            distill=0.0, d_model=c.d_model // f, n_head=hq, n_kv_head=hkv, head_dim=hd)
 
     def extract(self, level: int, index: int) -> GPT:
         """Sub-model ``(level, index)`` as a dense GPT holding only its own weights."""

@@ -81,17 +81,30 @@ class Nesting:
         """
         if level == 0:
             return t.unsqueeze(0)
+        return t[self.index(t.shape, level, dims, t.device)]
+
+    def put(self, t: torch.Tensor, level: int, dims: tuple[Segments, ...], values: torch.Tensor) -> None:
+        """The inverse of :meth:`take`: write ``values`` (count, *sliced) into the sub-models'
+        slices of ``t``, in place. Merging and growing models assemble weights with it."""
+        if level == 0:
+            t.copy_(values[0])
+        else:
+            t[self.index(t.shape, level, dims, t.device)] = values.to(t.dtype)
+
+    def index(self, shape: torch.Size, level: int, dims: tuple[Segments, ...],
+              device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
+        """Advanced index into a tensor of ``shape`` that gathers every sub-model's slice."""
         n = self.count(level)
         index = []
         for axis, groups in enumerate(dims):
             if groups:
-                idx = self.owned(t.shape[axis], level, groups, t.device)
+                idx = self.owned(shape[axis], level, groups, device)
             else:
-                idx = torch.arange(t.shape[axis], device=t.device).expand(n, -1)
-            shape = [n] + [1] * t.dim()
-            shape[axis + 1] = idx.shape[1]
-            index.append(idx.reshape(shape))
-        return t[tuple(index)]
+                idx = torch.arange(shape[axis], device=device).expand(n, -1)
+            view = [n] + [1] * len(shape)
+            view[axis + 1] = idx.shape[1]
+            index.append(idx.reshape(view))
+        return tuple(index)
 
 
 class _Scope(threading.local):

@@ -63,3 +63,41 @@ def _plain_step(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict
     if isinstance(optimizer, torch.optim.SparseAdam) and torch.is_tensor(state.get("step")):
         return {**state, "step": int(state["step"])}
     return state
+
+
+class Frozen:
+    """An optimizer under which the masked entries of some parameters never change.
+
+    Gradients are masked as they are computed (so clipping and Adam's moments see only
+    the trainable entries), and after every step the frozen entries are written back:
+    AdamW's decoupled weight decay shrinks a parameter whatever its gradient, so masking
+    gradients alone would not keep them bit-identical.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer | Optimizers,
+                 masks: list[tuple[torch.nn.Parameter, torch.Tensor]]) -> None:
+        self.optimizer = optimizer
+        self.masks = masks  # (parameter, bool mask of its frozen entries)
+        for p, frozen in masks:
+            keep = (~frozen).to(p.dtype)
+            p.register_hook(lambda g, keep=keep: g * keep)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    def step(self) -> None:
+        saved = [p.detach()[frozen] for p, frozen in self.masks]
+        self.optimizer.step()
+        with torch.no_grad():
+            for (p, frozen), v in zip(self.masks, saved, strict=True):
+                p[frozen] = v
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(sd)

@@ -35,14 +35,14 @@ from tqdm import tqdm
 from .. import checkpoint as ckpt
 from .. import hierarchy
 from ..config import RunConfig
-from ..data import SHIPPED, Corpus, batch_generator, read_text, text_sha256, training_batch
+from ..data import SHIPPED, Corpus, Ids, batch_generator, read_text, text_sha256, training_batch
 from ..errors import FractalError
 from ..evaluate import EvalRow, evaluate_full, fixed_val_batches, mean_losses, to_bpc
 from ..models import build_model
 from ..nn.product_keys import is_table
 from ..prepare import is_prepared
 from ..tokenizers import Tokenizer, get_tokenizer
-from .optim import Optimizers
+from .optim import Frozen, Optimizers
 
 BASE_FIELDS = ["step", "tokens", "lr", "train_loss", "val_loss", "val_bpc", "elapsed_s"]
 
@@ -62,11 +62,13 @@ def metric_fields(cfg: RunConfig) -> list[str]:
 
 
 def lr_at(step: int, cfg: RunConfig) -> float:
-    """Linear warmup to ``lr``, then cosine decay to ``min_lr`` at ``max_steps``."""
+    """Linear warmup to ``lr``, then cosine decay to ``min_lr`` at ``max_steps``; both start
+    at ``schedule_start`` (0, or where a merged run's full training begins)."""
     t = cfg.train
+    step, horizon = step - t.schedule_start, t.max_steps - t.schedule_start
     if step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
-    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+    progress = min(1.0, (step - t.warmup_steps) / max(1, horizon - t.warmup_steps))
     return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
 
 
@@ -76,8 +78,18 @@ def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimi
     Expert / memory tables (``fractalformer.nn.product_keys``) get a group of their own:
     peak lr ``table_lr`` (scaled along the same schedule), no weight decay; with
     ``moe_sparse`` their sparse gradients go to ``SparseAdam``, which updates only the rows
-    a step selected. On CUDA AdamW is fused (one kernel for every parameter).
+    a step selected. On CUDA AdamW is fused (one kernel for every parameter). With
+    ``freeze=children`` the optimizer keeps the children's entries fixed (``Frozen``): only
+    the glue between them trains.
     """
+    if cfg.train.freeze != "none":
+        from ..growth import frozen_masks
+
+        return Frozen(_make_optimizer(model, cfg), frozen_masks(model))
+    return _make_optimizer(model, cfg)
+
+
+def _make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer | Optimizers:
     t = cfg.train
     tables = [p for p in model.parameters() if is_table(p)]
     rest = [p for p in model.parameters() if not is_table(p)]
@@ -307,6 +319,7 @@ class Session:
     device: str
     tok: Tokenizer
     corpus: Corpus
+    train_ids: Ids  # the training tokens this run reads: corpus.train, or its data_shard
     model: torch.nn.Module  # the model itself (sharded in place under parallel=fsdp)
     fwd: torch.nn.Module  # what the step calls: compiled and / or wrapped in DDP
     optimizer: torch.optim.Optimizer | Optimizers
@@ -335,6 +348,9 @@ def _check_parallel(cfg: RunConfig, dd: Dist) -> None:
     if dd.world > 1 and t.parallel == "fsdp" and (t.groups or t.emergent_every):
         raise FractalError("parallel=fsdp does not support token groups (groups / emergent_every) yet: "
                            "use parallel=ddp")
+    if dd.world > 1 and t.parallel == "fsdp" and t.freeze != "none":
+        raise FractalError("parallel=fsdp does not support freeze=children yet (its masks cover whole "
+                           "parameters): use parallel=ddp")
 
 
 def setup(cfg: RunConfig, out: Path, resume: bool, progress: bool) -> Session:
@@ -364,6 +380,7 @@ def setup(cfg: RunConfig, out: Path, resume: bool, progress: bool) -> Session:
     saved = ckpt.load_run_config(out) if resume else None
     tok, corpus = prepare_data(cfg, saved[1] if saved else init_tokenizer(cfg),
                                ckpt.load_data_sha256(out) if resume else None)
+    train_ids = shard_ids(corpus, cfg)
     torch.manual_seed(t.seed)
     model = build_model(cfg.model).to(device)  # every rank builds the same initial weights
     start, elapsed0, model_step = 0, 0.0, None
@@ -410,11 +427,22 @@ def setup(cfg: RunConfig, out: Path, resume: bool, progress: bool) -> Session:
                                                   write=dd.main))
     val_batches = fixed_val_batches(corpus, t.eval_batches, t.batch_size, cfg.model.block_size, t.seed)
     if dd.main and progress:
-        print(f"model: {model.num_params():,} parameters | data: {len(corpus.train):,} train / "
+        print(f"model: {model.num_params():,} parameters | data: {len(train_ids):,} train / "
               f"{len(corpus.val):,} val {tok.name} tokens | device: {device} x{dd.world}"
               f"{' (fsdp)' if t.parallel == 'fsdp' and dd.world > 1 else ''} | run folder: {out}")
-    return Session(cfg, out, dd, device, tok, corpus, model, fwd, optimizer, autocast, val_batches, start,
-                   elapsed0, progress)
+    return Session(cfg, out, dd, device, tok, corpus, train_ids, model, fwd, optimizer, autocast, val_batches,
+                   start, elapsed0, progress)
+
+
+def shard_ids(corpus: Corpus, cfg: RunConfig) -> Ids:
+    """The training tokens of ``data_shard`` J/N: contiguous shard J of N (all with "")."""
+    t = cfg.train
+    shard, shards = t.shard()
+    size = len(corpus.train) // shards
+    ids = corpus.train[shard * size:(shard + 1) * size]
+    if len(ids) < cfg.model.block_size + 1:
+        raise FractalError(f"data_shard {t.data_shard} holds {len(ids)} tokens, fewer than block_size + 1")
+    return ids
 
 
 def _shard_like(optimizer: torch.optim.Optimizer) -> Any:
@@ -489,7 +517,7 @@ def train_step(s: Session, step: int) -> torch.Tensor:
     """One optimizer step over this rank's share of the step's batch, in ``grad_accum``
     micro-batches. Returns ``[loss, *sub_losses]`` on the device, unread (no host sync)."""
     t, dd = s.cfg.train, s.dd
-    x, y = training_batch(s.corpus.train, t.batch_size, s.cfg.model.block_size,
+    x, y = training_batch(s.train_ids, t.batch_size, s.cfg.model.block_size,
                           batch_generator(t.seed, step), t.routing, s.model.nest)
     local_b = t.batch_size // dd.world
     micro = local_b // t.grad_accum
