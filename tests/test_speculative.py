@@ -167,12 +167,12 @@ def test_row_views_share_memory() -> None:
     view = cache.rows(2, 1)
     assert view.k.shape == (2, 2, 1, 10, 4)
     view.length = 3
-    view.update(1, torch.ones(2, 1, 2, 4), torch.ones(2, 1, 2, 4))
+    view.update(1, torch.ones(2, 1, 2, 4), torch.ones(2, 1, 2, 4), view.where(2)[0])
     assert cache.k[1, [0, 3], :, 3:5].eq(1).all() and cache.k.sum() == 2 * 2 * 4
     assert cache.v[1, [0, 3], :, 3:5].eq(1).all() and cache.v.sum() == 2 * 2 * 4
     one = KVCache(1, 3, 1, 10, 4, "cpu", torch.float32)
     two = one.rows(1, 2)
-    two.update(0, torch.ones(2, 1, 1, 4), torch.ones(2, 1, 1, 4))
+    two.update(0, torch.ones(2, 1, 1, 4), torch.ones(2, 1, 1, 4), two.where(1)[0])
     assert one.k[0, :2, :, 0].eq(1).all() and one.k[0, 2].eq(0).all()
     with pytest.raises(ValueError):
         cache.rows(2, 2)

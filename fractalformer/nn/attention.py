@@ -15,13 +15,16 @@ _NATIVE_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
 class KVCache:
-    """Keys and values of every layer for positions ``0 .. length - 1``.
+    """Keys and values of every layer in ``max_len`` preallocated slots, addressed by position.
 
-    Preallocated to ``max_len``; ``length`` is the number of valid positions, so rolling
-    back (for example after rejected speculative tokens) is ``cache.length = n``. It may
-    also be a tensor with one length per row, so that rows at different positions (the
-    requests a server decodes together) share one forward; each row then attends to its
-    own positions only.
+    ``length`` is the number of valid positions. A forward of ``t`` new entries writes
+    them at positions ``length .. length + t - 1`` (:meth:`where`, :meth:`update`) and
+    attends over all ``max_len`` slots through a mask "key position <= query position"
+    (gpt-fast's cache): the shapes of a decode step do not depend on ``length``, and
+    rolling back (rejected speculative tokens) is "do not advance": ``cache.length = n``;
+    slots past it are masked until they are overwritten. ``length`` may also be a tensor
+    with one length per row, so that rows at different positions (the requests a server
+    decodes together) share one forward; each row then sees its own positions only.
     """
 
     def __init__(self, n_layer: int, batch: int, n_kv_head: int, max_len: int, head_dim: int,
@@ -31,6 +34,7 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.length: int | torch.Tensor = 0
+        self._where: tuple[object, int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def longest(self) -> int:
         """The largest number of valid positions of any row."""
@@ -43,24 +47,39 @@ class KVCache:
             raise ValueError("a view of several rows exists for one group only")
         view = KVCache.__new__(KVCache)
         view.k, view.v = (kv.unflatten(1, (groups, -1))[:, :, :n].flatten(1, 2) for kv in (self.k, self.v))
-        view.max_len, view.length = self.max_len, self.length
+        view.max_len, view.length, view._where = self.max_len, self.length, None
         return view
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new keys/values at ``length ..`` and return all valid ones (with
-        per-row lengths: every row's, up to the longest; the caller masks the rest)."""
-        end = self.longest() + k.shape[-2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache overflow: {end} > {self.max_len} positions")
-        if isinstance(self.length, int):
-            self.k[layer, :, :, self.length : end] = k
-            self.v[layer, :, :, self.length : end] = v
-        else:  # row r writes at its own positions length[r] ..
+    def where(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions of the next ``t`` entries, (t,) or per row (rows, t), and the mask of
+        the slots each may read, (t, max_len) or (rows, 1, t, max_len). Computed once per
+        forward (every layer asks)."""
+        length, hit = self.length, self._where
+        same = hit is not None and (hit[0] is length or (isinstance(length, int) and hit[0] == length))
+        if same and hit[1] == t:
+            return hit[2]
+        device = self.k.device
+        if self.longest() + t > self.max_len:
+            raise ValueError(f"KV cache overflow: {self.longest() + t} > {self.max_len} positions")
+        steps = torch.arange(t, device=device)
+        pos = steps + length if isinstance(length, int) else length[:, None] + steps
+        slots = torch.arange(self.max_len, device=device)
+        mask = slots <= pos[..., None]
+        self._where = (length, t, (pos, mask if pos.dim() == 1 else mask[:, None]))
+        return self._where[2]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write keys/values (rows, heads, t, head_dim) at positions ``pos`` from :meth:`where`;
+        return every slot of the layer (the caller masks with :meth:`where`'s mask)."""
+        if pos.dim() == 1:
+            self.k[layer].index_copy_(2, pos, k)
+            self.v[layer].index_copy_(2, pos, v)
+        else:  # row r writes at its own positions
             rows = torch.arange(k.shape[0], device=k.device)[:, None]
-            pos = self.length[:, None] + torch.arange(k.shape[-2], device=k.device)
             self.k[layer][rows, :, pos] = k.transpose(1, 2)
             self.v[layer][rows, :, pos] = v.transpose(1, 2)
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        return self.k[layer], self.v[layer]
 
 
 class Attention(nn.Module):
@@ -97,31 +116,18 @@ class Attention(nn.Module):
         """x: (count, B, T, width) -> (count, B, T, width); sub-models ride in the batch."""
         n, b, t, _ = x.shape
         hq, hkv, hd = self.shape(level)
-        start = cache.length if cache is not None else 0
-        q, k, v = self.qkv(x, level).split([hq * hd, hkv * hd, hkv * hd], dim=-1)
-        q = q.reshape(n * b, t, hq, hd).transpose(1, 2)
-        k = k.reshape(n * b, t, hkv, hd).transpose(1, 2)
-        v = v.reshape(n * b, t, hkv, hd).transpose(1, 2)
-        rotary = self.rotaries[level]
-        q, k = rotary(q, start), rotary(k, start)
+        qkv = self.qkv(x, level).reshape(n * b, t, hq + 2 * hkv, hd)
+        pos, mask = cache.where(t) if cache is not None else (0, None)
+        qk = self.rotaries[level].at(qkv[:, :, : hq + hkv], pos).transpose(1, 2)  # q and k in one pass
+        q, k, v = qk[:, :hq], qk[:, hq:], qkv[:, :, hq + hkv :].transpose(1, 2)
         if cache is not None:
-            k, v = cache.update(layer, k, v)
+            k, v = cache.update(layer, k, v, pos)
         gqa = hkv != hq and _NATIVE_GQA  # no copy of the cached keys/values per step
         if hkv != hq and not gqa:
             k = k.repeat_interleave(hq // hkv, dim=1)
             v = v.repeat_interleave(hq // hkv, dim=1)
-        mask, causal = None, True
-        if isinstance(start, torch.Tensor):  # per-row positions: each row sees its own keys only
-            causal = False
-            pos_q = start[:, None] + torch.arange(t, device=x.device)  # (rows, t)
-            mask = (torch.arange(k.shape[-2], device=x.device) <= pos_q[..., None])[:, None]
-        elif start > 0:  # queries at start.. attend to every cached key up to their position
-            causal = False
-            if t > 1:
-                pos_q = torch.arange(start, start + t, device=x.device)
-                mask = torch.arange(start + t, device=x.device)[None, :] <= pos_q[:, None]
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal,
+            q, k, v, attn_mask=mask, is_causal=mask is None,
             dropout_p=self.dropout if self.training else 0.0, **({"enable_gqa": True} if gqa else {}),
         )
         return self.o(y.transpose(1, 2).reshape(n, b, t, hq * hd), level)

@@ -1,0 +1,192 @@
+"""Our dense GPT against a nanoGPT-shaped reference at nanoGPT's CPU "baby" shapes.
+
+    python bench/bench_nanogpt.py [--repeat 30] [--train 2000]
+
+Shapes (nanoGPT's README, char Shakespeare on a CPU): 4 layers, 4 heads, d_model 128,
+block 64, batch 12, dropout 0. The reference below is written from that recipe, not
+copied: LayerNorm without bias, one fused q/k/v projection, SDPA, a 4x GELU MLP, learned
+positions, tied output, AdamW (lr 1e-3, betas 0.9/0.99, weight decay 0.1 on matrices)
+and gradient clipping at 1. Ours is ``--preset dense`` at the same shapes (RMSNorm, RoPE,
+GeGLU of the same parameter count).
+
+Prints, all measured in this run: FLOPs per token (forward + backward, FlopCounterMode),
+ms per training step of the bare models (forward, backward, clip, AdamW), the same step
+through our trainer (``train_step``: batch fetch, loss bookkeeping), and tokens/s ratios.
+With ``--train N`` both are trained N steps on the shipped TinyShakespeare (char) and
+evaluated on the same validation batches: nats/char (= nats/token) and bits/char at
+equal steps and the wall time each took.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine, timeit
+
+from fractalformer.config import RunConfig, build_config
+from fractalformer.data import get_batch
+from fractalformer.models import build_model
+from fractalformer.train import make_optimizer
+from fractalformer.train.trainer import prepare_data
+
+SHAPES = ["tokenizer=char", "vocab_size=65", "n_layer=4", "n_head=4", "n_kv_head=4", "head_dim=32",
+          "d_model=128", "block_size=64", "batch_size=12", "dropout=0.0", "lr=1e-3", "min_lr=1e-4",
+          "warmup_steps=100", "weight_decay=0.1"]
+
+
+class RefBlock(nn.Module):
+    def __init__(self, d: int, n_head: int) -> None:
+        super().__init__()
+        self.n_head = n_head
+        self.ln1 = nn.LayerNorm(d, bias=False)
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.proj = nn.Linear(d, d, bias=False)
+        self.ln2 = nn.LayerNorm(d, bias=False)
+        self.fc = nn.Linear(d, 4 * d, bias=False)
+        self.out = nn.Linear(4 * d, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
+        q, k, v = (z.view(b, t, self.n_head, -1).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(b, t, d))
+        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+
+
+class RefGPT(nn.Module):
+    """The nanoGPT architecture at given shapes (the in-repo proxy of nanoGPT's model.py)."""
+
+    def __init__(self, vocab: int, block: int, n_layer: int, n_head: int, d: int) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.wpe = nn.Embedding(block, d)
+        self.blocks = nn.ModuleList(RefBlock(d, n_head) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(d, bias=False)
+        for name, p in self.named_parameters():
+            if p.dim() == 2:
+                std = 0.02 / math.sqrt(2 * n_layer) if name.endswith(("proj.weight", "out.weight")) else 0.02
+                nn.init.normal_(p, std=std)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        for blk in self.blocks:
+            x = blk(x)
+        logits = F.linear(self.ln_f(x), self.wte.weight)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def ref_optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                             lr=1e-3, betas=(0.9, 0.99))
+
+
+def stepper(model: nn.Module, opt: torch.optim.Optimizer, loss_fn):
+    def step() -> None:
+        loss_fn().backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def flops_per_token(loss_fn, tokens: int) -> float:
+    with FlopCounterMode(display=False) as fc:
+        loss_fn().backward()
+    return fc.get_total_flops() / tokens
+
+
+def lr_at(step: int, steps: int, warmup: int = 100, lr: float = 1e-3, min_lr: float = 1e-4) -> float:
+    """nanoGPT's schedule: linear warmup, cosine decay to min_lr."""
+    if step < warmup:
+        return lr * (step + 1) / (warmup + 1)
+    r = (step - warmup) / max(1, steps - warmup)
+    return min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, r))) * (lr - min_lr)
+
+
+def train_both(cfg: RunConfig, steps: int) -> dict[str, tuple[float, float]]:
+    """Train both models ``steps`` steps on the same batches; (val nats/char, seconds) each."""
+    _, corpus = prepare_data(cfg)
+    b, t = cfg.train.batch_size, cfg.model.block_size
+    gen = torch.Generator().manual_seed(1)
+    val_gen = torch.Generator().manual_seed(2)
+    val = [get_batch(corpus.val, b, t, val_gen) for _ in range(50)]
+    torch.manual_seed(0)
+    ours = build_model(cfg.model)
+    torch.manual_seed(0)
+    ref = RefGPT(65, t, 4, 4, 128)
+    models = {"ours": (ours, make_optimizer(ours, cfg), lambda m, x, y: m(x, y)[1]),
+              "nanoGPT-shaped": (ref, ref_optimizer(ref), lambda m, x, y: m(x, y))}
+    out = {}
+    batches = [get_batch(corpus.train, b, t, gen) for _ in range(steps)]
+    for name, (model, opt, loss_of) in models.items():
+        t0 = time.perf_counter()
+        for i, (x, y) in enumerate(batches):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(i, steps)
+            loss_of(model, x, y).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        wall = time.perf_counter() - t0
+        model.eval()
+        with torch.no_grad():
+            loss = sum(float(loss_of(model, x, y)) for x, y in val) / len(val)
+        out[name] = (loss, wall)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeat", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of timing (median of medians)")
+    ap.add_argument("--train", type=int, default=0, help="also train both this many steps")
+    a = ap.parse_args()
+    print(f"machine: {machine()}")
+    cfg = build_config("dense", None, SHAPES)
+    b, t = cfg.train.batch_size, cfg.model.block_size
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 65, (b, t), generator=gen)
+    y = torch.randint(0, 65, (b, t), generator=gen)
+    torch.manual_seed(0)
+    ours = build_model(cfg.model)
+    ref = RefGPT(65, t, 4, 4, 128)
+    ref_params = sum(p.numel() for p in ref.parameters())
+    print(f"parameters: ours {ours.num_params():,}, nanoGPT-shaped {ref_params:,}")
+    fpt = {"ours": flops_per_token(lambda: ours(x, y)[1], b * t),
+           "nanoGPT-shaped": flops_per_token(lambda: ref(x, y), b * t)}
+    ours.zero_grad(set_to_none=True)
+    ref.zero_grad(set_to_none=True)
+    print("training FLOPs per token (forward + backward): "
+          + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in fpt.items()))
+    steps = {"ours": stepper(ours, make_optimizer(ours, cfg), lambda: ours(x, y)[1]),
+             "nanoGPT-shaped": stepper(ref, ref_optimizer(ref), lambda: ref(x, y))}
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(a.rounds):  # interleaved, so drift hits both alike
+        for k, fn in steps.items():
+            times[k].append(timeit(fn, a.repeat, warmup=3))
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    for k, v in med.items():
+        print(f"  {k:<16} {v * 1000:7.2f} ms/step  {b * t / v:9.0f} tokens/s")
+    print(f"ours / nanoGPT-shaped tokens/s = {med['nanoGPT-shaped'] / med['ours']:.2f}x  (goal >= 1.2x)")
+    if a.train:
+        res = train_both(cfg, a.train)
+        print(f"\ntrained {a.train} steps on the same batches (validation: 50 fixed batches):")
+        for k, (loss, wall) in res.items():
+            print(f"  {k:<16} {loss:.4f} nats/char  {loss / math.log(2):.4f} bits/char  {wall:6.1f} s")
+
+
+if __name__ == "__main__":
+    main()
