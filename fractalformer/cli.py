@@ -189,9 +189,7 @@ def _parser() -> argparse.ArgumentParser:
     mg.add_argument("--routing", choices=("shared", "split", "shard"),
                     help="data routing of the merged run (unset: shard when run j trained on data_shard "
                          "j/N, else shared)")
-    mg.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a training key of the merged run (lr, batch_size, ...; repeatable)")
-    mg.add_argument("--quiet", action="store_true", help="no progress bar")
+    _train_on_args(mg, "merged")
 
     gr = command("grow", "function-preserving growth: the run becomes sub-model (1, 0) of a wider one "
                  "(family concept: one more concept level on top)",
@@ -208,9 +206,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="family concept only: units of the old top level per new concept (default: 4)")
     gr.add_argument("--out", required=True, help="new run folder for the grown model")
     gr.add_argument("--steps", type=_positive_int, default=0, help="then train for this many steps")
-    gr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a training key of the grown run (lr, batch_size, ...; repeatable)")
-    gr.add_argument("--quiet", action="store_true", help="no progress bar")
+    _train_on_args(gr, "grown")
 
     sv = command("serve", "HTTP API and a page for every sub-model (batched; needs the serve extra)",
                  "fractalformer serve runs/x --port 8000", parent=common)
@@ -229,6 +225,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--preset", choices=list(PRESETS), default="default", metavar="NAME",
                    help="whose values to show: " + ", ".join(PRESETS))
     return p
+
+
+def _train_on_args(p: argparse.ArgumentParser, made: str) -> None:
+    """merge / grow: the options of the training that follows (read back by :func:`_with_threads`)."""
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override a training key of the {made} run (lr, batch_size, ...; repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _sampling_args(p: argparse.ArgumentParser, temperature: bool) -> None:

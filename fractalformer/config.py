@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin, get_type_h
 from .errors import FractalError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .nn.nesting import Nesting
 
 
@@ -148,26 +150,27 @@ class ModelConfig:
         if self.concept_share and self.concept_layers > self.n_layer:
             raise FractalError(f"concept_share runs the concept levels on the first concept_layers of the "
                                f"{self.n_layer} shared blocks; got concept_layers {self.concept_layers}")
-        try:
-            combos = self.combos()
-        except ValueError:
-            raise FractalError(f"combo must be an integer or comma-separated integers, "
-                               f"got {self.combo!r}") from None
-        if len(combos) != self.concept_levels or min(combos) < 2:
-            raise FractalError(f"combo needs one value, or {self.concept_levels} (one per concept level), "
-                               f"each at least 2; got {self.combo!r}")
-        try:
-            weights = self.concept_weights()
-        except ValueError:
-            raise FractalError(f"concept_weight must be a number or comma-separated numbers, "
-                               f"got {self.concept_weight!r}") from None
-        if len(weights) != self.concept_levels or any(w < 0 or not math.isfinite(w) for w in weights):
-            raise FractalError(f"concept_weight needs one value, or {self.concept_levels}, each >= 0; "
-                               f"got {self.concept_weight!r}")
+        combos = self._per_level("combo", self.combos, "an integer or comma-separated integers",
+                                 " (one per concept level), each at least 2", lambda c: c < 2)
+        self._per_level("concept_weight", self.concept_weights, "a number or comma-separated numbers",
+                        ", each >= 0", lambda w: w < 0 or not math.isfinite(w))
         span = math.prod(combos)
         if self.block_size < span:
             raise FractalError(f"block_size {self.block_size} does not cover one top-level concept of "
                                f"{span} tokens (the product of combo {self.combo!r})")
+
+    def _per_level(self, key: str, parse: Callable[[], list], kind: str, each: str,
+                   bad: Callable[[Any], bool]) -> list:
+        """The values of a per-concept-level list key (``combo``, ``concept_weight``): one, or one per
+        level, none of them ``bad``; else a one-line error naming ``kind`` and ``each``."""
+        try:
+            vals = parse()
+        except ValueError:
+            raise FractalError(f"{key} must be {kind}, got {getattr(self, key)!r}") from None
+        if len(vals) != self.concept_levels or any(bad(v) for v in vals):
+            raise FractalError(f"{key} needs one value, or {self.concept_levels}{each}; "
+                               f"got {getattr(self, key)!r}")
+        return vals
 
     def sparse_layers(self) -> list[int]:
         """Indices of the layers whose MLP is a sparse (product-key) layer."""

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from fractalformer.cli import main
 
@@ -44,6 +48,45 @@ def fractal_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert main(["train", "--preset", "tiny", "--quiet", "--set", "family=fractal", "--set", "levels=3",
                  "--set", "sample_tokens=0", "--max-steps", "40", "--out", str(out)]) == 0
     return out
+
+
+needs_torchrun = pytest.mark.skipif(not hasattr(os, "fork"), reason="torchrun needs a POSIX system")
+
+
+def losses(run: Path) -> list[float]:
+    """The train_loss column of a run's metrics.csv."""
+    with (run / "metrics.csv").open() as f:
+        return [float(r["train_loss"]) for r in csv.DictReader(f)]
+
+
+def torchrun(*args: str | Path, ok: bool = True, timeout: int = 240) -> subprocess.CompletedProcess[str]:
+    """``fractalformer train ARGS`` as two torchrun processes (on CPU: gloo), one thread each.
+
+    With ``ok`` the run must succeed (else the test fails with the tail of its stderr)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "fractalformer", "train", *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    if ok:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+def assert_two_processes_match_one(tmp_path: Path, *args: str | Path, rtol: float, atol: float,
+                                   loss_tol: float | None = None) -> tuple[Path, Path]:
+    """Train ARGS in this process (``tmp_path/single``) and under :func:`torchrun` (``tmp_path/ddp``);
+    the final weights must agree within ``rtol`` / ``atol`` (and, given ``loss_tol``, the logged
+    training losses within it). Returns the two run folders."""
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    assert main(["train", *map(str, args), "--out", str(single)]) == 0
+    torchrun(*args, "--out", ddp)
+    if loss_tol is not None:
+        torch.testing.assert_close(torch.tensor(losses(ddp)), torch.tensor(losses(single)),
+                                   rtol=loss_tol, atol=loss_tol)
+    wa, wb = (load_file(str(r / "model.safetensors")) for r in (single, ddp))
+    for k in wa:  # all-reduce sums in another order: float rounding only
+        torch.testing.assert_close(wa[k], wb[k], rtol=rtol, atol=atol)
+    return single, ddp
 
 
 def chromium(profile: Path):  # -> selenium's Chrome, imported only where a browser exists

@@ -7,9 +7,6 @@ import importlib.util
 import itertools
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +21,7 @@ from fractalformer.models import build_model
 from fractalformer.models.concept import ConceptGPT, grow
 from fractalformer.train import train
 
-from .conftest import run_cli
+from .conftest import assert_two_processes_match_one, needs_torchrun, run_cli
 
 TINY_CONCEPT = ["--preset", "tiny", "--quiet", "--set", "family=concept", "--set", "sample_tokens=0"]
 
@@ -269,19 +266,10 @@ def test_resume_is_exact(tmp_path: Path, capsys: pytest.CaptureFixture, extra: l
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="torchrun needs a POSIX system")
-def test_torchrun_two_processes_match_single_process(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    args = [*TINY_CONCEPT, "--set", "concept_levels=2", "--set", "combo=2", "--max-steps", "3"]
-    assert run_cli(capsys, "train", *args, "--out", tmp_path / "single")[0] == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "fractalformer", "train", *args]
-    proc = subprocess.run([*cmd, "--out", str(tmp_path / "ddp")], capture_output=True, text=True, env=env,
-                          timeout=240)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    wa, wb = (load_file(str(tmp_path / r / "model.safetensors")) for r in ("single", "ddp"))
-    for k in wa:  # all-reduce sums in another order: float rounding only
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-4)
+@needs_torchrun
+def test_torchrun_two_processes_match_single_process(tmp_path: Path) -> None:
+    assert_two_processes_match_one(tmp_path, *TINY_CONCEPT, "--set", "concept_levels=2", "--set", "combo=2",
+                                   "--max-steps", "3", rtol=1e-3, atol=1e-4)
 
 
 def test_cli_grow_keeps_the_loss_and_trains_on(concept_run: Path, tiny_run: Path, tmp_path: Path,

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +16,7 @@ from fractalformer.models.moe import FHME, usage_summary
 from fractalformer.nn.product_keys import PEER, PKM, ProductKeys, _Experts, _Read
 from fractalformer.train.trainer import make_optimizer
 
-from .conftest import run_cli
+from .conftest import assert_two_processes_match_one, needs_torchrun, run_cli, torchrun
 
 TINY_MOE = ["--preset", "tiny", "--quiet", "--set", "family=moe", "--set", "moe=peer",
             "--set", "n_experts=256", "--set", "moe_heads=2", "--set", "moe_topk=4",
@@ -298,20 +295,10 @@ def test_bad_moe_configs_are_one_line_errors(tmp_path: Path, capsys: pytest.Capt
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="torchrun needs a POSIX system")
-def test_torchrun_two_processes_match_single_process(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+@needs_torchrun
+def test_torchrun_two_processes_match_single_process(tmp_path: Path) -> None:
     args = [*TINY_MOE, "--set", "moe=fhme", "--set", "batch_size=8", "--max-steps", "4"]
-    assert run_cli(capsys, "train", *args, "--out", tmp_path / "single")[0] == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "fractalformer", "train", *args]
-    proc = subprocess.run([*cmd, "--out", str(tmp_path / "ddp")], capture_output=True, text=True, env=env,
-                          timeout=240)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    wa, wb = (load_file(str(tmp_path / r / "model.safetensors")) for r in ("single", "ddp"))
-    for k in wa:  # all-reduce sums in another order: float rounding only
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-4)
-    proc = subprocess.run([*cmd, "--set", "moe_sparse=true", "--out", str(tmp_path / "sparse")],
-                          capture_output=True, text=True, env=env, timeout=240)
+    assert_two_processes_match_one(tmp_path, *args, rtol=1e-3, atol=1e-4)
+    proc = torchrun(*args, "--set", "moe_sparse=true", "--out", tmp_path / "sparse", ok=False)
     assert proc.returncode != 0 and "moe_sparse is single-process" in proc.stderr
     assert not (tmp_path / "sparse" / "config.json").exists()

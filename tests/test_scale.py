@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,14 +12,9 @@ from fractalformer.cli import main
 from fractalformer.models import GPT
 from fractalformer.train import trainer as trainer_mod
 
-from .conftest import TINY
+from .conftest import TINY, losses, needs_torchrun, torchrun
 
 SETS = ["--set", "batch_size=8", "--set", "sample_tokens=0", "--set", "final_eval=0", "--max-steps", "6"]
-
-
-def losses(run: Path) -> list[float]:
-    with (run / "metrics.csv").open() as f:
-        return [float(r["train_loss"]) for r in csv.DictReader(f)]
 
 
 def assert_same_run(a: Path, b: Path) -> None:
@@ -61,20 +52,12 @@ def test_grad_accum_and_sync_every_keep_the_losses(single: Path, tmp_path: Path,
     assert_same_run(single, out)
 
 
-def torchrun(*args: str) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "fractalformer", "train", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="torchrun needs a POSIX system")
+@needs_torchrun
 def test_fsdp_matches_single_process_and_resumes_across_process_counts(single: Path, tmp_path: Path) -> None:
     out = tmp_path / "fsdp"
-    torchrun(*TINY, *SETS, "--set", "parallel=fsdp", "--out", str(out), "--stop-after", "3")  # steps 1-3
+    torchrun(*TINY, *SETS, "--set", "parallel=fsdp", "--out", out, "--stop-after", "3", timeout=300)  # 1-3
     assert main(["train", "--out", str(out), "--resume", "--quiet", "--stop-after", "2"]) == 0  # 4-5: one
-    torchrun("--out", str(out), "--resume", "--quiet")  # 6: sharded again, from a one-process checkpoint
+    torchrun("--out", out, "--resume", "--quiet", timeout=300)  # 6: sharded, from a one-process checkpoint
     assert len(losses(out)) == 6
     assert_same_run(single, out)

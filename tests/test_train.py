@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import csv
-import os
 import signal
 import subprocess
 import sys
@@ -19,12 +18,7 @@ from fractalformer.models import GPT
 from fractalformer.train import lr_at
 from fractalformer.train import trainer as trainer_mod
 
-from .conftest import TINY
-
-
-def losses(run: Path) -> list[float]:
-    with (run / "metrics.csv").open() as f:
-        return [float(r["train_loss"]) for r in csv.DictReader(f)]
+from .conftest import TINY, assert_two_processes_match_one, losses, needs_torchrun
 
 
 def test_schedule_warms_up_then_decays_to_min_lr() -> None:
@@ -115,22 +109,11 @@ def test_ctrl_c_saves_and_resumes(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="torchrun needs a POSIX system")
+@needs_torchrun
 def test_ddp_two_processes_match_single_process(tmp_path: Path) -> None:
     sets = ["--set", "batch_size=8", "--set", "sample_tokens=0", "--max-steps", "6"]
-    assert main(["train", *TINY, *sets, "--out", str(tmp_path / "single")]) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "fractalformer", "train", *TINY, *sets, "--out", str(tmp_path / "ddp")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    torch.testing.assert_close(torch.tensor(losses(tmp_path / "ddp")),
-                               torch.tensor(losses(tmp_path / "single")), rtol=1e-5, atol=1e-5)
-    wa, wb = (load_file(str(tmp_path / r / "model.safetensors")) for r in ("single", "ddp"))
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+    runs = assert_two_processes_match_one(tmp_path, *TINY, *sets, rtol=1e-4, atol=1e-5, loss_tol=1e-5)
     # each rank draws its own dropout masks and keeps its own generator state for --resume
-    state = load_file(str(tmp_path / "ddp" / "train_state.safetensors"))
-    single = load_file(str(tmp_path / "single" / "train_state.safetensors"))
+    single, state = (load_file(str(r / "train_state.safetensors")) for r in runs)
     assert not torch.equal(state["rng.torch.0"], state["rng.torch.1"])
     assert torch.equal(state["rng.torch.0"], single["rng.torch.0"])  # rank 0: the single-process stream
