@@ -7,7 +7,9 @@ block 64, batch 12, dropout 0. The reference below is written from that recipe, 
 copied: LayerNorm without bias, one fused q/k/v projection, SDPA, a 4x GELU MLP, learned
 positions, tied output, AdamW (lr 1e-3, betas 0.9/0.99, weight decay 0.1 on matrices)
 and gradient clipping at 1. Ours is ``--preset dense`` at the same shapes (RMSNorm, RoPE,
-GeGLU of the same parameter count).
+GeGLU of inner width 4 x d_model with biases: 1.33x the reference's FLOPs per token), and
+"ours, FLOP-matched": the GeGLU's inner width cut to 344 without biases, so its MLP has the
+reference's parameter count.
 
 Prints, all measured in this run: FLOPs per token (forward + backward, FlopCounterMode),
 ms per training step of the bare models (forward, backward, clip, AdamW), the same step
@@ -39,6 +41,7 @@ from fractalformer.models import build_model
 from fractalformer.train import make_optimizer
 from fractalformer.train.trainer import prepare_data
 
+MATCHED = ["mlp_mult=2.6875", "mlp_bias=false"]  # GeGLU 128 -> 2 x 344 -> 128: the 4x GELU MLP's size
 SHAPES = ["tokenizer=char", "vocab_size=65", "n_layer=4", "n_head=4", "n_kv_head=4", "head_dim=32",
           "d_model=128", "block_size=64", "batch_size=12", "dropout=0.0", "lr=1e-3", "min_lr=1e-4",
           "warmup_steps=100", "weight_decay=0.1"]
@@ -116,19 +119,22 @@ def lr_at(step: int, steps: int, warmup: int = 100, lr: float = 1e-3, min_lr: fl
     return min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, r))) * (lr - min_lr)
 
 
-def train_both(cfg: RunConfig, steps: int) -> dict[str, tuple[float, float]]:
-    """Train both models ``steps`` steps on the same batches; (val nats/char, seconds) each."""
+def train_all(cfg: RunConfig, steps: int) -> dict[str, tuple[float, float]]:
+    """Train the three models ``steps`` steps on the same batches; (val nats/char, seconds) each."""
     _, corpus = prepare_data(cfg)
     b, t = cfg.train.batch_size, cfg.model.block_size
     gen = torch.Generator().manual_seed(1)
     val_gen = torch.Generator().manual_seed(2)
     val = [get_batch(corpus.val, b, t, val_gen) for _ in range(50)]
-    torch.manual_seed(0)
-    ours = build_model(cfg.model)
+    matched = build_config("dense", None, SHAPES + MATCHED)
+    models = {}
+    for name, c in (("ours", cfg), ("ours, FLOP-matched", matched)):
+        torch.manual_seed(0)
+        m = build_model(c.model)
+        models[name] = (m, make_optimizer(m, c), lambda m, x, y: m(x, y)[1])
     torch.manual_seed(0)
     ref = RefGPT(65, t, 4, 4, 128)
-    models = {"ours": (ours, make_optimizer(ours, cfg), lambda m, x, y: m(x, y)[1]),
-              "nanoGPT-shaped": (ref, ref_optimizer(ref), lambda m, x, y: m(x, y))}
+    models["nanoGPT-shaped"] = (ref, ref_optimizer(ref), lambda m, x, y: m(x, y))
     out = {}
     batches = [get_batch(corpus.train, b, t, gen) for _ in range(steps)]
     for name, (model, opt, loss_of) in models.items():
@@ -152,7 +158,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of timing (median of medians)")
-    ap.add_argument("--train", type=int, default=0, help="also train both this many steps")
+    ap.add_argument("--train", type=int, default=0, help="also train the models this many steps")
+    ap.add_argument("--compile", action="store_true", help="also time ours under torch.compile (nanoGPT's "
+                    "CPU recipe runs eager)")
     a = ap.parse_args()
     print(f"machine: {machine()}")
     cfg = build_config("dense", None, SHAPES)
@@ -162,30 +170,46 @@ def main() -> None:
     y = torch.randint(0, 65, (b, t), generator=gen)
     torch.manual_seed(0)
     ours = build_model(cfg.model)
+    matched_cfg = build_config("dense", None, SHAPES + MATCHED)
+    matched = build_model(matched_cfg.model)
     ref = RefGPT(65, t, 4, 4, 128)
-    ref_params = sum(p.numel() for p in ref.parameters())
-    print(f"parameters: ours {ours.num_params():,}, nanoGPT-shaped {ref_params:,}")
-    fpt = {"ours": flops_per_token(lambda: ours(x, y)[1], b * t),
-           "nanoGPT-shaped": flops_per_token(lambda: ref(x, y), b * t)}
-    ours.zero_grad(set_to_none=True)
-    ref.zero_grad(set_to_none=True)
-    print("training FLOPs per token (forward + backward): "
-          + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in fpt.items()))
-    steps = {"ours": stepper(ours, make_optimizer(ours, cfg), lambda: ours(x, y)[1]),
-             "nanoGPT-shaped": stepper(ref, ref_optimizer(ref), lambda: ref(x, y))}
+    losses = {"ours": lambda: ours(x, y)[1], "ours, FLOP-matched": lambda: matched(x, y)[1],
+              "nanoGPT-shaped": lambda: ref(x, y)}
+    models = {"ours": ours, "ours, FLOP-matched": matched, "nanoGPT-shaped": ref}
+    steps = {"ours": stepper(ours, make_optimizer(ours, cfg), losses["ours"]),
+             "ours, FLOP-matched": stepper(matched, make_optimizer(matched, matched_cfg),
+                                           losses["ours, FLOP-matched"]),
+             "nanoGPT-shaped": stepper(ref, ref_optimizer(ref), losses["nanoGPT-shaped"])}
+    if a.compile:
+        for k, m, c in (("ours", ours, cfg), ("ours, FLOP-matched", matched, matched_cfg)):
+            fast = torch.compile(m)
+            losses[f"{k}, compiled"] = lambda fast=fast: fast(x, y)[1]
+            models[f"{k}, compiled"] = m
+            steps[f"{k}, compiled"] = stepper(m, make_optimizer(m, c), losses[f"{k}, compiled"])
+            t0 = time.perf_counter()
+            steps[f"{k}, compiled"]()
+            print(f"compiling {k}: {time.perf_counter() - t0:.0f} s")
     times: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(a.rounds):  # interleaved, so drift hits both alike
+    for _ in range(a.rounds):  # interleaved, so drift hits all alike
         for k, fn in steps.items():
             times[k].append(timeit(fn, a.repeat, warmup=3))
+    print("| model | parameters | training FLOPs / token | ms / step | tokens / s | vs nanoGPT-shaped |")
+    print("|---|---|---|---|---|---|")
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     for k, v in med.items():
-        print(f"  {k:<16} {v * 1000:7.2f} ms/step  {b * t / v:9.0f} tokens/s")
-    print(f"ours / nanoGPT-shaped tokens/s = {med['nanoGPT-shaped'] / med['ours']:.2f}x  (goal >= 1.2x)")
+        fpt = flops_per_token(losses[k.replace(", compiled", "")], b * t)
+        models[k].zero_grad(set_to_none=True)
+        n = sum(p.numel() for p in models[k].parameters())
+        print(f"| {k} | {n:,} | {fpt / 1e6:.2f} M | {v * 1000:.2f} | {b * t / v:,.0f} | "
+              f"{med['nanoGPT-shaped'] / v:.2f}x |")
+    print("(goal: ours >= 1.2x the nanoGPT-shaped tokens/s)")
     if a.train:
-        res = train_both(cfg, a.train)
+        res = train_all(cfg, a.train)
         print(f"\ntrained {a.train} steps on the same batches (validation: 50 fixed batches):")
+        print("| model | val nats/char | bits/char | wall s |")
+        print("|---|---|---|---|")
         for k, (loss, wall) in res.items():
-            print(f"  {k:<16} {loss:.4f} nats/char  {loss / math.log(2):.4f} bits/char  {wall:6.1f} s")
+            print(f"| {k} | {loss:.4f} | {loss / math.log(2):.4f} | {wall:.1f} |")
 
 
 if __name__ == "__main__":

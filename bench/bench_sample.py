@@ -1,9 +1,14 @@
-"""Sampling throughput at batch 1, with and without the KV cache.
+"""Decoding speed at batch 1: every sub-model, with and without the KV cache.
 
     python bench/bench_sample.py [RUN_DIR | --preset default] [--tokens 200] [--prompt-len 16]
 
 Without a run folder the model is randomly initialised (speed does not depend on the
-weights). Prints tokens/s for each mode and the cache's speedup, measured in one run.
+weights). For every level, sub-model ``(level, 0)`` decodes greedily as the dense model
+``extract`` gives (what ``sample --level L`` runs): ms per token, tokens/s, and the
+achieved bandwidth - the sub-model's weights (which a decode step reads once) per
+second. With ``--floor`` it also prints the time of the step's matmuls alone (the same
+matrix-vector products with no model around them), so the rest - the per-token
+overhead - can be read off. Ratios are against the same run's no-cache decoding.
 """
 
 from __future__ import annotations
@@ -24,6 +29,33 @@ from fractalformer.generate import generate
 from fractalformer.models import build_model
 
 
+def per_token(model: torch.nn.Module, prompt: list[int], tokens: int, cache: bool, repeat: int) -> float:
+    """Best seconds per generated token over ``repeat`` greedy generations."""
+    list(generate(model, prompt, 8, temperature=0, use_cache=cache))  # warm-up
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        n = sum(1 for _ in generate(model, prompt, tokens, temperature=0, use_cache=cache))
+        best = min(best, (time.perf_counter() - t0) / n)
+    return best
+
+
+def matmul_floor(model: torch.nn.Module, repeat: int = 200) -> float:
+    """Seconds for one token's matrix-vector products (every 2-D weight once, plus the head)."""
+    mats = [p.detach() for name, p in model.named_parameters() if p.dim() == 2 and "embed" not in name]
+    mats.append(model.embed.weight.detach())
+    x = {m.shape[1]: torch.randn(1, m.shape[1]) for m in mats}
+    with torch.no_grad():
+        for _ in range(20):
+            for m in mats:
+                torch.mm(x[m.shape[1]], m.t())
+        t0 = time.perf_counter()
+        for _ in range(repeat):
+            for m in mats:
+                torch.mm(x[m.shape[1]], m.t())
+    return (time.perf_counter() - t0) / repeat
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", nargs="?")
@@ -32,6 +64,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--floor", action="store_true", help="also time the bare matmuls of a step")
     a = ap.parse_args()
     if a.run:
         model = fractalformer.load(a.run)
@@ -41,17 +74,23 @@ def main() -> None:
     prompt = list(range(a.prompt_len))
     print(f"machine: {machine()}")
     print(f"model: {model.num_params():,} params, context {model.config.block_size} | prompt "
-          f"{a.prompt_len} tokens, {a.tokens} new tokens, batch 1, greedy")
-    rates = {}
-    for name, cache in (("no cache", False), ("KV cache", True)):
-        list(generate(model, prompt, 8, temperature=0, use_cache=cache))  # warm-up
-        best = 0.0
-        for _ in range(a.repeat):
-            t0 = time.perf_counter()
-            n = sum(1 for _ in generate(model, prompt, a.tokens, temperature=0, use_cache=cache))
-            best = max(best, n / (time.perf_counter() - t0))
-        rates[name] = best
-        print(f"{name:>9}: {best:8,.0f} tokens/s  {best / rates['no cache']:5.2f}x no-cache")
+          f"{a.prompt_len} tokens, {a.tokens} new tokens, batch 1, greedy, float32")
+    print("| sub-model | width | weights | no cache ms/token | KV cache ms/token | tokens/s | vs no cache "
+          "| weights GB/s |" + (" matmuls ms | overhead ms |" if a.floor else ""))
+    print("|---|---|---|---|---|---|---|---|" + ("---|---|" if a.floor else ""))
+    for level in range(model.nest.levels):
+        if not model.extractable(level):
+            continue
+        sub = model.extract(level, 0).eval() if model.nest.levels > 1 else model
+        nbytes = sum(p.numel() * p.element_size() for p in sub.parameters())
+        plain = per_token(sub, prompt, a.tokens, False, a.repeat)
+        cached = per_token(sub, prompt, a.tokens, True, a.repeat)
+        row = (f"| ({level}, 0) | {sub.config.d_model} | {nbytes / 2**20:.2f} MiB | {plain * 1e3:.3f} | "
+               f"{cached * 1e3:.3f} | {1 / cached:,.0f} | {plain / cached:.2f}x | {nbytes / cached / 1e9:.2f} |")
+        if a.floor:
+            floor = matmul_floor(sub)
+            row += f" {floor * 1e3:.3f} | {(cached - floor) * 1e3:.3f} |"
+        print(row, flush=True)
 
 
 if __name__ == "__main__":

@@ -51,9 +51,9 @@ class KVCache:
         return view
 
     def where(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positions of the next ``t`` entries, (t,) or per row (rows, t), and the mask of
-        the slots each may read, (t, max_len) or (rows, 1, t, max_len). Computed once per
-        forward (every layer asks)."""
+        """Positions of the next ``t`` entries, (t,) or per row (rows, t), and the additive
+        mask of the slots each may read, (t, max_len) or (rows, 1, t, max_len). Computed
+        once per forward (every layer asks)."""
         length, hit = self.length, self._where
         same = hit is not None and (hit[0] is length or (isinstance(length, int) and hit[0] == length))
         if same and hit[1] == t:
@@ -64,7 +64,9 @@ class KVCache:
         steps = torch.arange(t, device=device)
         pos = steps + length if isinstance(length, int) else length[:, None] + steps
         slots = torch.arange(self.max_len, device=device)
-        mask = slots <= pos[..., None]
+        # additive (0 / -inf) rather than boolean: SDPA converts a boolean mask in every layer
+        mask = torch.zeros(pos.shape + (self.max_len,), device=device, dtype=self.k.dtype)
+        mask.masked_fill_(slots > pos[..., None], float("-inf"))
         self._where = (length, t, (pos, mask if pos.dim() == 1 else mask[:, None]))
         return self._where[2]
 
@@ -118,7 +120,8 @@ class Attention(nn.Module):
         hq, hkv, hd = self.shape(level)
         qkv = self.qkv(x, level).reshape(n * b, t, hq + 2 * hkv, hd)
         pos, mask = cache.where(t) if cache is not None else (0, None)
-        qk = self.rotaries[level].at(qkv[:, :, : hq + hkv], pos).transpose(1, 2)  # q and k in one pass
+        at = cache.length if cache is not None and isinstance(cache.length, int) else pos  # a slice: cheaper
+        qk = self.rotaries[level].at(qkv[:, :, : hq + hkv], at).transpose(1, 2)  # q and k in one pass
         q, k, v = qk[:, :hq], qk[:, hq:], qkv[:, :, hq + hkv :].transpose(1, 2)
         if cache is not None:
             k, v = cache.update(layer, k, v, pos)
