@@ -3,8 +3,8 @@
     python bench/bench_sample.py [RUN_DIR | --preset default] [--tokens 200] [--prompt-len 16]
 
 Without a run folder the model is randomly initialised (speed does not depend on the
-weights). For every level, sub-model ``(level, 0)`` decodes greedily as the dense model
-``extract`` gives (what ``sample --level L`` runs): ms per token, tokens/s, and the
+weights). For every level, sub-model ``(level, 0)`` decodes greedily, as ``sample --level L``
+does (a lone sub-model runs as its extracted dense model): ms per token, tokens/s, and the
 achieved bandwidth - the sub-model's weights (which a decode step reads once) per
 second. With ``--floor`` it also prints the time of the step's matmuls alone (the same
 matrix-vector products with no model around them), so the rest - the per-token
@@ -29,13 +29,14 @@ from fractalformer.generate import generate
 from fractalformer.models import build_model
 
 
-def per_token(model: torch.nn.Module, prompt: list[int], tokens: int, cache: bool, repeat: int) -> float:
-    """Best seconds per generated token over ``repeat`` greedy generations."""
-    list(generate(model, prompt, 8, temperature=0, use_cache=cache))  # warm-up
+def per_token(model: torch.nn.Module, level: int, prompt: list[int], tokens: int, cache: bool,
+              repeat: int) -> float:
+    """Best seconds per generated token of sub-model ``(level, 0)`` over ``repeat`` greedy runs."""
+    list(generate(model, prompt, 8, temperature=0, use_cache=cache, level=level))  # warm-up
     best = float("inf")
     for _ in range(repeat):
         t0 = time.perf_counter()
-        n = sum(1 for _ in generate(model, prompt, tokens, temperature=0, use_cache=cache))
+        n = sum(1 for _ in generate(model, prompt, tokens, temperature=0, use_cache=cache, level=level))
         best = min(best, (time.perf_counter() - t0) / n)
     return best
 
@@ -83,10 +84,11 @@ def main() -> None:
             continue
         sub = model.extract(level, 0).eval() if model.nest.levels > 1 else model
         nbytes = sum(p.numel() * p.element_size() for p in sub.parameters())
-        plain = per_token(sub, prompt, a.tokens, False, a.repeat)
-        cached = per_token(sub, prompt, a.tokens, True, a.repeat)
+        plain = per_token(model, level, prompt, a.tokens, False, a.repeat)
+        cached = per_token(model, level, prompt, a.tokens, True, a.repeat)
         row = (f"| ({level}, 0) | {sub.config.d_model} | {nbytes / 2**20:.2f} MiB | {plain * 1e3:.3f} | "
-               f"{cached * 1e3:.3f} | {1 / cached:,.0f} | {plain / cached:.2f}x | {nbytes / cached / 1e9:.2f} |")
+               f"{cached * 1e3:.3f} | {1 / cached:,.0f} | {plain / cached:.2f}x | "
+               f"{nbytes / cached / 1e9:.2f} |")
         if a.floor:
             floor = matmul_floor(sub)
             row += f" {floor * 1e3:.3f} | {(cached - floor) * 1e3:.3f} |"

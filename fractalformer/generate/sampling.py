@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import torch
 
 from ..errors import FractalError
-from ..nn.nesting import frozen_weights
+from ..nn.nesting import frozen_weights, weight_scope
 
 
 def probabilities(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -60,6 +60,27 @@ def fresh_seed() -> int:
     return int.from_bytes(os.urandom(8), "little") % 2**63
 
 
+def extracted(model: torch.nn.Module, level: int, index: int) -> torch.nn.Module:
+    """``model.extract(level, index)``, kept for the rest of the open :class:`frozen_weights`
+    block (a server's decode loop, a caller's loop over many generations), extracted afresh
+    in a new block, so no write to the weights between blocks can leave a stale copy."""
+    kept = model.__dict__.setdefault("_drafts", {})
+    scope = weight_scope()
+    if not scope or kept.get((level, index), (0,))[0] != scope:
+        kept[(level, index)] = (scope, model.extract(level, index).eval())
+    return kept[(level, index)][1]
+
+
+def runner(model: torch.nn.Module, level: int, index: int | str) -> tuple[torch.nn.Module, int, int | str]:
+    """What decodes sub-model ``(level, index)``: a lone sub-model that stands alone runs as
+    its extracted dense model, which reads only its own weights (a width-32 sub-model of the
+    default model: 1/16 of them) instead of computing its whole level."""
+    alone = level > 0 and model.extractable(level) and model.needed_levels(level) == [level]
+    if index != "ensemble" and alone:
+        return extracted(model, level, int(index)), 0, 0
+    return model, level, index
+
+
 def select_logits(logits: dict[int, torch.Tensor], level: int, index: int | str) -> torch.Tensor:
     """Last-position logits of sub-model ``(level, index)``, or of the level's ensemble
     (``index == "ensemble"``: mean of the sub-models' log-probabilities)."""
@@ -84,13 +105,14 @@ def generate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, tem
     model.nest.check(level, 0 if index == "ensemble" else int(index))
     device = next(model.parameters()).device
     ctx = model.config.block_size
-    levels = model.needed_levels(level)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed if seed is not None else fresh_seed())
     scope = frozen_weights()  # weight slices gathered once for the whole generation
     tokens = list(prompt[-ctx:])
-    caches = model.new_cache(1, levels) if use_cache else None
     with scope:
+        model, level, index = runner(model, level, index)
+        levels = model.needed_levels(level)
+        caches = model.new_cache(1, levels) if use_cache else None
         logits = model.run(torch.tensor([tokens], device=device), levels, caches)
     for _ in range(max_new_tokens):
         nxt = int(sample_next(select_logits(logits, level, index), temperature, top_k, top_p, gen))

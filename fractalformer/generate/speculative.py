@@ -29,8 +29,8 @@ import torch
 
 from ..errors import FractalError
 from ..nn import KVCache
-from ..nn.nesting import frozen_weights, weight_scope
-from .sampling import fresh_seed, generate, pick, probabilities
+from ..nn.nesting import frozen_weights
+from .sampling import extracted, fresh_seed, generate, pick, probabilities
 from .spec_policy import Policy, SpecStats
 
 
@@ -44,24 +44,13 @@ def parse_sub_model(spec: str, model: torch.nn.Module) -> tuple[int, int]:
     return level, index
 
 
-def _extracted(model: torch.nn.Module, level: int, index: int) -> torch.nn.Module:
-    """``model.extract(level, index)``, kept for the rest of the open :class:`frozen_weights`
-    block (a server's decode loop, a caller's loop over many generations), extracted afresh
-    in a new block, so no write to the weights between blocks can leave a stale draft."""
-    kept = model.__dict__.setdefault("_drafts", {})
-    scope = weight_scope()
-    if not scope or kept.get((level, index), (0,))[0] != scope:
-        kept[(level, index)] = (scope, model.extract(level, index).eval())
-    return kept[(level, index)][1]
-
-
 class _Drafter:
     """Drafts from one level: a lone sub-model as an extracted dense model, or the whole
     level as one batched pass (row ``j`` is sub-model ``j``, fed its own tokens)."""
 
     def __init__(self, model: torch.nn.Module, level: int, indices: list[int]) -> None:
         if len(indices) == 1:  # only its own weights: far cheaper than running the level
-            self.runner, self.level, self.rows = _extracted(model, level, indices[0]), 0, [0]
+            self.runner, self.level, self.rows = extracted(model, level, indices[0]), 0, [0]
         else:
             self.runner, self.level, self.rows = model, level, indices
         self.n = self.runner.nest.count(self.level)

@@ -65,7 +65,7 @@ class KVCache:
         pos = steps + length if isinstance(length, int) else length[:, None] + steps
         slots = torch.arange(self.max_len, device=device)
         # additive (0 / -inf) rather than boolean: SDPA converts a boolean mask in every layer
-        mask = torch.zeros(pos.shape + (self.max_len,), device=device, dtype=self.k.dtype)
+        mask = torch.zeros((*pos.shape, self.max_len), device=device, dtype=self.k.dtype)
         mask.masked_fill_(slots > pos[..., None], float("-inf"))
         self._where = (length, t, (pos, mask if pos.dim() == 1 else mask[:, None]))
         return self._where[2]
@@ -74,6 +74,7 @@ class KVCache:
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write keys/values (rows, heads, t, head_dim) at positions ``pos`` from :meth:`where`;
         return every slot of the layer (the caller masks with :meth:`where`'s mask)."""
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)  # autocast may hand lower precision
         if pos.dim() == 1:
             self.k[layer].index_copy_(2, pos, k)
             self.v[layer].index_copy_(2, pos, v)

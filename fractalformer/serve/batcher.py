@@ -35,7 +35,7 @@ import torch
 
 from ..errors import FractalError
 from ..generate import SpecStats, speculate
-from ..generate.sampling import fresh_seed, sample_next, select_logits
+from ..generate.sampling import fresh_seed, runner, sample_next, select_logits
 from ..models.gpt import Caches
 from ..nn.nesting import frozen_weights
 
@@ -146,7 +146,6 @@ class Batcher:
         self.pending: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
         self.groups: dict[tuple[int, tuple[int, ...]], _Group] = {}
         self.solo: list[_Solo] = []
-        self.extracted: dict[tuple[int, int], torch.nn.Module] = {}
         self.counts = {"completed": 0, "cancelled": 0, "failed": 0, "peak_batch": 0}
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -242,14 +241,10 @@ class Batcher:
             self._fail(job, f"prefill failed: {e}")
 
     def _runner(self, target: Target) -> tuple[torch.nn.Module, list[int], Target]:
-        """The model that computes ``target``, the levels it runs, and what to read from them."""
-        m = self.model
-        level, index = target
-        if index != "ensemble" and level > 0 and m.extractable(level) and m.needed_levels(level) == [level]:
-            if (level, index) not in self.extracted:
-                self.extracted[(level, index)] = m.extract(level, int(index)).eval()
-            return self.extracted[(level, index)], [0], (0, 0)
-        return m, m.needed_levels(level), target
+        """The model that computes ``target``, the levels it runs, and what to read from them
+        (a lone sub-model: its extracted dense model, kept while the server runs)."""
+        m, level, index = runner(self.model, *target)
+        return m, m.needed_levels(level), (level, index)
 
     def _prefill(self, job: Job) -> None:
         runner, levels, select = self._runner(job.target)
