@@ -6,7 +6,8 @@ Without a run folder the model is randomly initialised (speed does not depend on
 weights). For every level, sub-model ``(level, 0)`` decodes greedily, as ``sample --level L``
 does (a lone sub-model runs as its extracted dense model): ms per token, tokens/s, and the
 achieved bandwidth - the sub-model's weights (which a decode step reads once) per
-second. With ``--floor`` it also prints the time of the step's matmuls alone (the same
+second. ``--compile`` adds the ``torch.compile``'d decode step (``sample --compile``).
+With ``--floor`` it also prints the time of the step's matmuls alone (the same
 matrix-vector products with no model around them), so the rest - the per-token
 overhead - can be read off. Ratios are against the same run's no-cache decoding.
 """
@@ -30,13 +31,17 @@ from fractalformer.models import build_model
 
 
 def per_token(model: torch.nn.Module, level: int, prompt: list[int], tokens: int, cache: bool,
-              repeat: int) -> float:
-    """Best seconds per generated token of sub-model ``(level, 0)`` over ``repeat`` greedy runs."""
-    list(generate(model, prompt, 8, temperature=0, use_cache=cache, level=level))  # warm-up
+              repeat: int, compile: bool = False) -> float:
+    """Best seconds per generated token of sub-model ``(level, 0)`` over ``repeat`` greedy runs
+    (with ``compile``: each run after its own compile, which is not counted)."""
+    kw = dict(temperature=0, use_cache=cache, level=level, compile=compile)
     best = float("inf")
     for _ in range(repeat):
+        gen = generate(model, prompt, tokens + 40, **kw)
+        for _ in range(40):  # warm-up (and compile) inside the generation that is timed
+            next(gen)
         t0 = time.perf_counter()
-        n = sum(1 for _ in generate(model, prompt, tokens, temperature=0, use_cache=cache, level=level))
+        n = sum(1 for _ in gen)
         best = min(best, (time.perf_counter() - t0) / n)
     return best
 
@@ -66,6 +71,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--floor", action="store_true", help="also time the bare matmuls of a step")
+    ap.add_argument("--compile", action="store_true", help="also time the torch.compile'd decode step")
     a = ap.parse_args()
     if a.run:
         model = fractalformer.load(a.run)
@@ -77,8 +83,9 @@ def main() -> None:
     print(f"model: {model.num_params():,} params, context {model.config.block_size} | prompt "
           f"{a.prompt_len} tokens, {a.tokens} new tokens, batch 1, greedy, float32")
     print("| sub-model | width | weights | no cache ms/token | KV cache ms/token | tokens/s | vs no cache "
-          "| weights GB/s |" + (" matmuls ms | overhead ms |" if a.floor else ""))
-    print("|---|---|---|---|---|---|---|---|" + ("---|---|" if a.floor else ""))
+          "| weights GB/s |" + (" compiled ms/token | compiled vs eager |" if a.compile else "")
+          + (" matmuls ms | overhead ms |" if a.floor else ""))
+    print("|---" * (8 + 2 * a.compile + 2 * a.floor) + "|")
     for level in range(model.nest.levels):
         if not model.extractable(level):
             continue
@@ -89,6 +96,9 @@ def main() -> None:
         row = (f"| ({level}, 0) | {sub.config.d_model} | {nbytes / 2**20:.2f} MiB | {plain * 1e3:.3f} | "
                f"{cached * 1e3:.3f} | {1 / cached:,.0f} | {plain / cached:.2f}x | "
                f"{nbytes / cached / 1e9:.2f} |")
+        if a.compile:
+            fast = per_token(model, level, prompt, a.tokens, True, a.repeat, compile=True)
+            row += f" {fast * 1e3:.3f} | {cached / fast:.2f}x |"
         if a.floor:
             floor = matmul_floor(sub)
             row += f" {floor * 1e3:.3f} | {(cached - floor) * 1e3:.3f} |"

@@ -118,6 +118,9 @@ def _parser() -> argparse.ArgumentParser:
                 "fractalformer sample runs/x --level 1 --ensemble")
     _sampling_args(s, temperature=True)
     s.add_argument("--no-cache", action="store_true", help="recompute the context every token")
+    s.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step: 2-3x faster per token on a CPU after a compile of "
+                        "~10-30 s, so for long samples")
     s.add_argument("--level", type=int, default=0, help="sub-model level (0 = the full model)")
     s.add_argument("--index", type=int, help="sub-model index within the level (unset: 0)")
     s.add_argument("--ensemble", action="store_true",
@@ -416,8 +419,8 @@ def cmd_sample(a: argparse.Namespace) -> int:
     model = _load(a)
     with _precision(a, model):
         _stream(model, a.prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
-                top_p=a.top_p, seed=a.seed, on_unknown=a.unknown, use_cache=not a.no_cache, level=a.level,
-                index="ensemble" if a.ensemble else a.index or 0)
+                top_p=a.top_p, seed=a.seed, on_unknown=a.unknown, use_cache=not a.no_cache, compile=a.compile,
+                level=a.level, index="ensemble" if a.ensemble else a.index or 0)
     return 0
 
 

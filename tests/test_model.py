@@ -72,6 +72,35 @@ def test_cached_generation_equals_full_recompute(temperature: float) -> None:
     assert cached == plain
 
 
+def test_kv_cache_is_addressed_by_position() -> None:
+    """A cache step attends over every slot (static shapes); stale slots past ``length`` -
+    here deliberately filled with noise - are masked, so rolling back needs no clearing."""
+    m = small()
+    x = torch.randint(0, 50, (2, 12))
+    full = m(x)[0]
+    cache = m.new_cache(2)
+    m(x[:, :8], cache=cache)
+    cache[0].k[:, :, :, 8:].normal_()
+    cache[0].v[:, :, :, 8:].normal_()
+    pos, mask = cache[0].where(4)
+    assert pos.tolist() == [8, 9, 10, 11] and mask.shape == (4, cache[0].max_len)
+    assert mask[0, :9].eq(0).all() and mask[0, 9:].eq(float("-inf")).all()
+    torch.testing.assert_close(m(x[:, 8:], cache=cache)[0], full[:, 8:], rtol=1e-5, atol=1e-5)
+    cache[0].length = 2  # roll back: do not advance past position 2
+    torch.testing.assert_close(m(x[:, 2:], cache=cache)[0], full[:, 2:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("level", [0, 1])
+def test_compiled_decoding_equals_eager(level: int) -> None:
+    """torch.compile of the decode step: the same tokens as eager, past the context window
+    (the cache length changes every step: one graph must cover them all)."""
+    m = small(family="fractal", levels=2) if level else small()
+    prompt = torch.randint(0, 50, (10,)).tolist()
+    kw = dict(max_new_tokens=30, temperature=1.0, top_k=20, seed=5, level=level)
+    assert list(generate(m, prompt, compile=True, **kw)) == list(generate(m, prompt, **kw))
+
+
 def test_greedy_generation_is_the_textbook_loop() -> None:
     m = small()
     prompt = torch.randint(0, 50, (10,)).tolist()

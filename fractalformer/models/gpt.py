@@ -246,7 +246,7 @@ class GPT(nn.Module):
 
         Keywords: ``temperature`` (0.8; 0 = greedy), ``top_k``, ``top_p``, ``seed``, ``level``
         and ``index`` (the sub-model; ``index="ensemble"`` for a whole level), ``on_unknown``
-        (``"error"`` or ``"replace"``) and ``use_cache``.
+        (``"error"`` or ``"replace"``), ``use_cache`` and ``compile`` (torch.compile the decode step).
         """
         return "".join(self.stream(prompt, max_new_tokens, **kwargs))
 
