@@ -142,6 +142,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--confidence", type=float, default=0.0,
                     help="a draft stops a round early at a token it gives less probability (0: never)")
     sp.add_argument("--compare", action="store_true", help="also time plain KV-cache decoding")
+    sp.add_argument("--compile", action="store_true",
+                    help="torch.compile drafts and target (and the --compare run): for long generations")
     sp.add_argument("--json", action="store_true", help="print the text and statistics as JSON")
 
     an = command("analyze", "embedding similarity, clusters, losses, consistency -> RUN/analysis/report.html",
@@ -446,7 +448,8 @@ def cmd_speculate(a: argparse.Namespace) -> int:
         if not a.json:
             sys.stdout.write(seen)
         for i in speculate(model, ids, a.max_new_tokens, drafts, a.gamma, target, temperature, a.top_k,
-                           a.top_p, a.seed, adaptive=not a.no_adaptive, confidence=a.confidence, stats=stats):
+                           a.top_p, a.seed, adaptive=not a.no_adaptive, confidence=a.confidence, stats=stats,
+                           compile=a.compile):
             out.append(decode(i))
             if not a.json:
                 sys.stdout.write(out[-1])
@@ -456,7 +459,7 @@ def cmd_speculate(a: argparse.Namespace) -> int:
         if a.compare:
             t0 = time.perf_counter()
             n = sum(1 for _ in generate(model, ids, a.max_new_tokens, temperature, a.top_k, a.top_p, a.seed,
-                                        level=target[0], index=target[1]))
+                                        level=target[0], index=target[1], compile=a.compile))
             report["plain_tokens_per_s"] = round(n / (time.perf_counter() - t0), 1)
             report["speedup"] = round(report["tokens_per_s"] / report["plain_tokens_per_s"], 3)
     if a.json:

@@ -162,6 +162,16 @@ def test_policy_measures_then_drafts_only_while_it_pays() -> None:
     assert Policy(3, adaptive=False, stats=SpecStats()).gamma() == 3
 
 
+@pytest.mark.slow
+def test_compiled_speculation_equals_plain_greedy() -> None:
+    """Drafts and target through torch.compile: still token for token plain greedy decoding
+    (shapes change with the round length and the cache length)."""
+    m = model()
+    prompt = [1, 2, 3, 4, 5]
+    plain = list(generate(m, prompt, 24, temperature=0))
+    assert list(speculate(m, prompt, 24, [(2, 0)], 3, adaptive=False, compile=True)) == plain
+
+
 def test_row_views_share_memory() -> None:
     cache = KVCache(2, 6, 1, 10, 4, "cpu", torch.float32)  # 2 groups x 3 candidate rows
     view = cache.rows(2, 1)

@@ -30,7 +30,7 @@ import torch
 from ..errors import FractalError
 from ..nn import KVCache
 from ..nn.nesting import frozen_weights
-from .sampling import extracted, fresh_seed, generate, pick, probabilities
+from .sampling import decode_fn, extracted, fresh_seed, generate, pick, probabilities
 from .spec_policy import Policy, SpecStats
 
 
@@ -48,11 +48,12 @@ class _Drafter:
     """Drafts from one level: a lone sub-model as an extracted dense model, or the whole
     level as one batched pass (row ``j`` is sub-model ``j``, fed its own tokens)."""
 
-    def __init__(self, model: torch.nn.Module, level: int, indices: list[int]) -> None:
+    def __init__(self, model: torch.nn.Module, level: int, indices: list[int], compile: bool) -> None:
         if len(indices) == 1:  # only its own weights: far cheaper than running the level
             self.runner, self.level, self.rows = extracted(model, level, indices[0]), 0, [0]
         else:
             self.runner, self.level, self.rows = model, level, indices
+        self.run = decode_fn(self.runner, compile)
         self.n = self.runner.nest.count(self.level)
         self.cache = self.runner.new_cache(1, [self.level])[self.level]
         self.proposed: list[list[int]] = []  # the latest round's tokens, one list per row
@@ -66,7 +67,7 @@ class _Drafter:
         else:
             idx = torch.zeros(self.level + 1, *tokens.shape, dtype=torch.long, device=self.device)
             idx[self.level] = tokens
-        return self.runner.run(idx, [self.level], {self.level: self.cache})[self.level][:, 0, -1]
+        return self.run(idx, [self.level], {self.level: self.cache})[self.level][:, 0, -1]
 
 
 class _Session:
@@ -74,7 +75,7 @@ class _Session:
 
     def __init__(self, model: torch.nn.Module, prompt: list[int], drafts: list[tuple[int, int]],
                  target: tuple[int, int], temperature: float, top_k: int | None, top_p: float | None,
-                 seed: int | None, confidence: float, stats: SpecStats) -> None:
+                 seed: int | None, confidence: float, stats: SpecStats, compile: bool = False) -> None:
         self.model, self.stats = model, stats
         self.device = model.embed.weight.device
         self.sampling = (temperature, top_k, top_p)
@@ -83,7 +84,8 @@ class _Session:
         self.gen.manual_seed(seed if seed is not None else fresh_seed())
         self.tl, self.tj = target
         levels = sorted({lv for lv, _ in drafts})
-        self.drafters = [_Drafter(model, lv, [j for dl, j in drafts if dl == lv]) for lv in levels]
+        self.drafters = [_Drafter(model, lv, [j for dl, j in drafts if dl == lv], compile) for lv in levels]
+        self.run = decode_fn(model, compile)
         self.confidence = confidence
         self.k = len(drafts)  # target rows: one per candidate
         self.groups = model.nest.count(self.tl)  # the target level's sub-models ride in the rows too
@@ -103,12 +105,12 @@ class _Session:
                 self.views[u] = self.tcache.rows(self.groups, u)
             view = self.views[u]
             view.length = self.tcache.length
-            out = self.model.run(tokens, [self.tl], {self.tl: view})[self.tl][self.tj]
+            out = self.run(tokens, [self.tl], {self.tl: view})[self.tl][self.tj]
             self.tcache.length = view.length
             return out
         if u < self.k:  # pad with copies of the first candidate
             tokens = torch.cat([tokens, tokens[:1].expand(self.k - u, -1)])
-        return self.model.run(tokens, [self.tl], {self.tl: self.tcache})[self.tl][self.tj][:u]
+        return self.run(tokens, [self.tl], {self.tl: self.tcache})[self.tl][self.tj][:u]
 
     def plain_step(self) -> int:
         logits = self._forward(torch.tensor([[self.seq[-1]]], device=self.device))[0, -1]
@@ -231,12 +233,13 @@ class _Session:
 def speculate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int,
               drafts: list[tuple[int, int]], gamma: int = 4, target: tuple[int, int] = (0, 0),
               temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-              seed: int | None = None, adaptive: bool = True, confidence: float = 0.0,
+              seed: int | None = None, adaptive: bool = True, confidence: float = 0.0, compile: bool = False,
               stats: SpecStats | None = None) -> Iterator[int]:
     """Yield ``max_new_tokens`` tokens distributed exactly as ``target``'s own sampling.
 
     ``confidence`` > 0 ends a draft's proposal early at a token it gives less probability
     (the output distribution is unchanged: only how much is proposed depends on it).
+    ``compile`` runs drafts and target through ``torch.compile`` (:func:`~.sampling.decode_fn`).
     """
     stats = stats if stats is not None else SpecStats()
     check_speculation(model, drafts, target, gamma, prompt, confidence)
@@ -244,7 +247,8 @@ def speculate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int,
     ctx = model.config.block_size
     scope = frozen_weights()  # weight slices gathered once, entered around each round
     with scope:
-        sess = _Session(model, prompt, drafts, target, temperature, top_k, top_p, seed, confidence, stats)
+        sess = _Session(model, prompt, drafts, target, temperature, top_k, top_p, seed, confidence, stats,
+                        compile)
     policy = Policy(gamma, adaptive, stats)
     emitted = 0
     while emitted < max_new_tokens:
@@ -253,7 +257,7 @@ def speculate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int,
         if g < 1 and len(sess.seq) >= ctx:  # past the context: plain sliding-window decoding
             seed2 = int(torch.randint(0, 2**31, (1,), generator=sess.gen))
             for tok in generate(model, sess.seq, max_new_tokens - emitted, *sess.sampling, seed2,
-                                level=target[0], index=target[1]):
+                                level=target[0], index=target[1], compile=compile):
                 stats.tokens += 1
                 stats.plain_tokens += 1
                 yield tok
