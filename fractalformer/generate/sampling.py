@@ -83,13 +83,13 @@ def runner(model: torch.nn.Module, level: int, index: int | str) -> tuple[torch.
 
 def decode_fn(model: torch.nn.Module, compile: bool) -> Callable[..., dict[int, torch.Tensor]]:
     """``model.run``, or with ``compile`` its ``torch.compile`` (kept on the model). The KV
-    cache is addressed by position, so after one recompile the decode step's graph covers
-    every cache length: ~2-3x fewer milliseconds per token on a CPU, where an eager step
-    is mostly per-op overhead, for a compile of ~10-30 s (docs/performance.md)."""
+    cache is addressed by position, so one graph per input shape covers every cache length:
+    2-3x fewer milliseconds per token on a CPU, where an eager step is mostly per-op
+    overhead, for a compile of ~10-30 s (docs/performance.md)."""
     if not compile:
         return model.run
     if "_compiled_run" not in model.__dict__:
-        model.__dict__["_compiled_run"] = torch.compile(model.run)
+        model.__dict__["_compiled_run"] = torch.compile(model.run, dynamic=True)  # lengths vary
     return model.__dict__["_compiled_run"]
 
 

@@ -55,8 +55,9 @@ class KVCache:
         mask of the slots each may read, (t, max_len) or (rows, 1, t, max_len). Computed
         once per forward (every layer asks)."""
         length, hit = self.length, self._where
+        compiling = torch.compiler.is_compiling()  # a compiled step computes it once itself
         same = hit is not None and (hit[0] is length or (isinstance(length, int) and hit[0] == length))
-        if same and hit[1] == t:
+        if same and hit[1] == t and not compiling:
             return hit[2]
         device = self.k.device
         if self.longest() + t > self.max_len:
@@ -67,8 +68,10 @@ class KVCache:
         # additive (0 / -inf) rather than boolean: SDPA converts a boolean mask in every layer
         mask = torch.zeros((*pos.shape, self.max_len), device=device, dtype=self.k.dtype)
         mask.masked_fill_(slots > pos[..., None], float("-inf"))
-        self._where = (length, t, (pos, mask if pos.dim() == 1 else mask[:, None]))
-        return self._where[2]
+        found = (pos, mask if pos.dim() == 1 else mask[:, None])
+        if not compiling:
+            self._where = (length, t, found)
+        return found
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:

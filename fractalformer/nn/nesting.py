@@ -154,17 +154,22 @@ def take_cached(module: torch.nn.Module, name: str, level: int, transpose: bool 
     block, so decoding a sub-model does not re-gather its weights at every token.
     """
     p = getattr(module, name)
+    if torch.compiler.is_compiling():  # the graph holds its slices; no guard on the scope
+        return _take(module, name, level, transpose)
     keep = _SCOPE.id and not (torch.is_grad_enabled() and p.requires_grad)
     cache = module.__dict__.setdefault("_taken", {})
     key = (name, level, transpose)
     if keep and key in cache and cache[key][0] == _SCOPE.id:
         return cache[key][1]
-    t = module.nest.take(p, level, module.nest_dims[name])
-    if transpose:
-        t = t.transpose(1, 2).contiguous()
+    t = _take(module, name, level, transpose)
     if keep:
         cache[key] = (_SCOPE.id, t)
     return t
+
+
+def _take(module: torch.nn.Module, name: str, level: int, transpose: bool) -> torch.Tensor:
+    t = module.nest.take(getattr(module, name), level, module.nest_dims[name])
+    return t.transpose(1, 2).contiguous() if transpose else t
 
 
 @lru_cache(maxsize=256)
