@@ -179,11 +179,11 @@ def _owned(nest: Nesting, full: int, level: int, groups: Segments, device: str) 
     if sum(sizes) != full or any(s % f for s in sizes):
         raise FractalError(f"a dimension of {full} in segments {list(sizes)} does not nest {f} ways")
     starts = [sum(sizes[:k]) for k in range(len(sizes))]
-    rows = []
+    rows = []  # plain ints, one tensor at the end: torch.compile folds it to a constant
     for j in range(nest.count(level)):
-        parts = []
+        row: list[int] = []
         for start, size in zip(starts, sizes, strict=True):
             begin = start + (j * size // f if nest.kind == "block" else 0)
-            parts.append(torch.arange(begin, begin + size // f))
-        rows.append(torch.cat(parts))
-    return torch.stack(rows).to(device)
+            row.extend(range(begin, begin + size // f))
+        rows.append(row)
+    return torch.tensor(rows, device=device)
