@@ -50,6 +50,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--modes", nargs="+", choices=("head_dim", "heads"), default=["head_dim", "heads"],
+                    help="which nestings to time")
     a = ap.parse_args()
     print(f"machine: {machine()}")
     gen = torch.Generator().manual_seed(0)
@@ -63,6 +65,8 @@ def main() -> None:
         return times[name]
 
     for mode, extra in (("head_dim", []), ("heads", ["attn_nesting=heads", "n_kv_head=4"])):
+        if mode not in a.modes:
+            continue
         cfg = build_config(None, None, ["family=fractal", "levels=3", f"batch_size={a.batch}", *extra])
         torch.manual_seed(0)
         model = build_model(cfg.model)
@@ -101,9 +105,10 @@ def main() -> None:
         if a.compile:
             compiled = torch.compile(model)
             measure(f"{mode}: all 7, torch.compile", stepper(model, lambda c=compiled: c(x, y)[1], cfg))
+            measure(f"{mode}: level 0 alone, torch.compile", stepper(model, torch.compile(level0), cfg))
 
     def ratio(n: str, d: str) -> str:
-        return f"{times[n] / times[d]:.2f}x"
+        return f"{times[n] / times[d]:.2f}x" if n in times and d in times else "not timed"
 
     print("\nratios (lower is better):")
     print(f"(a) head_dim: all 7 batched / 7 separate dense models = "
@@ -113,13 +118,14 @@ def main() -> None:
           f"{ratio('heads: all 7 sub-models, batched levels', 'heads: level 0 alone')}  (goal <= 2.0x)")
     print(f"    head_dim: all 7 / level 0 alone = "
           f"{ratio('head_dim: all 7 sub-models, batched levels', 'head_dim: level 0 alone')}")
-    for mode in ("head_dim", "heads"):
+    for mode in a.modes:
         batched = f"{mode}: all 7 sub-models, batched levels"
         print(f"(c) {mode}: seed-style loop / batched levels = "
               f"{ratio(f'{mode}: seed-style loop over sliced sub-models', batched)}")
         if a.compile:
             print(f"    {mode}: torch.compile / eager = "
-                  f"{ratio(f'{mode}: all 7, torch.compile', batched)}")
+                  f"{ratio(f'{mode}: all 7, torch.compile', batched)}; compiled all 7 / compiled level 0 = "
+                  f"{ratio(f'{mode}: all 7, torch.compile', f'{mode}: level 0 alone, torch.compile')}")
 
 
 if __name__ == "__main__":
