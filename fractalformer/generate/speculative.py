@@ -13,7 +13,8 @@ Acceptance keeps the output distributed exactly as the target's:
   distribution ``q`` with probability ``min(1, p(x) / q(x))``; on rejection the target
   distribution becomes the residual ``norm(max(0, p - q))`` for the next candidate
   (recursive rejection sampling); if every candidate is rejected the token is sampled
-  from the last residual. With one draft this is Leviathan et al. / Chen et al. (2023).
+  from the last residual. With one draft this is Leviathan et al. / Chen et al. (2023),
+  decided for every position at once (``_accept_one``).
 
 KV caches of target and drafts are rolled back after every round. How many tokens to
 draft (``adaptive``: from the running acceptance rate and the measured costs, decoding
@@ -204,6 +205,8 @@ class _Session:
         """Recursive rejection sampling; ``live`` is narrowed in place to the winners."""
         t, k, p_ = self.sampling
         p_all = probabilities(scores, t, k, p_)
+        if len(live) == 1:
+            return self._accept_one(p_all[live[0]], cand[live[0]], qs[live[0]])
         g, new = len(cand[0]), []
         for i in range(g):
             p = p_all[live[0], i]
@@ -222,6 +225,22 @@ class _Session:
             live[:] = [c for c in live if cand[c][i] == chosen]
         new.append(int(pick(p_all[live[0], g][None], t, self.gen)))
         return new
+
+    def _accept_one(self, p: torch.Tensor, cand: list[int], q: torch.Tensor) -> list[int]:
+        """One draft, vectorised: accept token i with probability min(1, p_i(x_i) / q_i(x_i)),
+        all positions at once; the first rejection samples from ``norm(max(0, p - q))``
+        there, and with none rejected the bonus token comes from ``p`` after the last."""
+        g = len(cand)
+        x = torch.tensor(cand, device=p.device)[:, None]
+        u = torch.rand(g, generator=self.gen, device=p.device)
+        ok = (u * q.gather(-1, x)[:, 0] < p[:g].gather(-1, x)[:, 0]).tolist()
+        n = ok.index(False) if False in ok else g
+        t = self.sampling[0]
+        if n == g:
+            return [*cand, int(pick(p[g][None], t, self.gen))]
+        resid = (p[n] - q[n]).clamp_min(0)
+        rest = resid / resid.sum() if resid.sum() > 0 else p[n]
+        return [*cand[:n], int(pick(rest[None], t, self.gen))]
 
     def commit(self, src: int, start: int, keep: int) -> None:
         if self.k > 1:
