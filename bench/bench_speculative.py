@@ -28,6 +28,7 @@ from common import machine
 
 import fractalformer
 from fractalformer.generate import SpecStats, generate, speculate
+from fractalformer.nn.nesting import frozen_weights
 
 PROMPTS = ["KING RICHARD III:\n", "ROMEO:\nO, ", "First Citizen:\nWe are"]
 
@@ -41,10 +42,13 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--confidence", type=float, default=0.0, help="early stop of drafts (see speculate)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile plain decoding, drafts and target "
+                    "(compiles happen in the first, untimed-best run)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                     help="weights and activations of target and drafts (bf16 needs native CPU support)")
     a = ap.parse_args()
     torch.set_grad_enabled(False)
+    frozen_weights().__enter__()  # one block for the whole bench: drafts are extracted (and compiled) once
     model = fractalformer.load(a.run).to(getattr(torch, a.dtype))
     prompts = [model.tokenizer.encode(p) for p in a.prompt or PROMPTS]
     lengths = [min(a.tokens, model.config.block_size - len(ids)) for ids in prompts]
@@ -63,7 +67,7 @@ def main() -> None:
 
     refs, base_time = [], 0.0
     for ids, n in zip(prompts, lengths, strict=True):
-        t, out = timed(lambda ids, n: generate(model, ids, n, temperature=0), ids, n)
+        t, out = timed(lambda ids, n: generate(model, ids, n, temperature=0, compile=a.compile), ids, n)
         refs.append(out)
         base_time += t
     total = sum(lengths)
@@ -75,7 +79,7 @@ def main() -> None:
         n = model.nest.count(lv)
         if n > 1:
             settings.append((f"{n} drafts (level {lv})", [(lv, j) for j in range(n)]))
-    plain = lambda ids, n: generate(model, ids, n, temperature=0)  # noqa: E731
+    plain = lambda ids, n: generate(model, ids, n, temperature=0, compile=a.compile)  # noqa: E731
     for name, drafts in settings:
         for adaptive in (False, True):
             stats, elapsed, plain_time, same = SpecStats(), 0.0, 0.0, 0
@@ -85,7 +89,7 @@ def main() -> None:
                 def run(ids, n, drafts=drafts, adaptive=adaptive, one=one):
                     one.__init__()
                     return speculate(model, ids, n, drafts, a.gamma, temperature=0, adaptive=adaptive,
-                                     confidence=a.confidence, stats=one)
+                                     confidence=a.confidence, stats=one, compile=a.compile)
 
                 # plain and speculative runs alternate, so a slow spell of the machine hits both
                 (tp, _), (t, out) = timed_pair(plain, run, ids, n, a.repeat)
