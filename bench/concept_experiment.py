@@ -9,7 +9,7 @@ Training FLOPs are counted by ``torch.utils.flop_counter`` on one training step 
 and backward). "At equal FLOPs" / "at equal wall time" read the dense run's validation
 curve (the fixed validation batches) where it had spent as much as the concept run in all.
 Results go to ``<out>/steps<N>/<name>/eval.json`` (finished runs are skipped on a re-run)
-and the table to ``docs/concept_experiment_<N>.md`` and ``.json``.
+and the table to ``docs/concept_experiment_<N>[_warmup<W>].md`` and ``.json``.
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ BYTE = ["tokenizer=byte", "vocab_size=256", "block_size=512", "batch_size=8"]
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "dense": ("dense", []),
     "concept": ("concept", []),
+    # the read gate open at init (read_scale 1): the preset before the fix, which stalls
+    # on the unigram plateau under a short warmup
+    "read_open": ("concept", ["concept_read_init=1"]),
     "dense_byte": ("dense", BYTE),
     "concept_byte": ("concept-byte", []),
     # ablations, one knob of the concept preset each
@@ -158,9 +161,9 @@ def main() -> None:
         print(f"   {r['wall_s']:.0f} s; BPC {r['row']['val_bpc']:.4f}", flush=True)
     results = {n: json.loads((root / n / "eval.json").read_text())
                for n in VARIANTS if (root / n / "eval.json").is_file()}
-    docs = Path(a.docs)
-    (docs / f"concept_experiment_{a.steps}.json").write_text(json.dumps(results, indent=1))
-    (docs / f"concept_experiment_{a.steps}.md").write_text(report(results, a.steps, a.warmup))
+    stem = Path(a.docs) / f"concept_experiment_{a.steps}{'' if a.warmup == 100 else f'_warmup{a.warmup}'}"
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    stem.with_suffix(".md").write_text(report(results, a.steps, a.warmup))
 
 
 if __name__ == "__main__":

@@ -81,6 +81,7 @@ class ModelConfig:
     concept_layers: int = 0  # blocks per concept level (0 = n_layer; shared: the first ones)
     concept_loss: Literal["cosine", "mse", "l1"] = "cosine"  # next-concept regression loss
     concept_weight: str = "0.1"  # regression loss weight: one for every level or one per level
+    concept_read_init: float = 0.0  # initial read_scale: 0 = the read path starts closed (the dense GPT)
 
     def combos(self) -> list[int]:
         """Units per concept at each concept level (level 1 first)."""
@@ -431,7 +432,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 _CONCEPT_KEYS = ("concept_levels", "combo", "combiner", "concept_read", "concept_share", "concept_layers",
-                 "concept_loss", "concept_weight")
+                 "concept_loss", "concept_weight", "concept_read_init")
 
 
 def _positive(obj: Any, *names: str) -> None:

@@ -54,6 +54,9 @@ KEY_HELP: dict[str, str] = {
     "concept_layers": "family concept: blocks per concept level (0: n_layer; shared: the first ones)",
     "concept_loss": "family concept: next-concept regression loss",
     "concept_weight": "family concept: regression loss weight, one for every level or one per level",
+    "concept_read_init": "family concept: initial value of read_scale, the gate on each level's read of the "
+                         "level above (0: the model starts as the dense GPT and trains stably under a short "
+                         "warmup; 1 stalled on the unigram plateau)",
     # train
     "tokenizer": "tokenizer: bpe128 (the seed's), char (the text's characters), byte, bpe:N (a byte-level "
                  "BPE of N tokens trained on the training split) or gpt2 (tiktoken)",

@@ -41,8 +41,10 @@ CONFIGS = {
 
 
 def tiny(sets: list[str], seed: int = 0) -> ConceptGPT:
+    """A tiny concept model whose read path is open (read_scale 1), so that every causality
+    test exercises it: the default closed gate would hide a leak until training opens it."""
     torch.manual_seed(seed)
-    model = build_model(build_config("tiny", None, ["family=concept", *sets]).model)
+    model = build_model(build_config("tiny", None, ["family=concept", "concept_read_init=1", *sets]).model)
     assert isinstance(model, ConceptGPT)
     return model
 
@@ -127,7 +129,7 @@ def canary_loss(tmp_path: Path, leak: bool, monkeypatch: pytest.MonkeyPatch) -> 
     cfg = build_config("tiny", None, ["family=concept", "tokenizer=char", f"vocab_size={len(alphabet)}",
                                       f"data={tmp_path / 'random.txt'}", "max_steps=150", "lr=0.01",
                                       "sample_tokens=0", "eval_every=150", "ckpt_every=150",
-                                      "combiner=linear"])
+                                      "combiner=linear", "concept_read_init=1"])
     res = train(cfg, tmp_path / ("leak" if leak else "run"), progress=False)
     return res.final[0].val_loss, len(alphabet)
 
@@ -173,6 +175,23 @@ def test_growth_starts_as_a_no_op_and_then_learns(name: str) -> None:
     assert float(grown.read_scale[top].grad.abs().sum()) > 0  # the new level's read can open
 
 
+@pytest.mark.parametrize("name", ["cross", "add", "l1_no_loss_level"])
+def test_a_new_model_starts_as_the_dense_gpt(name: str) -> None:
+    """With the read gates closed (the default), the token level is the dense GPT at init:
+    the same logits from the same weights (separate weights: a shared stack adds a level
+    embedding to the tokens too). The tokens' gate gets a gradient, so training opens it."""
+    torch.manual_seed(0)
+    sets = ["family=concept", *CONFIGS[name]]
+    model = build_model(build_config("tiny", None, sets).model).train()
+    dense = build_model(build_config("tiny", None, ["n_layer=2"]).model)
+    dense.load_state_dict({k: v for k, v in model.state_dict().items() if k in dense.state_dict()})
+    x = torch.randint(0, 128, (2, 32))
+    logits, loss, _ = model(x, x)
+    torch.testing.assert_close(logits, dense(x)[0], rtol=0, atol=0)
+    loss.backward()
+    assert float(model.read_scale[0].grad.abs().sum()) > 0
+
+
 @pytest.mark.parametrize("sets, message", [
     (["combo=1"], "each at least 2"),
     (["combo=4,4"], "one value, or 1"),
@@ -183,6 +202,7 @@ def test_growth_starts_as_a_no_op_and_then_learns(name: str) -> None:
     (["concept_read=sum"], "concept_read must be one of"),
     (["concept_share=true", "concept_layers=5"], "concept_share runs"),
     (["family=gpt", "combo=2"], "needs family=concept"),
+    (["concept_read_init=nan"], "concept_read_init must be finite"),
     (["levels=2"], "levels must be 1"),
 ])
 def test_bad_concept_configs_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture,
