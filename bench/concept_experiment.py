@@ -55,8 +55,15 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     # cross-attention and by addition (the fastest decoder: bench/bench_concept.py)
     "token2": ("concept", ["n_layer=2", "concept_layers=4"]),
     "token2_add": ("concept", ["n_layer=2", "concept_layers=4", "concept_read=add"]),
-    # effective context: 4x the window at the same tokens per step
-    "ctx1024": ("concept", ["block_size=1024", "batch_size=4"]),
+    # a 1-block token level reading its plan by addition: the decoder that could decode
+    # 1.5x faster than dense (bench/bench_concept.py)
+    "token1_add": ("concept", ["n_layer=1", "concept_layers=4", "concept_read=add"]),
+    # effective context at the same units per step: the token level attends to the last 256
+    # units (token_window), the concept levels read the whole 1,024 / 4,096; the dense
+    # twins with the same window (same token-level reach and cost) and with full attention
+    "ctx1024": ("concept", ["block_size=1024", "batch_size=4", "token_window=256"]),
+    "dense_window1024": ("dense", ["block_size=1024", "batch_size=4", "token_window=256"]),
+    "ctx4096": ("concept", ["block_size=4096", "batch_size=1", "token_window=256"]),
     "dense_ctx1024": ("dense", ["block_size=1024", "batch_size=4"]),
 }
 

@@ -47,6 +47,7 @@ class ModelConfig:
     distill: float = 0.0  # nested sub-models' loss: (1 - distill) * CE + distill * KL(full || sub)
     vocab_size: int = 128
     block_size: int = 256  # context length
+    token_window: int = 0  # > 0: token-level attention reads only the last token_window tokens
     n_layer: int = 4
     d_model: int = 128
     n_head: int = 4  # query heads
@@ -136,6 +137,12 @@ class ModelConfig:
             raise FractalError("mlp_mult * d_model must be at least 1")
         self._validate_moe()
         self._validate_concept()
+        if not 0 <= self.token_window <= self.block_size:
+            raise FractalError(f"token_window must be between 0 (the whole block_size) and block_size "
+                               f"{self.block_size}, got {self.token_window}")
+        if self.token_window and (self.family not in ("gpt", "concept") or self.concept_share):
+            raise FractalError("token_window needs family gpt, or concept with separate weights "
+                               "(shared blocks also run the concept levels)")
 
     def _validate_concept(self) -> None:
         if self.family != "concept":

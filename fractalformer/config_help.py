@@ -18,6 +18,9 @@ KEY_HELP: dict[str, str] = {
     "distill": "nested sub-models' loss: (1 - distill) * cross-entropy + distill * KL(full || sub)",
     "vocab_size": "tokens in the vocabulary (set from the tokenizer unless given)",
     "block_size": "context length in tokens",
+    "token_window": "token-level attention reads only the last token_window tokens, a sliding window "
+                    "(0: the whole block_size); family concept's levels still read the whole block_size, "
+                    "so the model reaches past the window at about the window's cost",
     "n_layer": "transformer layers",
     "d_model": "width of the residual stream",
     "n_head": "query heads",

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 import fractalformer
 from fractalformer.config import build_config
 from fractalformer.errors import FractalError
+from fractalformer.export import dense_model
 from fractalformer.generate import generate
 from fractalformer.models import build_model
 from fractalformer.models.concept import ConceptGPT, grow
@@ -37,6 +38,8 @@ CONFIGS = {
     "l1_no_loss_level": ["concept_levels=2", "combo=2,3", "concept_loss=l1", "concept_weight=0,1"],
     "three_levels_shared_add": ["concept_levels=3", "combo=2", "concept_share=true", "concept_read=add"],
     "combo8": ["combo=8", "combiner=linear"],
+    # a sliding 4-token window at the token level, two concept levels reading the whole block
+    "token_window": ["token_window=4", "concept_levels=2", "combo=2,3", "combiner=linear"],
 }
 
 
@@ -112,10 +115,42 @@ def test_jacobian_is_lower_triangular(name: str) -> None:
     assert bool((j.diagonal() > 0).all())  # and every output depends on its own input
 
 
-def test_the_causality_tests_catch_a_one_concept_leak(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("name", ["cross", "token_window"])
+def test_the_causality_tests_catch_a_one_concept_leak(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     monkeypatch.setattr(ConceptGPT, "plan_of", leaky_plan_of)
-    assert perturbation_leak(tiny([]), 30) > 1e-4
-    assert float(jacobian(tiny([]), 26).triu(1).abs().max()) > 0
+    assert perturbation_leak(tiny(CONFIGS[name]), 30) > 1e-4
+    assert float(jacobian(tiny(CONFIGS[name]), 26).triu(1).abs().max()) > 0
+
+
+def test_a_token_window_is_a_band_that_concepts_reach_past() -> None:
+    """A dense GPT with a 4-token window depends on exactly the last n_layer * 3 + 1 tokens;
+    the concept model with the same token level also depends on tokens before that."""
+    torch.manual_seed(0)
+    dense = build_model(build_config("tiny", None, ["token_window=4"]).model)
+    j = jacobian(dense, 26)
+    reach = dense.config.n_layer * 3  # each layer looks 3 tokens further back
+    t, s = torch.meshgrid(torch.arange(26), torch.arange(26), indexing="ij")
+    assert float(j[(s < t - reach) | (s > t)].abs().max()) == 0.0
+    assert bool((j[s == t - reach] > 0).all())
+    far = jacobian(tiny(CONFIGS["token_window"]), 26)[s < t - reach]
+    assert float(far.abs().max()) > 0  # the concept levels read the whole block
+
+
+def test_a_token_window_decodes_with_a_cache_as_it_computes_in_full() -> None:
+    torch.manual_seed(0)
+    model = build_model(build_config("tiny", None, ["token_window=5"]).model).eval()
+    x = torch.randint(0, 128, (2, 32))
+    full = model.run(x, [0])[0]
+    cache = model.new_cache(2)
+    cuts = [0, 3, 4, 17, *range(18, 33)]  # chunks shorter and longer than the window, single tokens
+    parts = [model.run(x[:, a:b], [0], cache)[0] for a, b in itertools.pairwise(cuts)]
+    torch.testing.assert_close(torch.cat(parts, 2), full, rtol=1e-5, atol=1e-5)
+    cache = model.new_cache(2)  # per-row positions (the server's batcher): the same band
+    model.run(x[:, :20], [0], cache)
+    cache[0].length = torch.tensor([20, 20])
+    torch.testing.assert_close(model.run(x[:, 20:22], [0], cache)[0], full[:, :, 20:22], rtol=1e-5, atol=1e-5)
+    with pytest.raises(FractalError, match="sliding window"):
+        dense_model(model, None, None)
 
 
 def canary_loss(tmp_path: Path, leak: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[float, int]:
@@ -203,6 +238,10 @@ def test_a_new_model_starts_as_the_dense_gpt(name: str) -> None:
     (["concept_share=true", "concept_layers=5"], "concept_share runs"),
     (["family=gpt", "combo=2"], "needs family=concept"),
     (["concept_read_init=nan"], "concept_read_init must be finite"),
+    (["token_window=33"], "token_window must be between 0"),
+    (["token_window=-1"], "token_window must be between 0"),
+    (["token_window=4", "concept_share=true"], "token_window needs family gpt, or concept with separate"),
+    (["family=fractal", "levels=2", "token_window=4"], "token_window needs family gpt"),
     (["levels=2"], "levels must be 1"),
 ])
 def test_bad_concept_configs_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture,

@@ -84,6 +84,7 @@ class Attention(nn.Module):
         self.o = Linear(nest, q_size, d_model, False, in_groups=1 if by_heads else n_head)
         self.rotaries = rotaries  # one table per level, owned (and moved) by the model
         self.dropout = dropout
+        self.window = 0  # > 0: each query attends to the last `window` positions only (itself included)
 
     def shape(self, level: int) -> tuple[int, int, int]:
         """(query heads, key/value heads, head dim) of one sub-model of ``level``."""
@@ -110,18 +111,45 @@ class Attention(nn.Module):
         if hkv != hq and not gqa:
             k = k.repeat_interleave(hq // hkv, dim=1)
             v = v.repeat_interleave(hq // hkv, dim=1)
+        extra = {"enable_gqa": True} if gqa else {}
+        dropout = self.dropout if self.training else 0.0
+        if self.window and isinstance(start, int) and start + t > self.window:
+            y = local_attention(q, k, v, start, self.window, dropout, extra)
+            return self.o(y.transpose(1, 2).reshape(n, b, t, hq * hd), level)
         mask, causal = None, True
         if isinstance(start, torch.Tensor):  # per-row positions: each row sees its own keys only
             causal = False
             pos_q = start[:, None] + torch.arange(t, device=x.device)  # (rows, t)
-            mask = (torch.arange(k.shape[-2], device=x.device) <= pos_q[..., None])[:, None]
+            pos_k = torch.arange(k.shape[-2], device=x.device)
+            mask = pos_k <= pos_q[..., None]
+            if self.window:
+                mask &= pos_k > pos_q[..., None] - self.window
+            mask = mask[:, None]
         elif start > 0:  # queries at start.. attend to every cached key up to their position
             causal = False
             if t > 1:
                 pos_q = torch.arange(start, start + t, device=x.device)
                 mask = torch.arange(start + t, device=x.device)[None, :] <= pos_q[:, None]
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal,
-            dropout_p=self.dropout if self.training else 0.0, **({"enable_gqa": True} if gqa else {}),
-        )
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout,
+                                           **extra)
         return self.o(y.transpose(1, 2).reshape(n, b, t, hq * hd), level)
+
+
+def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, window: int,
+                    dropout: float, extra: dict[str, bool]) -> torch.Tensor:
+    """Causal attention over the last ``window`` positions, in chunks of ``window`` queries.
+
+    q: (N, h, t, d) at positions ``start ..``; k, v: (N, hkv, start + t, d) at ``0 ..``.
+    A chunk reads at most ``2 * window - 1`` keys, so the cost grows linearly with the
+    sequence (a sliding window), not with its square.
+    """
+    t, out = q.shape[-2], []
+    for a in range(0, t, window):
+        b = min(a + window, t)
+        lo, hi = max(0, start + a - window + 1), start + b
+        pos_q = torch.arange(start + a, hi, device=q.device)[:, None]
+        pos_k = torch.arange(lo, hi, device=q.device)[None, :]
+        mask = (pos_k <= pos_q) & (pos_k > pos_q - window)
+        out.append(F.scaled_dot_product_attention(q[..., a:b, :], k[..., lo:hi, :], v[..., lo:hi, :],
+                                                  attn_mask=mask, dropout_p=dropout, **extra))
+    return torch.cat(out, -2)
