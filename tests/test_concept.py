@@ -153,7 +153,8 @@ def test_a_token_window_decodes_with_a_cache_as_it_computes_in_full() -> None:
         dense_model(model, None, None)
 
 
-def canary_loss(tmp_path: Path, leak: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[float, int]:
+def canary_loss(tmp_path: Path, leak: bool, monkeypatch: pytest.MonkeyPatch, sets: list[str]
+                ) -> tuple[float, int]:
     """Validation loss after training on uniform random characters, and the vocabulary."""
     gen = torch.Generator().manual_seed(5)
     alphabet = "abcdefghijklmnop"
@@ -164,15 +165,17 @@ def canary_loss(tmp_path: Path, leak: bool, monkeypatch: pytest.MonkeyPatch) -> 
     cfg = build_config("tiny", None, ["family=concept", "tokenizer=char", f"vocab_size={len(alphabet)}",
                                       f"data={tmp_path / 'random.txt'}", "max_steps=150", "lr=0.01",
                                       "sample_tokens=0", "eval_every=150", "ckpt_every=150",
-                                      "combiner=linear", "concept_read_init=1"])
+                                      "combiner=linear", "concept_read_init=1", *sets])
     res = train(cfg, tmp_path / ("leak" if leak else "run"), progress=False)
     return res.final[0].val_loss, len(alphabet)
 
 
-def test_leak_canary_random_tokens_stay_at_chance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    loss, vocab = canary_loss(tmp_path, False, monkeypatch)
+@pytest.mark.parametrize("sets", [[], ["token_window=8"]])
+def test_leak_canary_random_tokens_stay_at_chance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  sets: list[str]) -> None:
+    loss, vocab = canary_loss(tmp_path, False, monkeypatch, sets)
     assert loss >= math.log(vocab) - 0.05
-    leaked, _ = canary_loss(tmp_path, True, monkeypatch)  # the canary does sing on a leak
+    leaked, _ = canary_loss(tmp_path, True, monkeypatch, sets)  # the canary does sing on a leak
     assert leaked < math.log(vocab) - 0.2
 
 
