@@ -1,15 +1,21 @@
 """Speed of the next-concept predictor against the dense reference, measured in one run.
 
-    python bench/bench_concept.py [--preset concept] [--set KEY=VALUE] [--tokens 200] [--repeat 3]
-                                  [--no-context] [--json FILE]
+    python bench/bench_concept.py [--preset concept] [--set KEY=VALUE ...] [--dense-set KEY=VALUE ...]
+                                  [--tokens 200] [--repeat 3] [--window 256] [--no-context] [--json FILE]
 
 * Decode: greedy tokens/s with KV caches at batch 1 and 16 (a 16-token prompt, then
-  ``--tokens`` single-token steps), concept model / dense model.
-* Context: one training step (forward + backward) at 256, 1,024 and 4,096 tokens of
-  context with 4,096 tokens per step (batch 16 / 4 / 1), concept model / dense model.
+  ``--tokens`` single-token steps), the concept model (``--preset`` and ``--set``) against
+  the dense model (``--preset dense`` and ``--dense-set``: pick the dense model of the
+  concept model's quality, e.g. ``--dense-set n_layer=6``). Ratio = concept / dense speed.
+* Context: one training step (forward + backward) at 256, 1,024 and 4,096 units of
+  context with 4,096 units per step (batch 16 / 4 / 1): the dense model with full
+  attention, the dense model and the concept model with the token level's attention
+  limited to the last ``--window`` units (``token_window``; the concept levels read the
+  whole context). Each time is also given relative to the same model at 256 units: the
+  effective-context goal is a longer reach at about the same step time.
 
-Weights are untrained (speed does not depend on them). Ratios > 1 mean the concept model
-is faster. Both models run in the same process, interleaved, so machine load hits both.
+Weights are untrained (speed does not depend on them). Models run in the same process,
+interleaved, so machine load hits all of them alike.
 """
 
 from __future__ import annotations
@@ -53,17 +59,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="concept")
     ap.add_argument("--set", action="append", default=[], help="override a key of the concept model")
+    ap.add_argument("--dense-set", action="append", default=[], help="override a key of the dense model")
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--window", type=int, default=256, help="token_window of the context section")
+    ap.add_argument("--contexts", type=int, nargs="*", default=[256, 1024, 4096])
     ap.add_argument("--no-context", action="store_true", help="decode figures only")
     ap.add_argument("--json", help="also write the figures to this file")
     a = ap.parse_args()
     print(f"machine: {machine()}")
-    out: dict = {"machine": machine(), "preset": a.preset, "sets": a.set, "decode": {}, "context": {}}
-    dense, concept = model_of("dense", []), model_of(a.preset, a.set)
+    out: dict = {"machine": machine(), "preset": a.preset, "sets": a.set, "dense_sets": a.dense_set,
+                 "decode": {}, "context": {}}
+    dense, concept = model_of("dense", a.dense_set), model_of(a.preset, a.set)
     dense.eval()
     concept.eval()
-    print(f"dense {dense.num_params():,} parameters; {a.preset} {concept.num_params():,}")
+    print(f"dense {' '.join(a.dense_set)}: {dense.num_params():,} parameters; "
+          f"{a.preset} {' '.join(a.set)}: {concept.num_params():,}")
     for batch in (1, 16):
         t_d = timeit(lambda b=batch: decode(dense, b, a.tokens), a.repeat, 1)
         t_c = timeit(lambda b=batch: decode(concept, b, a.tokens), a.repeat, 1)
@@ -72,15 +83,20 @@ def main() -> None:
         out["decode"][batch] = row
         print(f"decode batch {batch:>2}: dense {row['dense_tok_s']:8.1f} tok/s | concept "
               f"{row['concept_tok_s']:8.1f} tok/s | concept/dense speed {row['ratio']:.2f}x")
-    for block in () if a.no_context else (256, 1024, 4096):
-        batch = 4096 // block
+    base: dict[str, float] = {}
+    for block in () if a.no_context else a.contexts:
+        batch = max(4096 // block, 1)
         sets = [f"block_size={block}", f"batch_size={batch}"]
-        d, c = model_of("dense", sets), model_of(a.preset, [*a.set, *sets])
-        t_d = timeit(lambda m=d, b=batch, k=block: train_step(m, b, k), a.repeat, 1)
-        t_c = timeit(lambda m=c, b=batch, k=block: train_step(m, b, k), a.repeat, 1)
-        out["context"][block] = {"dense_s": t_d, "concept_s": t_c, "ratio": t_d / t_c}
-        print(f"train step, context {block:>4} x batch {batch:>2}: dense {t_d:6.3f} s | concept {t_c:6.3f} s"
-              f" | concept/dense speed {t_d / t_c:.2f}x")
+        window = [f"token_window={min(a.window, block)}"]
+        models = {"dense": model_of("dense", [*a.dense_set, *sets]),
+                  "dense_window": model_of("dense", [*a.dense_set, *sets, *window]),
+                  "concept_window": model_of(a.preset, [*a.set, *sets, *window])}
+        row = {name: timeit(lambda m=m, b=batch, k=block: train_step(m, b, k), a.repeat, 1)
+               for name, m in models.items()}
+        base = base or dict(row)
+        out["context"][block] = {"seconds": row, "vs_256": {n: row[n] / base[n] for n in row}}
+        print(f"train step, context {block:>4} x batch {batch:>2}: "
+              + " | ".join(f"{n} {row[n]:6.3f} s ({row[n] / base[n]:.2f}x its first context)" for n in row))
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1) + "\n")
 

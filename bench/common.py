@@ -1,14 +1,22 @@
-"""Helpers shared by the benchmark scripts: machine description and timing."""
+"""Helpers shared by the benchmark scripts: machine description, timing, and the run /
+store / report loop of the experiment scripts."""
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import platform
+import shutil
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import torch
+
+from fractalformer.config import RunConfig
+from fractalformer.train import TrainResult, train
 
 
 def machine() -> str:
@@ -41,3 +49,44 @@ def timeit(fn: Callable[[], object], repeat: int, warmup: int = 2) -> float:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+# -- the experiment scripts' shared loop: train a named variant once, keep its result ----------
+
+def cached_result(folder: Path, compute: Callable[[], dict]) -> dict:
+    """The result stored in ``folder/eval.json`` by an earlier run (finished runs are skipped
+    when an experiment is re-run), else ``compute()``'s, stored there; a folder left half
+    written by an interrupted run is cleared first."""
+    done = folder / "eval.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    if folder.exists():
+        shutil.rmtree(folder)
+    result = compute()
+    done.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def timed_train(cfg: RunConfig, folder: Path) -> tuple[TrainResult, float]:
+    """Train ``cfg`` into ``folder`` quietly; the result and the wall time in seconds."""
+    t0 = time.perf_counter()
+    res = train(cfg, folder, progress=False)
+    return res, round(time.perf_counter() - t0, 1)
+
+
+def read_metrics(folder: Path) -> list[dict[str, str]]:
+    """The rows of a run's ``metrics.csv`` (validation columns are empty between evaluations)."""
+    with (folder / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def finished(root: Path, names: Iterable[str]) -> dict[str, dict]:
+    """The stored results of the variants in ``names`` that have finished under ``root``."""
+    done = {n: root / n / "eval.json" for n in names}
+    return {n: json.loads(f.read_text()) for n, f in done.items() if f.is_file()}
+
+
+def write_tables(stem: Path, results: dict[str, dict], text: str) -> None:
+    """An experiment's results as ``<stem>.json`` and its table as ``<stem>.md``."""
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    stem.with_suffix(".md").write_text(text)

@@ -9,35 +9,33 @@ Training FLOPs are counted by ``torch.utils.flop_counter`` on one training step 
 and backward). "At equal FLOPs" / "at equal wall time" read the dense run's validation
 curve (the fixed validation batches) where it had spent as much as the concept run in all.
 Results go to ``<out>/steps<N>/<name>/eval.json`` (finished runs are skipped on a re-run)
-and the table to ``docs/concept_experiment_<N>.md`` and ``.json``.
+and the table to ``docs/concept_experiment_<N>[_warmup<W>].md`` and ``.json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
-import json
-import shutil
 import sys
-import time
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine
+from common import cached_result, finished, machine, read_metrics, timed_train, write_tables
 
 import fractalformer
 from fractalformer.config import RunConfig, build_config
 from fractalformer.models import build_model
-from fractalformer.train import train
 
 BYTE = ["tokenizer=byte", "vocab_size=256", "block_size=512", "batch_size=8"]
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "dense": ("dense", []),
     "concept": ("concept", []),
+    # the read gate open at init (read_scale 1): the preset before the fix, which stalls
+    # on the unigram plateau under a short warmup
+    "read_open": ("concept", ["concept_read_init=1"]),
     "dense_byte": ("dense", BYTE),
     "concept_byte": ("concept-byte", []),
     # ablations, one knob of the concept preset each
@@ -52,8 +50,16 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     # cross-attention and by addition (the fastest decoder: bench/bench_concept.py)
     "token2": ("concept", ["n_layer=2", "concept_layers=4"]),
     "token2_add": ("concept", ["n_layer=2", "concept_layers=4", "concept_read=add"]),
-    # effective context: 4x the window at the same tokens per step
-    "ctx1024": ("concept", ["block_size=1024", "batch_size=4"]),
+    # a 1-block token level reading its plan by addition: the decoder that could decode
+    # 1.5x faster than dense (bench/bench_concept.py)
+    "token1_add": ("concept", ["n_layer=1", "concept_layers=4", "concept_read=add"]),
+    "dense_l2": ("dense", ["n_layer=2"]),  # shallower dense models: whose quality does token1_add reach?
+    # effective context at the same units per step: the token level attends to the last 256
+    # units (token_window), the concept levels read the whole 1,024 / 4,096; the dense
+    # twins with the same window (same token-level reach and cost) and with full attention
+    "ctx1024": ("concept", ["block_size=1024", "batch_size=4", "token_window=256"]),
+    "dense_window1024": ("dense", ["block_size=1024", "batch_size=4", "token_window=256"]),
+    "ctx4096": ("concept", ["block_size=4096", "batch_size=1", "token_window=256"]),
     "dense_ctx1024": ("dense", ["block_size=1024", "batch_size=4"]),
 }
 
@@ -71,30 +77,22 @@ def step_flops(cfg: RunConfig) -> int:
 
 def run_one(name: str, steps: int, root: Path, warmup: int) -> dict:
     folder = root / name
-    done = folder / "eval.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    if folder.exists():
-        shutil.rmtree(folder)
     preset, sets = VARIANTS[name]
-    cfg = build_config(preset, None, [*sets, f"max_steps={steps}", f"warmup_steps={warmup}",
-                                      "sample_tokens=0", "eval_every=50"])
-    flops = step_flops(cfg)
-    t0 = time.perf_counter()
-    res = train(cfg, folder, progress=False)
-    wall = time.perf_counter() - t0
-    model = fractalformer.load(folder)
-    with (folder / "metrics.csv").open() as f:
-        metrics = list(csv.DictReader(f))
-    result = {"name": name, "preset": preset, "sets": sets, "steps": steps, "warmup": warmup,
-              "wall_s": round(wall, 1),
-              "params": model.num_params(), "step_flops": flops,
-              "train_s_per_step": float(metrics[-1]["elapsed_s"]) / steps,
-              "val_curve": [(int(r["step"]), float(r["elapsed_s"]), float(r["val_loss"]), float(r["val_bpc"]))
-                            for r in metrics if r.get("val_loss")],
-              "row": res.final[0].to_json()}
-    done.write_text(json.dumps(result, indent=1))
-    return result
+
+    def compute() -> dict:
+        cfg = build_config(preset, None, [*sets, f"max_steps={steps}", f"warmup_steps={warmup}",
+                                          "sample_tokens=0", "eval_every=50"])
+        flops = step_flops(cfg)
+        res, wall = timed_train(cfg, folder)
+        metrics = read_metrics(folder)
+        curve = [(int(r["step"]), float(r["elapsed_s"]), float(r["val_loss"]), float(r["val_bpc"]))
+                 for r in metrics if r.get("val_loss")]
+        return {"name": name, "preset": preset, "sets": sets, "steps": steps, "warmup": warmup,
+                "wall_s": wall, "params": fractalformer.load(folder).num_params(), "step_flops": flops,
+                "train_s_per_step": float(metrics[-1]["elapsed_s"]) / steps, "val_curve": curve,
+                "row": res.final[0].to_json()}
+
+    return cached_result(folder, compute)
 
 
 def at(curve: list, x: float, axis: int) -> float | None:
@@ -156,11 +154,9 @@ def main() -> None:
         print(f"== {name}", flush=True)
         r = run_one(name, a.steps, root, a.warmup)
         print(f"   {r['wall_s']:.0f} s; BPC {r['row']['val_bpc']:.4f}", flush=True)
-    results = {n: json.loads((root / n / "eval.json").read_text())
-               for n in VARIANTS if (root / n / "eval.json").is_file()}
-    docs = Path(a.docs)
-    (docs / f"concept_experiment_{a.steps}.json").write_text(json.dumps(results, indent=1))
-    (docs / f"concept_experiment_{a.steps}.md").write_text(report(results, a.steps, a.warmup))
+    results = finished(root, VARIANTS)
+    stem = Path(a.docs) / f"concept_experiment_{a.steps}{'' if a.warmup == 100 else f'_warmup{a.warmup}'}"
+    write_tables(stem, results, report(results, a.steps, a.warmup))
 
 
 if __name__ == "__main__":

@@ -18,18 +18,16 @@ wall time of each run.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine
+from common import cached_result, finished, machine, timed_train, write_tables
 
+from fractalformer.checkpoint import load_model_state
 from fractalformer.config import build_config
 from fractalformer.evaluate import evaluate_full
 from fractalformer.models import build_model
-from fractalformer.train import train
 from fractalformer.train.trainer import prepare_data
 
 FF = ["family=fractal", "levels=3", "split=2"]
@@ -79,26 +77,17 @@ def run_steps(name: str, steps: int) -> int:
 
 def run_one(name: str, sets: list[str], steps: int, root: Path) -> dict:
     folder = root / name
-    done = folder / "eval.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    if folder.exists():
-        import shutil
 
-        shutil.rmtree(folder)
-    cfg = build_config("dense", None, [*sets, f"max_steps={steps}", "sample_tokens=0"])
-    t0 = time.perf_counter()
-    train(cfg, folder, progress=False)
-    wall = time.perf_counter() - t0
-    model = build_model(cfg.model)
-    from fractalformer.checkpoint import load_model_state
+    def compute() -> dict:
+        cfg = build_config("dense", None, [*sets, f"max_steps={steps}", "sample_tokens=0"])
+        _, wall = timed_train(cfg, folder)
+        model = build_model(cfg.model)
+        load_model_state(folder, model)
+        _, corpus = prepare_data(cfg)
+        rows = [r.to_json() for r in evaluate_full(model, corpus, cfg.model.block_size)]
+        return {"name": name, "sets": sets, "steps": steps, "wall_s": wall, "rows": rows}
 
-    load_model_state(folder, model)
-    _, corpus = prepare_data(cfg)
-    rows = [r.to_json() for r in evaluate_full(model, corpus, cfg.model.block_size)]
-    result = {"name": name, "sets": sets, "steps": steps, "wall_s": round(wall, 1), "rows": rows}
-    done.write_text(json.dumps(result, indent=1))
-    return result
+    return cached_result(folder, compute)
 
 
 def report(results: dict[str, dict], steps: int) -> str:
@@ -160,17 +149,13 @@ def main() -> None:
     results = {}
     for name, sets in runs().items():
         if a.only and name not in a.only:
-            done = root / name / "eval.json"
-            if done.is_file():
-                results[name] = json.loads(done.read_text())
+            results |= finished(root, [name])
             continue
         print(f"== {name}: {' '.join(sets)}", flush=True)
         results[name] = run_one(name, sets, run_steps(name, a.steps), root)
         print(f"   {results[name]['wall_s']:.0f} s; full-model BPC {results[name]['rows'][0]['val_bpc']:.4f}",
               flush=True)
-        docs = Path(a.docs)
-        (docs / "fractal_experiment.json").write_text(json.dumps(results, indent=1))
-        (docs / "fractal_experiment.md").write_text(report(results, a.steps))
+        write_tables(Path(a.docs) / "fractal_experiment", results, report(results, a.steps))
 
 
 if __name__ == "__main__":

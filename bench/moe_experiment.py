@@ -14,19 +14,14 @@ by side on different ``--only`` lists (set ``OMP_NUM_THREADS`` to share the core
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import shutil
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine
+from common import cached_result, finished, machine, read_metrics, timed_train, write_tables
 
 import fractalformer
 from fractalformer.config import build_config
-from fractalformer.train import train
 
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "dense": ("dense", []),
@@ -46,31 +41,24 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 
 def run_one(name: str, steps: int, root: Path) -> dict:
     folder = root / name
-    done = folder / "eval.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    if folder.exists():
-        shutil.rmtree(folder)
     preset, sets = VARIANTS[name]
-    cfg = build_config(preset, None, [*sets, f"max_steps={steps}", "sample_tokens=0", "eval_every=100"])
-    t0 = time.perf_counter()
-    res = train(cfg, folder, progress=False)
-    wall = time.perf_counter() - t0
-    model = fractalformer.load(folder)
-    row = res.final[0].to_json()
-    with (folder / "metrics.csv").open() as f:
-        metrics = [r for r in csv.DictReader(f)]
-    last = metrics[-1]
-    result = {"name": name, "preset": preset, "sets": sets, "steps": steps, "wall_s": round(wall, 1),
-              "params": model.num_params(),
-              "active_params": (model.active_params(row.get("mean_depth"))
-                                if hasattr(model, "active_params") else model.num_params()),
-              "train_loss_last": float(last["train_loss"]),
-              "val_curve": [(int(r["step"]), float(r["elapsed_s"]), float(r["val_loss"]))
-                            for r in metrics if r.get("val_loss")],
-              "row": row}
-    done.write_text(json.dumps(result, indent=1))
-    return result
+
+    def compute() -> dict:
+        cfg = build_config(preset, None, [*sets, f"max_steps={steps}", "sample_tokens=0", "eval_every=100"])
+        res, wall = timed_train(cfg, folder)
+        model = fractalformer.load(folder)
+        row = res.final[0].to_json()
+        metrics = read_metrics(folder)
+        return {"name": name, "preset": preset, "sets": sets, "steps": steps, "wall_s": wall,
+                "params": model.num_params(),
+                "active_params": (model.active_params(row.get("mean_depth"))
+                                  if hasattr(model, "active_params") else model.num_params()),
+                "train_loss_last": float(metrics[-1]["train_loss"]),
+                "val_curve": [(int(r["step"]), float(r["elapsed_s"]), float(r["val_loss"]))
+                              for r in metrics if r.get("val_loss")],
+                "row": row}
+
+    return cached_result(folder, compute)
 
 
 def _f(r: dict, key: str, fmt: str) -> str:
@@ -118,11 +106,8 @@ def main() -> None:
         print(f"== {name}", flush=True)
         r = run_one(name, a.steps, root)
         print(f"   {r['wall_s']:.0f} s; BPC {r['row']['val_bpc']:.4f}", flush=True)
-    results = {n: json.loads((root / n / "eval.json").read_text())
-               for n in VARIANTS if (root / n / "eval.json").is_file()}
-    docs = Path(a.docs)
-    (docs / f"moe_experiment_{a.steps}.json").write_text(json.dumps(results, indent=1))
-    (docs / f"moe_experiment_{a.steps}.md").write_text(report(results, a.steps))
+    results = finished(root, VARIANTS)
+    write_tables(Path(a.docs) / f"moe_experiment_{a.steps}", results, report(results, a.steps))
 
 
 if __name__ == "__main__":

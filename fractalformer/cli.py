@@ -143,7 +143,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="a draft stops a round early at a token it gives less probability (0: never)")
     sp.add_argument("--compare", action="store_true", help="also time plain KV-cache decoding")
     sp.add_argument("--compile", action="store_true",
-                    help="torch.compile drafts and target (and the --compare run): long generations, one draft")
+                    help="torch.compile drafts and target (and the --compare run): long outputs, one draft")
     sp.add_argument("--json", action="store_true", help="print the text and statistics as JSON")
 
     an = command("analyze", "embedding similarity, clusters, losses, consistency -> RUN/analysis/report.html",

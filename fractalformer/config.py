@@ -49,6 +49,7 @@ class ModelConfig:
     distill: float = 0.0  # nested sub-models' loss: (1 - distill) * CE + distill * KL(full || sub)
     vocab_size: int = 128
     block_size: int = 256  # context length
+    token_window: int = 0  # > 0: token-level attention reads only the last token_window tokens
     n_layer: int = 4
     d_model: int = 128
     n_head: int = 4  # query heads
@@ -83,6 +84,7 @@ class ModelConfig:
     concept_layers: int = 0  # blocks per concept level (0 = n_layer; shared: the first ones)
     concept_loss: Literal["cosine", "mse", "l1"] = "cosine"  # next-concept regression loss
     concept_weight: str = "0.1"  # regression loss weight: one for every level or one per level
+    concept_read_init: float = 0.0  # initial read_scale: 0 = the read path starts closed (the dense GPT)
 
     def combos(self) -> list[int]:
         """Units per concept at each concept level (level 1 first)."""
@@ -137,6 +139,12 @@ class ModelConfig:
             raise FractalError("mlp_mult * d_model must be at least 1")
         self._validate_moe()
         self._validate_concept()
+        if not 0 <= self.token_window <= self.block_size:
+            raise FractalError(f"token_window must be between 0 (the whole block_size) and block_size "
+                               f"{self.block_size}, got {self.token_window}")
+        if self.token_window and (self.family not in ("gpt", "concept") or self.concept_share):
+            raise FractalError("token_window needs family gpt, or concept with separate weights "
+                               "(shared blocks also run the concept levels)")
 
     def _validate_concept(self) -> None:
         if self.family != "concept":
@@ -434,7 +442,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 _CONCEPT_KEYS = ("concept_levels", "combo", "combiner", "concept_read", "concept_share", "concept_layers",
-                 "concept_loss", "concept_weight")
+                 "concept_loss", "concept_weight", "concept_read_init")
 
 
 def _positive(obj: Any, *names: str) -> None:

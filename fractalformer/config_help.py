@@ -18,6 +18,9 @@ KEY_HELP: dict[str, str] = {
     "distill": "nested sub-models' loss: (1 - distill) * cross-entropy + distill * KL(full || sub)",
     "vocab_size": "tokens in the vocabulary (set from the tokenizer unless given)",
     "block_size": "context length in tokens",
+    "token_window": "token-level attention reads only the last token_window tokens, a sliding window "
+                    "(0: the whole block_size); family concept's levels still read the whole block_size, "
+                    "so the model reaches past the window at about the window's cost",
     "n_layer": "transformer layers",
     "d_model": "width of the residual stream",
     "n_head": "query heads",
@@ -54,6 +57,9 @@ KEY_HELP: dict[str, str] = {
     "concept_layers": "family concept: blocks per concept level (0: n_layer; shared: the first ones)",
     "concept_loss": "family concept: next-concept regression loss",
     "concept_weight": "family concept: regression loss weight, one for every level or one per level",
+    "concept_read_init": "family concept: initial value of read_scale, the gate on each level's read of the "
+                         "level above (0: the model starts as the dense GPT and trains stably under a short "
+                         "warmup; 1 stalled on the unigram plateau)",
     # train
     "tokenizer": "tokenizer: bpe128 (the seed's), char (the text's characters), byte, bpe:N (a byte-level "
                  "BPE of N tokens trained on the training split) or gpt2 (tiktoken)",

@@ -48,6 +48,9 @@ def dense_model(model: GPT, level: int | None, index: int | None) -> GPT:
     if c.family == "concept":
         raise FractalError("family concept has no Llama equivalent (concept levels above the tokens): "
                            "it cannot be exported")
+    if c.token_window:
+        raise FractalError(f"token_window {c.token_window} (a sliding window) has no Llama equivalent: "
+                           "the run cannot be exported")
     if (level is None) != (index is None):
         raise FractalError("--level and --index go together")
     if level is None:

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 import fractalformer
 from fractalformer.config import build_config
 from fractalformer.errors import FractalError
+from fractalformer.export import dense_model
 from fractalformer.generate import generate
 from fractalformer.models import build_model
 from fractalformer.models.concept import ConceptGPT, grow
@@ -34,12 +35,16 @@ CONFIGS = {
     "l1_no_loss_level": ["concept_levels=2", "combo=2,3", "concept_loss=l1", "concept_weight=0,1"],
     "three_levels_shared_add": ["concept_levels=3", "combo=2", "concept_share=true", "concept_read=add"],
     "combo8": ["combo=8", "combiner=linear"],
+    # a sliding 4-token window at the token level, two concept levels reading the whole block
+    "token_window": ["token_window=4", "concept_levels=2", "combo=2,3", "combiner=linear"],
 }
 
 
 def tiny(sets: list[str], seed: int = 0) -> ConceptGPT:
+    """A tiny concept model whose read path is open (read_scale 1), so that every causality
+    test exercises it: the default closed gate would hide a leak until training opens it."""
     torch.manual_seed(seed)
-    model = build_model(build_config("tiny", None, ["family=concept", *sets]).model)
+    model = build_model(build_config("tiny", None, ["family=concept", "concept_read_init=1", *sets]).model)
     assert isinstance(model, ConceptGPT)
     return model
 
@@ -107,13 +112,46 @@ def test_jacobian_is_lower_triangular(name: str) -> None:
     assert bool((j.diagonal() > 0).all())  # and every output depends on its own input
 
 
-def test_the_causality_tests_catch_a_one_concept_leak(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("name", ["cross", "token_window"])
+def test_the_causality_tests_catch_a_one_concept_leak(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     monkeypatch.setattr(ConceptGPT, "plan_of", leaky_plan_of)
-    assert perturbation_leak(tiny([]), 30) > 1e-4
-    assert float(jacobian(tiny([]), 26).triu(1).abs().max()) > 0
+    assert perturbation_leak(tiny(CONFIGS[name]), 30) > 1e-4
+    assert float(jacobian(tiny(CONFIGS[name]), 26).triu(1).abs().max()) > 0
 
 
-def canary_loss(tmp_path: Path, leak: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[float, int]:
+def test_a_token_window_is_a_band_that_concepts_reach_past() -> None:
+    """A dense GPT with a 4-token window depends on exactly the last n_layer * 3 + 1 tokens;
+    the concept model with the same token level also depends on tokens before that."""
+    torch.manual_seed(0)
+    dense = build_model(build_config("tiny", None, ["token_window=4"]).model)
+    j = jacobian(dense, 26)
+    reach = dense.config.n_layer * 3  # each layer looks 3 tokens further back
+    t, s = torch.meshgrid(torch.arange(26), torch.arange(26), indexing="ij")
+    assert float(j[(s < t - reach) | (s > t)].abs().max()) == 0.0
+    assert bool((j[s == t - reach] > 0).all())
+    far = jacobian(tiny(CONFIGS["token_window"]), 26)[s < t - reach]
+    assert float(far.abs().max()) > 0  # the concept levels read the whole block
+
+
+def test_a_token_window_decodes_with_a_cache_as_it_computes_in_full() -> None:
+    torch.manual_seed(0)
+    model = build_model(build_config("tiny", None, ["token_window=5"]).model).eval()
+    x = torch.randint(0, 128, (2, 32))
+    full = model.run(x, [0])[0]
+    cache = model.new_cache(2)
+    cuts = [0, 3, 4, 17, *range(18, 33)]  # chunks shorter and longer than the window, single tokens
+    parts = [model.run(x[:, a:b], [0], cache)[0] for a, b in itertools.pairwise(cuts)]
+    torch.testing.assert_close(torch.cat(parts, 2), full, rtol=1e-5, atol=1e-5)
+    cache = model.new_cache(2)  # per-row positions (the server's batcher): the same band
+    model.run(x[:, :20], [0], cache)
+    cache[0].length = torch.tensor([20, 20])
+    torch.testing.assert_close(model.run(x[:, 20:22], [0], cache)[0], full[:, :, 20:22], rtol=1e-5, atol=1e-5)
+    with pytest.raises(FractalError, match="sliding window"):
+        dense_model(model, None, None)
+
+
+def canary_loss(tmp_path: Path, leak: bool, monkeypatch: pytest.MonkeyPatch, sets: list[str]
+                ) -> tuple[float, int]:
     """Validation loss after training on uniform random characters, and the vocabulary."""
     gen = torch.Generator().manual_seed(5)
     alphabet = "abcdefghijklmnop"
@@ -124,15 +162,17 @@ def canary_loss(tmp_path: Path, leak: bool, monkeypatch: pytest.MonkeyPatch) -> 
     cfg = build_config("tiny", None, ["family=concept", "tokenizer=char", f"vocab_size={len(alphabet)}",
                                       f"data={tmp_path / 'random.txt'}", "max_steps=150", "lr=0.01",
                                       "sample_tokens=0", "eval_every=150", "ckpt_every=150",
-                                      "combiner=linear"])
+                                      "combiner=linear", "concept_read_init=1", *sets])
     res = train(cfg, tmp_path / ("leak" if leak else "run"), progress=False)
     return res.final[0].val_loss, len(alphabet)
 
 
-def test_leak_canary_random_tokens_stay_at_chance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    loss, vocab = canary_loss(tmp_path, False, monkeypatch)
+@pytest.mark.parametrize("sets", [[], ["token_window=8"]])
+def test_leak_canary_random_tokens_stay_at_chance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  sets: list[str]) -> None:
+    loss, vocab = canary_loss(tmp_path, False, monkeypatch, sets)
     assert loss >= math.log(vocab) - 0.05
-    leaked, _ = canary_loss(tmp_path, True, monkeypatch)  # the canary does sing on a leak
+    leaked, _ = canary_loss(tmp_path, True, monkeypatch, sets)  # the canary does sing on a leak
     assert leaked < math.log(vocab) - 0.2
 
 
@@ -170,6 +210,23 @@ def test_growth_starts_as_a_no_op_and_then_learns(name: str) -> None:
     assert float(grown.read_scale[top].grad.abs().sum()) > 0  # the new level's read can open
 
 
+@pytest.mark.parametrize("name", ["cross", "add", "l1_no_loss_level"])
+def test_a_new_model_starts_as_the_dense_gpt(name: str) -> None:
+    """With the read gates closed (the default), the token level is the dense GPT at init:
+    the same logits from the same weights (separate weights: a shared stack adds a level
+    embedding to the tokens too). The tokens' gate gets a gradient, so training opens it."""
+    torch.manual_seed(0)
+    sets = ["family=concept", *CONFIGS[name]]
+    model = build_model(build_config("tiny", None, sets).model).train()
+    dense = build_model(build_config("tiny", None, ["n_layer=2"]).model)
+    dense.load_state_dict({k: v for k, v in model.state_dict().items() if k in dense.state_dict()})
+    x = torch.randint(0, 128, (2, 32))
+    logits, loss, _ = model(x, x)
+    torch.testing.assert_close(logits, dense(x)[0], rtol=0, atol=0)
+    loss.backward()
+    assert float(model.read_scale[0].grad.abs().sum()) > 0
+
+
 @pytest.mark.parametrize("sets, message", [
     (["combo=1"], "each at least 2"),
     (["combo=4,4"], "one value, or 1"),
@@ -180,6 +237,11 @@ def test_growth_starts_as_a_no_op_and_then_learns(name: str) -> None:
     (["concept_read=sum"], "concept_read must be one of"),
     (["concept_share=true", "concept_layers=5"], "concept_share runs"),
     (["family=gpt", "combo=2"], "needs family=concept"),
+    (["concept_read_init=nan"], "concept_read_init must be finite"),
+    (["token_window=33"], "token_window must be between 0"),
+    (["token_window=-1"], "token_window must be between 0"),
+    (["token_window=4", "concept_share=true"], "token_window needs family gpt, or concept with separate"),
+    (["family=fractal", "levels=2", "token_window=4"], "token_window needs family gpt"),
     (["levels=2"], "levels must be 1"),
 ])
 def test_bad_concept_configs_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture,

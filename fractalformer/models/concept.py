@@ -171,7 +171,7 @@ class ConceptGPT(GPT):
         # readers[k] reads level k + 1 (one shared by every level when shared)
         self.readers = nn.ModuleList(Reader(c, self.nest, c.n_layer if c.concept_share or k == 0 else cl)
                                      for k in range(1 if c.concept_share else n_levels))
-        self.read_scale = nn.ParameterList(nn.Parameter(torch.ones(c.d_model)) for _ in range(n_levels))
+        self.read_scale = nn.ParameterList(nn.Parameter(torch.empty(c.d_model)) for _ in range(n_levels))
         self.start = nn.ParameterList(nn.Parameter(torch.empty(c.d_model)) for _ in range(n_levels))
         self.combiners = nn.ModuleList(Linear(self.nest, k * c.d_model, c.d_model, False) for k in self.combo
                                        ) if c.combiner == "linear" else nn.ModuleList()
@@ -191,8 +191,10 @@ class ConceptGPT(GPT):
         for reader in self.readers:
             for x in getattr(reader, "cross", []):
                 nn.init.normal_(x.o.weight, std=resid_std)
+        # closed by default: at init the token level is exactly the dense GPT, and the read
+        # path opens at the pace Adam moves this gate (a zeroed projection would open at once)
         for s in self.read_scale:
-            nn.init.ones_(s)
+            nn.init.constant_(s, self.config.concept_read_init)
 
     # -- shapes ---------------------------------------------------------------------------
     def depth(self, level: int) -> int:

@@ -71,6 +71,8 @@ class GPT(nn.Module):
         self.rotary = nn.ModuleList(Rotary(h, c.block_size, c.rope_theta) for h in head_dims)
         self.blocks = nn.ModuleList(Block(c, self.nest, list(self.rotary), self.make_mlp(i))
                                     for i in range(c.n_layer))
+        for block in self.blocks:  # the token level's reach (concept levels above read further)
+            block.attn.window = c.token_window
         self.norm = RMSNorm(self.nest, c.d_model, c.norm_eps)
         self.drop = nn.Dropout(c.dropout)
         self.register_buffer("weights", torch.tensor(cfg.sub_model_weights()), persistent=False)

@@ -109,6 +109,7 @@ class Attention(nn.Module):
         self.o = Linear(nest, q_size, d_model, False, in_groups=1 if by_heads else n_head)
         self.rotaries = rotaries  # one table per level, owned (and moved) by the model
         self.dropout = dropout
+        self.window = 0  # > 0: each query attends to the last `window` positions only (itself included)
 
     def shape(self, level: int) -> tuple[int, int, int]:
         """(query heads, key/value heads, head dim) of one sub-model of ``level``."""
@@ -124,7 +125,8 @@ class Attention(nn.Module):
         hq, hkv, hd = self.shape(level)
         qkv = self.qkv(x, level).reshape(n * b, t, hq + 2 * hkv, hd)
         pos, mask = cache.where(t) if cache is not None else (0, None)
-        at = cache.length if cache is not None and isinstance(cache.length, int) else pos  # a slice: cheaper
+        start = cache.length if cache is not None else 0
+        at = start if isinstance(start, int) else pos  # an int: the tables are sliced, not gathered
         qk = self.rotaries[level].at(qkv[:, :, : hq + hkv], at).transpose(1, 2)  # q and k in one pass
         q, k, v = qk[:, :hq], qk[:, hq:], qkv[:, :, hq + hkv :].transpose(1, 2)
         if cache is not None:
@@ -133,8 +135,34 @@ class Attention(nn.Module):
         if hkv != hq and not gqa:
             k = k.repeat_interleave(hq // hkv, dim=1)
             v = v.repeat_interleave(hq // hkv, dim=1)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None,
-            dropout_p=self.dropout if self.training else 0.0, **({"enable_gqa": True} if gqa else {}),
-        )
+        extra = {"enable_gqa": True} if gqa else {}
+        dropout = self.dropout if self.training else 0.0
+        if self.window and isinstance(start, int) and start + t > self.window:
+            y = local_attention(q, k, v, start, self.window, dropout, extra)  # slots are positions
+            return self.o(y.transpose(1, 2).reshape(n, b, t, hq * hd), level)
+        if self.window and mask is not None and pos.dim() == 2:  # per-row positions: their own window
+            slots = torch.arange(mask.shape[-1], device=x.device)
+            mask = mask.masked_fill(slots <= (pos - self.window)[:, None, :, None], float("-inf"))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout,
+                                           **extra)
         return self.o(y.transpose(1, 2).reshape(n, b, t, hq * hd), level)
+
+
+def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, window: int,
+                    dropout: float, extra: dict[str, bool]) -> torch.Tensor:
+    """Causal attention over the last ``window`` positions, in chunks of ``window`` queries.
+
+    q: (N, h, t, d) at positions ``start ..``; k, v: (N, hkv, >= start + t, d), slot = position.
+    A chunk reads at most ``2 * window - 1`` keys, so the cost grows linearly with the
+    sequence (a sliding window), not with its square.
+    """
+    t, out = q.shape[-2], []
+    for a in range(0, t, window):
+        b = min(a + window, t)
+        lo, hi = max(0, start + a - window + 1), start + b
+        pos_q = torch.arange(start + a, hi, device=q.device)[:, None]
+        pos_k = torch.arange(lo, hi, device=q.device)[None, :]
+        mask = (pos_k <= pos_q) & (pos_k > pos_q - window)
+        out.append(F.scaled_dot_product_attention(q[..., a:b, :], k[..., lo:hi, :], v[..., lo:hi, :],
+                                                  attn_mask=mask, dropout_p=dropout, **extra))
+    return torch.cat(out, -2)
