@@ -81,16 +81,19 @@ def runner(model: torch.nn.Module, level: int, index: int | str) -> tuple[torch.
     return model, level, index
 
 
-def decode_fn(model: torch.nn.Module, compile: bool) -> Callable[..., dict[int, torch.Tensor]]:
+def decode_fn(model: torch.nn.Module, compile: bool | str) -> Callable[..., dict[int, torch.Tensor]]:
     """``model.run``, or with ``compile`` its ``torch.compile`` (kept on the model). The KV
     cache is addressed by position, so one graph per input shape covers every cache length:
     2-3x fewer milliseconds per token on a CPU, where an eager step is mostly per-op
-    overhead, for a compile of ~10-30 s (docs/performance.md)."""
+    overhead, for a compile of ~10-30 s (docs/performance.md). A string names the
+    ``torch.compile`` backend (the tests trace with ``"aot_eager"``: no C++ compilation)."""
     if not compile:
         return model.run
-    if "_compiled_run" not in model.__dict__:
-        model.__dict__["_compiled_run"] = torch.compile(model.run, dynamic=True)  # lengths vary
-    return model.__dict__["_compiled_run"]
+    backend = compile if isinstance(compile, str) else "inductor"
+    kept = model.__dict__.setdefault("_compiled_run", {})
+    if backend not in kept:
+        kept[backend] = torch.compile(model.run, dynamic=True, backend=backend)  # lengths vary
+    return kept[backend]
 
 
 def select_logits(logits: dict[int, torch.Tensor], level: int, index: int | str) -> torch.Tensor:
@@ -105,7 +108,7 @@ def select_logits(logits: dict[int, torch.Tensor], level: int, index: int | str)
 @torch.no_grad()
 def generate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             use_cache: bool = True, level: int = 0, index: int | str = 0, compile: bool = False
+             use_cache: bool = True, level: int = 0, index: int | str = 0, compile: bool | str = False
              ) -> Iterator[int]:
     """Yield ``max_new_tokens`` token ids continuing ``prompt`` (a non-empty id list).
 
@@ -157,7 +160,7 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
 def stream_text(model: torch.nn.Module, prompt: str, max_new_tokens: int = 200, *, temperature: float = 0.8,
                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                 level: int = 0, index: int | str = 0, on_unknown: str = "error",
-                use_cache: bool = True, compile: bool = False) -> Iterator[str]:
+                use_cache: bool = True, compile: bool | str = False) -> Iterator[str]:
     """Text pieces continuing ``prompt``, one per token, from sub-model ``(level, index)``.
 
     Every argument is checked here, before the first piece, so a caller can print an error

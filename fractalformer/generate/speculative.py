@@ -49,7 +49,7 @@ class _Drafter:
     """Drafts from one level: a lone sub-model as an extracted dense model, or the whole
     level as one batched pass (row ``j`` is sub-model ``j``, fed its own tokens)."""
 
-    def __init__(self, model: torch.nn.Module, level: int, indices: list[int], compile: bool) -> None:
+    def __init__(self, model: torch.nn.Module, level: int, indices: list[int], compile: bool | str) -> None:
         if len(indices) == 1:  # only its own weights: far cheaper than running the level
             self.runner, self.level, self.rows = extracted(model, level, indices[0]), 0, [0]
         else:
@@ -76,7 +76,7 @@ class _Session:
 
     def __init__(self, model: torch.nn.Module, prompt: list[int], drafts: list[tuple[int, int]],
                  target: tuple[int, int], temperature: float, top_k: int | None, top_p: float | None,
-                 seed: int | None, confidence: float, stats: SpecStats, compile: bool = False) -> None:
+                 seed: int | None, confidence: float, stats: SpecStats, compile: bool | str = False) -> None:
         self.model, self.stats = model, stats
         self.device = model.embed.weight.device
         self.sampling = (temperature, top_k, top_p)
@@ -252,8 +252,8 @@ class _Session:
 def speculate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int,
               drafts: list[tuple[int, int]], gamma: int = 4, target: tuple[int, int] = (0, 0),
               temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-              seed: int | None = None, adaptive: bool = True, confidence: float = 0.0, compile: bool = False,
-              stats: SpecStats | None = None) -> Iterator[int]:
+              seed: int | None = None, adaptive: bool = True, confidence: float = 0.0,
+              compile: bool | str = False, stats: SpecStats | None = None) -> Iterator[int]:
     """Yield ``max_new_tokens`` tokens distributed exactly as ``target``'s own sampling.
 
     ``confidence`` > 0 ends a draft's proposal early at a token it gives less probability
