@@ -3,6 +3,7 @@ store / report loop of the experiment scripts."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
@@ -90,3 +91,15 @@ def write_tables(stem: Path, results: dict[str, dict], text: str) -> None:
     """An experiment's results as ``<stem>.json`` and its table as ``<stem>.md``."""
     stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
     stem.with_suffix(".md").write_text(text)
+
+
+def experiment_parser(doc: str, steps: int, out: str, names: list[str]) -> argparse.ArgumentParser:
+    """The options every experiment script shares: steps, run folder, a subset of its
+    variants, the docs folder, and rebuilding the tables from finished runs."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--out", default=out)
+    ap.add_argument("--only", nargs="*", choices=names, help="run only these names")
+    ap.add_argument("--docs", default="docs")
+    ap.add_argument("--report", action="store_true", help="only rebuild the table from finished runs")
+    return ap

@@ -14,7 +14,6 @@ and the table to ``docs/concept_experiment_<N>[_warmup<W>].md`` and ``.json``.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import sys
 from pathlib import Path
@@ -23,7 +22,15 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import cached_result, finished, machine, read_metrics, timed_train, write_tables
+from common import (
+    cached_result,
+    experiment_parser,
+    finished,
+    machine,
+    read_metrics,
+    timed_train,
+    write_tables,
+)
 
 import fractalformer
 from fractalformer.config import RunConfig, build_config
@@ -141,13 +148,8 @@ def report(results: dict[str, dict], steps: int, warmup: int) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=500)
-    ap.add_argument("--out", default="runs/concept")
-    ap.add_argument("--only", nargs="*", choices=list(VARIANTS), help="run only these names")
+    ap = experiment_parser(__doc__, 500, "runs/concept", list(VARIANTS))
     ap.add_argument("--warmup", type=int, default=100, help="warmup steps (the presets' 100 by default)")
-    ap.add_argument("--docs", default="docs")
-    ap.add_argument("--report", action="store_true", help="only rebuild the table from finished runs")
     a = ap.parse_args()
     root = Path(a.out) / f"steps{a.steps}"
     for name in [] if a.report else a.only or VARIANTS:

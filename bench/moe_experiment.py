@@ -13,12 +13,19 @@ by side on different ``--only`` lists (set ``OMP_NUM_THREADS`` to share the core
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import cached_result, finished, machine, read_metrics, timed_train, write_tables
+from common import (
+    cached_result,
+    experiment_parser,
+    finished,
+    machine,
+    read_metrics,
+    timed_train,
+    write_tables,
+)
 
 import fractalformer
 from fractalformer.config import build_config
@@ -94,12 +101,7 @@ def report(results: dict[str, dict], steps: int) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=1400)
-    ap.add_argument("--out", default="runs/moe")
-    ap.add_argument("--only", nargs="*", choices=list(VARIANTS), help="run only these names")
-    ap.add_argument("--docs", default="docs")
-    ap.add_argument("--report", action="store_true", help="only rebuild the table from finished runs")
+    ap = experiment_parser(__doc__, 1400, "runs/moe", list(VARIANTS))
     a = ap.parse_args()
     root = Path(a.out) / f"steps{a.steps}"
     for name in [] if a.report else a.only or VARIANTS:

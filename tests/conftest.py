@@ -59,6 +59,17 @@ def losses(run: Path) -> list[float]:
         return [float(r["train_loss"]) for r in csv.DictReader(f)]
 
 
+def assert_resume_is_exact(capsys: pytest.CaptureFixture, tmp_path: Path, *args: str | Path) -> None:
+    """A run stopped at step 3 and resumed ends with the same weights, bit for bit, as one
+    trained straight through (``args``: a train command's options, with ckpt_every=3)."""
+    assert run_cli(capsys, "train", *args, "--out", tmp_path / "straight")[0] == 0
+    assert run_cli(capsys, "train", *args, "--out", tmp_path / "cut", "--stop-after", "3")[0] == 0
+    assert run_cli(capsys, "train", "--out", tmp_path / "cut", "--resume", "--quiet")[0] == 0
+    a, b = (load_file(str(tmp_path / r / "model.safetensors")) for r in ("straight", "cut"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def torchrun(*args: str | Path, ok: bool = True, timeout: int = 240) -> subprocess.CompletedProcess[str]:
     """``fractalformer train ARGS`` as two torchrun processes (on CPU: gloo), one thread each.
 

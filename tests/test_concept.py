@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import fractalformer
 from fractalformer.config import build_config
@@ -22,7 +21,7 @@ from fractalformer.models import build_model
 from fractalformer.models.concept import ConceptGPT, grow
 from fractalformer.train import train
 
-from .conftest import assert_two_processes_match_one, needs_torchrun, run_cli
+from .conftest import assert_resume_is_exact, assert_two_processes_match_one, needs_torchrun, run_cli
 
 TINY_CONCEPT = ["--preset", "tiny", "--quiet", "--set", "family=concept", "--set", "sample_tokens=0"]
 
@@ -318,13 +317,8 @@ def test_byte_mode_reads_any_utf8(tmp_path: Path, capsys: pytest.CaptureFixture)
 
 @pytest.mark.parametrize("extra", [[], ["--set", "concept_share=true", "--set", "concept_read=add"]])
 def test_resume_is_exact(tmp_path: Path, capsys: pytest.CaptureFixture, extra: list[str]) -> None:
-    args = [*TINY_CONCEPT, *extra, "--max-steps", "6", "--set", "ckpt_every=3"]
-    assert run_cli(capsys, "train", *args, "--out", tmp_path / "straight")[0] == 0
-    assert run_cli(capsys, "train", *args, "--out", tmp_path / "cut", "--stop-after", "3")[0] == 0
-    assert run_cli(capsys, "train", "--out", tmp_path / "cut", "--resume", "--quiet")[0] == 0
-    a, b = (load_file(str(tmp_path / r / "model.safetensors")) for r in ("straight", "cut"))
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_resume_is_exact(capsys, tmp_path, *TINY_CONCEPT, *extra, "--max-steps", "6",
+                           "--set", "ckpt_every=3")
 
 
 @pytest.mark.slow

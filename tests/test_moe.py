@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from fractalformer.config import build_config
 from fractalformer.models import build_model
@@ -16,7 +15,13 @@ from fractalformer.models.moe import FHME, usage_summary
 from fractalformer.nn.product_keys import PEER, PKM, ProductKeys, _Experts, _Read
 from fractalformer.train.trainer import make_optimizer
 
-from .conftest import assert_two_processes_match_one, needs_torchrun, run_cli, torchrun
+from .conftest import (
+    assert_resume_is_exact,
+    assert_two_processes_match_one,
+    needs_torchrun,
+    run_cli,
+    torchrun,
+)
 
 TINY_MOE = ["--preset", "tiny", "--quiet", "--set", "family=moe", "--set", "moe=peer",
             "--set", "n_experts=256", "--set", "moe_heads=2", "--set", "moe_topk=4",
@@ -228,13 +233,7 @@ def test_table_group_has_own_lr_and_no_decay() -> None:
 
 @pytest.mark.parametrize("extra", [[], ["--set", "moe_sparse=true", "--set", "moe=fhme"]])
 def test_resume_is_exact(tmp_path: Path, capsys: pytest.CaptureFixture, extra: list[str]) -> None:
-    args = [*TINY_MOE, *extra, "--max-steps", "6", "--set", "ckpt_every=3"]
-    assert run_cli(capsys, "train", *args, "--out", tmp_path / "straight")[0] == 0
-    assert run_cli(capsys, "train", *args, "--out", tmp_path / "cut", "--stop-after", "3")[0] == 0
-    assert run_cli(capsys, "train", "--out", tmp_path / "cut", "--resume", "--quiet")[0] == 0
-    a, b = (load_file(str(tmp_path / r / "model.safetensors")) for r in ("straight", "cut"))
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_resume_is_exact(capsys, tmp_path, *TINY_MOE, *extra, "--max-steps", "6", "--set", "ckpt_every=3")
 
 
 @pytest.fixture(scope="module")
