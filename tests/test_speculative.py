@@ -118,17 +118,18 @@ def test_sampling_is_distributed_as_the_target(drafts, gamma: int, top_k: int | 
             counts[tuple(speculate(m, prompt, length, drafts, gamma, temperature=1.0, top_k=top_k,
                                    seed=seed, adaptive=False, confidence=confidence, stats=stats))] += 1
     assert 0.05 < stats.alpha < 0.95  # drafts are both accepted and rejected: the test has teeth
-    if confidence:  # some drafts stopped early
-        eager = SpecStats()
+    if confidence:  # some drafts stopped early: fewer draft steps per generation
+        eager, m_eager = SpecStats(), 200
         with frozen_weights():
-            for seed in range(n):
+            for seed in range(m_eager):
                 list(speculate(m, prompt, length, drafts, gamma, temperature=1.0, seed=seed, adaptive=False,
                                stats=eager))
-        assert stats.draft_calls < eager.draft_calls
+        assert stats.draft_calls / n < 0.95 * eager.draft_calls / m_eager
     assert not chi_square_rejects(counts, expected, n)
     # the same test does reject a sampler that is off: the draft's own distribution
-    draft_counts = Counter(tuple(generate(m, prompt, length, 1.0, top_k, seed=s, level=1, index=0))
-                           for s in range(n))
+    with frozen_weights():  # extracted once, not per run
+        draft_counts = Counter(tuple(generate(m, prompt, length, 1.0, top_k, seed=s, level=1, index=0))
+                               for s in range(n))
     assert chi_square_rejects(draft_counts, expected, n)
 
 
