@@ -147,20 +147,39 @@ def test_policy_measures_then_drafts_only_while_it_pays() -> None:
     assert p.gamma() == 0  # plain decoding is measured first (the first call warms up)
     p.timed("plain", 5.0)
     p.timed("plain", 1.0)
-    assert p.gamma() == 4 and p.cost["plain"] == 1.0 and p.stats.plain_time == 6.0
+    assert p.gamma() == 2 and p.cost["plain"] == 1.0 and p.stats.plain_time == 6.0  # short: costs unknown
     for _ in range(2):
         p.timed("draft", 0.1)
         p.timed("verify", 1.5)
         p.accepted(4, 4)
     assert p.gamma() == 4
-    p.accepted(32, 0)  # the recent acceptance collapses: back off to plain decoding, then probe again
-    assert p.gamma() == 0 and p.plain_left == 32 and not p.recent  # probes start afresh
+    p.accepted(32, 0)  # the recent acceptance collapses: back off to plain decoding, then probe once
+    assert p.gamma() == 0 and p.plain_left == 32
     assert [p.gamma() for _ in range(32)] == [0] * 32
-    p.accepted(32, 32)
-    assert p.gamma() > 0
+    assert p.gamma() == 4  # the probe: one round at the largest gamma
+    p.accepted(4, 0)
+    assert p.gamma() == 0 and p.plain_left == 64  # it did not pay: a longer back-off
+    [p.gamma() for _ in range(64)]
+    assert p.gamma() == 4
+    p.accepted(32, 32)  # acceptance came back: drafting resumes
+    assert p.gamma() > 0 and p.backoff == 32
     p.timed("draft", 100.0)  # drafting can never pay now: stop probing
     assert p.gamma() == 0 and p.plain_left > 10**6
     assert Policy(3, adaptive=False, stats=SpecStats()).gamma() == 3
+
+
+def test_policy_stops_at_once_when_the_costs_rule_drafting_out() -> None:
+    p = Policy(4, adaptive=True, stats=SpecStats())
+    for kind, sec in [("plain", 1.0), ("plain", 1.0), ("draft", 0.9), ("verify", 1.7), ("draft", 0.9),
+                      ("verify", 1.7)]:
+        p.timed(kind, sec)
+    p.accepted(4, 4)  # too few positions to judge acceptance, but no acceptance could pay:
+    assert p.gamma() == 0 and p.plain_left > 10**6  # 5 tokens for 4 x 0.9 + 1.7 > 5 plain steps
+    q = Policy(4, adaptive=True, stats=SpecStats())  # near break-even only at alpha 1: stops too
+    for kind, sec in [("plain", 1.0), ("plain", 1.0), ("draft", 0.7), ("verify", 1.6), ("draft", 0.7),
+                      ("verify", 1.6)]:
+        q.timed(kind, sec)
+    assert best_gamma(1.0, 0.7, 1.6, 1.0, 4) and q.gamma() == 0 and q.plain_left > 10**6
 
 
 def test_compiled_speculation_equals_plain_greedy() -> None:

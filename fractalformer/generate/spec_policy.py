@@ -5,7 +5,8 @@ holds only policy. A round of ``gamma`` drafted positions at per-position accept
 ``alpha`` yields ``(1 - alpha**(gamma + 1)) / (1 - alpha)`` tokens for ``gamma`` draft
 steps and one verification; :class:`Policy` measures those costs and a plain decoding
 step as it goes and drafts only while the expected tokens per second beat plain
-decoding, probing again at growing intervals when they do not.
+decoding, probing again at growing intervals when they do not, and never again once
+the costs alone rule drafting out.
 """
 
 from __future__ import annotations
@@ -60,6 +61,11 @@ def expected_tokens(alpha: float, gamma: int) -> float:
     return (1 - alpha ** (gamma + 1)) / (1 - alpha)
 
 
+# Acceptance above what nested drafts reach (0.6-0.9 measured): if drafting would not pay
+# even at this rate, the costs alone rule it out and the policy stops probing.
+OPTIMISTIC_ALPHA = 0.9
+
+
 def best_gamma(alpha: float, draft_step: float, verify: float, plain_step: float, max_gamma: int) -> int:
     """gamma maximising tokens per second; 0 when plain decoding is at least as fast."""
     best, best_rate = 0, 1.0 / plain_step
@@ -71,7 +77,14 @@ def best_gamma(alpha: float, draft_step: float, verify: float, plain_step: float
 
 
 class Policy:
-    """Adaptive gamma: learn the costs and the acceptance, then draft only while it pays."""
+    """Adaptive gamma: learn the costs and the acceptance, then draft only while it pays.
+
+    Drafting stops for good as soon as the measured costs say it cannot pay even at an
+    acceptance of ``OPTIMISTIC_ALPHA`` (after two short rounds: at d_model 128 a draft step
+    costs half a verification, and no acceptance a nested draft reaches helps). Otherwise, while the running
+    acceptance does not pay, it decodes plainly for a back-off of 32, 64, ... 512 tokens
+    and then probes with a single round, judged with the acceptance it has seen so far.
+    """
 
     def __init__(self, max_gamma: int, adaptive: bool, stats: SpecStats) -> None:
         self.max_gamma, self.adaptive, self.stats = max_gamma, adaptive, stats
@@ -79,6 +92,7 @@ class Policy:
         self.cost: dict[str, float] = {}  # moving averages: "draft" step, "verify" round, "plain" step
         self.seen: set[str] = set()
         self.plain_left = 0  # tokens to decode plainly before probing again
+        self.probe = False  # the back-off is over: draft one round, then decide again
         self.backoff = 32
 
     def timed(self, kind: str, seconds: float, count: int = 1) -> None:
@@ -103,15 +117,19 @@ class Policy:
             return 0
         if "plain" not in self.cost:  # measure plain decoding first
             return 0
-        if "verify" not in self.cost or len(self.recent) < 8:
-            return self.max_gamma
+        if "verify" not in self.cost or "draft" not in self.cost:  # two short rounds measure the costs
+            return min(2, self.max_gamma)
         costs = (self.cost["draft"], self.cost["verify"], self.cost["plain"])
+        if not best_gamma(OPTIMISTIC_ALPHA, *costs, self.max_gamma):  # the costs alone rule it out
+            self.plain_left = 10**9
+            return 0
+        if self.probe or len(self.recent) < 8:
+            self.probe = False
+            return self.max_gamma
         g = best_gamma(sum(self.recent) / len(self.recent), *costs, self.max_gamma)
         if g:
             self.backoff = 32
             return g
-        # drafting does not pay now; if it cannot pay even when every token is accepted, stop probing
-        self.plain_left = 10**9 if not best_gamma(1.0, *costs, self.max_gamma) else self.backoff
-        self.backoff = min(2 * self.backoff, 256)
-        self.recent.clear()  # the next probe decides on fresh acceptance, not on what made us stop
+        self.plain_left, self.probe = self.backoff, True
+        self.backoff = min(2 * self.backoff, 512)
         return 0
