@@ -166,7 +166,7 @@ def canary_loss(tmp_path: Path, leak: bool, monkeypatch: pytest.MonkeyPatch, set
     return res.final[0].val_loss, len(alphabet)
 
 
-@pytest.mark.parametrize("sets", [[], ["token_window=8"]])
+@pytest.mark.parametrize("sets", [[], ["token_window=8"], ["concept_share=true"]])
 def test_leak_canary_random_tokens_stay_at_chance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                   sets: list[str]) -> None:
     loss, vocab = canary_loss(tmp_path, False, monkeypatch, sets)
