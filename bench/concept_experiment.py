@@ -45,6 +45,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "read_open": ("concept", ["concept_read_init=1"]),
     "dense_byte": ("dense", BYTE),
     "concept_byte": ("concept-byte", []),
+    "concept_byte_shared": ("concept-byte", ["concept_share=true"]),  # the best bpe128 ablation, on bytes
     # ablations, one knob of the concept preset each
     "no_regression": ("concept", ["concept_weight=0"]),
     "add": ("concept", ["concept_read=add"]),
