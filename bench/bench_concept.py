@@ -87,7 +87,7 @@ def main() -> None:
     for block in () if a.no_context else a.contexts:
         batch = max(4096 // block, 1)
         sets = [f"block_size={block}", f"batch_size={batch}"]
-        window = [f"token_window={min(a.window, block)}"]
+        window = [f"token_window={a.window}"] if block > a.window else []  # a window >= block is none
         models = {"dense": model_of("dense", [*a.dense_set, *sets]),
                   "dense_window": model_of("dense", [*a.dense_set, *sets, *window]),
                   "concept_window": model_of(a.preset, [*a.set, *sets, *window])}

@@ -63,7 +63,9 @@ def main() -> None:
     patch(a.variant)
     gate = [] if a.variant == "dense" else [f"concept_read_init={0 if a.variant == 'closed' else 1}"]
     schedule = ["max_steps=100", "warmup_steps=10", "sample_tokens=0", "eval_every=50"]
-    cfg = build_config("dense" if a.variant == "dense" else "concept", None, [*gate, *a.set, *schedule])
+    sets = [] if a.variant == "dense" else ["concept_share=false"]  # the preset of the diagnosis
+    cfg = build_config("dense" if a.variant == "dense" else "concept", None,
+                       [*sets, *gate, *a.set, *schedule])
     with tempfile.TemporaryDirectory() as tmp:
         train(cfg, Path(tmp) / "run", stop_after=a.steps, progress=False)
         with (Path(tmp) / "run" / "metrics.csv").open() as f:
