@@ -65,6 +65,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     # 1.5x faster than dense (bench/bench_concept.py)
     "token1_add": ("concept", [*SEP, "n_layer=1", "concept_layers=4", "concept_read=add"]),
     "dense_l2": ("dense", ["n_layer=2"]),  # shallower dense models: whose quality does token1_add reach?
+    "dense_l8": ("dense", ["n_layer=8"]),  # a deeper one: the dense model of the shared preset's quality?
     # effective context at the same units per step: the token level attends to the last 256
     # units (token_window, which needs separate weights), the concept levels read the whole
     # 1,024 / 4,096; the dense twins with the same window (same token-level reach and cost)
