@@ -92,6 +92,11 @@ def decode_fn(model: torch.nn.Module, compile: bool | str) -> Callable[..., dict
     backend = compile if isinstance(compile, str) else "inductor"
     kept = model.__dict__.setdefault("_compiled_run", {})
     if backend not in kept:
+        # dynamo counts graphs per code object, so the target and every extracted draft (all
+        # ``GPT.run``) share its limit of 8: speculation would fall back to eager silently
+        cfg = torch._dynamo.config  # the limit's name before torch 2.6: cache_size_limit
+        name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+        setattr(cfg, name, max(getattr(cfg, name), 64))
         kept[backend] = torch.compile(model.run, dynamic=True, backend=backend)  # lengths vary
     return kept[backend]
 
