@@ -394,8 +394,10 @@ class RunConfig:
         return cfg
 
 
+# a smoke run's closing score reads the first 64 validation windows (2,048 tokens), not the whole split
 _TINY = dict(block_size=32, n_layer=2, d_model=32, n_head=4, n_kv_head=2, head_dim=8, batch_size=8,
-             max_steps=20, warmup_steps=2, eval_every=10, eval_batches=2, ckpt_every=10, sample_tokens=40)
+             max_steps=20, warmup_steps=2, eval_every=10, eval_batches=2, ckpt_every=10, sample_tokens=40,
+             final_eval=64)
 PRESETS: dict[str, dict[str, Any]] = {
     # The FractalFormer: the seed's dims, 3 levels of block nesting (1 + 2 + 4 sub-models).
     # Whole-head nesting with 4 KV heads; half the loss on the full model (the rest shared

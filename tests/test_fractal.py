@@ -181,8 +181,8 @@ def test_every_sub_model_learns(fractal_run: Path) -> None:
     assert (fractal_run / "curves.png").is_file()
 
 
-def test_fractal_cli_eval_sample_extract(capsys, fractal_run: Path, tmp_path: Path) -> None:
-    code, out, _ = run_cli(capsys, "eval", fractal_run, "--json")
+def test_fractal_cli_eval_sample_extract(capsys, fractal_run: Path, excerpt: Path, tmp_path: Path) -> None:
+    code, out, _ = run_cli(capsys, "eval", fractal_run, "--json", "--data", excerpt)
     rows = json.loads(out)
     assert code == 0
     assert [(r["level"], r["index"]) for r in rows] == [
@@ -208,7 +208,7 @@ def test_fractal_cli_eval_sample_extract(capsys, fractal_run: Path, tmp_path: Pa
     full = fractalformer.load(fractal_run)
     x = torch.randint(0, 128, (2, 32))
     torch.testing.assert_close(sub(x)[0], full.run(x, [2])[2][1], rtol=1e-5, atol=1e-5)
-    code, out, _ = run_cli(capsys, "eval", sub_dir, "--json")
+    code, out, _ = run_cli(capsys, "eval", sub_dir, "--json", "--data", excerpt)
     in_fractal = next(r for r in rows if (r["level"], r["index"]) == (2, 1))
     assert json.loads(out)[0]["val_loss"] == pytest.approx(in_fractal["val_loss"], abs=1e-5)
     # an extracted run trains further

@@ -245,12 +245,12 @@ def fhme_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_cli_train_eval_sample_and_usage(fhme_run: Path, tmp_path: Path,
+def test_cli_train_eval_sample_and_usage(fhme_run: Path, excerpt: Path, tmp_path: Path,
                                         capsys: pytest.CaptureFixture) -> None:
     out = fhme_run
     usage = json.loads((out / "expert_usage.json").read_text())
     assert 0 < usage["expert_usage"] <= 1 and 1 <= usage["mean_depth"] <= 3
-    code, stdout, _ = run_cli(capsys, "eval", out, "--json")
+    code, stdout, _ = run_cli(capsys, "eval", out, "--json", "--data", excerpt)
     row = json.loads(stdout)[0]
     for key in ("expert_usage", "expert_kl", "dead_experts", "mean_depth", "compute_saved"):
         assert key in row
@@ -259,7 +259,7 @@ def test_cli_train_eval_sample_and_usage(fhme_run: Path, tmp_path: Path,
     assert code == 0 and len(stdout) > 5
     code, _, err = run_cli(capsys, "extract", out, "--level", "0", "--index", "0", "--out", tmp_path / "x")
     assert code == 2 and "not nested" in err
-    code, stdout, _ = run_cli(capsys, "eval", out)
+    code, stdout, _ = run_cli(capsys, "eval", out, "--data", excerpt)
     assert code == 0 and "experts:" in stdout and "mean depth" in stdout
 
 

@@ -284,14 +284,17 @@ class ConceptGPT(GPT):
             v = self.concept_norms[k - 1](v, 0)
             state.units[k] = v if state.units[k] is None else torch.cat([state.units[k], v], 2)
 
-    def _level(self, k: int, x: State, first: int, state: ConceptCache) -> State:
-        """Run level ``k`` on positions ``first ..``; returns its normed final states."""
+    def _level(self, k: int, x: State, first: int, state: ConceptCache, group: torch.Tensor | None = None
+               ) -> State:
+        """Run level ``k`` on positions ``first ..``; returns its normed final states. ``group``:
+        the plan of the level above each position reads up to (default: its own concept's)."""
         t = x.shape[2]
         if self.level_emb is not None:
             x = x + self.level_emb[k]
         kv = state.kv[k] if state.kv else None
         above = state.memory[k] if k < self.config.concept_levels else None
-        group = self.plan_of(torch.arange(first, first + t, device=x.device), k) if above else None
+        if above and group is None:
+            group = self.plan_of(torch.arange(first, first + t, device=x.device), k)
         reader, scale = (self.reader(k), self.read_scale[k]) if above else (None, None)
         if above is not None and not hasattr(reader, "cross"):
             x = x + scale * above.added[:, :, group]
