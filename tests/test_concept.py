@@ -283,7 +283,7 @@ def test_cli_train_eval_sample_analyze_load(concept_run: Path, excerpt: Path, tm
     code, stdout2, _ = run_cli(capsys, "sample", concept_run, "--max-new-tokens", "40", "--seed", "1",
                                "--prompt", "ROMEO:", "--no-cache")
     assert stdout2 == stdout
-    code, _, _ = run_cli(capsys, "analyze", concept_run, "--windows", "2")
+    code, _, _ = run_cli(capsys, "analyze", concept_run, "--windows", "2", "--data", excerpt)
     assert code == 0 and (concept_run / "analysis" / "report.html").is_file()
     code, _, err = run_cli(capsys, "extract", concept_run, "--level", "0", "--index", "0",
                            "--out", tmp_path / "x")

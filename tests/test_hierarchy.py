@@ -113,7 +113,7 @@ def test_groups_file_errors(tmp_path: Path) -> None:
     assert load_groups(str(Path(__file__).parents[1] / "fractalformer/assets/groups_bpe128.json"), tok)
 
 
-def test_imposed_and_emergent_run_and_the_report(capsys, tmp_path: Path) -> None:
+def test_imposed_and_emergent_run_and_the_report(capsys, excerpt: Path, tmp_path: Path) -> None:
     out = tmp_path / "mrl"
     code, _, err = run_cli(capsys, "train", "--preset", "tiny", "--quiet", "--tokenizer", "char", "--set",
                            "family=mrl", "--set", "levels=4", "--set", "groups=seed", "--set",
@@ -122,7 +122,7 @@ def test_imposed_and_emergent_run_and_the_report(capsys, tmp_path: Path) -> None
     history = json.loads((out / "clusters.json").read_text())
     assert [c["step"] for c in history] == [5, 10] and set(history[0]["sizes"]) == {"4", "8", "16"}
     assert json.loads((out / "groups.json").read_text())["sizes"]["4"]
-    code, _, err = run_cli(capsys, "analyze", out, "--windows", "4")
+    code, _, err = run_cli(capsys, "analyze", out, "--windows", "4", "--data", excerpt)
     assert code == 0, err
     html = (out / "analysis" / "report.html").read_text()
     assert html.count("data:image/png;base64") == 6 and "expected acceptance" in html  # curves, 4 maps, tree
@@ -154,12 +154,13 @@ def test_groups_need_a_nested_model(capsys, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("fixture", ["tiny_run", "fractal_run"])
-def test_report_builds_for_dense_and_fractal_runs(capsys, request, fixture: str, tmp_path: Path) -> None:
+def test_report_builds_for_dense_and_fractal_runs(capsys, request, fixture: str, excerpt: Path,
+                                                   tmp_path: Path) -> None:
     import shutil
 
     run = tmp_path / "run"
     shutil.copytree(request.getfixturevalue(fixture), run)
-    code, _, err = run_cli(capsys, "analyze", run, "--windows", "2")
+    code, _, err = run_cli(capsys, "analyze", run, "--windows", "2", "--data", excerpt)
     assert code == 0, err
     summary = json.loads((run / "analysis" / "summary.json").read_text())
     n_sub = 1 if fixture == "tiny_run" else 7

@@ -263,8 +263,8 @@ def test_cli_train_eval_sample_and_usage(fhme_run: Path, excerpt: Path, tmp_path
     assert code == 0 and "experts:" in stdout and "mean depth" in stdout
 
 
-def test_analyze_draws_the_expert_usage(fhme_run: Path, capsys: pytest.CaptureFixture) -> None:
-    code, _, _ = run_cli(capsys, "analyze", fhme_run, "--windows", "4")
+def test_analyze_draws_the_expert_usage(fhme_run: Path, excerpt: Path, capsys: pytest.CaptureFixture) -> None:
+    code, _, _ = run_cli(capsys, "analyze", fhme_run, "--windows", "4", "--data", excerpt)
     assert code == 0
     page = (fhme_run / "analysis" / "report.html").read_text()
     assert "Experts (4 validation windows)" in page and (fhme_run / "analysis" / "expert_usage.png").is_file()
