@@ -28,6 +28,7 @@ from common import machine
 
 import fractalformer
 from fractalformer.generate import SpecStats, generate, speculate
+from fractalformer.generate.spec_policy import forget_costs
 from fractalformer.nn.nesting import frozen_weights
 
 PROMPTS = ["KING RICHARD III:\n", "ROMEO:\nO, ", "First Citizen:\nWe are"]
@@ -41,6 +42,8 @@ def main() -> None:
     ap.add_argument("--prompt", action="append", help=f"repeatable (default: {PROMPTS})")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--cold", action="store_true", help="every generation measures the costs afresh (by "
+                    "default a process's first generation of a setting measures them, the rest reuse them)")
     ap.add_argument("--confidence", type=float, default=0.0, help="early stop of drafts (see speculate)")
     ap.add_argument("--compile", action="store_true", help="torch.compile plain decoding, drafts and target "
                     "(compiles happen in the first, untimed-best run)")
@@ -55,7 +58,8 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"run: {a.run} ({model.num_params():,} params, d_model {model.config.d_model}, "
           f"{model.config.n_layer} layers, {a.dtype}) | {len(prompts)} prompts x {lengths[0]} new tokens, "
-          f"greedy, batch 1, best of {a.repeat}")
+          f"greedy, batch 1, best of {a.repeat}, costs measured "
+          f"{'by every generation' if a.cold else 'once per setting'}")
 
     def timed(fn, ids: list[int], n: int) -> tuple[float, list[int]]:
         best, out = float("inf"), []
@@ -88,6 +92,8 @@ def main() -> None:
 
                 def run(ids, n, drafts=drafts, adaptive=adaptive, one=one):
                     one.__init__()
+                    if a.cold:
+                        forget_costs(model)
                     return speculate(model, ids, n, drafts, a.gamma, temperature=0, adaptive=adaptive,
                                      confidence=a.confidence, stats=one, compile=a.compile)
 

@@ -10,7 +10,7 @@ import torch
 from fractalformer import FractalError
 from fractalformer.config import ModelConfig
 from fractalformer.generate import SpecStats, generate, speculate
-from fractalformer.generate.spec_policy import Policy, best_gamma, expected_tokens
+from fractalformer.generate.spec_policy import Policy, best_gamma, expected_tokens, known_costs
 from fractalformer.generate.speculative import commit_row, parse_sub_model
 from fractalformer.models import build_model
 from fractalformer.nn import KVCache
@@ -163,6 +163,25 @@ def test_policy_measures_then_drafts_only_while_it_pays() -> None:
     p.timed("draft", 100.0)  # drafting can never pay now: stop probing
     assert p.gamma() == 0 and p.plain_left > 10**6
     assert Policy(3, adaptive=False, stats=SpecStats()).gamma() == 3
+
+
+def test_costs_measured_once_serve_later_generations() -> None:
+    slow = {"plain": 1.0, "draft": 0.9, "verify": 1.7}  # drafting cannot pay
+    p = Policy(4, adaptive=True, stats=SpecStats(), costs=dict(slow))
+    assert p.gamma() == 0 and p.plain_left > 10**6  # no short rounds to measure them again
+    fast = Policy(4, adaptive=True, stats=SpecStats(), costs={"plain": 1.0, "draft": 0.05, "verify": 1.1})
+    assert fast.gamma() == 4  # drafts at once, judging acceptance as it goes
+    m = model()
+    drafts, prompt = [(2, 0)], [1, 2, 3, 4, 5]
+    plain = list(generate(m, prompt, 30, temperature=0))
+    first = SpecStats()
+    assert list(speculate(m, prompt, 30, drafts, 4, temperature=0, stats=first)) == plain
+    known = known_costs(m, (tuple(drafts), (0, 0), False, torch.get_num_threads()))
+    assert set(known) == {"plain", "draft", "verify"} and first.rounds >= 2  # measured by this generation
+    known.update(slow)  # as if they had come out this way: the next generation does not draft at all
+    later = SpecStats()
+    assert list(speculate(m, prompt, 30, drafts, 4, temperature=0, stats=later)) == plain
+    assert later.rounds == 0 and later.plain_tokens == 30
 
 
 def test_policy_stops_at_once_when_the_costs_rule_drafting_out() -> None:

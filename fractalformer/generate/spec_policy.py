@@ -6,13 +6,16 @@ holds only policy. A round of ``gamma`` drafted positions at per-position accept
 steps and one verification; :class:`Policy` measures those costs and a plain decoding
 step as it goes and drafts only while the expected tokens per second beat plain
 decoding, probing again at growing intervals when they do not, and never again once
-the costs alone rule drafting out.
+the costs alone rule drafting out. The costs are kept per model and set-up
+(:func:`known_costs`), so a process measures them in its first generation only.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -80,18 +83,22 @@ class Policy:
     """Adaptive gamma: learn the costs and the acceptance, then draft only while it pays.
 
     Drafting stops for good as soon as the measured costs say it cannot pay even at an
-    acceptance of ``OPTIMISTIC_ALPHA`` (after two short rounds: at d_model 128 a draft step
-    costs half a verification, and no acceptance a nested draft reaches helps). Otherwise,
+    acceptance of ``OPTIMISTIC_ALPHA`` (after two short rounds, or at once when an earlier
+    generation measured them: at d_model 128 a draft step costs half a verification, and no
+    acceptance a nested draft reaches helps). Otherwise,
     while the running acceptance does not pay, it decodes plainly for a back-off of 32, 64,
     ... 256 tokens, then probes until it has 8 fresh drafted positions to judge by (stale
     acceptance kept a d_model 512 run in fallback for 38% of its tokens).
     """
 
-    def __init__(self, max_gamma: int, adaptive: bool, stats: SpecStats) -> None:
+    def __init__(self, max_gamma: int, adaptive: bool, stats: SpecStats,
+                 costs: dict[str, float] | None = None) -> None:
         self.max_gamma, self.adaptive, self.stats = max_gamma, adaptive, stats
         self.recent: deque[bool] = deque(maxlen=32)  # acceptance of the latest drafted positions
-        self.cost: dict[str, float] = {}  # moving averages: "draft" step, "verify" round, "plain" step
-        self.seen: set[str] = set()
+        # moving averages: "draft" step, "verify" round, "plain" step. ``costs``: the averages an
+        # earlier generation of the same set-up left (:func:`known_costs`), updated in place
+        self.cost: dict[str, float] = costs if costs is not None else {}
+        self.seen: set[str] = set()  # kinds timed once already (a first call only warms up)
         self.plain_left = 0  # tokens to decode plainly before probing again
         self.backoff = 32
 
@@ -106,6 +113,13 @@ class Policy:
         else:
             self.cost[kind] += 0.2 * (seconds - self.cost[kind])
 
+    def ruled_out(self) -> bool:
+        """Whether the measured costs alone rule drafting out: plain decoding for good."""
+        if not self.adaptive or not {"plain", "draft", "verify"} <= self.cost.keys():
+            return False
+        c = self.cost
+        return not best_gamma(OPTIMISTIC_ALPHA, c["draft"], c["verify"], c["plain"], self.max_gamma)
+
     def accepted(self, examined: int, accepted: int) -> None:
         self.recent.extend([True] * accepted + [False] * (examined - accepted))
 
@@ -119,10 +133,10 @@ class Policy:
             return 0
         if "verify" not in self.cost or "draft" not in self.cost:  # two short rounds measure the costs
             return min(2, self.max_gamma)
-        costs = (self.cost["draft"], self.cost["verify"], self.cost["plain"])
-        if not best_gamma(OPTIMISTIC_ALPHA, *costs, self.max_gamma):  # the costs alone rule it out
+        if self.ruled_out():
             self.plain_left = 10**9
             return 0
+        costs = (self.cost["draft"], self.cost["verify"], self.cost["plain"])
         if len(self.recent) < 8:
             return self.max_gamma
         g = best_gamma(sum(self.recent) / len(self.recent), *costs, self.max_gamma)
@@ -133,3 +147,20 @@ class Policy:
         self.backoff = min(2 * self.backoff, 256)
         self.recent.clear()  # the next probe decides on fresh acceptance, not on what made us stop
         return 0
+
+
+# costs measured per model and set-up, kept while the model lives: they are a property of
+# the shapes and the machine, not of a prompt, so only a process's first generation of a
+# set-up spends rounds measuring them
+_KNOWN: weakref.WeakKeyDictionary[Any, dict[tuple, dict[str, float]]] = weakref.WeakKeyDictionary()
+
+
+def known_costs(model: Any, setup: tuple) -> dict[str, float]:
+    """The costs an earlier generation of ``model`` measured for ``setup`` (a dict the
+    caller updates in place; empty at first)."""
+    return _KNOWN.setdefault(model, {}).setdefault(setup, {})
+
+
+def forget_costs(model: Any) -> None:
+    """Drop what earlier generations of ``model`` measured (the next one measures afresh)."""
+    _KNOWN.pop(model, None)

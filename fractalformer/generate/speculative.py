@@ -32,7 +32,7 @@ from ..errors import FractalError
 from ..nn import KVCache
 from ..nn.nesting import frozen_weights
 from .sampling import decode_fn, extracted, fresh_seed, generate, pick, probabilities
-from .spec_policy import Policy, SpecStats
+from .spec_policy import Policy, SpecStats, known_costs
 
 
 def parse_sub_model(spec: str, model: torch.nn.Module) -> tuple[int, int]:
@@ -264,22 +264,26 @@ def speculate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int,
     check_speculation(model, drafts, target, gamma, prompt, confidence)
     model.eval()
     ctx = model.config.block_size
+    known = known_costs(model, (tuple(drafts), target, compile, torch.get_num_threads()))
+    policy = Policy(gamma, adaptive, stats, known)
+    sampling = (temperature, top_k, top_p)
+    if policy.ruled_out():  # an earlier generation measured that drafting cannot pay here
+        yield from _plain(model, prompt, max_new_tokens, sampling, seed, target, compile, stats)
+        return
     scope = frozen_weights()  # weight slices gathered once, entered around each round
     with scope:
         sess = _Session(model, prompt, drafts, target, temperature, top_k, top_p, seed, confidence, stats,
                         compile)
-    policy = Policy(gamma, adaptive, stats)
     emitted = 0
     while emitted < max_new_tokens:
         room = min(ctx - len(sess.seq), max_new_tokens - emitted - 1)
         g = min(policy.gamma(), room)
-        if g < 1 and len(sess.seq) >= ctx:  # past the context: plain sliding-window decoding
+        # past the context (plain sliding-window decoding), or drafting ruled out for good:
+        # plain decoding, without the rounds' bookkeeping
+        if g < 1 and (len(sess.seq) >= ctx or policy.ruled_out()):
             seed2 = int(torch.randint(0, 2**31, (1,), generator=sess.gen))
-            for tok in generate(model, sess.seq, max_new_tokens - emitted, *sess.sampling, seed2,
-                                level=target[0], index=target[1], compile=compile):
-                stats.tokens += 1
-                stats.plain_tokens += 1
-                yield tok
+            left = max_new_tokens - emitted
+            yield from _plain(model, sess.seq, left, sampling, seed2, target, compile, stats)
             return
         with scope:
             new = _round(sess, policy, g, stats)
@@ -287,6 +291,16 @@ def speculate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int,
             emitted += 1
             stats.tokens += 1
             yield tok
+
+
+def _plain(model: torch.nn.Module, seq: list[int], n: int, sampling: tuple, seed: int | None,
+           target: tuple[int, int], compile: bool | str, stats: SpecStats) -> Iterator[int]:
+    """``n`` tokens after ``seq`` by plain decoding of the target (counted as plain tokens)."""
+    for tok in generate(model, seq, n, *sampling, seed, level=target[0], index=target[1], compile=compile):
+        stats.tokens += 1
+        stats.plain_tokens += 1
+        stats.target_calls += 1
+        yield tok
 
 
 def _round(sess: _Session, policy: Policy, g: int, stats: SpecStats) -> list[int]:
