@@ -64,6 +64,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     # a 1-block token level reading its plan by addition: the decoder that could decode
     # 1.5x faster than dense (bench/bench_concept.py)
     "token1_add": ("concept", [*SEP, "n_layer=1", "concept_layers=4", "concept_read=add"]),
+    # leaner byte models, for concept-byte at dense byte's FLOPs (session 7): one concept block
+    # per level, read by cross-attention or by addition
+    "byte_l1": ("concept-byte", ["concept_layers=1"]),
+    "byte_lean": ("concept-byte", ["concept_layers=1", "concept_read=add"]),
     "dense_l2": ("dense", ["n_layer=2"]),  # shallower dense models: whose quality does token1_add reach?
     "dense_l8": ("dense", ["n_layer=8"]),  # a deeper one: the dense model of the shared preset's quality?
     # effective context at the same units per step: the token level attends to the last 256
