@@ -68,6 +68,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     # per level, read by cross-attention or by addition
     "byte_l1": ("concept-byte", ["concept_layers=1"]),
     "byte_lean": ("concept-byte", ["concept_layers=1", "concept_read=add"]),
+    # a second seed of both sides of the byte comparison (init and batches)
+    "byte_lean_seed1": ("concept-byte", ["concept_layers=1", "concept_read=add", "seed=1"]),
+    "dense_byte_seed1": ("dense", [*BYTE, "seed=1"]),
     "dense_l2": ("dense", ["n_layer=2"]),  # shallower dense models: whose quality does token1_add reach?
     "dense_l8": ("dense", ["n_layer=8"]),  # a deeper one: the dense model of the shared preset's quality?
     # effective context at the same units per step: the token level attends to the last 256
