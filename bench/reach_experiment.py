@@ -74,14 +74,8 @@ def reach_forward(model: ConceptGPT, idx: torch.Tensor) -> tuple[torch.Tensor, t
         out = model._level(k, x, first[k], state, group)
         if k > 0:
             state.memory[k - 1].extend(out, model.reader(k - 1), model.depth(k - 1), model.rotary[0])
-    aux = torch.zeros(())
-    for k in range(1, top + 1):
-        if str(k) in model.heads:
-            plans = state.memory[k - 1].plans
-            target = state.units[k][:, :, first[k]: first[k] + plans.shape[2]].detach()
-            pred = model.heads[str(k)](plans, 0)
-            aux = aux + model.loss_weights[k - 1] * (1 - F.cosine_similarity(pred, target, dim=-1)).mean()
-    return model.head({0: out})[0], aux
+    aux = model._regression(state, first)
+    return model.head({0: out})[0], aux if aux is not None else torch.zeros(())
 
 
 def logits_and_aux(model: torch.nn.Module, x: torch.Tensor, reach: bool) -> tuple[torch.Tensor, torch.Tensor]:

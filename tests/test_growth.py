@@ -231,14 +231,6 @@ def test_schedule_start_and_data_shard_config() -> None:
 
 
 # -- the command line ----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def small_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A short training text: validation over the whole split stays quick."""
-    path = tmp_path_factory.mktemp("text") / "small.txt"
-    path.write_text(read_text(None)[:30_000], encoding="utf-8")
-    return path
-
-
 def make_run(path: Path, seed: int, *sets: str) -> Path:
     """An untrained run folder (fast): random weights with random norms and biases."""
     cfg = build_config("tiny", None, ["sample_tokens=0", "eval_batches=1", *sets])
@@ -277,8 +269,8 @@ def test_merge_cli_errors_are_one_line_and_write_nothing(capsys, tmp_path: Path)
     assert code == 2 and "already holds a run" in err
 
 
-def test_merge_cli_glue_then_full_on_shards(capsys, tmp_path: Path, small_text: Path) -> None:
-    kids = [make_run(tmp_path / f"k{j}", j, f"data_shard={j}/2", f"data={small_text}") for j in range(2)]
+def test_merge_cli_glue_then_full_on_shards(capsys, tmp_path: Path, excerpt: Path) -> None:
+    kids = [make_run(tmp_path / f"k{j}", j, f"data_shard={j}/2", f"data={excerpt}") for j in range(2)]
     out = tmp_path / "m"
     code, stdout, err = run_cli(capsys, "merge", *kids, "--out", out, "--train-glue-steps", "4",
                                 "--then-steps", "3", "--glue-rank", "2", "--set", "lr=0.002", "--quiet")
@@ -303,8 +295,8 @@ def test_merge_cli_glue_then_full_on_shards(capsys, tmp_path: Path, small_text: 
     assert len(glue) == 8 and all(g.abs().sum() > 0 for g in glue)  # the folded glue trained
 
 
-def test_grow_cli_invariance_then_training(capsys, tmp_path: Path, small_text: Path) -> None:
-    run = make_run(tmp_path / "r", 1, f"data={small_text}")
+def test_grow_cli_invariance_then_training(capsys, tmp_path: Path, excerpt: Path) -> None:
+    run = make_run(tmp_path / "r", 1, f"data={excerpt}")
     code, stdout, err = run_cli(capsys, "grow", run, "--width", "2", "--depth", "2", "--out", tmp_path / "g",
                                 "--quiet")
     assert code == 0, err

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 from fractalformer.analysis.report import token_labels
-from fractalformer.data import read_text
 from fractalformer.tokenizers import get_tokenizer
 
 from .conftest import chromium, run_cli
@@ -25,9 +24,8 @@ def test_token_labels_are_printable() -> None:
 
 
 @pytest.mark.slow
-def test_report_renders_in_a_browser(capsys, tmp_path: Path) -> None:
-    text = tmp_path / "small.txt"  # a short text keeps the full validation pass quick
-    text.write_text(read_text(None)[:40000])
+def test_report_renders_in_a_browser(capsys, excerpt: Path, tmp_path: Path) -> None:
+    text = excerpt  # a short text keeps the full validation pass quick
     run = tmp_path / "run"
     assert run_cli(capsys, "train", "--preset", "tiny-fractal", "--quiet", "--data", text, "--max-steps",
                    "10", "--set", "sample_tokens=0", "--out", run)[0] == 0

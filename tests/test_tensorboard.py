@@ -7,16 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from fractalformer.data import read_text
-
 from .conftest import run_cli
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
 
-def test_tensorboard_scalars_match_metrics(tmp_path: Path, capsys) -> None:
-    out, data = tmp_path / "run", tmp_path / "data.txt"
-    data.write_text(read_text(None)[:30_000])  # a short text: a quick final evaluation
+def test_tensorboard_scalars_match_metrics(tmp_path: Path, excerpt: Path, capsys) -> None:
+    out, data = tmp_path / "run", excerpt  # a short text: a quick final evaluation
     code, _, err = run_cli(capsys, "train", "--preset", "tiny-fractal", "--quiet", "--out", out,
                            "--data", data, "--max-steps", "4", "--set", "eval_every=2",
                            "--set", "sample_tokens=0", "--set", "log=tensorboard")

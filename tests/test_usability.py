@@ -233,9 +233,8 @@ def test_generate_matches_the_command_line(capsys, fractal_run: Path) -> None:
         model.generate("x", temperature=-1)
 
 
-def test_device_and_dtype_options(capsys, tiny_run: Path, tmp_path: Path) -> None:
-    small = tmp_path / "small.txt"  # another text, so that the two evaluations are quick
-    small.write_text(read_text(None)[:30000])
+def test_device_and_dtype_options(capsys, tiny_run: Path, excerpt: Path) -> None:
+    small = excerpt  # another text, so that the two evaluations are quick
     code, out, _ = run_cli(capsys, "eval", tiny_run, "--device", "cpu", "--dtype", "bfloat16", "--json",
                            "--data", small)
     bf16 = json.loads(out)[0]["val_loss"]

@@ -113,12 +113,17 @@ class Policy:
         else:
             self.cost[kind] += 0.2 * (seconds - self.cost[kind])
 
+    def costs(self) -> tuple[float, float, float] | None:
+        """(draft step, verify round, plain step) once all three are measured."""
+        c = self.cost
+        return (c["draft"], c["verify"], c["plain"]) if {"plain", "draft", "verify"} <= c.keys() else None
+
     def ruled_out(self) -> bool:
         """Whether the measured costs alone rule drafting out: plain decoding for good."""
-        if not self.adaptive or not {"plain", "draft", "verify"} <= self.cost.keys():
+        costs = self.costs()
+        if not self.adaptive or costs is None:
             return False
-        c = self.cost
-        return not best_gamma(OPTIMISTIC_ALPHA, c["draft"], c["verify"], c["plain"], self.max_gamma)
+        return not best_gamma(OPTIMISTIC_ALPHA, *costs, self.max_gamma)
 
     def accepted(self, examined: int, accepted: int) -> None:
         self.recent.extend([True] * accepted + [False] * (examined - accepted))
@@ -131,12 +136,12 @@ class Policy:
             return 0
         if "plain" not in self.cost:  # measure plain decoding first
             return 0
-        if "verify" not in self.cost or "draft" not in self.cost:  # two short rounds measure the costs
+        costs = self.costs()
+        if costs is None:  # two short rounds measure the draft and verification costs
             return min(2, self.max_gamma)
         if self.ruled_out():
             self.plain_left = 10**9
             return 0
-        costs = (self.cost["draft"], self.cost["verify"], self.cost["plain"])
         if len(self.recent) < 8:
             return self.max_gamma
         g = best_gamma(sum(self.recent) / len(self.recent), *costs, self.max_gamma)

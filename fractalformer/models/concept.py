@@ -293,7 +293,7 @@ class ConceptGPT(GPT):
             x = x + self.level_emb[k]
         kv = state.kv[k] if state.kv else None
         above = state.memory[k] if k < self.config.concept_levels else None
-        if above and group is None:
+        if above is not None and group is None:
             group = self.plan_of(torch.arange(first, first + t, device=x.device), k)
         reader, scale = (self.reader(k), self.read_scale[k]) if above else (None, None)
         if above is not None and not hasattr(reader, "cross"):
@@ -308,14 +308,16 @@ class ConceptGPT(GPT):
         state.done[k] = first + t
         return x if k == 0 else self.plan_norms[k - 1](x, 0)
 
-    def _regression(self, state: ConceptCache) -> torch.Tensor | None:
-        """Weighted next-concept regression of every level: plan j against concept j."""
+    def _regression(self, state: ConceptCache, first: list[int] | None = None) -> torch.Tensor | None:
+        """Weighted next-concept regression of every level: plan j against concept j. ``first``:
+        the position each level's plans start at (default 0: every level ran from the start)."""
         total = None
         for k in range(1, self.config.concept_levels + 1):
             head = self.heads[str(k)] if str(k) in self.heads else None
             targets = state.units[k]
             if head is None or targets is None:
                 continue
+            targets = targets[:, :, first[k]:] if first else targets
             n = targets.shape[2]
             pred = head(state.memory[k - 1].plans[:, :, :n], 0).float()
             y = targets.detach().float()
