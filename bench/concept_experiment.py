@@ -71,7 +71,16 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     # a second seed of both sides of the byte comparison (init and batches)
     "byte_lean_seed1": ("concept-byte", ["concept_layers=1", "concept_read=add", "seed=1"]),
     "dense_byte_seed1": ("dense", [*BYTE, "seed=1"]),
+    # shallower shared models (session 8): the decoder that could reach the 4-block dense
+    # model's quality with half its blocks per token
+    "shared_l2": ("concept", ["n_layer=2"]),
+    "shared_l2_add": ("concept", ["n_layer=2", "concept_read=add"]),
+    "shared_l1": ("concept", ["n_layer=1"]),
+    "shared_l1_add": ("concept", ["n_layer=1", "concept_read=add"]),
+    "shared_l2_add_c1": ("concept", ["n_layer=2", "concept_read=add", "concept_layers=1"]),
+    "shared_l2_add_c1_combo8": ("concept", ["n_layer=2", "concept_read=add", "concept_layers=1", "combo=8"]),
     "dense_l2": ("dense", ["n_layer=2"]),  # shallower dense models: whose quality does token1_add reach?
+    "dense_l3": ("dense", ["n_layer=3"]),
     "dense_l8": ("dense", ["n_layer=8"]),  # a deeper one: the dense model of the shared preset's quality?
     # effective context at the same units per step: the token level attends to the last 256
     # units (token_window, which needs separate weights), the concept levels read the whole

@@ -77,15 +77,17 @@ class KVCache:
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write keys/values (rows, heads, t, head_dim) at positions ``pos`` from :meth:`where`;
         return every slot of the layer (the caller masks with :meth:`where`'s mask)."""
-        k, v = k.to(self.k.dtype), v.to(self.v.dtype)  # autocast may hand lower precision
+        ck, cv = self.k[layer], self.v[layer]  # fresh views: autograd may be tracing the writes
+        if k.dtype != ck.dtype:  # autocast may hand lower precision
+            k, v = k.to(ck.dtype), v.to(cv.dtype)
         if pos.dim() == 1:
-            self.k[layer].index_copy_(2, pos, k)
-            self.v[layer].index_copy_(2, pos, v)
+            ck.index_copy_(2, pos, k)
+            cv.index_copy_(2, pos, v)
         else:  # row r writes at its own positions
             rows = torch.arange(k.shape[0], device=k.device)[:, None]
-            self.k[layer][rows, :, pos] = k.transpose(1, 2)
-            self.v[layer][rows, :, pos] = v.transpose(1, 2)
-        return self.k[layer], self.v[layer]
+            ck[rows, :, pos] = k.transpose(1, 2)
+            cv[rows, :, pos] = v.transpose(1, 2)
+        return ck, cv
 
 
 class Attention(nn.Module):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -153,15 +154,21 @@ def take_cached(module: torch.nn.Module, name: str, level: int, transpose: bool 
     Inside :func:`frozen_weights` without autograd the slices are kept for the rest of the
     block, so decoding a sub-model does not re-gather its weights at every token.
     """
-    p = getattr(module, name)
-    if torch.compiler.is_compiling():  # the graph holds its slices; no guard on the scope
-        return _take(module, name, level, transpose)
-    keep = _SCOPE.id and not (torch.is_grad_enabled() and p.requires_grad)
+    return scoped(module, (name, level, transpose), (getattr(module, name),),
+                  lambda: _take(module, name, level, transpose))
+
+
+def scoped(module: torch.nn.Module, key: object, params: tuple[torch.Tensor, ...],
+           compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``compute()``, a tensor made from ``params`` of ``module``; inside :func:`frozen_weights`
+    without autograd on them it is computed once for the block and kept under ``key``."""
+    if torch.compiler.is_compiling():  # the graph holds the result; no guard on the scope
+        return compute()
+    keep = _SCOPE.id and not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
     cache = module.__dict__.setdefault("_taken", {})
-    key = (name, level, transpose)
     if keep and key in cache and cache[key][0] == _SCOPE.id:
         return cache[key][1]
-    t = _take(module, name, level, transpose)
+    t = compute()
     if keep:
         cache[key] = (_SCOPE.id, t)
     return t

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nesting import Nesting, take_cached
+from .nesting import Nesting, scoped, take_cached
 
 
 def rms_norm(x: torch.Tensor, scale: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -30,10 +30,17 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, level: int) -> torch.Tensor:
         """x: (count, B, T, width); statistics in float32 for bf16 safety."""
-        scale = 1.0 + take_cached(self, "weight", level).float()  # (count, width)
         xf = x if x.dtype == torch.float32 else x.float()
         if level == 0:
-            y = rms_norm(xf, scale[0], self.eps)
+            y = rms_norm(xf, self.scale(0), self.eps)
         else:  # one scale per sub-model: the fused op takes a single one
-            y = rms_norm(xf, None, self.eps) * scale[:, None, None, :]
+            y = rms_norm(xf, None, self.eps) * self.scale(level)[:, None, None, :]
         return y if y.dtype == x.dtype else y.type_as(x)
+
+    def scale(self, level: int) -> torch.Tensor:
+        """``1 + w`` of the sub-models of ``level`` in float32: (width,) at level 0, else
+        (count, width); made once per :func:`frozen_weights` block while decoding."""
+        def compute() -> torch.Tensor:
+            s = 1.0 + take_cached(self, "weight", level).float()
+            return s[0] if level == 0 else s
+        return scoped(self, ("scale", level), (self.weight,), compute)

@@ -20,8 +20,10 @@ class Rotary(nn.Module):
         inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
         angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
         cos, sin = angles.cos().float(), angles.sin().float()
-        self.register_buffer("cos", torch.cat((cos, cos), -1), persistent=False)
-        self.register_buffer("sin", torch.cat((-sin, sin), -1), persistent=False)
+        # (max_len, 1, head_dim): a slice broadcasts over the heads of the (B, T, H, head_dim)
+        # layout as it is, with no unsqueeze per decode step
+        self.register_buffer("cos", torch.cat((cos, cos), -1)[:, None], persistent=False)
+        self.register_buffer("sin", torch.cat((-sin, sin), -1)[:, None], persistent=False)
 
     def forward(self, x: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
         """Rotate ``x`` of shape (B, H, T, head_dim) whose first position is ``start``
@@ -29,17 +31,19 @@ class Rotary(nn.Module):
         t = x.shape[-2]
         if isinstance(start, torch.Tensor):
             pos = start[:, None] + torch.arange(t, device=x.device)  # (B, T)
-            return self._rotate(x, self.cos[pos][:, None], self.sin[pos][:, None])
-        return self._rotate(x, self.cos[start : start + t], self.sin[start : start + t])
+            return self._rotate(x, self.cos[pos].transpose(1, 2), self.sin[pos].transpose(1, 2))
+        return self._rotate(x, self.cos[start : start + t, 0], self.sin[start : start + t, 0])
 
     def at(self, x: torch.Tensor, pos: int | torch.Tensor) -> torch.Tensor:
         """Rotate ``x`` of shape (B, T, H, head_dim), the layout a fused projection comes
         out in: positions ``pos .. pos + T - 1`` (an int), or explicit positions (T,) or (B, T)."""
         if isinstance(pos, int):
             t = x.shape[1]
-            return self._rotate(x, self.cos[pos : pos + t, None], self.sin[pos : pos + t, None])
-        return self._rotate(x, self.cos[pos].unsqueeze(-2), self.sin[pos].unsqueeze(-2))
+            return self._rotate(x, self.cos[pos : pos + t], self.sin[pos : pos + t])
+        return self._rotate(x, self.cos[pos], self.sin[pos])
 
     @staticmethod
     def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return x * cos.to(x.dtype) + x.roll(x.shape[-1] // 2, -1) * sin.to(x.dtype)
+        if cos.dtype != x.dtype:
+            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
