@@ -1,7 +1,8 @@
 """Speed of the next-concept predictor against the dense reference, measured in one run.
 
     python bench/bench_concept.py [--preset concept] [--set KEY=VALUE ...] [--dense-set KEY=VALUE ...]
-                                  [--tokens 200] [--repeat 3] [--window 256] [--no-context] [--json FILE]
+                                  [--tokens 200] [--repeat 3] [--rounds 3] [--window 256] [--no-context]
+                                  [--json FILE]
 
 * Decode: greedy tokens/s with KV caches at batch 1 and 16 (a 16-token prompt, then
   ``--tokens`` single-token steps), the concept model (``--preset`` and ``--set``) against
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from common import machine, timeit
 
 from fractalformer.config import build_config
 from fractalformer.models import build_model
+from fractalformer.nn.nesting import frozen_weights
 
 
 def model_of(preset: str, sets: list[str]) -> torch.nn.Module:
@@ -41,11 +44,13 @@ def model_of(preset: str, sets: list[str]) -> torch.nn.Module:
 
 @torch.no_grad()
 def decode(model: torch.nn.Module, batch: int, tokens: int) -> None:
+    """Greedy decoding as ``generate`` runs it: weights frozen for the generation."""
     prompt = torch.randint(0, model.config.vocab_size, (batch, 16))
     caches = model.new_cache(batch)
-    logits = model.run(prompt, [0], caches)[0][0]
-    for _ in range(tokens):
-        logits = model.run(logits[:, -1].argmax(-1, keepdim=True), [0], caches)[0][0]
+    with frozen_weights():
+        logits = model.run(prompt, [0], caches)[0][0]
+        for _ in range(tokens):
+            logits = model.run(logits[:, -1].argmax(-1, keepdim=True), [0], caches)[0][0]
 
 
 def train_step(model: torch.nn.Module, batch: int, block: int) -> None:
@@ -62,6 +67,7 @@ def main() -> None:
     ap.add_argument("--dense-set", action="append", default=[], help="override a key of the dense model")
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved decode rounds (median ratio)")
     ap.add_argument("--window", type=int, default=256, help="token_window of the context section")
     ap.add_argument("--contexts", type=int, nargs="*", default=[256, 1024, 4096])
     ap.add_argument("--no-context", action="store_true", help="decode figures only")
@@ -76,13 +82,18 @@ def main() -> None:
     print(f"dense {' '.join(a.dense_set)}: {dense.num_params():,} parameters; "
           f"{a.preset} {' '.join(a.set)}: {concept.num_params():,}")
     for batch in (1, 16):
-        t_d = timeit(lambda b=batch: decode(dense, b, a.tokens), a.repeat, 1)
-        t_c = timeit(lambda b=batch: decode(concept, b, a.tokens), a.repeat, 1)
-        row = {"dense_tok_s": batch * a.tokens / t_d, "concept_tok_s": batch * a.tokens / t_c,
-               "ratio": t_d / t_c}
+        t_d, t_c = [], []
+        for _ in range(a.rounds):  # interleaved, so the machine's drift hits both alike
+            t_d.append(timeit(lambda b=batch: decode(dense, b, a.tokens), a.repeat, 1))
+            t_c.append(timeit(lambda b=batch: decode(concept, b, a.tokens), a.repeat, 1))
+        ratios = sorted(d / c for d, c in zip(t_d, t_c, strict=True))
+        row = {"dense_tok_s": batch * a.tokens / statistics.median(t_d),
+               "concept_tok_s": batch * a.tokens / statistics.median(t_c),
+               "ratio": statistics.median(ratios), "ratio_range": [ratios[0], ratios[-1]]}
         out["decode"][batch] = row
         print(f"decode batch {batch:>2}: dense {row['dense_tok_s']:8.1f} tok/s | concept "
-              f"{row['concept_tok_s']:8.1f} tok/s | concept/dense speed {row['ratio']:.2f}x")
+              f"{row['concept_tok_s']:8.1f} tok/s | concept/dense speed {row['ratio']:.2f}x "
+              f"(rounds {ratios[0]:.2f}-{ratios[-1]:.2f}x)")
     base: dict[str, float] = {}
     for block in () if a.no_context else a.contexts:
         batch = max(4096 // block, 1)

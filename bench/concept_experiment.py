@@ -40,6 +40,8 @@ BYTE = ["tokenizer=byte", "vocab_size=256", "block_size=512", "batch_size=8"]
 # Until session 6 the presets had separate weights per level; the rows named "concept..."
 # keep that configuration (the runs of the docs' tables), and "shared" is today's preset.
 SEP = ["concept_share=false"]
+# the fast decoder (session 8): 2 shared blocks, 1 of them per concept level, plans added
+LEAN = ["n_layer=2", "concept_read=add", "concept_layers=1"]
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "dense": ("dense", []),
     "concept": ("concept", SEP),
@@ -77,8 +79,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "shared_l2_add": ("concept", ["n_layer=2", "concept_read=add"]),
     "shared_l1": ("concept", ["n_layer=1"]),
     "shared_l1_add": ("concept", ["n_layer=1", "concept_read=add"]),
-    "shared_l2_add_c1": ("concept", ["n_layer=2", "concept_read=add", "concept_layers=1"]),
-    "shared_l2_add_c1_combo8": ("concept", ["n_layer=2", "concept_read=add", "concept_layers=1", "combo=8"]),
+    "shared_l2_add_c1": ("concept", LEAN),
+    "shared_l2_add_c1_combo8": ("concept", [*LEAN, "combo=8"]),
+    "shared_l2_add_c1_combo8_seed1": ("concept", [*LEAN, "combo=8", "seed=1"]),
+    "dense_seed1": ("dense", ["seed=1"]),
     "dense_l2": ("dense", ["n_layer=2"]),  # shallower dense models: whose quality does token1_add reach?
     "dense_l3": ("dense", ["n_layer=3"]),
     "dense_l8": ("dense", ["n_layer=8"]),  # a deeper one: the dense model of the shared preset's quality?

@@ -73,7 +73,8 @@ def reach_forward(model: ConceptGPT, idx: torch.Tensor) -> tuple[torch.Tensor, t
             group = torch.arange(first[k], n) // model.combo[k] - first[k + 1]
         out = model._level(k, x, first[k], state, group)
         if k > 0:
-            state.memory[k - 1].extend(out, model.reader(k - 1), model.depth(k - 1), model.rotary[0])
+            state.memory[k - 1].extend(out, model.reader(k - 1), model.read_scale[k - 1], model.depth(k - 1),
+                                      model.rotary[0])
     aux = model._regression(state, first)
     return model.head({0: out})[0], aux if aux is not None else torch.zeros(())
 

@@ -37,6 +37,7 @@ from ..config import ModelConfig
 from ..errors import FractalError
 from ..nn import KVCache, Linear, RMSNorm, Rotary
 from ..nn.attention import _NATIVE_GQA
+from ..nn.nesting import scoped
 from .gpt import GPT, Block
 
 State = torch.Tensor  # (1, B, n, d): a level's vectors, with the leading sub-model axis of nn
@@ -97,14 +98,14 @@ class Memory:
 
     def __init__(self) -> None:
         self.plans: State | None = None
-        self.added: State | None = None  # concept_read=add: the projected plans
+        self.added: State | None = None  # concept_read=add: the projected plans, times the read scale
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def extend(self, plans: State, reader: Reader, layers: int, rotary: Rotary) -> None:
+    def extend(self, plans: State, reader: Reader, scale: torch.Tensor, layers: int, rotary: Rotary) -> None:
         start = 0 if self.plans is None else self.plans.shape[2]
         self.plans = plans if self.plans is None else torch.cat([self.plans, plans], 2)
-        if not hasattr(reader, "cross"):  # projected once per plan, not once per unit reading it
-            added = reader.plan(plans, 0)
+        if not hasattr(reader, "cross"):  # projected and scaled once per plan, not per unit reading it
+            added = scale * reader.plan(plans, 0)
             self.added = added if self.added is None else torch.cat([self.added, added], 2)
             return
         new = [reader.cross[i].keys(plans, start, rotary) for i in range(layers)]
@@ -211,7 +212,7 @@ class ConceptGPT(GPT):
         stack = self.blocks if self.config.concept_share else self.stacks[level - 1]
         return list(stack)[: self.depth(level)]
 
-    def plan_of(self, pos: torch.Tensor, level: int) -> torch.Tensor:
+    def plan_of(self, pos: torch.Tensor | int, level: int) -> torch.Tensor | int:
         """The latest plan of level ``level + 1`` that units ``pos`` of ``level`` may read: the
         plan of the concept they lie in, made from the concepts before it only."""
         return pos // self.combo[level]
@@ -258,8 +259,10 @@ class ConceptGPT(GPT):
             lo, hi = max(first - 1, 0), first + new - 1  # position j reads concept j - 1
             if hi > lo:
                 inputs.append(units[:, :, lo:hi])
-            plans = self._level(k, torch.cat(inputs, 2), first, state)
-            state.memory[k - 1].extend(plans, self.reader(k - 1), self.depth(k - 1), self.rotary[0])
+            x = inputs[0] if len(inputs) == 1 else torch.cat(inputs, 2)
+            plans = self._level(k, x, first, state)
+            state.memory[k - 1].extend(plans, self.reader(k - 1), self.read_scale[k - 1], self.depth(k - 1),
+                                       self.rotary[0])
         x = self._level(0, emb, state.length, state)
         state._length = total
         if caches is None and self.training:
@@ -289,17 +292,20 @@ class ConceptGPT(GPT):
         """Run level ``k`` on positions ``first ..``; returns its normed final states. ``group``:
         the plan of the level above each position reads up to (default: its own concept's)."""
         t = x.shape[2]
-        if self.level_emb is not None:
-            x = x + self.level_emb[k]
+        if self.level_emb is not None:  # its row kept while decoding: one op fewer a step
+            x = x + scoped(self, ("level_emb", k), (self.level_emb,), lambda: self.level_emb[k])
         kv = state.kv[k] if state.kv else None
         above = state.memory[k] if k < self.config.concept_levels else None
-        if above is not None and group is None:
-            group = self.plan_of(torch.arange(first, first + t, device=x.device), k)
         reader, scale = (self.reader(k), self.read_scale[k]) if above else (None, None)
-        if above is not None and not hasattr(reader, "cross"):
-            x = x + scale * above.added[:, :, group]
+        cross = above is not None and hasattr(reader, "cross")
+        if above is not None and group is None:  # one position read by addition (decoding): an int
+            group = (self.plan_of(first, k) if t == 1 and not cross
+                     else self.plan_of(torch.arange(first, first + t, device=x.device), k))
+        if above is not None and not cross:  # the added plans are already scaled (Memory.extend)
+            added = above.added
+            x = x + (added[:, :, group : group + 1] if isinstance(group, int) else added[:, :, group])
         for i, block in enumerate(self.blocks_of(k)):
-            if above is not None and hasattr(reader, "cross"):
+            if cross:
                 k_i, v_i = above.kv[i]
                 x = x + scale * reader.cross[i](x, group, k_i, v_i, self.rotary[0])
             x = block(x, 0, kv, i)

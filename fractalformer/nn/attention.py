@@ -33,6 +33,7 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
+        self.slots = torch.arange(max_len, device=device)
         self.length: int | torch.Tensor = 0
         self._where: tuple[object, int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
@@ -47,7 +48,7 @@ class KVCache:
             raise ValueError("a view of several rows exists for one group only")
         view = KVCache.__new__(KVCache)
         view.k, view.v = (kv.unflatten(1, (groups, -1))[:, :, :n].flatten(1, 2) for kv in (self.k, self.v))
-        view.max_len, view.length, view._where = self.max_len, self.length, None
+        view.max_len, view.slots, view.length, view._where = self.max_len, self.slots, self.length, None
         return view
 
     def where(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,12 +63,14 @@ class KVCache:
         device = self.k.device
         if self.longest() + t > self.max_len:
             raise ValueError(f"KV cache overflow: {self.longest() + t} > {self.max_len} positions")
-        steps = torch.arange(t, device=device)
-        pos = steps + length if isinstance(length, int) else length[:, None] + steps
-        slots = torch.arange(self.max_len, device=device)
+        if isinstance(length, int):
+            pos = torch.arange(length, length + t, device=device)
+        else:
+            pos = length[:, None] + torch.arange(t, device=device)
         # additive (0 / -inf) rather than boolean: SDPA converts a boolean mask in every layer
-        mask = torch.zeros((*pos.shape, self.max_len), device=device, dtype=self.k.dtype)
-        mask.masked_fill_(slots > pos[..., None], float("-inf"))
+        mask = torch.where(self.slots > pos[..., None], float("-inf"), 0.0)
+        if mask.dtype != self.k.dtype:
+            mask = mask.to(self.k.dtype)
         found = (pos, mask if pos.dim() == 1 else mask[:, None])
         if not compiling:
             self._where = (length, t, found)
