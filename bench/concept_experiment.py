@@ -72,6 +72,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "byte_lean": ("concept-byte", ["concept_layers=1", "concept_read=add"]),
     # a second seed of both sides of the byte comparison (init and batches)
     "byte_lean_seed1": ("concept-byte", ["concept_layers=1", "concept_read=add", "seed=1"]),
+    # the fast decoder's shape on bytes (session 8): 2 or 3 shared blocks, 1 per concept level
+    "byte_l2_lean": ("concept-byte", LEAN),
+    "byte_l3_lean": ("concept-byte", ["n_layer=3", "concept_read=add", "concept_layers=1"]),
     "dense_byte_seed1": ("dense", [*BYTE, "seed=1"]),
     # shallower shared models (session 8): the decoder that could reach the 4-block dense
     # model's quality with half its blocks per token

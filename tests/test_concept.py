@@ -194,6 +194,22 @@ def test_cached_generation_equals_full_recompute(name: str) -> None:
     assert a == b
 
 
+def test_decoding_follows_writes_between_generations() -> None:
+    """A generation keeps the level embedding rows, norm scales and scaled plans it made for
+    itself only: after a write through ``p.data`` the next one decodes as a fresh copy does."""
+    model = tiny(CONFIGS["three_levels_shared_add"]).eval()
+    prompt = torch.randint(0, 128, (9,)).tolist()
+    before = list(generate(model, prompt, 20, temperature=0))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data.copy_(torch.randn_like(p) * 0.5)
+    fresh = tiny(CONFIGS["three_levels_shared_add"]).eval()
+    fresh.load_state_dict(model.state_dict())
+    after = list(generate(model, prompt, 20, temperature=0))
+    assert after == list(generate(fresh, prompt, 20, temperature=0))
+    assert after != before  # the write did change what the model computes
+
+
 @pytest.mark.parametrize("name", ["cross", "shared", "add"])
 def test_growth_starts_as_a_no_op_and_then_learns(name: str) -> None:
     model = tiny(CONFIGS[name]).train()
