@@ -78,6 +78,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "dense_byte_seed1": ("dense", [*BYTE, "seed=1"]),
     # the control for the lean byte model at equal FLOPs: dense byte, as shallow, more steps
     "dense_byte_l2": ("dense", [*BYTE, "n_layer=2"]),
+    "byte_l2_lean_seed1": ("concept-byte", [*LEAN, "seed=1"]),
+    "dense_byte_l2_seed1": ("dense", [*BYTE, "n_layer=2", "seed=1"]),
     # shallower shared models (session 8): the decoder that could reach the 4-block dense
     # model's quality with half its blocks per token
     "shared_l2": ("concept", ["n_layer=2"]),
