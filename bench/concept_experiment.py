@@ -42,6 +42,8 @@ BYTE = ["tokenizer=byte", "vocab_size=256", "block_size=512", "batch_size=8"]
 SEP = ["concept_share=false"]
 # the fast decoder (session 8): 2 shared blocks, 1 of them per concept level, plans added
 LEAN = ["n_layer=2", "concept_read=add", "concept_layers=1"]
+# the concept-byte preset before session 8: 4 shared blocks, every one per concept level, cross-attention
+BYTE4 = ["n_layer=4", "concept_layers=0", "concept_read=cross"]
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "dense": ("dense", []),
     "concept": ("concept", SEP),
@@ -49,8 +51,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     # on the unigram plateau under a short warmup
     "read_open": ("concept", [*SEP, "concept_read_init=1"]),
     "dense_byte": ("dense", BYTE),
-    "concept_byte": ("concept-byte", SEP),
-    "concept_byte_shared": ("concept-byte", ["concept_share=true"]),  # today's concept-byte preset
+    "concept_byte": ("concept-byte", [*BYTE4, *SEP]),
+    "concept_byte_shared": ("concept-byte", BYTE4),  # the concept-byte preset of sessions 6-7
     # ablations, one knob of the separate-weights configuration each
     "no_regression": ("concept", [*SEP, "concept_weight=0"]),
     "add": ("concept", [*SEP, "concept_read=add"]),
@@ -68,11 +70,12 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "token1_add": ("concept", [*SEP, "n_layer=1", "concept_layers=4", "concept_read=add"]),
     # leaner byte models, for concept-byte at dense byte's FLOPs (session 7): one concept block
     # per level, read by cross-attention or by addition
-    "byte_l1": ("concept-byte", ["concept_layers=1"]),
-    "byte_lean": ("concept-byte", ["concept_layers=1", "concept_read=add"]),
+    "byte_l1": ("concept-byte", [*BYTE4, "concept_layers=1"]),
+    "byte_lean": ("concept-byte", [*BYTE4, "concept_layers=1", "concept_read=add"]),
     # a second seed of both sides of the byte comparison (init and batches)
-    "byte_lean_seed1": ("concept-byte", ["concept_layers=1", "concept_read=add", "seed=1"]),
-    # the fast decoder's shape on bytes (session 8): 2 or 3 shared blocks, 1 per concept level
+    "byte_lean_seed1": ("concept-byte", [*BYTE4, "concept_layers=1", "concept_read=add", "seed=1"]),
+    # the fast decoder's shape on bytes (session 8; byte_l2_lean is today's concept-byte preset):
+    # 2 or 3 shared blocks, 1 per concept level
     "byte_l2_lean": ("concept-byte", LEAN),
     "byte_l3_lean": ("concept-byte", ["n_layer=3", "concept_read=add", "concept_layers=1"]),
     "dense_byte_seed1": ("dense", [*BYTE, "seed=1"]),

@@ -35,8 +35,9 @@ class Linear(nn.Module):
             if 1 < rows <= 16 and x.device.type == "cpu" and x.dtype == torch.float32:
                 # a few rows (speculative verification): on CPU, x W^T as one GEMM costs ~1.5x
                 # a one-row pass; (W x^T)^T reads the weight as a matrix-vector pass does
+                # (contiguous again: attention takes its slow path on a transposed query)
                 y = torch.mm(self.weight, x.reshape(rows, -1).t()).t()
-                return (y if self.bias is None else y + self.bias).view(*x.shape[:-1], -1)
+                return (y if self.bias is None else y + self.bias).contiguous().view(*x.shape[:-1], -1)
             return F.linear(x, self.weight, self.bias)
         n, b, t, _ = x.shape
         # (n, in_l, out_l), made contiguous: bmm is ~2x slower on a transposed view on CPU
