@@ -87,7 +87,6 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     # model's quality with half its blocks per token
     "shared_l2": ("concept", ["n_layer=2"]),
     "shared_l2_add": ("concept", ["n_layer=2", "concept_read=add"]),
-    "shared_l1": ("concept", ["n_layer=1"]),
     "shared_l1_add": ("concept", ["n_layer=1", "concept_read=add"]),
     "shared_l2_add_c1": ("concept", LEAN),
     "shared_l2_add_c1_combo8": ("concept", [*LEAN, "combo=8"]),

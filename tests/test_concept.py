@@ -33,6 +33,8 @@ CONFIGS = {
     "sum_mse": ["combiner=sum", "concept_loss=mse"],
     "l1_no_loss_level": ["concept_levels=2", "combo=2,3", "concept_loss=l1", "concept_weight=0,1"],
     "three_levels_shared_add": ["concept_levels=3", "combo=2", "concept_share=true", "concept_read=add"],
+    # the concept-byte preset's shape: shared blocks, the first one per concept level, plans added
+    "lean": ["concept_levels=3", "combo=2", "concept_share=true", "concept_layers=1", "concept_read=add"],
     "combo8": ["combo=8", "combiner=linear"],
     # a sliding 4-token window at the token level, two concept levels reading the whole block
     "token_window": ["token_window=4", "concept_levels=2", "combo=2,3", "combiner=linear"],
