@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -23,21 +22,16 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_sample import per_token
-from common import machine
+from common import machine, timeit
 
 from fractalformer.config import build_config
 from fractalformer.models import build_model
 from fractalformer.nn.nesting import frozen_weights
 
 
-def micro_us(fn, n: int = 2000) -> float:
-    """Microseconds per call of ``fn`` in a tight loop (after a warm-up)."""
-    for _ in range(200):
-        fn()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - t0) / n * 1e6
+def micro_us(fn) -> float:
+    """Median microseconds per call of ``fn`` in a tight loop (after a warm-up)."""
+    return timeit(fn, 2000, warmup=200) * 1e6
 
 
 def main() -> None:
@@ -60,12 +54,12 @@ def main() -> None:
             model(x, cache=caches)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             model(x, cache=caches)
-        caches[0].length = 8
-        t0 = time.perf_counter()
-        for _ in range(200):
-            model(x, cache=caches)
+
+        def step() -> None:  # always the 9th position: the cache never fills
             caches[0].length = 8
-        step_us = (time.perf_counter() - t0) / 200 * 1e6
+            model(x, cache=caches)
+
+        step_us = timeit(step, 200, warmup=20) * 1e6
     ops = Counter(e.name for e in prof.events() if e.cpu_parent is None)
     print(f"\n{sum(ops.values())} top-level ops per step: "
           + ", ".join(f"{n} {k.removeprefix('aten::')}" for k, n in ops.most_common()))
