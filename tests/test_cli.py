@@ -61,6 +61,7 @@ def test_empty_and_non_utf8_and_unknown_character_data(capsys, tmp_path: Path) -
     assert "position 923" in err
 
 
+@pytest.mark.slow
 def test_char_and_byte_tokenizers_train_on_any_text(capsys, tmp_path: Path) -> None:
     text = tmp_path / "t.txt"
     text.write_text("naïve café, señor! " * 200)
@@ -71,6 +72,7 @@ def test_char_and_byte_tokenizers_train_on_any_text(capsys, tmp_path: Path) -> N
         assert ("bits/byte" if name == "byte" else "bits/char") in out
 
 
+@pytest.mark.slow
 def test_existing_run_is_not_overwritten(capsys, tiny_run: Path, tmp_path: Path) -> None:
     before = snapshot(tiny_run)
     code, _, err = run_cli(capsys, "train", *TINY, "--out", tiny_run)
@@ -90,6 +92,7 @@ def run_copy(tiny_run: Path, tmp_path: Path) -> Path:
     return dst
 
 
+@pytest.mark.slow
 def test_corrupt_and_truncated_checkpoint(capsys, run_copy: Path) -> None:
     model = run_copy / "model.safetensors"
     data = model.read_bytes()
@@ -144,6 +147,7 @@ def test_sample_bad_input(capsys, tiny_run: Path, tmp_path: Path) -> None:
     assert_one_line_error(code, err, "run folder not found")
 
 
+@pytest.mark.slow
 def test_eval_json_and_sample_stream(capsys, tiny_run: Path) -> None:
     code, out, _ = run_cli(capsys, "eval", tiny_run, "--json")
     rows = json.loads(out)
@@ -156,6 +160,7 @@ def test_eval_json_and_sample_stream(capsys, tiny_run: Path) -> None:
     assert code == code2 == 0 and out == out2 and len(out) > len("ROMEO:" * 30)
 
 
+@pytest.mark.slow
 def test_real_process_prints_no_traceback(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "fractalformer", "eval", str(tmp_path / "nothing")],
                           capture_output=True, text=True)

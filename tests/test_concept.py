@@ -169,6 +169,7 @@ def canary_loss(tmp_path: Path, leak: bool, monkeypatch: pytest.MonkeyPatch, set
 
 
 @pytest.mark.parametrize("sets", [[], ["token_window=8"], ["concept_share=true"]])
+@pytest.mark.slow
 def test_leak_canary_random_tokens_stay_at_chance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                   sets: list[str]) -> None:
     loss, vocab = canary_loss(tmp_path, False, monkeypatch, sets)
@@ -290,6 +291,7 @@ def concept_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_cli_train_eval_sample_analyze_load(concept_run: Path, excerpt: Path, tmp_path: Path,
                                            capsys: pytest.CaptureFixture) -> None:
     code, stdout, _ = run_cli(capsys, "eval", concept_run, "--json", "--data", excerpt)
@@ -335,6 +337,7 @@ def test_byte_mode_reads_any_utf8(tmp_path: Path, capsys: pytest.CaptureFixture)
 
 
 @pytest.mark.parametrize("extra", [[], ["--set", "concept_share=true", "--set", "concept_read=add"]])
+@pytest.mark.slow
 def test_resume_is_exact(tmp_path: Path, capsys: pytest.CaptureFixture, extra: list[str]) -> None:
     assert_resume_is_exact(capsys, tmp_path, *TINY_CONCEPT, *extra, "--max-steps", "6",
                            "--set", "ckpt_every=3")
@@ -347,6 +350,7 @@ def test_torchrun_two_processes_match_single_process(tmp_path: Path) -> None:
                                    "--max-steps", "3", rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_cli_grow_keeps_the_loss_and_trains_on(concept_run: Path, tiny_run: Path, excerpt: Path,
                                                tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "grown"

@@ -170,6 +170,7 @@ def test_distillation_pulls_sub_models_towards_the_full_model(name: str) -> None
     assert grad[owned].abs().sum() > 0 and not owned.all() and grad[~owned].abs().sum() == 0
 
 
+@pytest.mark.slow
 def test_every_sub_model_learns(fractal_run: Path) -> None:
     import csv
 
@@ -181,6 +182,7 @@ def test_every_sub_model_learns(fractal_run: Path) -> None:
     assert (fractal_run / "curves.png").is_file()
 
 
+@pytest.mark.slow
 def test_fractal_cli_eval_sample_extract(capsys, fractal_run: Path, excerpt: Path, tmp_path: Path) -> None:
     code, out, _ = run_cli(capsys, "eval", fractal_run, "--json", "--data", excerpt)
     rows = json.loads(out)
@@ -227,6 +229,7 @@ def test_fractal_cli_eval_sample_extract(capsys, fractal_run: Path, excerpt: Pat
     ["family=fractal", "levels=3", "residual=upstream", "residual_rank=2"],
     ["family=fractal", "levels=3", "distill=0.5", "dtype=bfloat16"],  # bf16 autocast on the CPU too
 ])
+@pytest.mark.slow
 def test_every_family_trains_from_the_cli(capsys, tmp_path: Path, sets: list[str]) -> None:
     args = [a for s in sets for a in ("--set", s)]
     code, out, err = run_cli(capsys, "train", "--preset", "tiny", *args, "--set",
@@ -235,6 +238,7 @@ def test_every_family_trains_from_the_cli(capsys, tmp_path: Path, sets: list[str
     assert "validation of every sub-model" in out and "sample from sub-model (2, 0)" in out
 
 
+@pytest.mark.slow
 def test_fractal_resume_gives_the_uninterrupted_losses(capsys, tmp_path: Path) -> None:
     common = ["--preset", "tiny-fractal", "--quiet", "--set", "sample_tokens=0", "--max-steps", "6"]
     assert run_cli(capsys, "train", *common, "--out", tmp_path / "a")[0] == 0

@@ -248,6 +248,7 @@ def make_run(path: Path, seed: int, *sets: str) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_merge_cli_errors_are_one_line_and_write_nothing(capsys, tmp_path: Path) -> None:
     a = make_run(tmp_path / "a", 1)
     b = make_run(tmp_path / "b", 2)
@@ -269,6 +270,7 @@ def test_merge_cli_errors_are_one_line_and_write_nothing(capsys, tmp_path: Path)
     assert code == 2 and "already holds a run" in err
 
 
+@pytest.mark.slow
 def test_merge_cli_glue_then_full_on_shards(capsys, tmp_path: Path, excerpt: Path) -> None:
     kids = [make_run(tmp_path / f"k{j}", j, f"data_shard={j}/2", f"data={excerpt}") for j in range(2)]
     out = tmp_path / "m"
@@ -295,6 +297,7 @@ def test_merge_cli_glue_then_full_on_shards(capsys, tmp_path: Path, excerpt: Pat
     assert len(glue) == 8 and all(g.abs().sum() > 0 for g in glue)  # the folded glue trained
 
 
+@pytest.mark.slow
 def test_grow_cli_invariance_then_training(capsys, tmp_path: Path, excerpt: Path) -> None:
     run = make_run(tmp_path / "r", 1, f"data={excerpt}")
     code, stdout, err = run_cli(capsys, "grow", run, "--width", "2", "--depth", "2", "--out", tmp_path / "g",
@@ -310,6 +313,7 @@ def test_grow_cli_invariance_then_training(capsys, tmp_path: Path, excerpt: Path
     assert code == 2 and "width >= 2" in err and not (tmp_path / "h").exists()
 
 
+@pytest.mark.slow
 def test_merge_cli_again_quarters_to_one(capsys, tmp_path: Path) -> None:
     quarters = [make_run(tmp_path / f"q{j}", j, "d_model=16", "n_head=2", "n_kv_head=1") for j in range(4)]
     for h in range(2):

@@ -40,6 +40,7 @@ def check_parity(ours: torch.nn.Module, level: int, index: int, folder: Path, to
     assert out[0, len(ids):].tolist() == text
 
 
+@pytest.mark.slow
 def test_dense_export_matches(tiny_run: Path, tmp_path: Path, capsys) -> None:
     code, _, err = run_cli(capsys, "export", tiny_run, "--out", tmp_path / "hf")
     assert code == 0, err
@@ -48,6 +49,7 @@ def test_dense_export_matches(tiny_run: Path, tmp_path: Path, capsys) -> None:
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 
+@pytest.mark.slow
 def test_every_sub_model_exports(fractal_run: Path, tmp_path: Path) -> None:
     from fractalformer.export import export
 

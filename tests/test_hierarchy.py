@@ -113,6 +113,7 @@ def test_groups_file_errors(tmp_path: Path) -> None:
     assert load_groups(str(Path(__file__).parents[1] / "fractalformer/assets/groups_bpe128.json"), tok)
 
 
+@pytest.mark.slow
 def test_imposed_and_emergent_run_and_the_report(capsys, excerpt: Path, tmp_path: Path) -> None:
     out = tmp_path / "mrl"
     code, _, err = run_cli(capsys, "train", "--preset", "tiny", "--quiet", "--tokenizer", "char", "--set",
@@ -154,6 +155,7 @@ def test_groups_need_a_nested_model(capsys, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("fixture", ["tiny_run", "fractal_run"])
+@pytest.mark.slow
 def test_report_builds_for_dense_and_fractal_runs(capsys, request, fixture: str, excerpt: Path,
                                                    tmp_path: Path) -> None:
     import shutil

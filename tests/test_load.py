@@ -12,6 +12,7 @@ import fractalformer
 from fractalformer import FractalError
 
 
+@pytest.mark.slow
 def test_sub_model_load_equals_extraction(fractal_run: Path) -> None:
     model = fractalformer.load(fractal_run)
     for level, index in model.config.sub_models():
@@ -24,6 +25,7 @@ def test_sub_model_load_equals_extraction(fractal_run: Path) -> None:
         assert alone.tokenizer.name == model.tokenizer.name
 
 
+@pytest.mark.slow
 def test_sub_model_load_rejects_bad_requests_and_files(fractal_run: Path, tmp_path: Path) -> None:
     with pytest.raises(FractalError, match="out of range"):
         fractalformer.load(fractal_run, level=3, index=0)

@@ -90,6 +90,7 @@ def test_kv_cache_is_addressed_by_position() -> None:
     torch.testing.assert_close(m(x[:, 2:], cache=cache)[0], full[:, 2:], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_compiled_decoding_equals_eager() -> None:
     """torch.compile of the decode step: the same tokens as eager, past the context window
     (the cache length changes every step: one graph must cover them all, without a

@@ -232,6 +232,7 @@ def test_table_group_has_own_lr_and_no_decay() -> None:
 
 
 @pytest.mark.parametrize("extra", [[], ["--set", "moe_sparse=true", "--set", "moe=fhme"]])
+@pytest.mark.slow
 def test_resume_is_exact(tmp_path: Path, capsys: pytest.CaptureFixture, extra: list[str]) -> None:
     assert_resume_is_exact(capsys, tmp_path, *TINY_MOE, *extra, "--max-steps", "6", "--set", "ckpt_every=3")
 
@@ -245,6 +246,7 @@ def fhme_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_cli_train_eval_sample_and_usage(fhme_run: Path, excerpt: Path, tmp_path: Path,
                                         capsys: pytest.CaptureFixture) -> None:
     out = fhme_run
@@ -263,6 +265,7 @@ def test_cli_train_eval_sample_and_usage(fhme_run: Path, excerpt: Path, tmp_path
     assert code == 0 and "experts:" in stdout and "mean depth" in stdout
 
 
+@pytest.mark.slow
 def test_analyze_draws_the_expert_usage(fhme_run: Path, excerpt: Path, capsys: pytest.CaptureFixture) -> None:
     code, _, _ = run_cli(capsys, "analyze", fhme_run, "--windows", "4", "--data", excerpt)
     assert code == 0

@@ -262,6 +262,7 @@ BAD = [
 
 
 @pytest.mark.parametrize("body,status,param,match", BAD)
+@pytest.mark.slow
 def test_bad_requests_get_json_errors_and_the_server_keeps_serving(api, body, status, param, match) -> None:
     client, _ = api
     content = body if isinstance(body, bytes) else json.dumps(body).encode()

@@ -30,7 +30,8 @@ def model(vocab: int = 40, **kw) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("drafts", [[(2, 0)], [(1, 1)], [(2, 0), (2, 3)], [(1, 0), (2, 1), (2, 2)]])
-@pytest.mark.parametrize("gamma", [1, 3, 6])
+@pytest.mark.parametrize("gamma", [pytest.param(1, marks=pytest.mark.slow), 3,
+                                   pytest.param(6, marks=pytest.mark.slow)])
 def test_greedy_equals_plain_greedy(drafts, gamma: int) -> None:
     m = model()
     for prompt in ([1, 2, 3, 4, 5], [7], list(range(30))):
@@ -198,6 +199,7 @@ def test_policy_stops_at_once_when_the_costs_rule_drafting_out() -> None:
     assert best_gamma(1.0, 0.7, 1.6, 1.0, 4) and q.gamma() == 0 and q.plain_left > 10**6
 
 
+@pytest.mark.slow
 def test_compiled_speculation_equals_plain_greedy() -> None:
     """Drafts and target through torch.compile (traced with the aot_eager backend): still
     token for token plain greedy decoding (shapes change with the round and cache length)."""
@@ -243,6 +245,7 @@ def test_drafts_must_be_smaller_standalone_sub_models() -> None:
         list(speculate(up, [1], 5, [(2, 0)], 2))
 
 
+@pytest.mark.slow
 def test_speculate_cli(capsys, fractal_run) -> None:
     from .conftest import run_cli
 

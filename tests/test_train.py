@@ -29,6 +29,7 @@ def test_schedule_warms_up_then_decays_to_min_lr() -> None:
     assert lr_at(110, cfg) == pytest.approx(0.001)
 
 
+@pytest.mark.slow
 def test_resume_gives_the_uninterrupted_losses(tmp_path: Path) -> None:
     sets = ["--set", "eval_every=3", "--set", "ckpt_every=100", "--set", "sample_tokens=0"]
     assert main(["train", *TINY, *sets, "--max-steps", "12", "--out", str(tmp_path / "a")]) == 0
@@ -88,6 +89,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path: Path, monkeypatch, c
         assert torch.isfinite(v).all()
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_and_resumes(tmp_path: Path) -> None:
     out = tmp_path / "int"
     cmd = [sys.executable, "-m", "fractalformer", "train", *TINY, "--max-steps", "100000",

@@ -55,6 +55,7 @@ def test_threads_flag_reaches_the_config(capsys) -> None:
 
 
 # -- 2. data paths ---------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_run_records_absolute_data_and_notices_a_changed_file(capsys, tmp_path: Path, monkeypatch) -> None:
     text = read_text(None)[:60000]
     (tmp_path / "a").mkdir()
@@ -97,6 +98,7 @@ def test_print_config_reads_back_and_writes_nothing(capsys, tmp_path: Path) -> N
 
 
 # -- 4, 5. curves after a stop, quiet, the final evaluation ---------------------------------------
+@pytest.mark.slow
 def test_stopped_run_has_curves_and_quiet_prints_only_the_result(capsys, tmp_path: Path) -> None:
     code, out, _ = run_cli(capsys, "train", *TINY, "--max-steps", "6", "--stop-after", "3", "--out",
                            tmp_path / "r")
