@@ -1,0 +1,7 @@
+"""Hostile cases: users."""
+
+from __future__ import annotations
+
+from .common import Case
+
+CASES: list[Case] = []
