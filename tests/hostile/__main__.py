@@ -28,7 +28,8 @@ def main() -> int:
             except Exception:  # a case that crashes is a failed case, not a crashed battery
                 why = "the check itself raised: " + traceback.format_exc().strip().splitlines()[-1]
             failed += why is not None
-            print(f"{'ok  ' if why is None else 'FAIL'} {case.group}/{case.name}" + (f": {why}" if why else ""))
+            mark = "ok  " if why is None else "FAIL"
+            print(f"{mark} {case.group}/{case.name}" + (f": {why}" if why else ""))
     print(f"{len(cases) - failed} of {len(cases)} handled well")
     return 1 if failed else 0
 
