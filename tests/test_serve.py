@@ -626,9 +626,10 @@ def test_chat_completions_are_openai_shaped(api, model) -> None:
     streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
     assert streamed == choice["message"]["content"]
     assert chunks[-1]["choices"][0]["finish_reason"] == "length" and chunks[-1]["choices"][0]["delta"] == {}
-    for bad, param in (({"messages": []}, "messages"), ({"messages": [{"role": "robot", "content": "x"}]},
-                                                        "messages.0.role"),
-                       ({"messages": [{"role": "user"}]}, "messages.0.content"), ({"prompt": "x"}, "messages")):
+    for bad, param in (({"messages": []}, "messages"),
+                       ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
+                       ({"messages": [{"role": "user"}]}, "messages.0.content"),
+                       ({"prompt": "x"}, "messages")):
         r = client.post("/v1/chat/completions", json=bad)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)
 
