@@ -147,7 +147,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-adaptive", action="store_true", help="always draft gamma tokens")
     sp.add_argument("--confidence", type=float, default=0.0,
                     help="a draft stops a round early at a token it gives less probability (0: never)")
-    sp.add_argument("--compare", action="store_true", help="also time plain KV-cache decoding")
+    sp.add_argument("--compare", action="store_true",
+                    help="also time plain KV-cache decoding (both passes after an untimed warm-up of each)")
     sp.add_argument("--compile", action="store_true",
                     help="torch.compile drafts and target (and the --compare run): long outputs, one draft")
     sp.add_argument("--json", action="store_true", help="print the text and statistics as JSON")
