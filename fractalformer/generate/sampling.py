@@ -21,7 +21,7 @@ from ..nn.nesting import frozen_weights, weight_scope
 # float32 precision anyway (logit gaps under ~1e-4 aside), and dividing the logits by a far
 # smaller temperature overflows them to inf (a nan distribution).
 GREEDY_BELOW = 1e-6
-SEED_LIMIT = 2**63  # seeds lie in [0, 2^63): what every generator of the library accepts
+SEED_LIMIT = 2**63  # seeds lie in [0, 2^63), as fresh_seed draws them (a signed 64-bit integer)
 
 
 def is_greedy(temperature: float) -> bool:

@@ -294,8 +294,8 @@ class Batcher:
                 self._emit(g, row, logits, b)
         for row in sliding:  # recompute the last ``ctx`` tokens, as generate() does past the context
             row.seq = row.seq[-ctx:]
-            if row.window is None:
-                row.window = g.runner.new_cache(1, g.levels)
+            if row.window is None:  # a row never gathered has its prefill cache to reuse
+                row.window, row.caches = row.caches or g.runner.new_cache(1, g.levels), None
             for c in row.window.values():
                 c.length = 0
             logits = g.runner.run(torch.tensor([row.seq], device=self.device), g.levels, row.window)
