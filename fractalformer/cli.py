@@ -221,7 +221,9 @@ def _parser() -> argparse.ArgumentParser:
     _train_on_args(gr, "grown")
 
     sv = command("serve", "HTTP API and a page for every sub-model (batched; needs the serve extra)",
-                 "fractalformer serve runs/x --port 8000", parent=common)
+                 "fractalformer serve runs/x --port 8000",
+                 "FRACTALFORMER_API_KEY=KEY fractalformer serve runs/x --host 0.0.0.0 --allow-host box.lan",
+                 parent=common)
     sv.add_argument("run", metavar="RUN", help="run folder written by fractalformer train")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on")
     sv.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
