@@ -1,6 +1,7 @@
 """`fractalformer serve`: batched decoding equals solo decoding, the HTTP API (SSE format,
-bad requests, a full queue, a client that goes away), the CLI's errors, and the page in
-a real headless browser."""
+bad requests, a full queue, clients that go away, the Host / Content-Type / API key guard,
+the sliding window, chat completions), the CLI's errors and URL, and the page in a real
+headless browser."""
 
 from __future__ import annotations
 
