@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import sys
 import time
 import warnings
@@ -21,6 +22,8 @@ from .config import PRESETS
 from .errors import FractalError
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     import torch
 
 
@@ -70,8 +73,8 @@ def _parser() -> argparse.ArgumentParser:
                              "among its torchrun processes)")
     run = _Parser(add_help=False, parents=[common])
     run.add_argument("run", metavar="RUN", help="run folder written by fractalformer train")
-    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                     help="where the model runs (auto: CUDA when available)")
+    run.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
+                     help="where the model runs (auto: CUDA when available; mps: Apple GPUs)")
     run.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                      help="auto: bf16 autocast on CUDA, fp32 on CPU")
 
@@ -115,8 +118,11 @@ def _parser() -> argparse.ArgumentParser:
 
     s = command("sample", "generate text from a run", 'fractalformer sample runs/x --prompt "ROMEO:"',
                 "fractalformer sample runs/x --level 2 --index 3 --temperature 0 --seed 1",
-                "fractalformer sample runs/x --level 1 --ensemble")
+                "fractalformer sample runs/x --level 1 --ensemble",
+                "fractalformer sample runs/x --prompt-file prompt.txt --num-samples 3 --seed 1")
     _sampling_args(s, temperature=True)
+    s.add_argument("--num-samples", type=_positive_int, default=1, metavar="N",
+                   help="samples to draw, one after another (with --seed S: seeds S, S+1, ...)")
     s.add_argument("--no-cache", action="store_true", help="recompute the context every token")
     s.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step: 2-3x faster per token on a CPU after a compile of "
@@ -141,7 +147,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-adaptive", action="store_true", help="always draft gamma tokens")
     sp.add_argument("--confidence", type=float, default=0.0,
                     help="a draft stops a round early at a token it gives less probability (0: never)")
-    sp.add_argument("--compare", action="store_true", help="also time plain KV-cache decoding")
+    sp.add_argument("--compare", action="store_true",
+                    help="also time plain KV-cache decoding (both passes after an untimed warm-up of each)")
     sp.add_argument("--compile", action="store_true",
                     help="torch.compile drafts and target (and the --compare run): long outputs, one draft")
     sp.add_argument("--json", action="store_true", help="print the text and statistics as JSON")
@@ -214,7 +221,9 @@ def _parser() -> argparse.ArgumentParser:
     _train_on_args(gr, "grown")
 
     sv = command("serve", "HTTP API and a page for every sub-model (batched; needs the serve extra)",
-                 "fractalformer serve runs/x --port 8000", parent=common)
+                 "fractalformer serve runs/x --port 8000",
+                 "FRACTALFORMER_API_KEY=KEY fractalformer serve runs/x --host 0.0.0.0 --allow-host box.lan",
+                 parent=common)
     sv.add_argument("run", metavar="RUN", help="run folder written by fractalformer train")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on")
     sv.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
@@ -224,6 +233,12 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-tokens", type=_positive_int, default=1024, help="the most tokens one request gets")
     sv.add_argument("--max-prompt-chars", type=_positive_int, default=8192,
                     help="the longest prompt accepted, in characters")
+    sv.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                    help="a Host name requests may give besides the --host address, localhost and IP "
+                         "addresses (repeatable; '*': any; other names are refused against DNS rebinding)")
+    sv.add_argument("--api-key", metavar="KEY",
+                    help="require 'Authorization: Bearer KEY' on /v1/ (unset: FRACTALFORMER_API_KEY, else "
+                         "none); for a server reachable beyond this machine")
 
     c = command("config", "list every config key with its value in a preset and what it means",
                 "fractalformer config", "fractalformer config --preset dense", parent=common)
@@ -240,13 +255,15 @@ def _train_on_args(p: argparse.ArgumentParser, made: str) -> None:
 
 
 def _sampling_args(p: argparse.ArgumentParser, temperature: bool) -> None:
-    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    given = p.add_mutually_exclusive_group()
+    given.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    given.add_argument("--prompt-file", metavar="FILE", help="continue this UTF-8 file's text instead")
     p.add_argument("--max-new-tokens", type=_positive_int, default=200, help="tokens to generate")
     if temperature:
         p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, help="sample among the k likeliest tokens only")
     p.add_argument("--top-p", type=float, help="sample among the likeliest tokens holding this probability")
-    p.add_argument("--seed", type=int, help="seed of the sampling (unset: a fresh one)")
+    p.add_argument("--seed", type=int, help="seed of the sampling, 0 .. 2^63 - 1 (unset: a fresh one)")
     p.add_argument("--unknown", choices=("error", "replace"), default="error",
                    help="prompt characters the tokenizer lacks: error, or replace with '?' (the echo "
                         "shows what the model saw)")
@@ -415,14 +432,36 @@ def _stream(model: torch.nn.Module, prompt: str, **kwargs: Any) -> None:
     sys.stdout.write("\n")
 
 
+def _prompt(a: argparse.Namespace) -> str:
+    """``--prompt``, or the text of ``--prompt-file``."""
+    if a.prompt_file is None:
+        return a.prompt
+    try:
+        return Path(a.prompt_file).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise FractalError(f"--prompt-file {a.prompt_file} is not UTF-8 text") from None
+    except OSError as e:
+        raise FractalError(f"cannot read --prompt-file {a.prompt_file}: {e.strerror}") from None
+
+
 def cmd_sample(a: argparse.Namespace) -> int:
+    from .generate.sampling import SEED_LIMIT, check_sampling
+
     if a.ensemble and a.index is not None:
         raise FractalError("--ensemble samples the whole level, --index one sub-model: give one of them")
+    if a.num_samples < 1:
+        raise FractalError("--num-samples must be at least 1")
+    check_sampling(a.temperature, a.top_k, a.top_p, a.seed)  # before the model loads
+    prompt = _prompt(a)
     model = _load(a)
     with _precision(a, model):
-        _stream(model, a.prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
-                top_p=a.top_p, seed=a.seed, on_unknown=a.unknown, use_cache=not a.no_cache, compile=a.compile,
-                level=a.level, index="ensemble" if a.ensemble else a.index or 0)
+        for i in range(a.num_samples):
+            if i:
+                print("-" * 15)
+            _stream(model, prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                    top_p=a.top_p, seed=None if a.seed is None else (a.seed + i) % SEED_LIMIT,
+                    on_unknown=a.unknown, use_cache=not a.no_cache, compile=a.compile, level=a.level,
+                    index="ensemble" if a.ensemble else a.index or 0)
     return 0
 
 
@@ -432,24 +471,38 @@ def cmd_speculate(a: argparse.Namespace) -> int:
     from .generate.speculative import check_speculation, parse_sub_model
 
     temperature = a.temperature if a.temperature is not None else 0.0
-    check_sampling(temperature, a.top_k, a.top_p)
+    check_sampling(temperature, a.top_k, a.top_p, a.seed)
+    prompt = _prompt(a)
     model = _load(a)
     tok = model.tokenizer
     drafts = [parse_sub_model(d, model) for d in a.draft]
     target = parse_sub_model(a.target, model)
-    ids = tok.encode(a.prompt, on_unknown=a.unknown)
+    ids = tok.encode(prompt, on_unknown=a.unknown)
     check_speculation(model, drafts, target, a.gamma, ids, a.confidence)  # errors before the echo
+
+    def spec(n: int, stats: SpecStats) -> Iterator[int]:
+        return speculate(model, ids, n, drafts, a.gamma, target, temperature, a.top_k, a.top_p, a.seed,
+                         adaptive=not a.no_adaptive, confidence=a.confidence, stats=stats, compile=a.compile)
+
+    def plain(n: int) -> Iterator[int]:
+        return generate(model, ids, n, temperature, a.top_k, a.top_p, a.seed, level=target[0],
+                        index=target[1], compile=a.compile)
+
     stats = SpecStats()
     decode = tok.stream_decoder()
     seen = tok.decode(ids)
     out = []
     with _precision(a, model):
+        if a.compare:  # both timed warm: a first pass pays for allocations (and compiles) alone
+            warm = min(a.max_new_tokens, 16)
+            for _ in spec(warm, SpecStats()):
+                pass
+            for _ in plain(warm):
+                pass
         t0 = time.perf_counter()
         if not a.json:
             sys.stdout.write(seen)
-        for i in speculate(model, ids, a.max_new_tokens, drafts, a.gamma, target, temperature, a.top_k,
-                           a.top_p, a.seed, adaptive=not a.no_adaptive, confidence=a.confidence, stats=stats,
-                           compile=a.compile):
+        for i in spec(a.max_new_tokens, stats):
             out.append(decode(i))
             if not a.json:
                 sys.stdout.write(out[-1])
@@ -458,8 +511,7 @@ def cmd_speculate(a: argparse.Namespace) -> int:
         report = {**stats.to_json(), "tokens_per_s": round(stats.tokens / elapsed, 1)}
         if a.compare:
             t0 = time.perf_counter()
-            n = sum(1 for _ in generate(model, ids, a.max_new_tokens, temperature, a.top_k, a.top_p, a.seed,
-                                        level=target[0], index=target[1], compile=a.compile))
+            n = sum(1 for _ in plain(a.max_new_tokens))
             report["plain_tokens_per_s"] = round(n / (time.perf_counter() - t0), 1)
             report["speedup"] = round(report["tokens_per_s"] / report["plain_tokens_per_s"], 3)
     if a.json:
@@ -592,7 +644,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if min(a.max_batch, a.queue_size, a.max_tokens, a.max_prompt_chars) < 1:
         raise FractalError("--max-batch, --queue-size, --max-tokens and --max-prompt-chars must be "
                            "at least 1")
-    serve(a.run, a.host, a.port, Limits(a.max_tokens, a.max_prompt_chars, a.max_batch, a.queue_size))
+    serve(a.run, a.host, a.port, Limits(a.max_tokens, a.max_prompt_chars, a.max_batch, a.queue_size),
+          allow_hosts=a.allow_host,
+          api_key=a.api_key if a.api_key is not None else os.environ.get("FRACTALFORMER_API_KEY") or None)
     return 0
 
 

@@ -150,6 +150,8 @@ def pick_device(name: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise FractalError("device=cuda was asked for but CUDA is not available")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise FractalError("device=mps was asked for but MPS (Apple's GPU backend) is not available")
     return name
 
 
