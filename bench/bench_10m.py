@@ -1,7 +1,7 @@
 """The 10M-parameter preset trained on a prepared multi-megabyte corpus: tokens/s and MFU.
 
-    python bench/bench_10m.py [--data PATH ...] [--mb 8] [--steps 30] [--set key=value ...]
-    python bench/bench_10m.py --set device=cuda --set dtype=bfloat16 --set compile=true --steps 300  # a GPU
+    python -m bench.bench_10m [--data PATH ...] [--mb 8] [--steps 30] [--set key=value ...]
+    python -m bench.bench_10m --set device=cuda --set dtype=bfloat16 --set compile=true --steps 300  # a GPU
 
 Without --data the corpus is the Python standard library's ``.py`` files (sorted, the
 first ``--mb`` megabytes): real multi-megabyte text that every machine has. It is
@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import csv
 import hashlib
-import sys
 import sysconfig
 import tempfile
 import time
@@ -33,9 +32,6 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import machine
-
 from fractalformer.cli import main as cli
 from fractalformer.config import RunConfig, build_config
 from fractalformer.data import Ids, batch_generator, training_batch
@@ -43,6 +39,7 @@ from fractalformer.models import build_model
 from fractalformer.prepare import load_prepared
 from fractalformer.train import make_optimizer
 from fractalformer.train.trainer import pick_device
+from harness import machine
 
 
 def default_files(mb: float) -> list[str]:

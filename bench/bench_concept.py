@@ -1,6 +1,6 @@
 """Speed of the next-concept predictor against the dense reference, measured in one run.
 
-    python bench/bench_concept.py [--preset concept] [--set KEY=VALUE ...] [--dense-set KEY=VALUE ...]
+    python -m bench.bench_concept [--preset concept] [--set KEY=VALUE ...] [--dense-set KEY=VALUE ...]
                                   [--tokens 200] [--repeat 3] [--rounds 3] [--window 256] [--no-context]
                                   [--json FILE]
 
@@ -24,17 +24,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, timeit
-
 from fractalformer.config import build_config
 from fractalformer.models import build_model
 from fractalformer.nn.nesting import frozen_weights
+from harness import machine, timeit
 
 
 def model_of(preset: str, sets: list[str]) -> torch.nn.Module:

@@ -1,6 +1,6 @@
 """What an eager decode step is made of: its ops, their cost alone, and the threads.
 
-    python bench/bench_decode_ops.py [--preset default] [--rounds 3]
+    python -m bench.bench_decode_ops [--preset default] [--rounds 3]
 
 For the preset's full model decoding one token with the KV cache (inside
 ``frozen_weights``, as ``generate`` runs it): (1) the number of top-level tensor ops of one
@@ -12,21 +12,17 @@ interleaved over ``--rounds``, to see whether intra-op threads cost or help at t
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import Counter
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_sample import per_token
-from common import machine, timeit
-
+from bench.bench_sample import per_token
 from fractalformer.config import build_config
 from fractalformer.models import build_model
 from fractalformer.nn.nesting import frozen_weights
+from harness import machine, timeit
 
 
 def micro_us(fn) -> float:

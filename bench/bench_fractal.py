@@ -1,6 +1,6 @@
 """FractalFormer training-step speed, as ratios measured in one run.
 
-    python bench/bench_fractal.py [--repeat 5] [--batch 16] [--compile]
+    python -m bench.bench_fractal [--repeat 5] [--batch 16] [--compile]
 
 On the default dims (levels 3, split 2, batch 16 x 256), one step = forward, backward
 and AdamW update:
@@ -17,19 +17,15 @@ With ``--compile`` the batched step is also timed under ``torch.compile``.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, timeit
-
 from fractalformer.config import RunConfig, build_config
 from fractalformer.models import GPT, build_model
 from fractalformer.train import make_optimizer
+from harness import machine, timeit
 
 
 def stepper(model: torch.nn.Module, loss_fn, cfg: RunConfig):

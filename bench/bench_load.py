@@ -1,6 +1,6 @@
 """Peak memory of loading a whole run against loading one sub-model alone.
 
-    python bench/bench_load.py [RUN] [--level 2 --index 0]
+    python -m bench.bench_load [RUN] [--level 2 --index 0]
 
 Without RUN, a ``fractal-512`` run folder with untrained weights is written to a
 temporary folder (memory does not depend on training). Each load runs in a fresh

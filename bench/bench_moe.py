@@ -1,6 +1,6 @@
 """FractalMoE speed and memory against dense layers, as ratios measured in one run.
 
-    python bench/bench_moe.py [--repeat 5] [--markdown]
+    python -m bench.bench_moe [--repeat 5] [--markdown]
 
 1. One layer, forward + backward over 16 x 256 tokens at d_model 128: PEER (h 4, k 8) at
    N = 65,536 / 262,144 / 1,048,576 (dense and row-sparse table gradients), PKM, and FHME,
@@ -26,14 +26,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, timeit
-
 from fractalformer.config import build_config
 from fractalformer.models import build_model
 from fractalformer.nn import GeGLU, Nesting
 from fractalformer.nn.product_keys import PEER, PKM
 from fractalformer.train.trainer import clipped_params, make_optimizer
+from harness import machine, timeit
 
 D, TOKENS = 128, (16, 256)
 

@@ -1,6 +1,6 @@
 """Load test of ``fractalformer serve``: concurrent streaming clients on the loopback.
 
-    python bench/bench_serve.py RUN_DIR [--clients 1,4,16] [--tokens 128] [--requests 8]
+    python -m bench.bench_serve RUN_DIR [--clients 1,4,16] [--tokens 128] [--requests 8]
                                 [--sub-model 0:0] [--threads 1] [--time-limit 150]
 
 Starts the server as a subprocess on a free 127.0.0.1 port (nothing else is contacted),
@@ -25,12 +25,10 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import machine
+from harness import machine
 
 PROMPTS = ["ROMEO:", "JULIET:\nO", "First Citizen:\nBefore we proceed", "KING HENRY", "To be",
            "MENENIUS:\nWhat", "Thou art", "O, ", "LADY MACBETH:\nOut, damned spot", "All:\nSpeak, speak.",

@@ -1,6 +1,6 @@
 """Speculative decoding with nested drafts vs plain KV-cache decoding, measured in one run.
 
-    python bench/bench_speculative.py RUN [--tokens 200] [--gamma 4] [--prompt TEXT ...] [--repeat 3]
+    python -m bench.bench_speculative RUN [--tokens 200] [--gamma 4] [--prompt TEXT ...] [--repeat 3]
 
 For a trained FractalFormer run: plain greedy decoding of the full model (the baseline),
 then speculative greedy decoding with a single draft at every level (index 0) and with
@@ -17,19 +17,15 @@ as Markdown for the docs.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-from common import machine
 
 import fractalformer
 from fractalformer.generate import SpecStats, generate, speculate
 from fractalformer.generate.spec_policy import forget_costs
 from fractalformer.nn.nesting import frozen_weights
+from harness import machine
 
 PROMPTS = ["KING RICHARD III:\n", "ROMEO:\nO, ", "First Citizen:\nWe are"]
 

@@ -1,6 +1,6 @@
 """Training throughput (tokens/s) of a config, eager and optionally torch.compile.
 
-    python bench/bench_train.py [--preset default] [--set key=value ...] [--steps 10] [--compile] [--bf16]
+    python -m bench.bench_train [--preset default] [--set key=value ...] [--steps 10] [--compile] [--bf16]
 
 Prints the machine, then tokens/s per variant (fp32 eager; torch.compile; bf16 autocast,
 which on CPU needs native bf16 matmuls such as AVX512-BF16 or AMX to pay) and its ratio
@@ -11,17 +11,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, timeit
 
 from fractalformer.config import build_config
 from fractalformer.models import build_model
 from fractalformer.train import make_optimizer
+from harness import machine, timeit
 
 
 def main() -> None:

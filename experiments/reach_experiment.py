@@ -1,6 +1,6 @@
 """Effective context with the batch held fixed: does reading 1,024 tokens beat reading 256?
 
-    python bench/reach_experiment.py [--steps 300] [--only NAME ...] [--out runs/reach]
+    python -m experiments.reach_experiment [--steps 300] [--only NAME ...] [--out runs/reach]
 
 Every run trains on 16 windows a step and scores the *last 256 tokens* of each, so the
 tokens that carry the loss, the places in the text a step sees and the schedule
@@ -21,7 +21,7 @@ for every row; only what the model may read before those 256 tokens changes:
 Validation: the whole split in steps of 256 tokens, each scored once with ``ctx - 256``
 tokens before it (the 256-token runs: plain non-overlapping windows); every run skips the
 same first 768 tokens, which the 1,024-token runs need as context.
-Writes ``docs/reach_experiment_<steps>.md`` and ``.json``.
+Writes ``docs/results/reach_experiment_<steps>.md`` and ``.json``.
 """
 
 from __future__ import annotations
@@ -29,21 +29,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import machine
-
 from fractalformer.config import build_config
 from fractalformer.data import batch_generator, get_batch
 from fractalformer.models import build_model
 from fractalformer.models.concept import ConceptCache, ConceptGPT
 from fractalformer.train.trainer import lr_at, make_optimizer, prepare_data
+from harness import machine
 
 CHUNK = 256
 MAX_CTX = 1024
@@ -134,7 +131,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--only", nargs="+", choices=list(VARIANTS))
     ap.add_argument("--out", default="runs/reach")
-    ap.add_argument("--docs", default="docs")
+    ap.add_argument("--docs", default="docs/results", help="folder of the result tables")
     a = ap.parse_args()
     torch.set_num_threads(1)
     root = Path(a.out) / f"steps{a.steps}"
@@ -150,7 +147,7 @@ def main() -> None:
     rows = [json.loads((root / f"{n}.json").read_text()) for n in VARIANTS if (root / f"{n}.json").exists()]
     lines = [f"# Effective context at a fixed batch ({a.steps} steps)", "",
              f"Machine: {machine()}; one thread per run, other runs on the other core (s/step is rough).", "",
-             f"Command: `python bench/reach_experiment.py --steps {a.steps}`. Every run: 16 windows a "
+             f"Command: `python -m experiments.reach_experiment --steps {a.steps}`. Every run: 16 windows a "
              "step, loss on the last 256 tokens of each; validation scores the same 256-token steps.",
              "", "| run | preset | reads | s/step | val nats/token | bits/char |",
              "|---|---|---|---|---|---|"]

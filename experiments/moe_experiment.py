@@ -1,23 +1,23 @@
 """FractalMoE against the dense reference: PEER, PKM and FHME at equal steps.
 
-    python bench/moe_experiment.py [--steps 1400] [--out runs/moe] [--only NAME ...]
+    python -m experiments.moe_experiment [--steps 1400] [--out runs/moe] [--only NAME ...]
 
 Every run uses the dense reference's data, dims and schedule (shipped TinyShakespeare,
 bpe128, batch 16 x 256, AdamW 3e-3 -> 3e-4 cosine, the same seed and batches) with
 sparse layers in place of the MLP of layers 1 and 3 (the ``peer`` / ``pkm`` / ``fhme``
 presets), varied one knob at a time. Full-split validation, expert usage and wall time
 go to ``<out>/steps<N>/<name>/eval.json`` (finished runs are skipped on a re-run); the
-table goes to ``docs/moe_experiment_<N>.md`` and ``.json``. Several copies may run side
+table goes to ``docs/results/moe_experiment_<N>.md`` and ``.json``. Several copies may run side
 by side on different ``--only`` lists (set ``OMP_NUM_THREADS`` to share the cores).
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import (
+import fractalformer
+from fractalformer.config import build_config
+from harness import (
     cached_result,
     experiment_parser,
     finished,
@@ -26,9 +26,6 @@ from common import (
     timed_train,
     write_tables,
 )
-
-import fractalformer
-from fractalformer.config import build_config
 
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "dense": ("dense", []),
@@ -76,7 +73,7 @@ def _f(r: dict, key: str, fmt: str) -> str:
 def report(results: dict[str, dict], steps: int) -> str:
     lines = [f"# FractalMoE vs the dense reference ({steps} steps)", "",
              f"Machine: {machine()}.", "",
-             f"Command: `python bench/moe_experiment.py --steps {steps}`. BPC = bits per character on",
+             f"Command: `python -m experiments.moe_experiment --steps {steps}`. BPC = bits per character on",
              "the full validation split; gap = train loss of the last step minus validation loss",
              "(nats/token; the train figure is one batch). Usage, KL and dead are over the",
              "validation split (see docs/moe.md for their definitions).", "",

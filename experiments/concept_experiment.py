@@ -1,6 +1,6 @@
 """The next-concept predictor against the dense reference at equal steps, FLOPs and wall time.
 
-    python bench/concept_experiment.py [--steps 500] [--out runs/concept] [--only NAME ...]
+    python -m experiments.concept_experiment [--steps 500] [--out runs/concept] [--only NAME ...]
 
 Every run uses the dense reference's data and schedule (shipped TinyShakespeare, batch
 16 x 256 bpe128 tokens or 8 x 512 bytes, AdamW 3e-3 -> 3e-4 cosine over ``--steps``, the
@@ -9,20 +9,21 @@ Training FLOPs are counted by ``torch.utils.flop_counter`` on one training step 
 and backward). "At equal FLOPs" / "at equal wall time" read the dense run's validation
 curve (the fixed validation batches) where it had spent as much as the concept run in all.
 Results go to ``<out>/steps<N>/<name>/eval.json`` (finished runs are skipped on a re-run)
-and the table to ``docs/concept_experiment_<N>[_warmup<W>].md`` and ``.json``.
+and the table to ``docs/results/concept_experiment_<N>[_warmup<W>].md`` and ``.json``.
 """
 
 from __future__ import annotations
 
 import itertools
-import sys
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import (
+import fractalformer
+from fractalformer.config import RunConfig, build_config
+from fractalformer.models import build_model
+from harness import (
     cached_result,
     experiment_parser,
     finished,
@@ -31,10 +32,6 @@ from common import (
     timed_train,
     write_tables,
 )
-
-import fractalformer
-from fractalformer.config import RunConfig, build_config
-from fractalformer.models import build_model
 
 BYTE = ["tokenizer=byte", "vocab_size=256", "block_size=512", "batch_size=8"]
 # Until session 6 the presets had separate weights per level; the rows named "concept..."
@@ -62,11 +59,11 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "combo8": ("concept", [*SEP, "combo=8"]),
     "one_level": ("concept", [*SEP, "concept_levels=1"]),
     # a 2-block token level under 4-block concept levels (Block Transformer's trade), by
-    # cross-attention and by addition (the fastest decoder: bench/bench_concept.py)
+    # cross-attention and by addition (the fastest decoder: python -m bench.bench_concept)
     "token2": ("concept", [*SEP, "n_layer=2", "concept_layers=4"]),
     "token2_add": ("concept", [*SEP, "n_layer=2", "concept_layers=4", "concept_read=add"]),
     # a 1-block token level reading its plan by addition: the decoder that could decode
-    # 1.5x faster than dense (bench/bench_concept.py)
+    # 1.5x faster than dense (python -m bench.bench_concept)
     "token1_add": ("concept", [*SEP, "n_layer=1", "concept_layers=4", "concept_read=add"]),
     # leaner byte models, for concept-byte at dense byte's FLOPs (session 7): one concept block
     # per level, read by cross-attention or by addition
@@ -153,7 +150,7 @@ def report(results: dict[str, dict], steps: int, warmup: int) -> str:
     lines = [f"# Next-concept predictor vs the dense reference ({steps} steps, warmup {warmup})", "",
              f"Machine: {machine()}; other jobs shared the 2 cores, so wall times are only roughly "
              "comparable (quality at equal steps is exact).", "",
-             f"Command: `python bench/concept_experiment.py --steps {steps} --warmup {warmup}`. "
+             f"Command: `python -m experiments.concept_experiment --steps {steps} --warmup {warmup}`. "
              "BPC = bits per character "
              "(per byte for byte runs) on the full validation split. FLOPs: one training step counted by "
              "torch's FlopCounterMode. 'dense at equal FLOPs / wall' = the dense run of the same tokenizer "

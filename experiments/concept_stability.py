@@ -1,6 +1,6 @@
 """Why the concept preset stalled under a short lr warmup: the first steps of training.
 
-    python bench/concept_stability.py VARIANT [--steps 40] [--set KEY=VALUE ...]
+    python -m experiments.concept_stability VARIANT [--steps 40] [--set KEY=VALUE ...]
 
 Trains the ``concept`` preset (``dense`` for VARIANT ``dense``) on the 100-step schedule
 with a 10-step warmup, stops after ``--steps`` steps and prints the training loss

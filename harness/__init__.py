@@ -1,5 +1,10 @@
-"""Helpers shared by the benchmark scripts: machine description, timing, and the run /
-store / report loop of the experiment scripts."""
+"""The harness shared by the speed benchmarks (``bench/``) and the training studies
+(``experiments/``): the machine description printed with every figure, the timer, and the
+experiments' argument parsing and run / store / report loop.
+
+Both folders are packages run from the repository root, e.g. ``python -m bench.bench_train``
+or ``python -m experiments.fractal_experiment``; they import this package as ``harness``.
+"""
 
 from __future__ import annotations
 
@@ -95,11 +100,11 @@ def write_tables(stem: Path, results: dict[str, dict], text: str) -> None:
 
 def experiment_parser(doc: str, steps: int, out: str, names: list[str]) -> argparse.ArgumentParser:
     """The options every experiment script shares: steps, run folder, a subset of its
-    variants, the docs folder, and rebuilding the tables from finished runs."""
+    variants, the results folder, and rebuilding the tables from finished runs."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=steps)
     ap.add_argument("--out", default=out)
     ap.add_argument("--only", nargs="*", choices=names, help="run only these names")
-    ap.add_argument("--docs", default="docs")
+    ap.add_argument("--docs", default="docs/results", help="folder of the result tables")
     ap.add_argument("--report", action="store_true", help="only rebuild the table from finished runs")
     return ap

@@ -1,7 +1,7 @@
 """Merged-then-glued and grown FractalFormers vs one trained from scratch, by FLOPs.
 
-    OMP_NUM_THREADS=1 python bench/bench_merge.py [--steps 800] [--glue 100] [--out runs/bench_merge]
-        [--set lr=1e-3 --tag _lr1e-3 --only merged]    # a variant of the merged / grown runs
+    OMP_NUM_THREADS=1 python -m experiments.merge_grow [--steps 800] [--glue 100]
+        [--out runs/bench_merge] [--set lr=1e-3 --tag _lr1e-3 --only merged]  # a merged / grown variant
 
 A small shape (so that it finishes on a shared 2-core CPU): the parent is a FractalFormer
 of d_model 128, 2 layers, levels 2 (split 2, ``heads`` attention nesting: 4 query / 2 KV
@@ -9,7 +9,7 @@ heads of 32), context 128, batch 16, shipped TinyShakespeare (bpe128). Runs, one
 
 * ``scratch``: the parent from scratch, ``--steps`` S steps;
 * ``child0``, ``child1``: dense GPTs of the parent's level-1 shape (d_model 64), S/2 steps
-  each, child ``j`` on data shard ``j/2`` of the training tokens (deliverable 2);
+  each, child ``j`` on data shard ``j/2`` of the training tokens;
 * ``merged``: ``merge child0 child1`` - ``--glue`` steps of glue only (children frozen),
   then full training; parent steps chosen so that children + parent = the scratch FLOPs;
 * ``original``: a dense d_model-64 GPT on all the data, S/2 steps;
@@ -23,7 +23,7 @@ step costs a full parent step (the frozen blocks' gradients are computed, then m
 
 Every run's validation curve uses the same fixed validation batches (the runs share the
 seed); "reaches" = the first evaluation at or below scratch's final value. Writes
-``docs/merge_grow.md`` and ``docs/merge_grow.json``; finished runs are reused.
+``docs/results/merge_grow.md`` and ``docs/results/merge_grow.json``; finished runs are reused.
 """
 
 from __future__ import annotations
@@ -34,14 +34,12 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import machine
-
 import fractalformer
 from fractalformer.config import ModelConfig, build_config
 from fractalformer.growth import grow_run, merge_runs
 from fractalformer.models import build_model
 from fractalformer.train import train
+from harness import machine
 
 COMMON = ["block_size=128", "batch_size=16", "n_layer=2", "head_dim=32", "lr=3e-3", "min_lr=3e-4",
           "warmup_steps=50", "eval_every=25", "eval_batches=8", "ckpt_every=100000", "sample_tokens=0"]
@@ -111,7 +109,7 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="suffix of the merged / grown run folders and the doc file")
     ap.add_argument("--only", choices=("merged", "grown"), help="run one of the two comparisons")
     ap.add_argument("--out", default="runs/bench_merge")
-    ap.add_argument("--doc", default="docs/merge_grow")
+    ap.add_argument("--doc", default="docs/results/merge_grow")
     a = ap.parse_args()
     out = Path(a.out)
     s_half = a.steps // 2
@@ -126,7 +124,7 @@ def main() -> None:
     target = scratch[-1][1]
     result: dict = {
         "machine": machine(),
-        "command": " ".join(["python bench/bench_merge.py", *sys.argv[1:]]),
+        "command": " ".join(["python -m experiments.merge_grow", *sys.argv[1:]]),
         "flops_per_step": {"parent": f_parent, "child": f_child},
         "scratch": {"steps": a.steps, "flops": budget, "final_bpc": target, "curve": scratch},
     }

@@ -1,11 +1,12 @@
 """Imposed and emergent hierarchical embeddings vs a plain Matryoshka (MRL) head.
 
-    python bench/hierarchy_experiment.py [--steps 1500] [--out runs/hierarchy]
+    python -m experiments.hierarchy_experiment [--steps 1500] [--out runs/hierarchy]
 
 Three runs of the ``matryoshka`` preset (the seed matryoshkaGPT: char tokens, d 32, an
 MRL head at widths 32/16/8/4/2) with the same seed and batches: plain, imposed (the
 seed's categories, ``groups=seed``) and emergent (DBSCAN re-clustering every 250 steps).
-Each run is analysed (``fractalformer analyze``); writes ``docs/hierarchy.md`` with the
+Each run is analysed (``fractalformer analyze``); writes
+``docs/results/hierarchy_experiment_<steps>.md`` (the tables of docs/hierarchy.md) with the
 BPC of every width, cos('a','A') and cos('a','i') per width, and the adjusted Rand index
 of the emergent clusters against the imposed categories.
 """
@@ -14,15 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import machine
-
 from fractalformer.analysis.report import analyze
 from fractalformer.cli import main as cli
+from harness import machine
 
 VARIANTS = {"plain": [], "imposed": ["groups=seed"], "emergent": ["emergent_every=250"]}
 
@@ -31,6 +29,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--out", default="runs/hierarchy")
+    ap.add_argument("--docs", default="docs/results", help="folder of the result tables")
     a = ap.parse_args()
     results = {}
     for name, sets in VARIANTS.items():
@@ -47,7 +46,7 @@ def main() -> None:
         print(f"{name}: done", flush=True)
     widths = [r["width"] for r in results["plain"]["rows"]]
     lines = [f"# Hierarchical embeddings ({a.steps} steps)", "", f"Machine: {machine()}.", "",
-             f"Command: `python bench/hierarchy_experiment.py --steps {a.steps}`. Preset `matryoshka`",
+             f"Command: `python -m experiments.hierarchy_experiment --steps {a.steps}`. Preset `matryoshka`",
              "(seed matryoshkaGPT: char tokens, d 32, 4 layers, 4 heads, MRL head at widths 32/16/8/4/2,",
              f"batch 32 x 128), {a.steps} steps, same seed and batches for all three runs. BPC = bits per",
              "character on the full validation split (plain cross-entropy, whatever the training loss).", "",
@@ -83,7 +82,7 @@ def main() -> None:
               "imposed categories at the same width (1 = identical partition, 0 = chance):", "",
               "| width | ARI |", "|---|---|"]
     lines += [f"| {w} | {v:.3f} |" for w, v in sorted(ari.items(), key=lambda kv: int(kv[0]))]
-    (Path("docs") / "hierarchy.md").write_text("\n".join(lines) + "\n")
+    (Path(a.docs) / f"hierarchy_experiment_{a.steps}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
