@@ -34,12 +34,12 @@ from harness import (
 )
 
 BYTE = ["tokenizer=byte", "vocab_size=256", "block_size=512", "batch_size=8"]
-# Until session 6 the presets had separate weights per level; the rows named "concept..."
-# keep that configuration (the runs of the docs' tables), and "shared" is today's preset.
+# The rows named "concept..." have separate weights per level (concept_share=false, the
+# configuration of most rows of the docs' tables); "shared" is the concept preset.
 SEP = ["concept_share=false"]
-# the fast decoder (session 8): 2 shared blocks, 1 of them per concept level, plans added
+# the fast decoder: 2 shared blocks, 1 of them per concept level, plans added
 LEAN = ["n_layer=2", "concept_read=add", "concept_layers=1"]
-# the concept-byte preset before session 8: 4 shared blocks, every one per concept level, cross-attention
+# a 4-block concept-byte model: 4 shared blocks, every one per concept level, cross-attention
 BYTE4 = ["n_layer=4", "concept_layers=0", "concept_read=cross"]
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "dense": ("dense", []),
@@ -49,7 +49,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "read_open": ("concept", [*SEP, "concept_read_init=1"]),
     "dense_byte": ("dense", BYTE),
     "concept_byte": ("concept-byte", [*BYTE4, *SEP]),
-    "concept_byte_shared": ("concept-byte", BYTE4),  # the concept-byte preset of sessions 6-7
+    "concept_byte_shared": ("concept-byte", BYTE4),  # the 4-block shared byte model
     # ablations, one knob of the separate-weights configuration each
     "no_regression": ("concept", [*SEP, "concept_weight=0"]),
     "add": ("concept", [*SEP, "concept_read=add"]),
@@ -65,13 +65,13 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     # a 1-block token level reading its plan by addition: the decoder that could decode
     # 1.5x faster than dense (python -m bench.bench_concept)
     "token1_add": ("concept", [*SEP, "n_layer=1", "concept_layers=4", "concept_read=add"]),
-    # leaner byte models, for concept-byte at dense byte's FLOPs (session 7): one concept block
+    # leaner byte models, for concept-byte at dense byte's FLOPs: one concept block
     # per level, read by cross-attention or by addition
     "byte_l1": ("concept-byte", [*BYTE4, "concept_layers=1"]),
     "byte_lean": ("concept-byte", [*BYTE4, "concept_layers=1", "concept_read=add"]),
     # a second seed of both sides of the byte comparison (init and batches)
     "byte_lean_seed1": ("concept-byte", [*BYTE4, "concept_layers=1", "concept_read=add", "seed=1"]),
-    # the fast decoder's shape on bytes (session 8; byte_l2_lean is today's concept-byte preset):
+    # the fast decoder's shape on bytes (byte_l2_lean is the concept-byte preset):
     # 2 or 3 shared blocks, 1 per concept level
     "byte_l2_lean": ("concept-byte", LEAN),
     "byte_l3_lean": ("concept-byte", ["n_layer=3", "concept_read=add", "concept_layers=1"]),
@@ -80,7 +80,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "dense_byte_l2": ("dense", [*BYTE, "n_layer=2"]),
     "byte_l2_lean_seed1": ("concept-byte", [*LEAN, "seed=1"]),
     "dense_byte_l2_seed1": ("dense", [*BYTE, "n_layer=2", "seed=1"]),
-    # shallower shared models (session 8): the decoder that could reach the 4-block dense
+    # shallower shared models: the decoder that could reach the 4-block dense
     # model's quality with half its blocks per token
     "shared_l2": ("concept", ["n_layer=2"]),
     "shared_l2_add": ("concept", ["n_layer=2", "concept_read=add"]),
@@ -88,7 +88,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "shared_l2_add_c1": ("concept", LEAN),
     "shared_l2_add_c1_combo8": ("concept", [*LEAN, "combo=8"]),
     "shared_l2_add_c1_combo8_seed1": ("concept", [*LEAN, "combo=8", "seed=1"]),
-    # session 9: trained past 1,400 steps the lean model gets no better (2,269 steps); does dropout help?
+    # trained past 1,400 steps the lean model gets no better (2,269 steps); does dropout help?
     "lean_do": ("concept", [*LEAN, "dropout=0.1"]),
     "lean_combo8_do": ("concept", [*LEAN, "combo=8", "dropout=0.1"]),
     "dense_seed1": ("dense", ["seed=1"]),
