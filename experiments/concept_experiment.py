@@ -53,7 +53,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     # ablations, one knob of the separate-weights configuration each
     "no_regression": ("concept", [*SEP, "concept_weight=0"]),
     "add": ("concept", [*SEP, "concept_read=add"]),
-    "shared": ("concept", ["concept_share=true"]),  # today's concept preset
+    "shared": ("concept", ["concept_share=true"]),  # the concept preset
     "sum_combiner": ("concept", [*SEP, "combiner=sum"]),
     "combo2": ("concept", [*SEP, "combo=2"]),
     "combo8": ("concept", [*SEP, "combo=8"]),

@@ -15,7 +15,7 @@ for every row; only what the model may read before those 256 tokens changes:
   token level and the first concept level run on the last 256-token chunk only (tokens
   read their chunk's plans), the top level (one concept per 16 tokens) runs over all 64
   concepts of the 1,024 tokens, and the chunk's first level reads those plans: the
-  Block-Transformer / MegaByte split of deliverable 6, with the chunk grid fixed to the
+  Block-Transformer / MegaByte split, with the chunk grid fixed to the
   window's end.
 
 Validation: the whole split in steps of 256 tokens, each scored once with ``ctx - 256``
