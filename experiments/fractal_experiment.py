@@ -9,10 +9,12 @@ shape (batch 16 x 256, warmup, cosine), for the same number of steps:
   nesting, ``upstream`` / ``downstream`` cross-level residuals, ``split`` data routing,
   weights per level and in-place distillation, and the Matryoshka families;
 * one dense twin per sub-model shape (each sees the same batches as the full model);
-* for every ``heads`` variant, the full-width dense twin at equal wall time: its training
-  seconds per step and the full-width twin's (``dense_heads_L0``), both measured in this
-  run, give the ratio, and the twin trains ``steps x ratio`` steps on its own schedule
-  (twins of equal step counts are shared; ``--only dense_heads_L0_equal_wall`` trains them).
+* for every ``heads`` variant, the full-width dense twin at equal wall time: the variant's
+  seconds per training step (its whole training run's wall time, periodic evaluations
+  included, over its steps) against the full-width twin's (``dense_heads_L0``), both
+  measured by this script, give the ratio, and the twin trains ``steps x ratio`` steps on
+  its own schedule (twins of equal step counts are shared; ``--only
+  dense_heads_L0_equal_wall`` trains them).
   The ratio is only as good as the two wall times: run them on the same, otherwise idle
   machine.
 
@@ -72,7 +74,8 @@ def runs() -> dict[str, list[str]]:
 
 
 def wall_ratio(variant: dict, full: dict) -> float:
-    """Training seconds per step of ``variant`` over those of the full-width dense twin."""
+    """Seconds per training step (training wall time over steps) of ``variant`` over those
+    of the full-width dense twin."""
     return (variant["wall_s"] / variant["steps"]) / (full["wall_s"] / full["steps"])
 
 
