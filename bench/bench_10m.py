@@ -20,7 +20,6 @@ in this run:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import hashlib
@@ -39,7 +38,7 @@ from fractalformer.models import build_model
 from fractalformer.prepare import load_prepared
 from fractalformer.train import make_optimizer
 from fractalformer.train.trainer import pick_device
-from harness import machine
+from harness import machine, script_parser
 
 
 def default_files(mb: float) -> list[str]:
@@ -86,7 +85,7 @@ def step_flops(cfg: RunConfig, device: str, autocast_dtype: torch.dtype | None, 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = script_parser(__doc__)
     ap.add_argument("--data", nargs="+", help="text files or folders (default: the stdlib's .py files)")
     ap.add_argument("--mb", type=float, default=8.0, help="megabytes of the default corpus")
     ap.add_argument("--steps", type=int, default=30)

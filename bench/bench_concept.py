@@ -21,7 +21,6 @@ interleaved, so machine load hits all of them alike.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 from fractalformer.config import build_config
 from fractalformer.models import build_model
 from fractalformer.nn.nesting import frozen_weights
-from harness import machine, timeit
+from harness import machine, script_parser, timeit
 
 
 def model_of(preset: str, sets: list[str]) -> torch.nn.Module:
@@ -58,7 +57,7 @@ def train_step(model: torch.nn.Module, batch: int, block: int) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = script_parser(__doc__)
     ap.add_argument("--preset", default="concept")
     ap.add_argument("--set", action="append", default=[], help="override a key of the concept model")
     ap.add_argument("--dense-set", action="append", default=[], help="override a key of the dense model")

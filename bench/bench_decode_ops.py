@@ -11,7 +11,6 @@ interleaved over ``--rounds``, to see whether intra-op threads cost or help at t
 
 from __future__ import annotations
 
-import argparse
 from collections import Counter
 
 import torch
@@ -22,7 +21,7 @@ from bench.bench_sample import per_token
 from fractalformer.config import build_config
 from fractalformer.models import build_model
 from fractalformer.nn.nesting import frozen_weights
-from harness import machine, timeit
+from harness import machine, script_parser, timeit
 
 
 def micro_us(fn) -> float:
@@ -31,7 +30,7 @@ def micro_us(fn) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = script_parser(__doc__)
     ap.add_argument("--preset", default="default")
     ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()

@@ -16,8 +16,6 @@ With ``--compile`` the batched step is also timed under ``torch.compile``.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
@@ -25,7 +23,7 @@ from torch.func import functional_call
 from fractalformer.config import RunConfig, build_config
 from fractalformer.models import GPT, build_model
 from fractalformer.train import make_optimizer
-from harness import machine, timeit
+from harness import machine, script_parser, timeit
 
 
 def stepper(model: torch.nn.Module, loss_fn, cfg: RunConfig):
@@ -42,7 +40,7 @@ def stepper(model: torch.nn.Module, loss_fn, cfg: RunConfig):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = script_parser(__doc__)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--compile", action="store_true")

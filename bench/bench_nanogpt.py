@@ -21,7 +21,6 @@ equal steps and the wall time each took.
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 
@@ -35,7 +34,7 @@ from fractalformer.data import get_batch
 from fractalformer.models import build_model
 from fractalformer.train import make_optimizer
 from fractalformer.train.trainer import prepare_data
-from harness import machine, timeit
+from harness import machine, script_parser, timeit
 
 MATCHED = ["mlp_mult=2.6875", "mlp_bias=false"]  # GeGLU 128 -> 2 x 344 -> 128: the 4x GELU MLP's size
 SHAPES = ["tokenizer=char", "vocab_size=65", "n_layer=4", "n_head=4", "n_kv_head=4", "head_dim=32",
@@ -151,7 +150,7 @@ def train_all(cfg: RunConfig, steps: int) -> dict[str, tuple[float, float]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = script_parser(__doc__)
     ap.add_argument("--repeat", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of timing (median of medians)")
     ap.add_argument("--train", type=int, default=0, help="also train the models this many steps")

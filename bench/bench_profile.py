@@ -11,8 +11,6 @@ per step or per token. Shares, not times, are the point: they say what to fix.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
@@ -21,7 +19,7 @@ from fractalformer.config import build_config
 from fractalformer.generate import generate
 from fractalformer.models import build_model
 from fractalformer.train import make_optimizer
-from harness import machine
+from harness import machine, script_parser
 
 
 def table(prof: profile, per: int, unit: str, rows: int) -> str:
@@ -35,7 +33,7 @@ def table(prof: profile, per: int, unit: str, rows: int) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = script_parser(__doc__)
     ap.add_argument("--preset", default="default")
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--rows", type=int, default=12)

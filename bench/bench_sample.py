@@ -14,7 +14,6 @@ overhead - can be read off. Ratios are against the same run's no-cache decoding.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
@@ -23,7 +22,7 @@ import fractalformer
 from fractalformer.config import build_config
 from fractalformer.generate import generate
 from fractalformer.models import build_model
-from harness import machine
+from harness import machine, script_parser
 
 
 def per_token(model: torch.nn.Module, level: int, prompt: list[int], tokens: int, cache: bool,
@@ -59,7 +58,7 @@ def matmul_floor(model: torch.nn.Module, repeat: int = 200) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = script_parser(__doc__)
     ap.add_argument("run", nargs="?")
     ap.add_argument("--preset", default="default")
     ap.add_argument("--set", action="append", default=[])

@@ -28,7 +28,7 @@ import time
 
 import httpx
 
-from harness import machine
+from harness import machine, script_parser
 
 PROMPTS = ["ROMEO:", "JULIET:\nO", "First Citizen:\nBefore we proceed", "KING HENRY", "To be",
            "MENENIUS:\nWhat", "Thou art", "O, ", "LADY MACBETH:\nOut, damned spot", "All:\nSpeak, speak.",
@@ -147,7 +147,7 @@ async def run(base: str, a: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = script_parser(__doc__)
     ap.add_argument("run")
     ap.add_argument("--clients", default="1,4,16")
     ap.add_argument("--tokens", type=int, default=128)

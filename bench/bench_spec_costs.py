@@ -16,7 +16,6 @@ gamma for each alpha.
 
 from __future__ import annotations
 
-import argparse
 import time
 from functools import partial
 
@@ -28,7 +27,7 @@ from fractalformer.generate import SpecStats, generate, speculate
 from fractalformer.generate.spec_policy import expected_tokens
 from fractalformer.models import build_model
 from fractalformer.nn.nesting import frozen_weights
-from harness import machine
+from harness import machine, script_parser
 
 
 def best_time(fn, repeat: int) -> float:
@@ -43,7 +42,7 @@ def best_time(fn, repeat: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = script_parser(__doc__)
     ap.add_argument("run", nargs="?")
     ap.add_argument("--preset", default="fractal-512")
     ap.add_argument("--alpha", type=float, nargs="+", default=[0.76, 0.83])

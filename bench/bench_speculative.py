@@ -16,7 +16,6 @@ as Markdown for the docs.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
@@ -25,13 +24,13 @@ import fractalformer
 from fractalformer.generate import SpecStats, generate, speculate
 from fractalformer.generate.spec_policy import forget_costs
 from fractalformer.nn.nesting import frozen_weights
-from harness import machine
+from harness import machine, script_parser
 
 PROMPTS = ["KING RICHARD III:\n", "ROMEO:\nO, ", "First Citizen:\nWe are"]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = script_parser(__doc__)
     ap.add_argument("run")
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--gamma", type=int, default=4)

@@ -9,7 +9,6 @@ to the first (eager) one, all measured in this run.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 
 import torch
@@ -17,11 +16,11 @@ import torch
 from fractalformer.config import build_config
 from fractalformer.models import build_model
 from fractalformer.train import make_optimizer
-from harness import machine, timeit
+from harness import machine, script_parser, timeit
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = script_parser(__doc__)
     ap.add_argument("--preset", default="default")
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--steps", type=int, default=10)

@@ -18,7 +18,6 @@ initialisation or the concept inputs of the model:
 
 from __future__ import annotations
 
-import argparse
 import csv
 import tempfile
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 from fractalformer.config import build_config
 from fractalformer.models import concept
 from fractalformer.train import train
+from harness import script_parser
 
 VARIANTS = ("open", "closed", "o0", "detach", "small_plans", "dense")
 
@@ -55,7 +55,7 @@ def patch(variant: str) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = script_parser(__doc__)
     ap.add_argument("variant", choices=VARIANTS)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--set", action="append", default=[], help="override a key of the model")

@@ -13,20 +13,19 @@ of the emergent clusters against the imposed categories.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
 from fractalformer.analysis.report import analyze
 from fractalformer.cli import main as cli
-from harness import machine
+from harness import machine, script_parser
 
 VARIANTS = {"plain": [], "imposed": ["groups=seed"], "emergent": ["emergent_every=250"]}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = script_parser(__doc__)
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--out", default="runs/hierarchy")
     ap.add_argument("--docs", default="docs/results", help="folder of the result tables")

@@ -28,7 +28,6 @@ seed); "reaches" = the first evaluation at or below scratch's final value. Write
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import sys
@@ -39,7 +38,7 @@ from fractalformer.config import ModelConfig, build_config
 from fractalformer.growth import grow_run, merge_runs
 from fractalformer.models import build_model
 from fractalformer.train import train
-from harness import machine
+from harness import machine, script_parser
 
 COMMON = ["block_size=128", "batch_size=16", "n_layer=2", "head_dim=32", "lr=3e-3", "min_lr=3e-4",
           "warmup_steps=50", "eval_every=25", "eval_batches=8", "ckpt_every=100000", "sample_tokens=0"]
@@ -101,7 +100,7 @@ def at_merge(out: Path) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = script_parser(__doc__)
     ap.add_argument("--steps", type=int, default=800, help="scratch parent steps S")
     ap.add_argument("--glue", type=int, default=100, help="glue-only steps of the merged run")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

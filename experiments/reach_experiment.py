@@ -26,7 +26,6 @@ Writes ``docs/results/reach_experiment_<steps>.md`` and ``.json``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -40,7 +39,7 @@ from fractalformer.data import batch_generator, get_batch
 from fractalformer.models import build_model
 from fractalformer.models.concept import ConceptCache, ConceptGPT
 from fractalformer.train.trainer import lr_at, make_optimizer, prepare_data
-from harness import machine
+from harness import machine, script_parser
 
 CHUNK = 256
 MAX_CTX = 1024
@@ -127,7 +126,7 @@ def run_one(name: str, steps: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = script_parser(__doc__)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--only", nargs="+", choices=list(VARIANTS))
     ap.add_argument("--out", default="runs/reach")

@@ -98,10 +98,16 @@ def write_tables(stem: Path, results: dict[str, dict], text: str) -> None:
     stem.with_suffix(".md").write_text(text)
 
 
+def script_parser(doc: str) -> argparse.ArgumentParser:
+    """The argument parser of a bench or experiment script: its docstring (what it measures,
+    the command) is the ``--help`` text, as written."""
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def experiment_parser(doc: str, steps: int, out: str, names: list[str]) -> argparse.ArgumentParser:
     """The options every experiment script shares: steps, run folder, a subset of its
     variants, the results folder, and rebuilding the tables from finished runs."""
-    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = script_parser(doc)
     ap.add_argument("--steps", type=int, default=steps)
     ap.add_argument("--out", default=out)
     ap.add_argument("--only", nargs="*", choices=names, help="run only these names")
