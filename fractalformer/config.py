@@ -431,7 +431,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # ablation (-0.096 bits/char against separate weights at 300 steps, 39% of the parameters).
     "concept": dict(family="concept", concept_levels=2, combo="4", combiner="linear", concept_share=True),
     # On UTF-8 bytes (no tokenizer): concepts of 4, 16 and 64 bytes; 512-byte windows, batch 8,
-    # so a step reads the dense reference's 4,096 units. Lean (session 8): 2 shared blocks for
+    # so a step reads the dense reference's 4,096 units. Lean: 2 shared blocks for
     # the bytes, the first of them for each concept level, plans added - 0.63x a dense byte
     # step's FLOPs; at equal FLOPs 2.42-2.46 bits/byte against 4-block dense byte's 2.66-2.68.
     "concept-byte": dict(family="concept", tokenizer="byte", vocab_size=256, concept_levels=3, combo="4",
@@ -441,7 +441,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": _TINY,
     "tiny-fractal": {**_TINY, "family": "fractal", "levels": 3, "n_kv_head": 4, "attn_nesting": "heads"},
     # A 10.4M-parameter FractalFormer (1 + 2 + 4 sub-models) for corpora beyond TinyShakespeare:
-    # a 4096-token byte-level BPE; bench/bench_10m.py trains it on a prepared corpus.
+    # a 4096-token byte-level BPE; python -m bench.bench_10m trains it on a prepared corpus.
     "10m": dict(family="fractal", levels=3, split=2, attn_nesting="heads", d_model=384, n_layer=4, n_head=8,
                 n_kv_head=4, head_dim=48, tokenizer="bpe:4096", vocab_size=4096, batch_size=16, lr=1e-3,
                 min_lr=1e-4, max_steps=2000, eval_every=250, ckpt_every=250),

@@ -1,4 +1,4 @@
-"""What a new user trips over (issue 14): threads, data paths, config files, resume, errors,
+"""What a new user trips over: threads, data paths, config files, resume, errors,
 help, files, the Python API."""
 
 from __future__ import annotations
