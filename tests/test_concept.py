@@ -294,7 +294,7 @@ def concept_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.slow
 def test_cli_train_eval_sample_analyze_load(concept_run: Path, excerpt: Path, tmp_path: Path,
                                            capsys: pytest.CaptureFixture) -> None:
-    code, stdout, _ = run_cli(capsys, "eval", concept_run, "--json", "--data", excerpt)
+    code, stdout, _ = run_cli(capsys, "eval", concept_run, "--json", "--data", excerpt, "--windows", "64")
     row = json.loads(stdout)[0]
     assert code == 0 and row["val_loss"] < math.log(128) and row["val_bpc"] > 0
     code, stdout, _ = run_cli(capsys, "sample", concept_run, "--max-new-tokens", "40", "--seed", "1",
@@ -356,8 +356,9 @@ def test_cli_grow_keeps_the_loss_and_trains_on(concept_run: Path, tiny_run: Path
     out = tmp_path / "grown"
     code, stdout, _ = run_cli(capsys, "grow", concept_run, "--combo", "2", "--out", out)
     assert code == 0 and "3 concept levels" in stdout
-    before = json.loads(run_cli(capsys, "eval", concept_run, "--json", "--data", excerpt)[1])[0]
-    after = json.loads(run_cli(capsys, "eval", out, "--json", "--data", excerpt)[1])[0]
+    scored = ["--json", "--data", excerpt, "--windows", "64"]
+    before = json.loads(run_cli(capsys, "eval", concept_run, *scored)[1])[0]
+    after = json.loads(run_cli(capsys, "eval", out, *scored)[1])[0]
     assert after["val_loss"] == before["val_loss"] and after["params"] > before["params"]
     code, _, _ = run_cli(capsys, "train", "--out", out, "--resume", "--quiet", "--max-steps", "3")
     assert code == 0 and fractalformer.load(out).config.concept_levels == 3

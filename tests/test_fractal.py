@@ -184,7 +184,7 @@ def test_every_sub_model_learns(fractal_run: Path) -> None:
 
 @pytest.mark.slow
 def test_fractal_cli_eval_sample_extract(capsys, fractal_run: Path, excerpt: Path, tmp_path: Path) -> None:
-    code, out, _ = run_cli(capsys, "eval", fractal_run, "--json", "--data", excerpt)
+    code, out, _ = run_cli(capsys, "eval", fractal_run, "--json", "--data", excerpt, "--windows", "64")
     rows = json.loads(out)
     assert code == 0
     assert [(r["level"], r["index"]) for r in rows] == [
@@ -210,7 +210,7 @@ def test_fractal_cli_eval_sample_extract(capsys, fractal_run: Path, excerpt: Pat
     full = fractalformer.load(fractal_run)
     x = torch.randint(0, 128, (2, 32))
     torch.testing.assert_close(sub(x)[0], full.run(x, [2])[2][1], rtol=1e-5, atol=1e-5)
-    code, out, _ = run_cli(capsys, "eval", sub_dir, "--json", "--data", excerpt)
+    code, out, _ = run_cli(capsys, "eval", sub_dir, "--json", "--data", excerpt, "--windows", "64")
     in_fractal = next(r for r in rows if (r["level"], r["index"]) == (2, 1))
     assert json.loads(out)[0]["val_loss"] == pytest.approx(in_fractal["val_loss"], abs=1e-5)
     # an extracted run trains further
