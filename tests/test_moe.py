@@ -11,8 +11,9 @@ import torch
 
 from fractalformer.config import build_config
 from fractalformer.models import build_model
+from fractalformer.models import moe as moe_module
 from fractalformer.models.moe import FHME, usage_summary
-from fractalformer.nn.product_keys import PEER, PKM, ProductKeys, _Experts, _Read
+from fractalformer.nn.product_keys import PEER, PKM, ProductKeys, _Experts, _Read, experts
 from fractalformer.train.trainer import make_optimizer
 
 from .conftest import (
@@ -167,6 +168,32 @@ def test_halted_tokens_skip_deeper_sub_blocks_and_are_counted() -> None:
     deep(torch.randn(40, 32))
     # ponder cost (N + R) / depth with N = 4 sub-blocks and a remainder R ~ 1
     assert deep.counts == [40, 160] and math.isclose(float(deep.ponder.detach()), 1.25, abs_tol=1e-3)
+
+
+def test_compute_saved_counts_the_sub_blocks_that_ran(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The summary's depth and saving against the rows every sub-block was actually applied to,
+    counted where the sub-blocks run (not from the summary's own formula)."""
+    depth, layers = 4, [0, 1]
+    model = tiny_model("fhme", fhme_depth=depth, moe_layers="0,1").eval()
+    with torch.no_grad():  # halting that stops some tokens early and lets others go deep
+        for layer in model.sparse_layers().values():
+            layer.halt.weight.normal_(0, 3.0)
+            layer.halt.bias.zero_()
+    applied: list[int] = []
+
+    def counted(h: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        applied.append(h.shape[0])
+        return experts(h, *args, **kwargs)
+
+    monkeypatch.setattr(moe_module, "experts", counted)
+    x = torch.randint(0, 128, (2, 24))
+    with torch.no_grad(), model.track_usage() as usage:
+        model.run(x, [0])
+    summary, work = usage.summary(), len(layers) * x.numel() * depth
+    assert len(layers) <= len(applied) <= len(layers) * depth and sum(applied) < work
+    assert summary["compute_saved"] == pytest.approx(1 - sum(applied) / work)
+    assert summary["mean_depth"] == pytest.approx(sum(applied) / (len(layers) * x.numel()))
+    assert 0 < summary["compute_saved"] < 1 - 1 / depth
 
 
 def test_act_weights_sum_to_one() -> None:
