@@ -279,7 +279,7 @@ def test_cli_train_eval_sample_and_usage(fhme_run: Path, excerpt: Path, tmp_path
     out = fhme_run
     usage = json.loads((out / "expert_usage.json").read_text())
     assert 0 < usage["expert_usage"] <= 1 and 1 <= usage["mean_depth"] <= 3
-    code, stdout, _ = run_cli(capsys, "eval", out, "--json", "--data", excerpt)
+    code, stdout, _ = run_cli(capsys, "eval", out, "--json", "--data", excerpt, "--windows", "64")
     row = json.loads(stdout)[0]
     for key in ("expert_usage", "expert_kl", "dead_experts", "mean_depth", "compute_saved"):
         assert key in row
@@ -288,7 +288,7 @@ def test_cli_train_eval_sample_and_usage(fhme_run: Path, excerpt: Path, tmp_path
     assert code == 0 and len(stdout) > 5
     code, _, err = run_cli(capsys, "extract", out, "--level", "0", "--index", "0", "--out", tmp_path / "x")
     assert code == 2 and "not nested" in err
-    code, stdout, _ = run_cli(capsys, "eval", out, "--data", excerpt)
+    code, stdout, _ = run_cli(capsys, "eval", out, "--data", excerpt, "--windows", "64")
     assert code == 0 and "experts:" in stdout and "mean depth" in stdout
 
 
