@@ -385,12 +385,17 @@ def _precision(a: argparse.Namespace, model: torch.nn.Module) -> contextlib.Abst
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    from .evaluate import closing_windows, evaluate_full
+    from .data import read_text
+    from .evaluate import closing_windows, evaluate_full, text_corpus
+    from .prepare import is_prepared
     from .train.trainer import run_data
 
     model = _load(a)
     cfg = model.run_config
-    corpus = run_data(a.run, model, a.data)
+    if a.data is not None and not is_prepared(a.data):  # a text named for scoring is scored whole
+        corpus = text_corpus(read_text(a.data), model.tokenizer, cfg.train.on_unknown)
+    else:
+        corpus = run_data(a.run, model, a.data)
     if a.windows is not None:
         windows = a.windows
     else:  # the run's own split as train scored it at the end; a named text in full

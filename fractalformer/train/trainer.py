@@ -37,15 +37,7 @@ from .. import hierarchy
 from ..config import RunConfig
 from ..data import SHIPPED, Corpus, Ids, batch_generator, read_text, text_sha256, training_batch
 from ..errors import FractalError
-from ..evaluate import (
-    EvalRow,
-    closing_windows,
-    evaluate_full,
-    fixed_val_batches,
-    mean_losses,
-    text_corpus,
-    to_bpc,
-)
+from ..evaluate import EvalRow, closing_windows, evaluate_full, fixed_val_batches, mean_losses, to_bpc
 from ..models import build_model
 from ..nn.product_keys import is_table
 from ..prepare import is_prepared
@@ -238,11 +230,8 @@ def load_init(model: torch.nn.Module, run: Path) -> None:
 
 
 def run_data(run_dir: str | Path, model: torch.nn.Module, data: str | None = None) -> Corpus:
-    """The corpus a trained run is scored on: its own text's validation split (the text checked
-    unchanged), or all of the text file ``data`` (a prepared folder: its validation split)."""
+    """The corpus a trained run is scored on: its own text, checked unchanged, or ``data``."""
     cfg = model.run_config
-    if data is not None and not is_prepared(data):
-        return text_corpus(read_text(data), model.tokenizer, cfg.train.on_unknown)
     if data is not None:
         return prepare_data(replace(cfg, train=replace(cfg.train, data=data)), model.tokenizer)[1]
     path = cfg.train.data
