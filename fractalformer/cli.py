@@ -27,6 +27,19 @@ if TYPE_CHECKING:
     import torch
 
 
+def _windows(s: str) -> int:
+    """``--windows``: a count of windows, or ``all`` (0: no limit)."""
+    if s == "all":
+        return 0
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of windows or 'all', got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1 window, got {v}")
+    return v
+
+
 def _positive_int(s: str) -> int:
     try:
         v = int(s)
@@ -114,7 +127,11 @@ def _parser() -> argparse.ArgumentParser:
     e = command("eval", "validation loss and bits/char of every sub-model of a run",
                 "fractalformer eval runs/x --json", "fractalformer eval runs/x --data elsewhere/input.txt")
     e.add_argument("--json", action="store_true", help="print a JSON list of rows")
-    e.add_argument("--data", help="score this text instead of the run's own (which must be unchanged)")
+    e.add_argument("--data", help="score all of this text file instead of the run's own validation split "
+                   "(a prepared folder: its validation split)")
+    e.add_argument("--windows", type=_windows, metavar="N|all",
+                   help="score the first N windows of block_size tokens, or all (unset: with --data all; "
+                        "else the windows train scored at the end, by default as many as it trained on)")
 
     s = command("sample", "generate text from a run", 'fractalformer sample runs/x --prompt "ROMEO:"',
                 "fractalformer sample runs/x --level 2 --index 3 --temperature 0 --seed 1",
@@ -125,8 +142,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="samples to draw, one after another (with --seed S: seeds S, S+1, ...)")
     s.add_argument("--no-cache", action="store_true", help="recompute the context every token")
     s.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step: 2-3x faster per token on a CPU after a compile of "
-                        "~10-30 s, so for long samples")
+                   help="torch.compile the decode step: faster per token once compiled, but the compile "
+                        "can take minutes on a CPU (roughly 1-2 min), so it pays only for long samples")
     s.add_argument("--level", type=int, default=0, help="sub-model level (0 = the full model)")
     s.add_argument("--index", type=int, help="sub-model index within the level (unset: 0)")
     s.add_argument("--ensemble", action="store_true",
@@ -343,7 +360,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     if result.final and len(result.final) == 1:
         f = result.final[0]
         print(f"validation {f.val_loss:.4f} nats/token | {f.val_bpc:.4f} bits/{f.unit} | "
-              f"{f.nats_per_char:.4f} nats/{f.unit} ({f.tokens:,} tokens)")
+              f"{f.nats_per_char:.4f} nats/{f.unit} {f.coverage}")
         if f.extra:
             print(_usage_line(f.extra))
     elif result.final:
@@ -385,18 +402,30 @@ def _precision(a: argparse.Namespace, model: torch.nn.Module) -> contextlib.Abst
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    from .evaluate import evaluate_full
+    from .data import read_text
+    from .evaluate import closing_windows, evaluate_full, text_corpus
+    from .prepare import is_prepared
     from .train.trainer import run_data
 
     model = _load(a)
     cfg = model.run_config
-    corpus = run_data(a.run, model, a.data)
+    if a.data is not None and not is_prepared(a.data):  # a text named for scoring is scored whole
+        corpus = text_corpus(read_text(a.data), model.tokenizer, cfg.train.on_unknown)
+    else:
+        corpus = run_data(a.run, model, a.data)
+    if a.windows is not None:
+        windows = a.windows
+    else:  # the run's own split as train scored it at the end; a named text in full
+        windows = closing_windows(cfg.train) if a.data is None else 0
     with _precision(a, model):
-        rows = evaluate_full(model, corpus, cfg.model.block_size, next(model.parameters()).device)
+        rows = evaluate_full(model, corpus, cfg.model.block_size, next(model.parameters()).device,
+                             windows_limit=windows)
     if a.json:
         print(json.dumps([r.to_json() for r in rows]))
         return 0
     _print_rows(rows)
+    if rows[0].tokens < rows[0].split_tokens:
+        print("(--windows all scores the whole split)")
     return 0
 
 
@@ -407,7 +436,7 @@ def _print_rows(rows: list) -> None:
     for r in rows:
         print(f"{r.level:>5} {r.index!s:>8} {r.width:>6} {r.params:>10,} {r.val_loss:>9.4f} "
               f"{r.val_bpc:>8.4f}")
-    print(f"({rows[0].tokens:,} validation tokens; loss in nats/token, bits per {unit})")
+    print(f"(loss in nats/token, bits per {unit}; {rows[0].coverage})")
     if rows[0].extra:
         print(_usage_line(rows[0].extra))
 
