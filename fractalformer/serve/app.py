@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException
 
+from .. import checkpoint as ckpt
 from ..errors import FractalError
 from ..evaluate import sub_model_params, to_bpc
 from ..generate.speculative import check_speculation, parse_sub_model
@@ -114,7 +115,7 @@ def parse_target(spec: str, model: torch.nn.Module, param: str) -> Target:
 def model_cards(model: torch.nn.Module, run_dir: Path) -> list[dict[str, Any]]:
     """Every sub-model and level ensemble: width, parameters, last validation bits/char."""
     step, losses, units = _last_validation(model, run_dir)
-    created = int((run_dir / "model.safetensors").stat().st_mtime)
+    created = int(ckpt.current(run_dir).model.stat().st_mtime)
     cards = []
     for lv in range(model.nest.levels):
         n = model.nest.count(lv)
