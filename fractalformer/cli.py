@@ -274,6 +274,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     from .prepare import is_prepared, load_prepared
     from .tokenizers import get_tokenizer
     from .train import train
+    from .train.trainer import check_run_dir
 
     if a.resume:
         if not a.out:
@@ -281,6 +282,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         if a.preset or a.config or a.set or a.data or a.tokenizer or a.init_from:
             raise FractalError("--resume continues a run with its saved config; only --max-steps, "
                                "--stop-after, --threads and --quiet may be given")
+        check_run_dir(Path(a.out), resume=True)
         cfg, _ = load_run_config(Path(a.out))
     else:
         sets = list(a.set)

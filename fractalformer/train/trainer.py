@@ -321,23 +321,24 @@ def claim_run_dir(out: Path, resume: bool, lock: bool = True) -> Iterator[None]:
     """Hold run folder ``out`` for writing (train, resume, merge, grow, extract) until the block ends.
 
     Checked, created and locked against a second writer (``lock``: this process is the one
-    that writes, rank 0 under torchrun); the checks are repeated under the lock. A new run
+    that writes, rank 0 under torchrun), then checked again under the lock. A new run
     taking over a folder cut off before its first checkpoint clears what that one left, and a
     folder this call created is removed again if the block fails before a first checkpoint.
     """
-    check_run_dir(out, resume)
+    made = not out.exists()
+    if made or not lock or not out.is_dir():
+        check_run_dir(out, resume)
     if not lock:
         yield
         return
-    made = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise FractalError(f"cannot create run folder {out} ({e.strerror})") from None
-    with ckpt.run_lock(out):
+    with ckpt.run_lock(out):  # a folder in use: the holder is named before anything else is said
         try:
             check_run_dir(out, resume)
-            if not resume and not ckpt.has_checkpoint(out):
+            if not resume and (out / ckpt.CONFIG).exists() and not ckpt.has_checkpoint(out):
                 for name in _UNFINISHED:
                     path = out / name
                     if path.is_dir() and not path.is_symlink():
@@ -551,7 +552,8 @@ def save(s: Session, step: int, elapsed: float) -> None:
             ckpt.save_checkpoint(s.out, weights, s.optimizer, {"step": step, "elapsed_s": elapsed},
                                  [r.cpu() for r in rng], opt)
         except FractalError as e:
-            raise FractalError(f"{e}; the previous checkpoint in {s.out} is kept") from None
+            kept = f"; the previous checkpoint in {s.out} is kept" if ckpt.has_checkpoint(s.out) else ""
+            raise FractalError(f"{e}{kept}") from None
 
 
 @contextlib.contextmanager
@@ -666,11 +668,12 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, stop_after: int
     """
     out = Path(out)
     main = int(os.environ.get("RANK", "0")) == 0
+    if resume:  # read alone, so that a finished run is left exactly as it is
+        check_run_dir(out, resume)
+        step = ckpt.read_train_info(out)["step"]
+        if step == cfg.train.max_steps:
+            return TrainResult(step, "complete", None, main)
     with claim_run_dir(out, resume, lock=main):
-        if resume:
-            step = ckpt.read_train_info(out)["step"]
-            if step == cfg.train.max_steps:
-                return TrainResult(step, "complete", None, main)
         return _train(cfg, out, resume, stop_after, progress)
 
 
