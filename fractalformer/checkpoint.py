@@ -68,10 +68,17 @@ def _fsync_dir(path: Path) -> None:
         _fsync(path)
 
 
-def write_error(path: Path, e: BaseException) -> FractalError:
-    """A failed write (disk full, quota, read-only file system) as one line."""
+class WriteError(FractalError):
+    """A write that failed (a full disk, a quota, a read-only file system), as one line."""
+
+    def __init__(self, what: str | Path, why: str) -> None:
+        super().__init__(f"cannot write {what} ({why})")
+        self.why = why
+
+
+def write_error(path: Path, e: BaseException) -> WriteError:
     why = e.strerror if isinstance(e, OSError) and e.strerror else (str(e) or repr(e)).splitlines()[0]
-    return FractalError(f"cannot write {path} ({why})")
+    return WriteError(path, why)
 
 
 def atomic_write(path: Path, write: Any) -> None:
@@ -271,8 +278,9 @@ def save_checkpoint(run_dir: str | Path, model_state: dict[str, torch.Tensor],
         write_json(run_dir / POINTER, {"step": step, "folder": folder.name})  # the switch: last
     except BaseException as e:
         shutil.rmtree(folder, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise write_error(folder, e) from None
+        if isinstance(e, (OSError, WriteError)):
+            why = e.why if isinstance(e, WriteError) else write_error(folder, e).why
+            raise WriteError(f"the checkpoint of step {step} in {run_dir}", why) from None
         raise
     for old in root.iterdir():
         if old.name != folder.name:
