@@ -290,6 +290,29 @@ def save_checkpoint(run_dir: str | Path, model_state: dict[str, torch.Tensor],
             (run_dir / name).unlink(missing_ok=True)
 
 
+def lock_holder(run_dir: str | Path) -> str | None:
+    """The PID of another process holding ``run_dir`` (:func:`run_lock`), else None; writes nothing."""
+    run_dir = Path(run_dir)
+    if Path(os.path.realpath(run_dir)) in _held:
+        return None
+    try:
+        fd = os.open(run_dir / LOCK, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+    finally:
+        os.close(fd)  # closing drops a lock this probe took
+    return None
+
+
+def in_use(run_dir: str | Path, holder: str) -> FractalError:
+    return FractalError(f"{run_dir} is in use by another fractalformer process (PID {holder}); "
+                        "wait for it to end or choose another --out")
+
+
 _held: dict[Path, int] = {}  # run folders this process has locked -> the lock file's descriptor
 
 
@@ -302,7 +325,7 @@ def run_lock(run_dir: str | Path) -> Iterator[None]:
     the lock when its process dies, so a killed run never leaves its folder locked.
     """
     run_dir = Path(run_dir)
-    key = run_dir.resolve()
+    key = Path(os.path.realpath(run_dir))
     if key in _held:
         yield
         return
@@ -318,8 +341,7 @@ def run_lock(run_dir: str | Path) -> Iterator[None]:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
         if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise FractalError(f"{run_dir} is in use by another fractalformer process (PID {holder}); "
-                               "wait for it to end or choose another --out") from None
+            raise in_use(run_dir, holder) from None
         raise FractalError(f"cannot lock {run_dir} ({e.strerror})") from None
     _held[key] = fd
     try:

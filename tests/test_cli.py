@@ -24,7 +24,8 @@ def assert_one_line_error(code: int, err: str, match: str) -> None:
 
 
 def snapshot(d: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(d.iterdir())} if d.exists() else {}
+    """Every file under ``d`` (its checkpoint folder too) and its bytes."""
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize(

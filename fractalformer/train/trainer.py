@@ -320,14 +320,19 @@ _UNFINISHED = ("metrics.csv", "curves.png", "clusters.json", "expert_usage.json"
 def claim_run_dir(out: Path, resume: bool, lock: bool = True) -> Iterator[None]:
     """Hold run folder ``out`` for writing (train, resume, merge, grow, extract) until the block ends.
 
-    Checked, created and locked against a second writer (``lock``: this process is the one
-    that writes, rank 0 under torchrun), then checked again under the lock. A new run
-    taking over a folder cut off before its first checkpoint clears what that one left, and a
-    folder this call created is removed again if the block fails before a first checkpoint.
+    Checked (a refusal names the process holding the folder, if one does), created and
+    locked against a second writer (``lock``: this process is the one that writes, rank 0
+    under torchrun), then checked again under the lock. A new run taking over a folder cut
+    off before its first checkpoint clears what that one left, and a folder this call
+    created is removed again if the block fails before a first checkpoint.
     """
     made = not out.exists()
-    if made or not lock or not out.is_dir():
+    try:
         check_run_dir(out, resume)
+    except FractalError:
+        if lock and (holder := ckpt.lock_holder(out)):  # the run in use: name its holder instead
+            raise ckpt.in_use(out, holder) from None
+        raise
     if not lock:
         yield
         return
@@ -335,7 +340,7 @@ def claim_run_dir(out: Path, resume: bool, lock: bool = True) -> Iterator[None]:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise FractalError(f"cannot create run folder {out} ({e.strerror})") from None
-    with ckpt.run_lock(out):  # a folder in use: the holder is named before anything else is said
+    with ckpt.run_lock(out):
         try:
             check_run_dir(out, resume)
             if not resume and (out / ckpt.CONFIG).exists() and not ckpt.has_checkpoint(out):
