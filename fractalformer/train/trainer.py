@@ -292,6 +292,8 @@ def check_run_dir(out: Path, resume: bool) -> None:
         raise FractalError(f"{out} is a symbolic link to nothing (dangling, or a loop)")
     if out.exists() and not out.is_dir():
         raise FractalError(f"{out} is a file, not a run folder")
+    if resume and not out.exists():
+        raise FractalError(f"run folder not found: {out}")
     has_run = (out / ckpt.CONFIG).exists()
     if resume and not has_run:
         raise FractalError(f"{out} holds no run to resume")
