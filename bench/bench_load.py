@@ -17,6 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from fractalformer import checkpoint as ckpt
 from harness import script_parser
 
 CHILD = """
@@ -44,15 +45,16 @@ def measure(run: Path, level: int | None, index: int | None) -> dict:
 
 
 def make_run(folder: Path) -> Path:
-    from fractalformer import checkpoint as ckpt
     from fractalformer.config import build_config
     from fractalformer.models import build_model
     from fractalformer.tokenizers import get_tokenizer
+    from fractalformer.train import make_optimizer
 
     cfg = build_config("fractal-512")
     model = build_model(cfg.model)
     ckpt.save_run_config(folder, cfg, get_tokenizer(cfg.train.tokenizer))
-    ckpt.save_model(folder, model, 0)
+    ckpt.save_checkpoint(folder, dict(model.state_dict()), make_optimizer(model, cfg),
+                         {"step": 0, "elapsed_s": 0.0})
     return folder
 
 
@@ -64,7 +66,7 @@ def main() -> None:
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(a.run) if a.run else make_run(Path(tmp) / "fractal-512")
-        size = (run / "model.safetensors").stat().st_size / 2**20
+        size = ckpt.current(run).model.stat().st_size / 2**20
         full = measure(run, None, None)
         sub = measure(run, a.level, a.index)
     print(f"model.safetensors: {size:.1f} MiB")

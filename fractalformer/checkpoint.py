@@ -1,21 +1,31 @@
 """Run folders: safetensors + JSON, written atomically, loaded without unpickling.
 
-A run folder holds ``config.json`` (model, train and tokenizer sections),
-``model.safetensors``, ``train_state.safetensors`` + ``train_state.json`` (optimizer,
-scheduler step, RNG), ``metrics.csv`` and plots. Every file is written to a temporary
-name in the same folder and renamed into place, so an interrupted write never leaves
-a half-written checkpoint behind.
+A run folder holds ``config.json`` (model, train and tokenizer sections), its checkpoint,
+``metrics.csv`` and plots. A checkpoint is three files, ``model.safetensors``,
+``train_state.safetensors`` + ``train_state.json`` (optimizer, scheduler step, RNG),
+written together into a new folder ``checkpoints/step-<step>-<tag>``, flushed to disk, and
+only then made current by replacing ``checkpoint.json`` (which names that folder) in one
+rename; older checkpoint folders are removed after it. A kill at any moment therefore
+leaves the previous checkpoint current and whole. Run folders of earlier versions hold the
+three files at their root and no ``checkpoint.json``; :func:`current` reads both layouts,
+and every command finds its files through it. Every other file is written to a temporary
+name in the same folder and renamed into place.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import itertools
 import json
 import math
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +41,9 @@ CONFIG = "config.json"
 MODEL = "model.safetensors"
 STATE = "train_state.safetensors"
 STATE_JSON = "train_state.json"
+POINTER = "checkpoint.json"
+CHECKPOINTS = "checkpoints"
+LOCK = ".lock"
 
 
 def _umask() -> int:
@@ -39,22 +52,60 @@ def _umask() -> int:
     return mask
 
 
+def _fsync(path: Path | str) -> None:
+    """Flush a file's (or a folder's entries') data to disk: a rename is durable only then."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (a rename in it); some file systems cannot, which only costs
+    durability across a power cut there."""
+    with contextlib.suppress(OSError):
+        _fsync(path)
+
+
+class WriteError(FractalError):
+    """A write that failed (a full disk, a quota, a read-only file system), as one line."""
+
+    def __init__(self, what: str | Path, why: str) -> None:
+        super().__init__(f"cannot write {what} ({why})")
+        self.why = why
+
+
+def write_error(path: Path, e: BaseException) -> WriteError:
+    why = e.strerror if isinstance(e, OSError) and e.strerror else (str(e) or repr(e)).splitlines()[0]
+    return WriteError(path, why)
+
+
 def atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then rename the temporary file onto ``path``.
+    """Call ``write(tmp_path)``, flush it to disk, then rename the temporary file onto ``path``.
 
     The temporary file is created 0600; the result gets the mode a plain ``open`` would
-    (0666 less the umask), so run folders can be shared like any other file.
+    (0666 less the umask), so run folders can be shared like any other file. A failed write
+    (a full disk) removes the temporary file and leaves ``path`` as it was.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as e:
+        raise write_error(path, e) from None
     os.close(fd)
     try:
         write(tmp)
+        _fsync(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise write_error(path, e) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
 
 
 def write_text(path: Path, text: str) -> None:
@@ -74,20 +125,35 @@ def read_json(path: Path) -> Any:
         raise FractalError(f"{path} is not valid JSON ({e})") from None
 
 
+def _tensor_prefix(name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> bytes:
+    return f"{name}|{dtype}|{shape}|".encode()
+
+
+def _raw(t: torch.Tensor) -> Any:
+    return t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     """SHA-256 of every tensor's name, dtype, shape and bytes, in name order."""
     h = hashlib.sha256()
     for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
+        t = tensors[name]
+        h.update(_tensor_prefix(name, t.dtype, tuple(t.shape)))
+        h.update(_raw(t))
     return h.hexdigest()
 
 
+def tensor_sha256(name: str, t: torch.Tensor) -> str:
+    """SHA-256 of one tensor's name, dtype, shape and bytes: a lazy reader checks what it reads."""
+    return hashlib.sha256(_tensor_prefix(name, t.dtype, tuple(t.shape)) + _raw(t).tobytes()).hexdigest()
+
+
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> None:
-    """Safetensors with a checksum of the contents in its metadata (checked by ``load_tensors``)."""
+    """Safetensors with checksums in its metadata: of the whole contents (checked by
+    ``load_tensors``) and of each tensor (checked by ``read_sub_model``, which reads a few)."""
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    meta = {**(meta or {}), "sha256": tensors_sha256(cpu)}
+    per = {k: tensor_sha256(k, v) for k, v in cpu.items()}
+    meta = {**(meta or {}), "sha256": tensors_sha256(cpu), "tensors_sha256": json.dumps(per, sort_keys=True)}
     atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=meta))
 
 
@@ -134,11 +200,155 @@ def load_run_config(run_dir: Path) -> tuple[RunConfig, Tokenizer]:
     return cfg, tok
 
 
-def save_model(run_dir: Path, model: torch.nn.Module, step: int,
-               state: dict[str, torch.Tensor] | None = None) -> None:
-    """``model``'s weights (or ``state``: a sharded model's, gathered whole) at ``step``."""
-    save_tensors(Path(run_dir) / MODEL, state if state is not None else dict(model.state_dict()),
-                 {"step": str(step)})
+# -- checkpoints ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where one checkpoint's three files lie: a folder under ``checkpoints/``, or the run
+    folder itself in run folders written by earlier versions."""
+
+    folder: Path
+
+    @property
+    def model(self) -> Path:
+        return self.folder / MODEL
+
+    @property
+    def state(self) -> Path:
+        return self.folder / STATE
+
+    @property
+    def state_json(self) -> Path:
+        return self.folder / STATE_JSON
+
+
+def current(run_dir: str | Path) -> Checkpoint:
+    """The run's current checkpoint: the folder ``checkpoint.json`` names, else (run folders
+    of earlier versions) the run folder's root. Every reader of a run's weights or training
+    state finds them here."""
+    run_dir = Path(run_dir)
+    pointer = run_dir / POINTER
+    if not pointer.exists():
+        return Checkpoint(run_dir)
+    d = read_json(pointer)
+    name = d.get("folder") if isinstance(d, dict) else None
+    if not isinstance(name, str) or not name.startswith("step-") or Path(name).name != name:
+        raise FractalError(f"{pointer} is damaged (it names no checkpoint folder)")
+    folder = run_dir / CHECKPOINTS / name
+    if not folder.is_dir():
+        raise FractalError(f"{pointer} names {folder}, which is missing")
+    return Checkpoint(folder)
+
+
+def has_checkpoint(run_dir: str | Path) -> bool:
+    """Whether the run folder holds a checkpoint of either layout; one with only its config was
+    cut off before its first checkpoint."""
+    run_dir = Path(run_dir)
+    return (run_dir / POINTER).exists() or (run_dir / MODEL).exists()
+
+
+def save_checkpoint(run_dir: str | Path, model_state: dict[str, torch.Tensor],
+                    optimizer: torch.optim.Optimizer, info: dict[str, Any],
+                    rng: list[torch.Tensor] | None = None, sd: dict[str, Any] | None = None) -> None:
+    """Weights and training state at step ``info["step"]`` as one unit.
+
+    The three files go into a new folder under ``checkpoints/``, flushed to disk; replacing
+    ``checkpoint.json`` (one rename) then makes it current, so a failure or a kill at any
+    point leaves the previous checkpoint current and whole (a failed write also removes the
+    new folder). Older folders, half-written ones and an earlier version's root files go
+    after the switch.
+
+    ``model_state``: whole tensors (a sharded model's, gathered). ``rng``: the CPU generator
+    state of every rank (default: this process's), stored as ``rng.torch.<rank>``. ``sd``:
+    the optimizer state when not ``optimizer.state_dict()`` (a sharded run's, gathered
+    whole): the files never depend on the number of processes.
+    """
+    run_dir = Path(run_dir)
+    step = int(info["step"])
+    root = run_dir / CHECKPOINTS
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=f"step-{step:08d}-", dir=root))
+    except OSError as e:
+        raise write_error(root, e) from None
+    try:
+        os.chmod(folder, 0o777 & ~_umask())
+        save_tensors(folder / MODEL, model_state, {"step": str(step)})
+        _save_train_state(folder, optimizer, info, rng, sd)
+        _fsync_dir(root)
+        write_json(run_dir / POINTER, {"step": step, "folder": folder.name})  # the switch: last
+    except BaseException as e:
+        shutil.rmtree(folder, ignore_errors=True)
+        if isinstance(e, (OSError, WriteError)):
+            why = e.why if isinstance(e, WriteError) else write_error(folder, e).why
+            raise WriteError(f"the checkpoint of step {step} in {run_dir}", why) from None
+        raise
+    for old in root.iterdir():
+        if old.name != folder.name:
+            shutil.rmtree(old, ignore_errors=True)
+    for name in (MODEL, STATE, STATE_JSON):
+        with contextlib.suppress(OSError):
+            (run_dir / name).unlink(missing_ok=True)
+
+
+def lock_holder(run_dir: str | Path) -> str | None:
+    """The PID of another process holding ``run_dir`` (:func:`run_lock`), else None; writes nothing."""
+    run_dir = Path(run_dir)
+    if Path(os.path.realpath(run_dir)) in _held:
+        return None
+    try:
+        fd = os.open(run_dir / LOCK, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+    finally:
+        os.close(fd)  # closing drops a lock this probe took
+    return None
+
+
+def in_use(run_dir: str | Path, holder: str) -> FractalError:
+    return FractalError(f"{run_dir} is in use by another fractalformer process (PID {holder}); "
+                        "wait for it to end or choose another --out")
+
+
+_held: dict[Path, int] = {}  # run folders this process has locked -> the lock file's descriptor
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path) -> Iterator[None]:
+    """Hold ``run_dir`` against every other writer (train, resume, merge, grow) until the block
+    ends: an exclusive ``flock`` on ``RUN/.lock``, which records the holder's PID.
+
+    Re-entrant within a process (merge and grow train the run they write). The kernel drops
+    the lock when its process dies, so a killed run never leaves its folder locked.
+    """
+    run_dir = Path(run_dir)
+    key = Path(os.path.realpath(run_dir))
+    if key in _held:
+        yield
+        return
+    try:
+        fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise FractalError(f"cannot lock {run_dir} ({e.strerror})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError as e:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise in_use(run_dir, holder) from None
+        raise FractalError(f"cannot lock {run_dir} ({e.strerror})") from None
+    _held[key] = fd
+    try:
+        yield
+    finally:
+        del _held[key]
+        os.close(fd)
 
 
 def load_model_state(run_dir: Path, model: torch.nn.Module) -> int | None:
@@ -146,7 +356,7 @@ def load_model_state(run_dir: Path, model: torch.nn.Module) -> int | None:
 
     Returns the training step the weights were saved at (None if not recorded).
     """
-    path = Path(run_dir) / MODEL
+    path = current(run_dir).model
     state = load_tensors(path)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
@@ -176,16 +386,18 @@ def read_sub_model(run_dir: Path, model: torch.nn.Module, level: int, index: int
     ``model`` only supplies the nesting of each parameter (build it on the meta device: it
     holds no memory). A sub-model owns a few contiguous runs of every nested dimension (one
     per head or fused part); the rows of each run are read with ``pread`` at the offsets
-    of the safetensors header. safetensors' own lazy ``get_slice`` would read the same
+    of the safetensors header, and each tensor read is checked against its checksum (its
+    whole bytes, streamed). safetensors' own lazy ``get_slice`` would read the same
     bytes through a memory map, whose touched pages (with the kernel's fault-around,
     about two thirds of the file for a level-2 sub-model) count in the process's peak RSS.
     """
-    path = Path(run_dir) / MODEL
+    path = current(run_dir).model
     if not path.is_file():
         raise FractalError(f"{path} not found")
     state = {}
     with path.open("rb") as f:
         base, header = _header(f, path)
+        verify = _verifier(f.fileno(), base, header, path)
         for mod_name, mod in model.named_modules():
             dims = getattr(mod, "nest_dims", None)
             for pname, p in mod.named_parameters(recurse=False) if dims is not None else ():
@@ -194,6 +406,7 @@ def read_sub_model(run_dir: Path, model: torch.nn.Module, level: int, index: int
                 if not isinstance(meta, dict) or meta.get("shape") != list(p.shape) \
                         or meta.get("dtype") not in _DTYPES:
                     raise FractalError(f"{path}: tensor {key} is missing or misshapen for config.json")
+                verify(key)
                 runs = [_runs(model.nest.owned(n, level, g)[index]) if g else [(0, n)]
                         for n, g in zip(p.shape, dims[pname], strict=True)]
                 dtype = _DTYPES[meta["dtype"]]
@@ -211,6 +424,58 @@ def read_sub_model(run_dir: Path, model: torch.nn.Module, level: int, index: int
 
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_ANY_DTYPE = {**_DTYPES, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+              "U8": torch.uint8, "BOOL": torch.bool}
+_CHUNK = 1 << 20
+
+
+def _verifier(fd: int, base: int, header: dict[str, Any], path: Path) -> Callable[[str], None]:
+    """``verify(name)`` for a lazy reader: tensor ``name``'s bytes against its own checksum.
+
+    Files from before per-tensor checksums are checked whole, once, against their file
+    checksum; files from before checksums are not checked. Bytes are streamed in chunks,
+    so checking costs reading time, not memory.
+    """
+    meta = header.get("__metadata__")
+    meta = meta if isinstance(meta, dict) else {}
+    if "tensors_sha256" in meta:
+        try:
+            sums = json.loads(meta["tensors_sha256"])
+        except (TypeError, ValueError):
+            sums = None
+        if not isinstance(sums, dict):
+            raise FractalError(f"{path} is corrupt (bad per-tensor checksums)")
+
+        def verify(name: str) -> None:
+            if _stream_sha256(fd, base, header, [name], path) != sums.get(name):
+                raise FractalError(f"{path} is corrupt (tensor {name} does not match the checksum saved "
+                                   f"with it)")
+
+        return verify
+    want = meta.get("sha256")
+    names = sorted(k for k in header if k != "__metadata__")
+    if want is not None and _stream_sha256(fd, base, header, names, path) != want:
+        raise FractalError(f"{path} is corrupt (its contents do not match the checksum saved with them)")
+    return lambda name: None
+
+
+def _stream_sha256(fd: int, base: int, header: dict[str, Any], names: list[str], path: Path) -> str:
+    """:func:`tensors_sha256` of tensors ``names`` of a safetensors file, from its bytes."""
+    h = hashlib.sha256()
+    for name in names:
+        try:
+            meta = header[name]
+            dtype, shape = _ANY_DTYPE[meta["dtype"]], tuple(int(n) for n in meta["shape"])
+            start, stop = (int(n) for n in meta["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise FractalError(f"{path} is corrupt (bad header entry for tensor {name})") from None
+        h.update(_tensor_prefix(name, dtype, shape))
+        for at in range(start, stop, _CHUNK):
+            data = os.pread(fd, min(_CHUNK, stop - at), base + at)
+            if len(data) != min(_CHUNK, stop - at):
+                raise FractalError(f"{path} is truncated (tensor {name})")
+            h.update(data)
+    return h.hexdigest()
 
 
 def _header(f: Any, path: Path) -> tuple[int, dict[str, Any]]:
@@ -232,15 +497,9 @@ def _runs(idx: torch.Tensor) -> list[tuple[int, int]]:
     return [(v[a], v[b - 1] + 1) for a, b in itertools.pairwise(cuts)]
 
 
-def save_train_state(run_dir: Path, optimizer: torch.optim.Optimizer, info: dict[str, Any],
-                     rng: list[torch.Tensor] | None = None, sd: dict[str, Any] | None = None) -> None:
-    """Optimizer moments as safetensors, everything scalar as JSON (written last).
-
-    ``rng``: the CPU generator state of every rank (default: this process's), stored as
-    ``rng.torch.<rank>``. ``sd`` is the optimizer state to save when not
-    ``optimizer.state_dict()`` (a sharded run's, gathered whole: the files never depend on
-    the number of processes).
-    """
+def _save_train_state(folder: Path, optimizer: torch.optim.Optimizer, info: dict[str, Any],
+                      rng: list[torch.Tensor] | None, sd: dict[str, Any] | None) -> None:
+    """Optimizer moments and generators as safetensors, everything scalar as JSON."""
     sd = sd if sd is not None else optimizer.state_dict()
     tensors = {f"rng.torch.{r}": s for r, s in enumerate(rng or [torch.get_rng_state()])}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -248,8 +507,27 @@ def save_train_state(run_dir: Path, optimizer: torch.optim.Optimizer, info: dict
     for pid, st in sd["state"].items():
         for key, val in st.items():
             tensors[f"opt.{pid}.{key}"] = val if torch.is_tensor(val) else torch.tensor(val)
-    save_tensors(Path(run_dir) / STATE, tensors)
-    write_json(Path(run_dir) / STATE_JSON, {**info, "param_groups": sd["param_groups"]})
+    save_tensors(folder / STATE, tensors)
+    write_json(folder / STATE_JSON, {**info, "param_groups": sd["param_groups"]})
+
+
+def read_train_info(run_dir: str | Path) -> dict[str, Any]:
+    """The current checkpoint's ``train_state.json``, checked: a step (a whole number >= 0),
+    the elapsed seconds and the optimizer's parameter groups."""
+    path = current(run_dir).state_json
+    info = read_json(path)
+    if not isinstance(info, dict):
+        raise FractalError(f"{path} is damaged (not a JSON object)")
+    step, elapsed = info.get("step"), info.get("elapsed_s", 0.0)
+    if step is None:
+        raise FractalError(f"{path} is damaged (it has no step)")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise FractalError(f"{path} is damaged (step {step!r} is not a whole number >= 0)")
+    if isinstance(elapsed, bool) or not isinstance(elapsed, (int, float)) or not math.isfinite(elapsed):
+        raise FractalError(f"{path} is damaged (elapsed_s {elapsed!r} is not a number)")
+    if not isinstance(info.get("param_groups"), list):
+        raise FractalError(f"{path} is damaged (it has no optimizer param_groups)")
+    return info
 
 
 def load_train_state(run_dir: Path, optimizer: torch.optim.Optimizer, rank: int = 0,
@@ -257,8 +535,8 @@ def load_train_state(run_dir: Path, optimizer: torch.optim.Optimizer, rank: int 
     """Restore the optimizer and ``rank``'s generator; a rank the saving run did not have
     keeps the stream it was seeded with. ``layout(pid, tensor)`` places each saved (whole)
     state tensor as parameter ``pid`` is held (a shard of it, in a sharded run)."""
-    info = read_json(Path(run_dir) / STATE_JSON)
-    tensors = load_tensors(Path(run_dir) / STATE)
+    info = read_train_info(run_dir)
+    tensors = load_tensors(current(run_dir).state)
     state: dict[int, dict[str, torch.Tensor]] = {}
     for name, val in tensors.items():
         if name.startswith("opt."):
@@ -271,6 +549,6 @@ def load_train_state(run_dir: Path, optimizer: torch.optim.Optimizer, rank: int 
             torch.set_rng_state(rng)
         if "rng.cuda" in tensors and torch.cuda.is_available():
             torch.cuda.set_rng_state(tensors["rng.cuda"])
-    except (KeyError, ValueError, RuntimeError) as e:
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
         raise FractalError(f"{run_dir}: training state does not match the model ({e})") from None
     return info

@@ -308,6 +308,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     from .prepare import is_prepared, load_prepared
     from .tokenizers import get_tokenizer
     from .train import train
+    from .train.trainer import check_run_dir
 
     if a.resume:
         if not a.out:
@@ -315,6 +316,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         if a.preset or a.config or a.set or a.data or a.tokenizer or a.init_from:
             raise FractalError("--resume continues a run with its saved config; only --max-steps, "
                                "--stop-after, --threads and --quiet may be given")
+        check_run_dir(Path(a.out), resume=True)
         cfg, _ = load_run_config(Path(a.out))
     else:
         sets = list(a.set)
@@ -352,11 +354,18 @@ def cmd_train(a: argparse.Namespace) -> int:
     base = a.preset or (Path(a.config).stem if a.config else "default")
     out = Path(a.out or f"runs/{base}-{time.strftime('%Y%m%d-%H%M%S')}")
     result = train(cfg, out, resume=a.resume, stop_after=a.stop_after, progress=not a.quiet)
+    code = 130 if result.stopped == "interrupted" else 0
+    if not result.main:  # under torchrun rank 0 alone reports
+        return code
+    if result.stopped == "complete":
+        print(f"the run in {out} is complete (step {result.step} of {result.step}); nothing to do "
+              f"(extend it with --resume --max-steps N)")
+        return 0
     if result.stopped != "done":
         why = "interrupted" if result.stopped == "interrupted" else "stopped"
         print(f"{why} at step {result.step}; saved to {out}. Continue with: "
               f"fractalformer train --out {out} --resume")
-        return 130 if result.stopped == "interrupted" else 0
+        return code
     if result.final and len(result.final) == 1:
         f = result.final[0]
         print(f"validation {f.val_loss:.4f} nats/token | {f.val_bpc:.4f} bits/{f.unit} | "
@@ -560,10 +569,10 @@ def cmd_analyze(a: argparse.Namespace) -> int:
 
 
 def cmd_extract(a: argparse.Namespace) -> int:
-    from .checkpoint import save_model, save_run_config, save_train_state
+    from .checkpoint import save_checkpoint, save_run_config
     from .config import RunConfig
     from .train import make_optimizer
-    from .train.trainer import check_run_dir
+    from .train.trainer import check_run_dir, claim_run_dir
 
     out = Path(a.out)
     check_run_dir(out, resume=False)
@@ -573,10 +582,10 @@ def cmd_extract(a: argparse.Namespace) -> int:
                                 freeze="none", schedule_start=0)
     cfg = RunConfig(sub.config, train)
     cfg.validate()
-    save_run_config(out, cfg, model.tokenizer, _data_sha256(a.run))
-    save_model(out, sub, 0)
-    # a fresh training state, so `fractalformer train --out DIR --resume` trains it further
-    save_train_state(out, make_optimizer(sub, cfg), {"step": 0, "model_step": 0, "elapsed_s": 0.0})
+    with claim_run_dir(out, resume=False):
+        save_run_config(out, cfg, model.tokenizer, _data_sha256(a.run))
+        # a fresh training state, so `fractalformer train --out DIR --resume` trains it further
+        save_checkpoint(out, dict(sub.state_dict()), make_optimizer(sub, cfg), {"step": 0, "elapsed_s": 0.0})
     print(f"extracted sub-model ({a.level}, {a.index}): {sub.num_params():,} parameters, width "
           f"{sub.config.d_model} -> {out}")
     return 0
@@ -724,3 +733,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as e:  # a fault of the machine (a full disk, a lost mount): one line too
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2

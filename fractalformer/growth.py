@@ -203,9 +203,9 @@ def _new_run(out: Path, cfg: RunConfig, model: GPT, tok: Tokenizer, provenance: 
 
     cfg.validate()
     ckpt.save_run_config(out, cfg, tok, data_sha256)
-    ckpt.save_model(out, model, 0)
-    ckpt.save_train_state(out, make_optimizer(model, cfg), {"step": 0, "model_step": 0, "elapsed_s": 0.0})
     ckpt.write_json(out / "provenance.json", provenance)
+    ckpt.save_checkpoint(out, dict(model.state_dict()), make_optimizer(model, cfg),
+                         {"step": 0, "elapsed_s": 0.0})
 
 
 def train_overrides(train: TrainConfig, sets: list[str] | None) -> TrainConfig:
@@ -221,14 +221,6 @@ def train_overrides(train: TrainConfig, sets: list[str] | None) -> TrainConfig:
     return cfg.train
 
 
-def _check_out(out: Path) -> None:
-    from .train.trainer import check_run_dir
-
-    if (out / ckpt.CONFIG).exists():
-        raise FractalError(f"{out} already holds a run; choose another --out")
-    check_run_dir(out, resume=False)  # not a file, writable
-
-
 def merge_runs(runs: list[str | Path], out: str | Path, glue_steps: int = 0, then_steps: int = 0,
                attn_nesting: str = "heads", routing: str | None = None, glue_rank: int = 0,
                sets: list[str] | None = None, progress: bool = True) -> FractalFormer:
@@ -242,9 +234,10 @@ def merge_runs(runs: list[str | Path], out: str | Path, glue_steps: int = 0, the
     import fractalformer
 
     from .train import make_optimizer, train
+    from .train.trainer import check_run_dir, claim_run_dir
 
     out = Path(out)
-    _check_out(out)
+    check_run_dir(out, resume=False)
     models = [fractalformer.load(r) for r in runs]
     toks = [m.tokenizer.to_dict() for m in models]
     for i, m in enumerate(models[1:], 2):
@@ -265,27 +258,27 @@ def merge_runs(runs: list[str | Path], out: str | Path, glue_steps: int = 0, the
     cfg = RunConfig(merged.config, train_cfg)
     cfg.validate()
     data_sha256 = ckpt.load_data_sha256(Path(runs[0]))
-    _new_run(out, cfg, merged, models[0].tokenizer,
-             {"merged_from": [str(r) for r in runs], "glue_steps": glue_steps, "glue_rank": glue_rank,
-              "then_steps": then_steps}, data_sha256)
-    if glue:  # the full training follows: score the whole validation split only after it
-        glue_cfg = RunConfig(cfg.model, dataclasses.replace(cfg.train, final_eval=0)) if then_steps else cfg
-        train(glue_cfg, out, resume=True, progress=progress)
-        if cfg.model.glue_rank:  # fold: from here on a plain FractalFormer (fresh optimizer state)
-            plain = fold_glue(fractalformer.load(out))
-            cfg.model = plain.config
-            ckpt.save_run_config(out, cfg, models[0].tokenizer, ckpt.load_data_sha256(out))
-            ckpt.save_model(out, plain, glue_steps)
-            info = ckpt.read_json(out / ckpt.STATE_JSON)
-            ckpt.save_train_state(out, make_optimizer(plain, cfg),
-                                  {"step": glue_steps, "model_step": glue_steps,
-                                   "elapsed_s": info.get("elapsed_s", 0.0)})
-        # the full training gets a schedule of its own, starting where the glue stopped
-        cfg.train = dataclasses.replace(cfg.train, freeze="none", schedule_start=glue_steps,
-                                        max_steps=glue_steps + then_steps)
-    if then_steps:
-        train(cfg, out, resume=True, progress=progress)
-    return fractalformer.load(out)
+    with claim_run_dir(out, resume=False):
+        _new_run(out, cfg, merged, models[0].tokenizer,
+                 {"merged_from": [str(r) for r in runs], "glue_steps": glue_steps, "glue_rank": glue_rank,
+                  "then_steps": then_steps}, data_sha256)
+        if glue:  # the full training follows: score the whole validation split only after it
+            glue_cfg = (RunConfig(cfg.model, dataclasses.replace(cfg.train, final_eval=0)) if then_steps
+                        else cfg)
+            train(glue_cfg, out, resume=True, progress=progress)
+            if cfg.model.glue_rank:  # fold: from here on a plain FractalFormer (fresh optimizer state)
+                plain = fold_glue(fractalformer.load(out))
+                cfg.model = plain.config
+                ckpt.save_run_config(out, cfg, models[0].tokenizer, ckpt.load_data_sha256(out))
+                elapsed = ckpt.read_train_info(out).get("elapsed_s", 0.0)
+                ckpt.save_checkpoint(out, dict(plain.state_dict()), make_optimizer(plain, cfg),
+                                     {"step": glue_steps, "elapsed_s": elapsed})
+            # the full training gets a schedule of its own, starting where the glue stopped
+            cfg.train = dataclasses.replace(cfg.train, freeze="none", schedule_start=glue_steps,
+                                            max_steps=glue_steps + then_steps)
+        if then_steps:
+            train(cfg, out, resume=True, progress=progress)
+        return fractalformer.load(out)
 
 
 def grow_run(run: str | Path, out: str | Path, width: int, depth: int = 1, steps: int = 0,
@@ -300,10 +293,10 @@ def grow_run(run: str | Path, out: str | Path, width: int, depth: int = 1, steps
 
     from .evaluate import fixed_val_batches, mean_losses, to_bpc
     from .train import train
-    from .train.trainer import prepare_data
+    from .train.trainer import check_run_dir, claim_run_dir, prepare_data
 
     out = Path(out)
-    _check_out(out)
+    check_run_dir(out, resume=False)
     model = fractalformer.load(run)
     grown = grow_model(model, width, depth).eval()
     t = train_overrides(model.run_config.train, sets)
@@ -317,12 +310,13 @@ def grow_run(run: str | Path, out: str | Path, width: int, depth: int = 1, steps
     for who, m in (("original", model), ("grown", grown)):
         loss = mean_losses(m, batches, ensembles=False)[0][(0, 0)]
         figures |= {f"{who}_val_loss": loss, f"{who}_val_bpc": to_bpc(loss, corpus.val_units_per_token)}
-    _new_run(out, cfg, grown, model.tokenizer,
-             {"grown_from": str(run), "width": width, "depth": depth, **figures},
-             corpus.sha256)
-    if steps:
-        train(cfg, out, resume=True, progress=progress)
-    return figures
+    with claim_run_dir(out, resume=False):
+        _new_run(out, cfg, grown, model.tokenizer,
+                 {"grown_from": str(run), "width": width, "depth": depth, **figures},
+                 corpus.sha256)
+        if steps:
+            train(cfg, out, resume=True, progress=progress)
+        return figures
 
 
 def grow_concept_run(run: str | Path, out: str | Path, combo: int = 4, steps: int = 0,
@@ -335,9 +329,10 @@ def grow_concept_run(run: str | Path, out: str | Path, combo: int = 4, steps: in
 
     from .models.concept import ConceptGPT, grow
     from .train import train
+    from .train.trainer import check_run_dir, claim_run_dir
 
     out = Path(out)
-    _check_out(out)
+    check_run_dir(out, resume=False)
     model = fractalformer.load(run)
     if not isinstance(model, ConceptGPT):
         raise FractalError(f"a concept level needs a family=concept run, not family {model.config.family}")
@@ -346,9 +341,10 @@ def grow_concept_run(run: str | Path, out: str | Path, combo: int = 4, steps: in
     grown = grow(model, combo)
     t = train_overrides(model.run_config.train, sets)
     cfg = RunConfig(grown.config, dataclasses.replace(t, max_steps=steps or t.max_steps, schedule_start=0))
-    _new_run(out, cfg, grown, model.tokenizer, {"grown_from": str(run), "combo": combo},
-             ckpt.load_data_sha256(Path(run)))
-    if steps:
-        train(cfg, out, resume=True, progress=progress)
-        return fractalformer.load(out)
-    return grown
+    with claim_run_dir(out, resume=False):
+        _new_run(out, cfg, grown, model.tokenizer, {"grown_from": str(run), "combo": combo},
+                 ckpt.load_data_sha256(Path(run)))
+        if steps:
+            train(cfg, out, resume=True, progress=progress)
+            return fractalformer.load(out)
+        return grown

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fractalformer import checkpoint as ckpt
 from fractalformer.cli import main
 from fractalformer.data import read_text
 
@@ -75,7 +76,7 @@ def assert_resume_is_exact(capsys: pytest.CaptureFixture, tmp_path: Path, *args:
     assert run_cli(capsys, "train", *args, "--out", tmp_path / "straight")[0] == 0
     assert run_cli(capsys, "train", *args, "--out", tmp_path / "cut", "--stop-after", "3")[0] == 0
     assert run_cli(capsys, "train", "--out", tmp_path / "cut", "--resume", "--quiet")[0] == 0
-    a, b = (load_file(str(tmp_path / r / "model.safetensors")) for r in ("straight", "cut"))
+    a, b = (load_file(str(ckpt.current(tmp_path / r).model)) for r in ("straight", "cut"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
 
@@ -104,7 +105,7 @@ def assert_two_processes_match_one(tmp_path: Path, *args: str | Path, rtol: floa
     if loss_tol is not None:
         torch.testing.assert_close(torch.tensor(losses(ddp)), torch.tensor(losses(single)),
                                    rtol=loss_tol, atol=loss_tol)
-    wa, wb = (load_file(str(r / "model.safetensors")) for r in (single, ddp))
+    wa, wb = (load_file(str(ckpt.current(r).model)) for r in (single, ddp))
     for k in wa:  # all-reduce sums in another order: float rounding only
         torch.testing.assert_close(wa[k], wb[k], rtol=rtol, atol=atol)
     return single, ddp

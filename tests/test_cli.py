@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from fractalformer import checkpoint as ckpt
+
 from .conftest import TINY, run_cli
 
 
@@ -22,7 +24,8 @@ def assert_one_line_error(code: int, err: str, match: str) -> None:
 
 
 def snapshot(d: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(d.iterdir())} if d.exists() else {}
+    """Every file under ``d`` (its checkpoint folder too) and its bytes."""
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize(
@@ -42,7 +45,7 @@ def test_bad_train_input(capsys, tmp_path: Path, args: list[str], match: str) ->
     out = tmp_path / "run"
     code, _, err = run_cli(capsys, "train", *TINY, *args, "--out", out)
     assert_one_line_error(code, err, match)
-    assert not (out / "model.safetensors").exists()
+    assert not out.exists()
 
 
 def test_empty_and_non_utf8_and_unknown_character_data(capsys, tmp_path: Path) -> None:
@@ -94,7 +97,7 @@ def run_copy(tiny_run: Path, tmp_path: Path) -> Path:
 
 @pytest.mark.slow
 def test_corrupt_and_truncated_checkpoint(capsys, run_copy: Path) -> None:
-    model = run_copy / "model.safetensors"
+    model = ckpt.current(run_copy).model
     data = model.read_bytes()
     model.write_bytes(data[: len(data) // 2])
     for cmd in (["eval", run_copy], ["sample", run_copy, "--prompt", "Hi"]):
@@ -169,9 +172,10 @@ def test_real_process_prints_no_traceback(tmp_path: Path) -> None:
 
 
 def test_checkpoint_cut_off_between_model_and_state(capsys, run_copy: Path) -> None:
-    state = json.loads((run_copy / "train_state.json").read_text())
-    state["step"] = 10  # as if the process died after writing the step-20 model only
-    (run_copy / "train_state.json").write_text(json.dumps(state))
+    path = ckpt.current(run_copy).state_json
+    state = json.loads(path.read_text())
+    state["step"] = 10  # as in a run folder of an earlier version cut off after the step-20 model
+    path.write_text(json.dumps(state))
     code, _, err = run_cli(capsys, "train", "--out", run_copy, "--resume", "--max-steps", "30")
     assert_one_line_error(code, err, "are from different steps")
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from fractalformer import checkpoint as ckpt
+
 from .conftest import TINY, run_cli
 
 NEW = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 30
@@ -24,9 +26,9 @@ def test_init_from_starts_at_the_run_weights(tiny_run: Path, tmp_path: Path, cap
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model"] == json.loads((tiny_run / "config.json").read_text())["model"]
     assert cfg["train"]["init_from"] == str(tiny_run) and cfg["tokenizer"]["name"] == "bpe128"
-    before, after = load_file(str(tiny_run / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    before, after = (load_file(str(ckpt.current(r).model)) for r in (tiny_run, out))
     assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)
-    assert json.loads((out / "train_state.json").read_text())["step"] == 1  # a fresh optimizer
+    assert ckpt.read_train_info(out)["step"] == 1  # a fresh optimizer
 
 
 def test_init_from_mismatches_are_one_line(tiny_run: Path, tmp_path: Path, capsys) -> None:
@@ -37,4 +39,4 @@ def test_init_from_mismatches_are_one_line(tiny_run: Path, tmp_path: Path, capsy
         out = tmp_path / f"r{i}"
         code, _, err = run_cli(capsys, "train", *TINY, "--init-from", tiny_run, "--out", out, *args)
         assert code == 2 and msg in err and len(err.splitlines()) == 1, err
-        assert not (out / "model.safetensors").exists()
+        assert not out.exists()

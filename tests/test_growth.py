@@ -106,7 +106,7 @@ def test_full_model_of_a_glued_model_keeps_its_glue(tmp_path: Path) -> None:
     cfg.model.vocab_size = tok.vocab_size
     glued = random_glue(build_model(cfg.model)).eval()
     ckpt.save_run_config(tmp_path, cfg, tok)
-    ckpt.save_model(tmp_path, glued, 0)
+    ckpt.save_tensors(tmp_path / ckpt.MODEL, dict(glued.state_dict()))  # weights alone
     x = torch.randint(0, tok.vocab_size, (2, 16))
     loaded = fractalformer.load(tmp_path, level=0, index=0)
     torch.testing.assert_close(loaded(x)[0], glued(x)[0], rtol=1e-4, atol=1e-5)
@@ -243,8 +243,7 @@ def make_run(path: Path, seed: int, *sets: str) -> Path:
             if "norm" in n or n.endswith("bias"):
                 p.normal_(0, 0.1)
     ckpt.save_run_config(path, cfg, tok)
-    ckpt.save_model(path, m, 0)
-    ckpt.save_train_state(path, make_optimizer(m, cfg), {"step": 0, "elapsed_s": 0.0})
+    ckpt.save_checkpoint(path, dict(m.state_dict()), make_optimizer(m, cfg), {"step": 0, "elapsed_s": 0.0})
     return path
 
 

@@ -10,6 +10,7 @@ import torch
 
 import fractalformer
 from fractalformer import FractalError
+from fractalformer import checkpoint as ckpt
 
 
 @pytest.mark.slow
@@ -33,7 +34,8 @@ def test_sub_model_load_rejects_bad_requests_and_files(fractal_run: Path, tmp_pa
         fractalformer.load(fractal_run, level=1)
     run = tmp_path / "run"
     shutil.copytree(fractal_run, run)
-    data = (run / "model.safetensors").read_bytes()
-    (run / "model.safetensors").write_bytes(data[: len(data) - 64])
+    path = ckpt.current(run).model
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 64])
     with pytest.raises(FractalError, match="truncated"):
         fractalformer.load(run, level=2, index=3)

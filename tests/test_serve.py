@@ -24,7 +24,7 @@ import uvicorn
 from fastapi.testclient import TestClient
 
 import fractalformer
-from fractalformer.checkpoint import save_model, save_run_config
+from fractalformer.checkpoint import MODEL, save_run_config, save_tensors
 from fractalformer.cli import main
 from fractalformer.config import build_config
 from fractalformer.errors import FractalError
@@ -47,7 +47,7 @@ def random_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg = build_config("tiny-fractal", None, ["block_size=64", "init_std=0.3"])
     torch.manual_seed(0)
     save_run_config(out, cfg, get_tokenizer("bpe128"))
-    save_model(out, build_model(cfg.model), 0)
+    save_tensors(out / MODEL, dict(build_model(cfg.model).state_dict()), {"step": "0"})  # weights alone
     return out
 
 

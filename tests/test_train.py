@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import fractalformer
+from fractalformer import checkpoint as ckpt
 from fractalformer.cli import main
 from fractalformer.config import build_config
 from fractalformer.models import GPT
@@ -41,7 +42,7 @@ def test_resume_gives_the_uninterrupted_losses(tmp_path: Path) -> None:
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert len(a) == len(b) == 12
     assert a == b
-    wa, wb = (load_file(str(tmp_path / r / "model.safetensors")) for r in "ab")
+    wa, wb = (load_file(str(ckpt.current(tmp_path / r).model)) for r in "ab")
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
 
@@ -50,12 +51,16 @@ def test_checkpoint_round_trip(tiny_run: Path) -> None:
     model = fractalformer.load(tiny_run)
     assert model.tokenizer.name == "bpe128" and model.config.n_layer == 2
     assert not model.training
-    saved = load_file(str(tiny_run / "model.safetensors"))
+    current = ckpt.current(tiny_run)
+    saved = load_file(str(current.model))
     for k, v in model.state_dict().items():
         assert torch.equal(v, saved[k])
-    for name in ("config.json", "metrics.csv", "curves.png", "train_state.json", "train_state.safetensors"):
-        assert (tiny_run / name).is_file(), name
-    assert not [p for p in tiny_run.iterdir() if p.name.startswith(".")]  # no temp files left
+    for path in (tiny_run / "config.json", tiny_run / "metrics.csv", tiny_run / "curves.png",
+                 current.state_json, current.state):
+        assert path.is_file(), path
+    assert [p.name for p in (tiny_run / "checkpoints").iterdir()] == [current.folder.name]  # the last alone
+    hidden = [p.name for p in [*tiny_run.iterdir(), *current.folder.iterdir()] if p.name.startswith(".")]
+    assert hidden == [".lock"]  # no temp files left
 
 
 def test_training_reduces_loss(tiny_run: Path) -> None:
@@ -83,8 +88,8 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path: Path, monkeypatch, c
     err = capsys.readouterr().err
     assert code == 2
     assert "loss became nan at step 7" in err and len(err.strip().splitlines()) == 1
-    state = load_file(str(out / "model.safetensors"))
-    assert state and (out / "train_state.json").read_text().count('"step": 5') == 1
+    state = load_file(str(ckpt.current(out).model))
+    assert state and ckpt.read_train_info(out)["step"] == 5
     for v in state.values():
         assert torch.isfinite(v).all()
 
@@ -107,7 +112,7 @@ def test_ctrl_c_saves_and_resumes(tmp_path: Path) -> None:
     assert "--resume" in stdout
     step = int(stdout.split("at step ")[1].split(";")[0])
     assert step == len(losses(out))
-    assert f'"step": {step}' in (out / "train_state.json").read_text()
+    assert ckpt.read_train_info(out)["step"] == step
 
 
 @pytest.mark.slow
@@ -116,6 +121,6 @@ def test_ddp_two_processes_match_single_process(tmp_path: Path) -> None:
     sets = ["--set", "batch_size=8", "--set", "sample_tokens=0", "--max-steps", "6"]
     runs = assert_two_processes_match_one(tmp_path, *TINY, *sets, rtol=1e-4, atol=1e-5, loss_tol=1e-5)
     # each rank draws its own dropout masks and keeps its own generator state for --resume
-    single, state = (load_file(str(r / "train_state.safetensors")) for r in runs)
+    single, state = (load_file(str(ckpt.current(r).state)) for r in runs)
     assert not torch.equal(state["rng.torch.0"], state["rng.torch.1"])
     assert torch.equal(state["rng.torch.0"], single["rng.torch.0"])  # rank 0: the single-process stream

@@ -193,7 +193,7 @@ def test_unwritable_run_folder(capsys, tmp_path: Path, monkeypatch) -> None:
 def test_bit_flip_and_non_finite_weights_are_errors(capsys, tiny_run: Path, tmp_path: Path) -> None:
     run = tmp_path / "r"
     shutil.copytree(tiny_run, run)
-    path = run / "model.safetensors"
+    path = ckpt.current(run).model
     data = bytearray(path.read_bytes())
     data[-3] ^= 0x10  # inside the last tensor: the file still parses
     path.write_bytes(bytes(data))
@@ -201,7 +201,7 @@ def test_bit_flip_and_non_finite_weights_are_errors(capsys, tiny_run: Path, tmp_
         code, out, err = run_cli(capsys, *cmd)
         assert_one_line_error(code, err, "is corrupt (its contents do not match the checksum")
         assert out == ""
-    state = ckpt.load_tensors(tiny_run / "model.safetensors")
+    state = ckpt.load_tensors(ckpt.current(tiny_run).model)
     name = next(iter(state))
     state[name][0] = float("nan")
     ckpt.save_tensors(path, state, {"step": "20"})  # a valid checksum over non-finite weights

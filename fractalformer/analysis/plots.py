@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
+from .. import checkpoint as ckpt
+
 LEVEL_COLOURS = ["Greys", "Blues", "Oranges", "Greens", "Purples", "Reds"]
 
 
@@ -66,10 +68,10 @@ def plot_curves(run_dir: str | Path, name: str = "curves.png") -> Path:
             a.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=a.transAxes, color="grey")
     fig.tight_layout()
     path = run_dir / name
-    tmp = run_dir / f".{name}.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        ckpt.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -265,7 +265,7 @@ def analyze(run_dir: str | Path, windows: int = 16, data: str | None = None, dev
     summary = {"rows": [r.to_json() for r in rows], "cosines": cos, "emergent_ari": ari,
                "consistency": {f"{lv}.{j}": v for (lv, j), v in cons.items()}, "expert_usage": usage}
     ckpt.write_text(out / "summary.json", json.dumps(summary, indent=1))
-    state = ckpt.read_json(run_dir / ckpt.STATE_JSON) if (run_dir / ckpt.STATE_JSON).is_file() else {}
+    state = ckpt.read_train_info(run_dir) if ckpt.current(run_dir).state_json.is_file() else {}
     page = _page(run_dir, model, rows[0].tokens, n, t, table, samples, usage, curves, heatmaps, cos, ari,
                  len(seen), state.get("step"))
     report = out / "report.html"

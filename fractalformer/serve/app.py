@@ -43,6 +43,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .. import checkpoint as ckpt
 from ..errors import FractalError
 from ..evaluate import sub_model_params, to_bpc
 from ..generate.sampling import SEED_LIMIT
@@ -190,7 +191,7 @@ def parse_target(spec: str, model: torch.nn.Module, param: str) -> Target:
 def model_cards(model: torch.nn.Module, run_dir: Path) -> list[dict[str, Any]]:
     """Every sub-model and level ensemble: width, parameters, last validation bits/char."""
     step, losses, units = _last_validation(model, run_dir)
-    created = int((run_dir / "model.safetensors").stat().st_mtime)
+    created = int(ckpt.current(run_dir).model.stat().st_mtime)
     cards = []
     for lv in range(model.nest.levels):
         n = model.nest.count(lv)

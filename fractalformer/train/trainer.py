@@ -20,9 +20,11 @@ import csv
 import importlib.util
 import math
 import os
+import shutil
 import signal
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -250,15 +252,19 @@ def absolute_data(cfg: RunConfig) -> RunConfig:
 
 
 class _StopFlag:
-    """First Ctrl-C asks the loop to save and stop at the end of the step; a second aborts."""
+    """The first Ctrl-C or SIGTERM (``docker stop``, ``timeout``, a scheduler's pre-emption) asks
+    the loop to save and stop at the end of the step; a second aborts."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self._old: Any = None
+        self._old: dict[int, Any] = {}
 
     def __enter__(self) -> _StopFlag:
         with contextlib.suppress(ValueError):  # not the main thread: no handler
-            self._old = signal.signal(signal.SIGINT, self._handle)
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, *_: Any) -> None:
@@ -267,33 +273,92 @@ class _StopFlag:
         self.requested = True
 
     def __exit__(self, *_: Any) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 @dataclass
 class TrainResult:
     step: int
-    stopped: str  # "done", "interrupted", "stop_after"
+    stopped: str  # "done", "interrupted", "stop_after", "complete" (resumed at its last step)
     final: list[EvalRow] | None  # one row per sub-model (the full model first)
+    main: bool = True  # this process speaks for the run (rank 0 under torchrun)
 
 
 def check_run_dir(out: Path, resume: bool) -> None:
-    """Refuse a run folder that cannot be (re)used, before anything is written."""
+    """Refuse a run folder that cannot be (re)used, before anything is written.
+
+    A folder with a config but no checkpoint (a run cut off before its first one) holds
+    nothing to resume, and a new run may take it over."""
+    if out.is_symlink() and not out.exists():
+        raise FractalError(f"{out} is a symbolic link to nothing (dangling, or a loop)")
     if out.exists() and not out.is_dir():
         raise FractalError(f"{out} is a file, not a run folder")
+    if resume and not out.exists():
+        raise FractalError(f"run folder not found: {out}")
     has_run = (out / ckpt.CONFIG).exists()
     if resume and not has_run:
         raise FractalError(f"{out} holds no run to resume")
-    if not resume and has_run:
+    if resume and not ckpt.has_checkpoint(out):
+        raise FractalError(f"{out} holds no checkpoint to resume: the run stopped before its first one "
+                           f"(train again with --out {out} to start it over)")
+    if not resume and has_run and ckpt.has_checkpoint(out):
         raise FractalError(f"{out} already holds a run; resume it or choose another run folder")
     existing = out
-    while not existing.exists():
+    while not existing.exists() and not existing.is_symlink():
         existing = existing.parent
+    if existing.is_symlink() and not existing.exists():
+        raise FractalError(f"cannot create run folder {out}: {existing} is a symbolic link to nothing")
     if not existing.is_dir():
         raise FractalError(f"cannot create run folder {out}: {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise FractalError(f"cannot write run folder {out}: {existing} is not writable")
+
+
+# what a run writes before its first checkpoint: cleared when a new run takes over such a folder
+_UNFINISHED = ("metrics.csv", "curves.png", "clusters.json", "expert_usage.json", "tensorboard",
+               ckpt.CHECKPOINTS)
+
+
+@contextlib.contextmanager
+def claim_run_dir(out: Path, resume: bool, lock: bool = True) -> Iterator[None]:
+    """Hold run folder ``out`` for writing (train, resume, merge, grow, extract) until the block ends.
+
+    Checked (a refusal names the process holding the folder, if one does), created and
+    locked against a second writer (``lock``: this process is the one that writes, rank 0
+    under torchrun), then checked again under the lock. A new run taking over a folder cut
+    off before its first checkpoint clears what that one left, and a folder this call
+    created is removed again if the block fails before a first checkpoint.
+    """
+    made = not out.exists()
+    try:
+        check_run_dir(out, resume)
+    except FractalError:
+        if lock and (holder := ckpt.lock_holder(out)):  # the run in use: name its holder instead
+            raise ckpt.in_use(out, holder) from None
+        raise
+    if not lock:
+        yield
+        return
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FractalError(f"cannot create run folder {out} ({e.strerror})") from None
+    with ckpt.run_lock(out):
+        try:
+            check_run_dir(out, resume)
+            if not resume and (out / ckpt.CONFIG).exists() and not ckpt.has_checkpoint(out):
+                for name in _UNFINISHED:
+                    path = out / name
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.rmtree(path)
+                    elif path.exists() or path.is_symlink():
+                        path.unlink()
+            yield
+        except BaseException:
+            if made and not ckpt.has_checkpoint(out):
+                shutil.rmtree(out, ignore_errors=True)
+            raise
 
 
 def _resume_note(saved: RunConfig, cfg: RunConfig, start: int) -> str:
@@ -375,7 +440,6 @@ def setup(cfg: RunConfig, out: Path, resume: bool, progress: bool) -> Session:
     t = cfg.train
     device = pick_device(t.device)
     dd = setup_distributed(device)
-    check_run_dir(out, resume)
     if t.log == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
         raise FractalError("log=tensorboard needs the tensorboard package: "
                            "pip install 'fractalformer[tensorboard]'")
@@ -411,7 +475,7 @@ def setup(cfg: RunConfig, out: Path, resume: bool, progress: bool) -> Session:
     if resume:
         layout = _shard_like(optimizer) if dd.world > 1 else None
         info = ckpt.load_train_state(out, optimizer, dd.rank, layout)
-        start, elapsed0 = int(info["step"]), float(info.get("elapsed_s", 0.0))
+        start, elapsed0 = info["step"], float(info.get("elapsed_s", 0.0))
         if model_step is not None and model_step != start:
             raise FractalError(f"{out}: model.safetensors (step {model_step}) and the training state "
                                f"(step {start}) are from different steps; the run was cut off mid-save")
@@ -492,9 +556,13 @@ def save(s: Session, step: int, elapsed: float) -> None:
         rng = [torch.empty_like(mine) for _ in range(s.dd.world)]
         dist.all_gather(rng, mine)
     if s.dd.main:
-        ckpt.save_model(s.out, s.model, step, state)
-        info = {"step": step, "elapsed_s": elapsed}
-        ckpt.save_train_state(s.out, s.optimizer, info, [r.cpu() for r in rng], opt)
+        try:
+            weights = state if state is not None else dict(s.model.state_dict())
+            ckpt.save_checkpoint(s.out, weights, s.optimizer, {"step": step, "elapsed_s": elapsed},
+                                 [r.cpu() for r in rng], opt)
+        except FractalError as e:
+            kept = f"; the previous checkpoint in {s.out} is kept" if ckpt.has_checkpoint(s.out) else ""
+            raise FractalError(f"{e}{kept}") from None
 
 
 @contextlib.contextmanager
@@ -604,9 +672,22 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, stop_after: int
 
     The loop: set the lr, :func:`train_step`, and every ``sync_every`` steps (and at every
     evaluation, checkpoint, re-clustering and the end) :func:`flush` the losses to the host,
-    :func:`evaluate`, log and :func:`save`.
+    :func:`evaluate`, log and :func:`save`. Resuming a run already at ``max_steps`` does
+    nothing (``stopped`` "complete"). The folder is held (:func:`claim_run_dir`) throughout.
     """
-    s = setup(cfg, Path(out), resume, progress)
+    out = Path(out)
+    main = int(os.environ.get("RANK", "0")) == 0
+    if resume:  # read alone, so that a finished run is left exactly as it is
+        check_run_dir(out, resume)
+        step = ckpt.read_train_info(out)["step"]
+        if step == cfg.train.max_steps:
+            return TrainResult(step, "complete", None, main)
+    with claim_run_dir(out, resume, lock=main):
+        return _train(cfg, out, resume, stop_after, progress)
+
+
+def _train(cfg: RunConfig, out: Path, resume: bool, stop_after: int | None, progress: bool) -> TrainResult:
+    s = setup(cfg, out, resume, progress)
     t, dd = s.cfg.train, s.dd
     bar = tqdm(total=t.max_steps, initial=s.start, disable=not (progress and dd.main),
                dynamic_ncols=True, unit="step")
@@ -673,7 +754,7 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, stop_after: int
                     ckpt.write_json(s.out / "expert_usage.json", final[0].extra)
     if dd.world > 1:
         dist.barrier()
-    return TrainResult(step, stopped, final)
+    return TrainResult(step, stopped, final, dd.main)
 
 
 class _CsvLog:
