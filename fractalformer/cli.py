@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from .config import PRESETS
 from .errors import FractalError
+from .tokenizers import UnknownCharacterError
 
 if TYPE_CHECKING:
     import torch
@@ -162,7 +163,8 @@ def _parser() -> argparse.ArgumentParser:
                  "fractalformer prepare corpus/ --tokenizer bpe:4096 --out data/corpus",
                  "fractalformer train --preset 10m --data data/corpus", parent=common)
     pr.add_argument("data", nargs="+", help="text files and/or folders (every file under them, sorted)")
-    pr.add_argument("--tokenizer", default="bpe128", help="bpe128, char, byte, bpe:N or gpt2")
+    pr.add_argument("--tokenizer", default="byte",
+                    help="byte or bpe:N (any text), char (the corpus' characters), bpe128 or gpt2")
     pr.add_argument("--out", required=True, help="new folder for tokens.bin and manifest.json")
     pr.add_argument("--unknown", choices=("error", "replace"), default="error",
                     help="characters the tokenizer lacks: error, or replace with '?'")
@@ -610,6 +612,12 @@ def cmd_config(a: argparse.Namespace) -> int:
     return 0
 
 
+UNKNOWN_ADVICE = {  # command -> how its options replace unknown characters, and another way out
+    "prepare": ("--unknown replace", "--tokenizer byte or bpe:N takes any text"),
+    "train": ("--set on_unknown=replace", "--tokenizer byte, char or bpe:N takes any text"),
+    "sample": ("--unknown replace", None), "speculate": ("--unknown replace", None)}
+
+
 def _warning_line(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> str:
     return f"warning: {message}\n"
 
@@ -633,6 +641,10 @@ def main(argv: list[str] | None = None) -> int:
                     "config": cmd_config, "export": cmd_export, "prepare": cmd_prepare,
                     "merge": cmd_merge, "grow": cmd_grow}
         return commands[args.command](args)
+    except UnknownCharacterError as e:
+        print(f"error: {e.advice(*UNKNOWN_ADVICE[args.command]) if args.command in UNKNOWN_ADVICE else e}",
+              file=sys.stderr)
+        return 2
     except FractalError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
