@@ -273,6 +273,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     from .checkpoint import load_run_config
     from .config import build_config, init_model_config, load_toml, parse_set, to_toml
     from .data import read_text
+    from .memory import check_training_fits
     from .prepare import is_prepared, load_prepared
     from .tokenizers import get_tokenizer
     from .train import train
@@ -317,6 +318,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     if a.print_config:
         print(to_toml(cfg), end="")
         return 0
+    check_training_fits(cfg)
     base = a.preset or (Path(a.config).stem if a.config else "default")
     out = Path(a.out or f"runs/{base}-{time.strftime('%Y%m%d-%H%M%S')}")
     result = train(cfg, out, resume=a.resume, stop_after=a.stop_after, progress=not a.quiet)
