@@ -129,7 +129,7 @@ def prepare(paths: list[str], tokenizer: str, out: str | Path, on_unknown: str =
                 ids = tok.encode_array(text, on_unknown).astype(dtype)
                 f.write(ids.tobytes())
                 counts.append((len(ids), tok.units(text)))
-                top = max(top, int(ids.max(initial=-1)))
+                top = max(top, int(ids.max())) if len(ids) else top
                 bar.update(nbytes)
         n = sum(c for c, _ in counts)
         manifest = {"format": 1, "tokens": TOKENS, "dtype": np.dtype(dtype).name, "count": n,
