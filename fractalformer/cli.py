@@ -617,7 +617,10 @@ def cmd_config(a: argparse.Namespace) -> int:
 UNKNOWN_ADVICE = {  # command -> how its options replace unknown characters, and another way out
     "prepare": ("--unknown replace", "--tokenizer byte or bpe:N takes any text"),
     "train": ("--set on_unknown=replace", "--tokenizer byte, char or bpe:N takes any text"),
-    "sample": ("--unknown replace", None), "speculate": ("--unknown replace", None)}
+    "sample": ("--unknown replace", None), "speculate": ("--unknown replace", None),
+    "grow": ("--set on_unknown=replace", None), "merge": ("--set on_unknown=replace", None),
+    "eval": ("a run trained with --set on_unknown=replace", None),
+    "analyze": ("a run trained with --set on_unknown=replace", None)}
 
 
 def _warning_line(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> str:
