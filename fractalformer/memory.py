@@ -65,8 +65,9 @@ def check_model_fits(c: ModelConfig) -> None:
 
 def check_weights_file(path: Path, c: ModelConfig) -> None:
     """Refuse a config that describes more parameters than the weights file can hold (2 bytes
-    each at the least), before building the model only to find its shapes differ."""
-    if path.is_file() and path.stat().st_size < 2 * param_count(c):
+    each at the least) when building it would cost over a GiB only to find its shapes differ
+    (smaller models are built, and their shapes compared one by one)."""
+    if weight_bytes(c) > GIB and path.is_file() and path.stat().st_size < 2 * param_count(c):
         raise FractalError(f"{path} holds {path.stat().st_size:,} bytes, too few for the at least "
                            f"{param_count(c):,} parameters its config.json describes: the config does not "
                            f"belong to these weights")
