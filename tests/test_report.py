@@ -9,7 +9,9 @@ import pytest
 
 from fractalformer import FractalError
 from fractalformer.analysis.plots import plot_curves, read_metrics
-from fractalformer.analysis.report import token_labels
+from fractalformer.analysis.report import _trained_steps, emergent_ari, token_labels
+from fractalformer.config import build_config
+from fractalformer.models import build_model
 from fractalformer.tokenizers import get_tokenizer
 
 from .conftest import chromium, run_cli
@@ -98,3 +100,17 @@ def test_report_of_any_run_folder_leaves_out_what_it_has_no_data_for(capsys, exc
     code, _, err = run_cli(capsys, "analyze", run, "--windows", "2")
     assert code == 2 and "is a file, not a folder" in err and len(err.splitlines()) == 1
     assert (run / "analysis").read_text() == "my notes"
+
+
+def test_clusterings_and_train_state_that_are_garbage_are_left_out(tmp_path: Path) -> None:
+    model = build_model(build_config("tiny-fractal").model)
+    model.tokenizer = get_tokenizer("bpe128")
+    for content in (b"\xff", b"[]", b'[{"ids": {"x": 1}}]', b'{"ids": 3}'):
+        (tmp_path / "clusters.json").write_bytes(content)
+        with pytest.warns(UserWarning, match="clusters.json cannot be read as a clustering history"):
+            assert emergent_ari(tmp_path, model) == {}
+    state = tmp_path / "train_state.json"
+    for content, step in ((b'{"step": 12}', 12), (b"[1]", None), (b'{"step": "12"}', None), (b"\xff", None)):
+        state.write_bytes(content)
+        assert _trained_steps(state) == step
+    assert _trained_steps(tmp_path / "absent.json") is None

@@ -80,17 +80,22 @@ def emergent_ari(run_dir: Path, model: torch.nn.Module) -> dict[int, float]:
     path = run_dir / "clusters.json"
     if not path.is_file():
         return {}
-    last = json.loads(path.read_text())[-1]
     tok = model.tokenizer
     widths = [model.level_width(lv) for lv in range(model.nest.levels)]
     imposed = seed_groups(tok, widths)
     v = tok.vocab_size
     out = {}
-    for key, groups in last["ids"].items():  # "W" or "W.j"; per width, the mean over its sub-models
-        w = group_key(key)[0]
-        if w in imposed:
-            found = groups_to_labels(groups, v)
-            out.setdefault(w, []).append(adjusted_rand_score(groups_to_labels(imposed[w], v), found))
+    try:
+        last = json.loads(path.read_text(encoding="utf-8"))[-1]
+        for key, groups in last["ids"].items():  # "W" or "W.j"; per width, the mean over its sub-models
+            w = group_key(key)[0]
+            if w in imposed:
+                found = groups_to_labels(groups, v)
+                out.setdefault(w, []).append(adjusted_rand_score(groups_to_labels(imposed[w], v), found))
+    except (OSError, LookupError, TypeError, ValueError, AttributeError) as e:
+        warnings.warn(f"{path} cannot be read as a clustering history ({type(e).__name__}: {e}); the report "
+                      f"leaves out the emergent clustering", stacklevel=2)
+        return {}
     return {w: round(float(sum(s) / len(s)), 4) for w, s in out.items()}
 
 
@@ -244,6 +249,15 @@ def _curves(run_dir: Path) -> Path | None:
         return None
 
 
+def _trained_steps(path: Path) -> int | None:
+    """The step ``train_state.json`` records; None where there is none to read (the report says ?)."""
+    try:
+        step = json.loads(path.read_text(encoding="utf-8")).get("step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
 def analyze(run_dir: str | Path, windows: int = 16, data: str | None = None, device: str = "cpu",
             dtype: str = "auto") -> Path:
     """Build ``RUN/analysis/report.html`` (and its PNGs, and ``summary.json``).
@@ -290,9 +304,8 @@ def analyze(run_dir: str | Path, windows: int = 16, data: str | None = None, dev
     summary = {"rows": [r.to_json() for r in rows], "cosines": cos, "emergent_ari": ari,
                "consistency": {f"{lv}.{j}": v for (lv, j), v in cons.items()}, "expert_usage": usage}
     ckpt.write_text(out / "summary.json", json.dumps(summary, indent=1))
-    state = ckpt.read_json(run_dir / ckpt.STATE_JSON) if (run_dir / ckpt.STATE_JSON).is_file() else {}
     page = _page(run_dir, model, rows[0].tokens, n, t, table, samples, usage, curves, heatmaps, cos, ari,
-                 len(seen), state.get("step"))
+                 len(seen), _trained_steps(run_dir / ckpt.STATE_JSON))
     report = out / "report.html"
     ckpt.write_text(report, page)
     return report

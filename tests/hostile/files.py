@@ -176,6 +176,12 @@ def _analyze_garbage_metrics(work: Path) -> str | None:
     return _report(work, run, warns="leaves out the loss curves")
 
 
+def _analyze_garbage_clusters(work: Path) -> str | None:
+    run = _copy(work, "run")
+    (run / "clusters.json").write_text('[{"step": 1, "ids": "none"}]')
+    return _report(work, run, warns="leaves out the emergent clustering")
+
+
 def _analyze_missing_metrics(work: Path) -> str | None:
     run = _copy(work, "run")
     (run / "metrics.csv").unlink()
@@ -216,5 +222,6 @@ CASES: list[Case] = [
     Case("files", "analyze a grown run", _analyze_without_metrics("grow")),
     Case("files", "analyze with metrics.csv missing", _analyze_missing_metrics),
     Case("files", "analyze with metrics.csv garbage", _analyze_garbage_metrics),
+    Case("files", "analyze with clusters.json garbage", _analyze_garbage_clusters),
     Case("files", "analyze where RUN/analysis is a file", _analysis_is_a_file),
 ]
