@@ -4,9 +4,12 @@
 under a directory, in sorted order) in pieces of about 1 MB cut after a newline, encodes
 each piece and appends its ids to ``DIR/tokens.bin`` (uint16, or uint32 for vocabularies
 over 65,536). ``DIR/manifest.json`` records the tokenizer, the dtype, the token count, the
-sha256 of the input bytes, the files, and the validation split's characters per token
-(for bits/char). Training with ``--data DIR`` memory-maps the ids: only the windows a
-batch draws are read. The split is the usual one: the first 90% of tokens train.
+sha256 of the input bytes, the files, the validation split's characters per token (for
+bits/char), and the largest id with tokens.bin's modification time. Training with
+``--data DIR`` memory-maps the ids: only the windows a batch draws are read, after one
+check that every id lies in the vocabulary (the recorded largest id while tokens.bin is
+unchanged, else one pass over it). The split is the usual one: the first 90% of tokens train.
+A symlink or hard link to a file already read is not read again.
 
 A ``bpe:N`` tokenizer is trained on the first 90% of the input bytes, streamed; ``char``
 collects its alphabet in a first pass over the input.
