@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,7 +46,8 @@ def _edit_json(path: Path, edit: Callable[[dict], None]) -> None:
     path.write_text(json.dumps(d))
 
 
-def _refused(proc, *, has: str = "", lacks: str = "", gone: Path | None = None) -> str | None:
+def _refused(proc: subprocess.CompletedProcess[str], *, has: str = "", lacks: str = "",
+             gone: Path | None = None) -> str | None:
     """``one_line_error``, and the line says ``has`` (not ``lacks``); ``gone`` was not created."""
     why = one_line_error(proc)
     if why is None and has not in proc.stderr:
