@@ -1,7 +1,7 @@
 """The 10M-parameter preset trained on a prepared multi-megabyte corpus: tokens/s and MFU.
 
-    python bench/bench_10m.py [--data PATH ...] [--mb 8] [--steps 30] [--set key=value ...]
-    python bench/bench_10m.py --set device=cuda --set dtype=bfloat16 --set compile=true --steps 300  # a GPU
+    python -m bench.bench_10m [--data PATH ...] [--mb 8] [--steps 30] [--set key=value ...]
+    python -m bench.bench_10m --set device=cuda --set dtype=bfloat16 --set compile=true --steps 300  # a GPU
 
 Without --data the corpus is the Python standard library's ``.py`` files (sorted, the
 first ``--mb`` megabytes): real multi-megabyte text that every machine has. It is
@@ -20,11 +20,9 @@ in this run:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import hashlib
-import sys
 import sysconfig
 import tempfile
 import time
@@ -33,9 +31,6 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import machine
-
 from fractalformer.cli import main as cli
 from fractalformer.config import RunConfig, build_config
 from fractalformer.data import Ids, batch_generator, training_batch
@@ -43,6 +38,7 @@ from fractalformer.models import build_model
 from fractalformer.prepare import load_prepared
 from fractalformer.train import make_optimizer
 from fractalformer.train.trainer import pick_device
+from harness import machine, script_parser
 
 
 def default_files(mb: float) -> list[str]:
@@ -89,7 +85,7 @@ def step_flops(cfg: RunConfig, device: str, autocast_dtype: torch.dtype | None, 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = script_parser(__doc__)
     ap.add_argument("--data", nargs="+", help="text files or folders (default: the stdlib's .py files)")
     ap.add_argument("--mb", type=float, default=8.0, help="megabytes of the default corpus")
     ap.add_argument("--steps", type=int, default=30)

@@ -1,6 +1,6 @@
 """Speed of the next-concept predictor against the dense reference, measured in one run.
 
-    python bench/bench_concept.py [--preset concept] [--set KEY=VALUE ...] [--dense-set KEY=VALUE ...]
+    python -m bench.bench_concept [--preset concept] [--set KEY=VALUE ...] [--dense-set KEY=VALUE ...]
                                   [--tokens 200] [--repeat 3] [--rounds 3] [--window 256] [--no-context]
                                   [--json FILE]
 
@@ -21,20 +21,16 @@ interleaved, so machine load hits all of them alike.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, timeit
-
 from fractalformer.config import build_config
 from fractalformer.models import build_model
 from fractalformer.nn.nesting import frozen_weights
+from harness import machine, script_parser, timeit
 
 
 def model_of(preset: str, sets: list[str]) -> torch.nn.Module:
@@ -61,7 +57,7 @@ def train_step(model: torch.nn.Module, batch: int, block: int) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = script_parser(__doc__)
     ap.add_argument("--preset", default="concept")
     ap.add_argument("--set", action="append", default=[], help="override a key of the concept model")
     ap.add_argument("--dense-set", action="append", default=[], help="override a key of the dense model")

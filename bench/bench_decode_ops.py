@@ -1,6 +1,6 @@
 """What an eager decode step is made of: its ops, their cost alone, and the threads.
 
-    python bench/bench_decode_ops.py [--preset default] [--rounds 3]
+    python -m bench.bench_decode_ops [--preset default] [--rounds 3]
 
 For the preset's full model decoding one token with the KV cache (inside
 ``frozen_weights``, as ``generate`` runs it): (1) the number of top-level tensor ops of one
@@ -11,22 +11,17 @@ interleaved over ``--rounds``, to see whether intra-op threads cost or help at t
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections import Counter
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_sample import per_token
-from common import machine, timeit
-
+from bench.bench_sample import per_token
 from fractalformer.config import build_config
 from fractalformer.models import build_model
 from fractalformer.nn.nesting import frozen_weights
+from harness import machine, script_parser, timeit
 
 
 def micro_us(fn) -> float:
@@ -35,7 +30,7 @@ def micro_us(fn) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = script_parser(__doc__)
     ap.add_argument("--preset", default="default")
     ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()

@@ -1,6 +1,6 @@
 """FractalFormer training-step speed, as ratios measured in one run.
 
-    python bench/bench_fractal.py [--repeat 5] [--batch 16] [--compile]
+    python -m bench.bench_fractal [--repeat 5] [--batch 16] [--compile]
 
 On the default dims (levels 3, split 2, batch 16 x 256), one step = forward, backward
 and AdamW update:
@@ -16,20 +16,14 @@ With ``--compile`` the batched step is also timed under ``torch.compile``.
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, timeit
-
 from fractalformer.config import RunConfig, build_config
 from fractalformer.models import GPT, build_model
 from fractalformer.train import make_optimizer
+from harness import machine, script_parser, timeit
 
 
 def stepper(model: torch.nn.Module, loss_fn, cfg: RunConfig):
@@ -46,7 +40,7 @@ def stepper(model: torch.nn.Module, loss_fn, cfg: RunConfig):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = script_parser(__doc__)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--compile", action="store_true")

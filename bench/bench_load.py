@@ -1,6 +1,6 @@
 """Peak memory of loading a whole run against loading one sub-model alone.
 
-    python bench/bench_load.py [RUN] [--level 2 --index 0]
+    python -m bench.bench_load [RUN] [--level 2 --index 0]
 
 Without RUN, a ``fractal-512`` run folder with untrained weights is written to a
 temporary folder (memory does not depend on training). Each load runs in a fresh
@@ -11,12 +11,13 @@ after; the figure is the difference, the memory the load itself took.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from harness import script_parser
 
 CHILD = """
 import json, sys, torch, fractalformer
@@ -56,7 +57,7 @@ def make_run(folder: Path) -> Path:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = script_parser(__doc__)
     ap.add_argument("run", nargs="?")
     ap.add_argument("--level", type=int, default=2)
     ap.add_argument("--index", type=int, default=0)

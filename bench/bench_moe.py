@@ -1,6 +1,6 @@
 """FractalMoE speed and memory against dense layers, as ratios measured in one run.
 
-    python bench/bench_moe.py [--repeat 5] [--markdown]
+    python -m bench.bench_moe [--repeat 5] [--markdown]
 
 1. One layer, forward + backward over 16 x 256 tokens at d_model 128: PEER (h 4, k 8) at
    N = 65,536 / 262,144 / 1,048,576 (dense and row-sparse table gradients), PKM, and FHME,
@@ -26,14 +26,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, timeit
-
 from fractalformer.config import build_config
 from fractalformer.models import build_model
 from fractalformer.nn import GeGLU, Nesting
 from fractalformer.nn.product_keys import PEER, PKM
 from fractalformer.train.trainer import clipped_params, make_optimizer
+from harness import machine, script_parser, timeit
 
 D, TOKENS = 128, (16, 256)
 
@@ -113,8 +111,10 @@ def steps(repeat: int) -> list[dict]:
               ["n_experts=1048576", "moe_sparse=true", "moe_layers=1"])]
     rows = []
     for name, preset, sets in cases:
-        out = subprocess.run([sys.executable, __file__, "--child", preset, *sets, "--repeat", str(repeat)],
-                             capture_output=True, text=True, check=True).stdout
+        # a fresh interpreter per case, run as this module from the repository root
+        out = subprocess.run([sys.executable, "-m", "bench.bench_moe", "--child", preset, *sets, "--repeat",
+                              str(repeat)], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).resolve().parents[1]).stdout
         rows.append({"model": name, **json.loads(out.strip().splitlines()[-1])})
     base = rows[0]["ms"]
     for r in rows:
@@ -143,7 +143,7 @@ def decode(tokens: int = 200, rounds: int = 3) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = script_parser(__doc__)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--json", help="also write the results to this file")

@@ -1,6 +1,6 @@
 """Our dense GPT against a nanoGPT-shaped reference at nanoGPT's CPU "baby" shapes.
 
-    python bench/bench_nanogpt.py [--repeat 30] [--train 2000]
+    python -m bench.bench_nanogpt [--repeat 30] [--train 2000]
 
 Shapes (nanoGPT's README, char Shakespeare on a CPU): 4 layers, 4 heads, d_model 128,
 block 64, batch 12, dropout 0. The reference below is written from that recipe, not
@@ -21,25 +21,20 @@ equal steps and the wall time each took.
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, timeit
-
 from fractalformer.config import RunConfig, build_config
 from fractalformer.data import get_batch
 from fractalformer.models import build_model
 from fractalformer.train import make_optimizer
 from fractalformer.train.trainer import prepare_data
+from harness import machine, script_parser, timeit
 
 MATCHED = ["mlp_mult=2.6875", "mlp_bias=false"]  # GeGLU 128 -> 2 x 344 -> 128: the 4x GELU MLP's size
 SHAPES = ["tokenizer=char", "vocab_size=65", "n_layer=4", "n_head=4", "n_kv_head=4", "head_dim=32",
@@ -155,7 +150,7 @@ def train_all(cfg: RunConfig, steps: int) -> dict[str, tuple[float, float]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = script_parser(__doc__)
     ap.add_argument("--repeat", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of timing (median of medians)")
     ap.add_argument("--train", type=int, default=0, help="also train the models this many steps")

@@ -1,6 +1,6 @@
 """Where the time goes: torch.profiler tables of a training step and a decode step (CPU).
 
-    python bench/bench_profile.py [--preset default] [--rows 12] [--steps 3] [--tokens 100]
+    python -m bench.bench_profile [--preset default] [--rows 12] [--steps 3] [--tokens 100]
 
 Prints markdown tables (docs/performance.md): the operators with the most self CPU time
 in (1) one all-levels training step of the preset (forward, backward, clipping, AdamW),
@@ -11,21 +11,15 @@ per step or per token. Shares, not times, are the point: they say what to fix.
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
-
-sys.path.insert(0, str(Path(__file__).parent))
-from common import machine
 
 from fractalformer.config import build_config
 from fractalformer.generate import generate
 from fractalformer.models import build_model
 from fractalformer.train import make_optimizer
+from harness import machine, script_parser
 
 
 def table(prof: profile, per: int, unit: str, rows: int) -> str:
@@ -39,7 +33,7 @@ def table(prof: profile, per: int, unit: str, rows: int) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = script_parser(__doc__)
     ap.add_argument("--preset", default="default")
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--rows", type=int, default=12)

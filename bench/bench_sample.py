@@ -1,6 +1,6 @@
 """Decoding speed at batch 1: every sub-model, with and without the KV cache.
 
-    python bench/bench_sample.py [RUN_DIR | --preset default] [--tokens 200] [--prompt-len 16]
+    python -m bench.bench_sample [RUN_DIR | --preset default] [--tokens 200] [--prompt-len 16]
 
 Without a run folder the model is randomly initialised (speed does not depend on the
 weights). For every level, sub-model ``(level, 0)`` decodes greedily, as ``sample --level L``
@@ -14,20 +14,15 @@ overhead - can be read off. Ratios are against the same run's no-cache decoding.
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-from common import machine
 
 import fractalformer
 from fractalformer.config import build_config
 from fractalformer.generate import generate
 from fractalformer.models import build_model
+from harness import machine, script_parser
 
 
 def per_token(model: torch.nn.Module, level: int, prompt: list[int], tokens: int, cache: bool,
@@ -63,7 +58,7 @@ def matmul_floor(model: torch.nn.Module, repeat: int = 200) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = script_parser(__doc__)
     ap.add_argument("run", nargs="?")
     ap.add_argument("--preset", default="default")
     ap.add_argument("--set", action="append", default=[])

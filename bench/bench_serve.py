@@ -1,6 +1,6 @@
 """Load test of ``fractalformer serve``: concurrent streaming clients on the loopback.
 
-    python bench/bench_serve.py RUN_DIR [--clients 1,4,16] [--tokens 128] [--requests 8]
+    python -m bench.bench_serve RUN_DIR [--clients 1,4,16] [--tokens 128] [--requests 8]
                                 [--sub-model 0:0] [--threads 1] [--time-limit 150]
 
 Starts the server as a subprocess on a free 127.0.0.1 port (nothing else is contacted),
@@ -25,12 +25,10 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import machine
+from harness import machine, script_parser
 
 PROMPTS = ["ROMEO:", "JULIET:\nO", "First Citizen:\nBefore we proceed", "KING HENRY", "To be",
            "MENENIUS:\nWhat", "Thou art", "O, ", "LADY MACBETH:\nOut, damned spot", "All:\nSpeak, speak.",
@@ -149,7 +147,7 @@ async def run(base: str, a: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = script_parser(__doc__)
     ap.add_argument("run")
     ap.add_argument("--clients", default="1,4,16")
     ap.add_argument("--tokens", type=int, default=128)

@@ -1,6 +1,6 @@
 """What speculative decoding would gain at a model size, from its measured costs.
 
-    python bench/bench_spec_costs.py [RUN] [--preset fractal-512] [--alpha 0.76 0.83] [--compile]
+    python -m bench.bench_spec_costs [RUN] [--preset fractal-512] [--alpha 0.76 0.83] [--compile]
 
 The speedup of speculative decoding is ``E(alpha, gamma) / (gamma * draft + verify)``
 plain steps, with ``E = (1 - alpha**(gamma + 1)) / (1 - alpha)`` tokens a round. The
@@ -16,16 +16,10 @@ gamma for each alpha.
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 from functools import partial
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-from common import machine
 
 import fractalformer
 from fractalformer.config import build_config
@@ -33,6 +27,7 @@ from fractalformer.generate import SpecStats, generate, speculate
 from fractalformer.generate.spec_policy import expected_tokens
 from fractalformer.models import build_model
 from fractalformer.nn.nesting import frozen_weights
+from harness import machine, script_parser
 
 
 def best_time(fn, repeat: int) -> float:
@@ -47,7 +42,7 @@ def best_time(fn, repeat: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = script_parser(__doc__)
     ap.add_argument("run", nargs="?")
     ap.add_argument("--preset", default="fractal-512")
     ap.add_argument("--alpha", type=float, nargs="+", default=[0.76, 0.83])

@@ -1,6 +1,6 @@
 """Speculative decoding with nested drafts vs plain KV-cache decoding, measured in one run.
 
-    python bench/bench_speculative.py RUN [--tokens 200] [--gamma 4] [--prompt TEXT ...] [--repeat 3]
+    python -m bench.bench_speculative RUN [--tokens 200] [--gamma 4] [--prompt TEXT ...] [--repeat 3]
 
 For a trained FractalFormer run: plain greedy decoding of the full model (the baseline),
 then speculative greedy decoding with a single draft at every level (index 0) and with
@@ -16,26 +16,21 @@ as Markdown for the docs.
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-from common import machine
 
 import fractalformer
 from fractalformer.generate import SpecStats, generate, speculate
 from fractalformer.generate.spec_policy import forget_costs
 from fractalformer.nn.nesting import frozen_weights
+from harness import machine, script_parser
 
 PROMPTS = ["KING RICHARD III:\n", "ROMEO:\nO, ", "First Citizen:\nWe are"]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = script_parser(__doc__)
     ap.add_argument("run")
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--gamma", type=int, default=4)

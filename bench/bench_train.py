@@ -1,6 +1,6 @@
 """Training throughput (tokens/s) of a config, eager and optionally torch.compile.
 
-    python bench/bench_train.py [--preset default] [--set key=value ...] [--steps 10] [--compile] [--bf16]
+    python -m bench.bench_train [--preset default] [--set key=value ...] [--steps 10] [--compile] [--bf16]
 
 Prints the machine, then tokens/s per variant (fp32 eager; torch.compile; bf16 autocast,
 which on CPU needs native bf16 matmuls such as AVX512-BF16 or AMX to pay) and its ratio
@@ -9,23 +9,18 @@ to the first (eager) one, all measured in this run.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import sys
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, timeit
 
 from fractalformer.config import build_config
 from fractalformer.models import build_model
 from fractalformer.train import make_optimizer
+from harness import machine, script_parser, timeit
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = script_parser(__doc__)
     ap.add_argument("--preset", default="default")
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--steps", type=int, default=10)

@@ -1,20 +1,36 @@
-"""FractalFormer: self-similar (nested) transformers in PyTorch."""
+"""FractalFormer: self-similar (nested) transformers in PyTorch.
+
+The names backed by torch or numpy are imported on first use, so ``fractalformer --help``
+and ``--version`` answer without loading torch.
+"""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .config import ModelConfig, RunConfig, TrainConfig
 from .errors import FractalError
-from .memory import check_weights_file
-from .models import GPT, build_model
-from .tokenizers import Tokenizer, get_tokenizer
+
+if TYPE_CHECKING:
+    import torch
+
+    from .models import GPT, build_model
+    from .tokenizers import Tokenizer, get_tokenizer
 
 __all__ = ["GPT", "FractalError", "ModelConfig", "RunConfig", "Tokenizer", "TrainConfig",
-           "get_tokenizer", "load"]
+           "build_model", "get_tokenizer", "load"]
 __version__ = "0.1.0"
+
+_LAZY = {"GPT": "models", "build_model": "models", "Tokenizer": "tokenizers", "get_tokenizer": "tokenizers"}
+
+
+def __getattr__(name: str) -> Any:
+    """``GPT``, ``build_model``, ``Tokenizer`` and ``get_tokenizer``, imported when first asked for."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load(run_dir: str | Path, device: str | torch.device = "cpu", level: int | None = None,
@@ -26,7 +42,11 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu", level: int | N
     The returned model carries ``.config`` (its ModelConfig), ``.run_config`` (model and
     training config) and ``.tokenizer``.
     """
+    import torch
+
     from . import checkpoint as ckpt
+    from .memory import check_weights_file
+    from .models import GPT, build_model
 
     cfg, tok = ckpt.load_run_config(Path(run_dir))
     if (level is None) != (index is None):

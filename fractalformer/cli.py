@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import sys
 import time
 import warnings
@@ -22,7 +23,22 @@ from .errors import FractalError
 from .tokenizers import UnknownCharacterError
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     import torch
+
+
+def _windows(s: str) -> int:
+    """``--windows``: a count of windows, or ``all`` (0: no limit)."""
+    if s == "all":
+        return 0
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of windows or 'all', got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1 window, got {v}")
+    return v
 
 
 def _positive_int(s: str) -> int:
@@ -71,8 +87,8 @@ def _parser() -> argparse.ArgumentParser:
                              "among its torchrun processes)")
     run = _Parser(add_help=False, parents=[common])
     run.add_argument("run", metavar="RUN", help="run folder written by fractalformer train")
-    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                     help="where the model runs (auto: CUDA when available)")
+    run.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
+                     help="where the model runs (auto: CUDA when available; mps: Apple GPUs)")
     run.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                      help="auto: bf16 autocast on CUDA, fp32 on CPU")
 
@@ -112,16 +128,23 @@ def _parser() -> argparse.ArgumentParser:
     e = command("eval", "validation loss and bits/char of every sub-model of a run",
                 "fractalformer eval runs/x --json", "fractalformer eval runs/x --data elsewhere/input.txt")
     e.add_argument("--json", action="store_true", help="print a JSON list of rows")
-    e.add_argument("--data", help="score this text instead of the run's own (which must be unchanged)")
+    e.add_argument("--data", help="score all of this text file instead of the run's own validation split "
+                   "(a prepared folder: its validation split)")
+    e.add_argument("--windows", type=_windows, metavar="N|all",
+                   help="score the first N windows of block_size tokens, or all (unset: with --data all; "
+                        "else the windows train scored at the end, by default as many as it trained on)")
 
     s = command("sample", "generate text from a run", 'fractalformer sample runs/x --prompt "ROMEO:"',
                 "fractalformer sample runs/x --level 2 --index 3 --temperature 0 --seed 1",
-                "fractalformer sample runs/x --level 1 --ensemble")
+                "fractalformer sample runs/x --level 1 --ensemble",
+                "fractalformer sample runs/x --prompt-file prompt.txt --num-samples 3 --seed 1")
     _sampling_args(s, temperature=True)
+    s.add_argument("--num-samples", type=_positive_int, default=1, metavar="N",
+                   help="samples to draw, one after another (with --seed S: seeds S, S+1, ...)")
     s.add_argument("--no-cache", action="store_true", help="recompute the context every token")
     s.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step: 2-3x faster per token on a CPU after a compile of "
-                        "~10-30 s, so for long samples")
+                   help="torch.compile the decode step: faster per token once compiled, but the compile "
+                        "can take minutes on a CPU (roughly 1-2 min), so it pays only for long samples")
     s.add_argument("--level", type=int, default=0, help="sub-model level (0 = the full model)")
     s.add_argument("--index", type=int, help="sub-model index within the level (unset: 0)")
     s.add_argument("--ensemble", action="store_true",
@@ -142,7 +165,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-adaptive", action="store_true", help="always draft gamma tokens")
     sp.add_argument("--confidence", type=float, default=0.0,
                     help="a draft stops a round early at a token it gives less probability (0: never)")
-    sp.add_argument("--compare", action="store_true", help="also time plain KV-cache decoding")
+    sp.add_argument("--compare", action="store_true",
+                    help="also time plain KV-cache decoding (both passes after an untimed warm-up of each)")
     sp.add_argument("--compile", action="store_true",
                     help="torch.compile drafts and target (and the --compare run): long outputs, one draft")
     sp.add_argument("--json", action="store_true", help="print the text and statistics as JSON")
@@ -216,7 +240,9 @@ def _parser() -> argparse.ArgumentParser:
     _train_on_args(gr, "grown")
 
     sv = command("serve", "HTTP API and a page for every sub-model (batched; needs the serve extra)",
-                 "fractalformer serve runs/x --port 8000", parent=common)
+                 "fractalformer serve runs/x --port 8000",
+                 "FRACTALFORMER_API_KEY=KEY fractalformer serve runs/x --host 0.0.0.0 --allow-host box.lan",
+                 parent=common)
     sv.add_argument("run", metavar="RUN", help="run folder written by fractalformer train")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on")
     sv.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
@@ -226,6 +252,12 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-tokens", type=_positive_int, default=1024, help="the most tokens one request gets")
     sv.add_argument("--max-prompt-chars", type=_positive_int, default=8192,
                     help="the longest prompt accepted, in characters")
+    sv.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                    help="a Host name requests may give besides the --host address, localhost and IP "
+                         "addresses (repeatable; '*': any; other names are refused against DNS rebinding)")
+    sv.add_argument("--api-key", metavar="KEY",
+                    help="require 'Authorization: Bearer KEY' on /v1/ (unset: FRACTALFORMER_API_KEY, else "
+                         "none); for a server reachable beyond this machine")
 
     c = command("config", "list every config key with its value in a preset and what it means",
                 "fractalformer config", "fractalformer config --preset dense", parent=common)
@@ -242,13 +274,15 @@ def _train_on_args(p: argparse.ArgumentParser, made: str) -> None:
 
 
 def _sampling_args(p: argparse.ArgumentParser, temperature: bool) -> None:
-    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    given = p.add_mutually_exclusive_group()
+    given.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    given.add_argument("--prompt-file", metavar="FILE", help="continue this UTF-8 file's text instead")
     p.add_argument("--max-new-tokens", type=_positive_int, default=200, help="tokens to generate")
     if temperature:
         p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, help="sample among the k likeliest tokens only")
     p.add_argument("--top-p", type=float, help="sample among the likeliest tokens holding this probability")
-    p.add_argument("--seed", type=int, help="seed of the sampling (unset: a fresh one)")
+    p.add_argument("--seed", type=int, help="seed of the sampling, 0 .. 2^63 - 1 (unset: a fresh one)")
     p.add_argument("--unknown", choices=("error", "replace"), default="error",
                    help="prompt characters the tokenizer lacks: error, or replace with '?' (the echo "
                         "shows what the model saw)")
@@ -330,7 +364,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     if result.final and len(result.final) == 1:
         f = result.final[0]
         print(f"validation {f.val_loss:.4f} nats/token | {f.val_bpc:.4f} bits/{f.unit} | "
-              f"{f.nats_per_char:.4f} nats/{f.unit} ({f.tokens:,} tokens)")
+              f"{f.nats_per_char:.4f} nats/{f.unit} {f.coverage}")
         if f.extra:
             print(_usage_line(f.extra))
     elif result.final:
@@ -372,18 +406,30 @@ def _precision(a: argparse.Namespace, model: torch.nn.Module) -> contextlib.Abst
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    from .evaluate import evaluate_full
+    from .data import read_text
+    from .evaluate import closing_windows, evaluate_full, text_corpus
+    from .prepare import is_prepared
     from .train.trainer import run_data
 
     model = _load(a)
     cfg = model.run_config
-    corpus = run_data(a.run, model, a.data)
+    if a.data is not None and not is_prepared(a.data):  # a text named for scoring is scored whole
+        corpus = text_corpus(read_text(a.data), model.tokenizer, cfg.train.on_unknown)
+    else:
+        corpus = run_data(a.run, model, a.data)
+    if a.windows is not None:
+        windows = a.windows
+    else:  # the run's own split as train scored it at the end; a named text in full
+        windows = closing_windows(cfg.train) if a.data is None else 0
     with _precision(a, model):
-        rows = evaluate_full(model, corpus, cfg.model.block_size, next(model.parameters()).device)
+        rows = evaluate_full(model, corpus, cfg.model.block_size, next(model.parameters()).device,
+                             windows_limit=windows)
     if a.json:
         print(json.dumps([r.to_json() for r in rows]))
         return 0
     _print_rows(rows)
+    if rows[0].tokens < rows[0].split_tokens:
+        print("(--windows all scores the whole split)")
     return 0
 
 
@@ -394,7 +440,7 @@ def _print_rows(rows: list) -> None:
     for r in rows:
         print(f"{r.level:>5} {r.index!s:>8} {r.width:>6} {r.params:>10,} {r.val_loss:>9.4f} "
               f"{r.val_bpc:>8.4f}")
-    print(f"({rows[0].tokens:,} validation tokens; loss in nats/token, bits per {unit})")
+    print(f"(loss in nats/token, bits per {unit}; {rows[0].coverage})")
     if rows[0].extra:
         print(_usage_line(rows[0].extra))
 
@@ -419,14 +465,36 @@ def _stream(model: torch.nn.Module, prompt: str, **kwargs: Any) -> None:
     sys.stdout.write("\n")
 
 
+def _prompt(a: argparse.Namespace) -> str:
+    """``--prompt``, or the text of ``--prompt-file``."""
+    if a.prompt_file is None:
+        return a.prompt
+    try:
+        return Path(a.prompt_file).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise FractalError(f"--prompt-file {a.prompt_file} is not UTF-8 text") from None
+    except OSError as e:
+        raise FractalError(f"cannot read --prompt-file {a.prompt_file}: {e.strerror}") from None
+
+
 def cmd_sample(a: argparse.Namespace) -> int:
+    from .generate.sampling import SEED_LIMIT, check_sampling
+
     if a.ensemble and a.index is not None:
         raise FractalError("--ensemble samples the whole level, --index one sub-model: give one of them")
+    if a.num_samples < 1:
+        raise FractalError("--num-samples must be at least 1")
+    check_sampling(a.temperature, a.top_k, a.top_p, a.seed)  # before the model loads
+    prompt = _prompt(a)
     model = _load(a)
     with _precision(a, model):
-        _stream(model, a.prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
-                top_p=a.top_p, seed=a.seed, on_unknown=a.unknown, use_cache=not a.no_cache, compile=a.compile,
-                level=a.level, index="ensemble" if a.ensemble else a.index or 0)
+        for i in range(a.num_samples):
+            if i:
+                print("-" * 15)
+            _stream(model, prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                    top_p=a.top_p, seed=None if a.seed is None else (a.seed + i) % SEED_LIMIT,
+                    on_unknown=a.unknown, use_cache=not a.no_cache, compile=a.compile, level=a.level,
+                    index="ensemble" if a.ensemble else a.index or 0)
     return 0
 
 
@@ -436,24 +504,38 @@ def cmd_speculate(a: argparse.Namespace) -> int:
     from .generate.speculative import check_speculation, parse_sub_model
 
     temperature = a.temperature if a.temperature is not None else 0.0
-    check_sampling(temperature, a.top_k, a.top_p)
+    check_sampling(temperature, a.top_k, a.top_p, a.seed)
+    prompt = _prompt(a)
     model = _load(a)
     tok = model.tokenizer
     drafts = [parse_sub_model(d, model) for d in a.draft]
     target = parse_sub_model(a.target, model)
-    ids = tok.encode(a.prompt, on_unknown=a.unknown)
+    ids = tok.encode(prompt, on_unknown=a.unknown)
     check_speculation(model, drafts, target, a.gamma, ids, a.confidence)  # errors before the echo
+
+    def spec(n: int, stats: SpecStats) -> Iterator[int]:
+        return speculate(model, ids, n, drafts, a.gamma, target, temperature, a.top_k, a.top_p, a.seed,
+                         adaptive=not a.no_adaptive, confidence=a.confidence, stats=stats, compile=a.compile)
+
+    def plain(n: int) -> Iterator[int]:
+        return generate(model, ids, n, temperature, a.top_k, a.top_p, a.seed, level=target[0],
+                        index=target[1], compile=a.compile)
+
     stats = SpecStats()
     decode = tok.stream_decoder()
     seen = tok.decode(ids)
     out = []
     with _precision(a, model):
+        if a.compare:  # both timed warm: a first pass pays for allocations (and compiles) alone
+            warm = min(a.max_new_tokens, 16)
+            for _ in spec(warm, SpecStats()):
+                pass
+            for _ in plain(warm):
+                pass
         t0 = time.perf_counter()
         if not a.json:
             sys.stdout.write(seen)
-        for i in speculate(model, ids, a.max_new_tokens, drafts, a.gamma, target, temperature, a.top_k,
-                           a.top_p, a.seed, adaptive=not a.no_adaptive, confidence=a.confidence, stats=stats,
-                           compile=a.compile):
+        for i in spec(a.max_new_tokens, stats):
             out.append(decode(i))
             if not a.json:
                 sys.stdout.write(out[-1])
@@ -462,8 +544,7 @@ def cmd_speculate(a: argparse.Namespace) -> int:
         report = {**stats.to_json(), "tokens_per_s": round(stats.tokens / elapsed, 1)}
         if a.compare:
             t0 = time.perf_counter()
-            n = sum(1 for _ in generate(model, ids, a.max_new_tokens, temperature, a.top_k, a.top_p, a.seed,
-                                        level=target[0], index=target[1], compile=a.compile))
+            n = sum(1 for _ in plain(a.max_new_tokens))
             report["plain_tokens_per_s"] = round(n / (time.perf_counter() - t0), 1)
             report["speedup"] = round(report["tokens_per_s"] / report["plain_tokens_per_s"], 3)
     if a.json:
@@ -596,7 +677,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if min(a.max_batch, a.queue_size, a.max_tokens, a.max_prompt_chars) < 1:
         raise FractalError("--max-batch, --queue-size, --max-tokens and --max-prompt-chars must be "
                            "at least 1")
-    serve(a.run, a.host, a.port, Limits(a.max_tokens, a.max_prompt_chars, a.max_batch, a.queue_size))
+    serve(a.run, a.host, a.port, Limits(a.max_tokens, a.max_prompt_chars, a.max_batch, a.queue_size),
+          allow_hosts=a.allow_host,
+          api_key=a.api_key if a.api_key is not None else os.environ.get("FRACTALFORMER_API_KEY") or None)
     return 0
 
 

@@ -294,7 +294,9 @@ class TrainConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False
     threads: int = 0  # CPU threads on this machine, split among its processes; 0: auto
-    final_eval: int = -1  # validation windows scored after training: -1 all (the whole split), 0 none
+    # validation windows scored after training: -1 as many as trained on (max_steps x batch_size,
+    # at most the whole split), 0 none, N the first N
+    final_eval: int = -1
     sample_tokens: int = 200  # length of the sample printed after training
     log: Literal["csv", "tensorboard"] = "csv"  # tensorboard: also scalars in RUN/tensorboard (the extra)
     groups: str = ""  # imposed token groups per width: "" none, "seed", or a JSON file
@@ -325,8 +327,8 @@ class TrainConfig:
             raise FractalError(f"seed must lie in [0, 2**31), got {self.seed}")
         _nonnegative(self, "emergent_every", "threads")
         if self.final_eval < -1:
-            raise FractalError(f"final_eval must be -1 (the whole split), 0 (none) or a number of windows, "
-                               f"got {self.final_eval}")
+            raise FractalError(f"final_eval must be -1 (as many windows as trained on), 0 (none) or a "
+                               f"number of windows, got {self.final_eval}")
         _positive(self, "cluster_eps", "cluster_min_samples")
         from .tokenizers import check_name
 
@@ -394,10 +396,8 @@ class RunConfig:
         return cfg
 
 
-# a smoke run's closing score reads the first 64 validation windows (2,048 tokens), not the whole split
 _TINY = dict(block_size=32, n_layer=2, d_model=32, n_head=4, n_kv_head=2, head_dim=8, batch_size=8,
-             max_steps=20, warmup_steps=2, eval_every=10, eval_batches=2, ckpt_every=10, sample_tokens=40,
-             final_eval=64)
+             max_steps=20, warmup_steps=2, eval_every=10, eval_batches=2, ckpt_every=10, sample_tokens=40)
 PRESETS: dict[str, dict[str, Any]] = {
     # The FractalFormer: the seed's dims, 3 levels of block nesting (1 + 2 + 4 sub-models).
     # Whole-head nesting with 4 KV heads; half the loss on the full model (the rest shared
@@ -431,7 +431,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # ablation (-0.096 bits/char against separate weights at 300 steps, 39% of the parameters).
     "concept": dict(family="concept", concept_levels=2, combo="4", combiner="linear", concept_share=True),
     # On UTF-8 bytes (no tokenizer): concepts of 4, 16 and 64 bytes; 512-byte windows, batch 8,
-    # so a step reads the dense reference's 4,096 units. Lean (session 8): 2 shared blocks for
+    # so a step reads the dense reference's 4,096 units. Lean: 2 shared blocks for
     # the bytes, the first of them for each concept level, plans added - 0.63x a dense byte
     # step's FLOPs; at equal FLOPs 2.42-2.46 bits/byte against 4-block dense byte's 2.66-2.68.
     "concept-byte": dict(family="concept", tokenizer="byte", vocab_size=256, concept_levels=3, combo="4",
@@ -441,7 +441,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": _TINY,
     "tiny-fractal": {**_TINY, "family": "fractal", "levels": 3, "n_kv_head": 4, "attn_nesting": "heads"},
     # A 10.4M-parameter FractalFormer (1 + 2 + 4 sub-models) for corpora beyond TinyShakespeare:
-    # a 4096-token byte-level BPE; bench/bench_10m.py trains it on a prepared corpus.
+    # a 4096-token byte-level BPE; python -m bench.bench_10m trains it on a prepared corpus.
     "10m": dict(family="fractal", levels=3, split=2, attn_nesting="heads", d_model=384, n_layer=4, n_head=8,
                 n_kv_head=4, head_dim=48, tokenizer="bpe:4096", vocab_size=4096, batch_size=16, lr=1e-3,
                 min_lr=1e-4, max_steps=2000, eval_every=250, ckpt_every=250),
@@ -637,13 +637,15 @@ def _toml_value(v: Any) -> str:
 
 
 def to_toml(cfg: RunConfig) -> str:
-    """``cfg`` as a TOML file that ``--config`` reads back (``data = None`` is left out)."""
+    """``cfg`` as a TOML file that ``--config`` reads back (unset keys, TOML having no null, are
+    comments saying what unset means)."""
+    unset = {"data": "the shipped TinyShakespeare", "init_from": "training starts from fresh weights"}
     out = []
     for section, part in (("model", cfg.model), ("train", cfg.train)):
         out.append(f"[{section}]")
         for f in fields(part):
             v = getattr(part, f.name)
-            out.append(f"# {f.name}: unset (the shipped TinyShakespeare)" if v is None
+            out.append(f"# {f.name}: unset ({unset.get(f.name, 'its default')})" if v is None
                        else f"{f.name} = {_toml_value(v)}")
         out.append("")
     return "\n".join(out)

@@ -91,7 +91,8 @@ KEY_HELP: dict[str, str] = {
     "compile": "torch.compile the model (needs a C++ toolchain on CPU)",
     "threads": "CPU threads for this machine, divided among torchrun processes (0: OMP_NUM_THREADS, "
                "else every core)",
-    "final_eval": "validation windows scored after training: -1 the whole split, 0 none, N the first N",
+    "final_eval": "validation windows scored after training (and by eval): -1 as many as trained on "
+                  "(max_steps x batch_size, at most the whole split), 0 none, N the first N",
     "grad_accum": "micro-batches per optimizer step (batch_size / grad_accum rows each): less memory, "
                   "the same gradient",
     "sync_every": "steps between reading the losses back to the host (a GPU runs ahead meanwhile); "

@@ -5,6 +5,9 @@ tokenizers: ``bpc = loss_per_token / ln 2 * tokens_per_char`` on the same text.
 
 A level with several sub-models is also scored as an "all experts at once" ensemble:
 the mean of its sub-models' log-probabilities, renormalised (a product of experts).
+
+The closing score of ``train`` and the default of ``eval`` read the same windows
+(:func:`closing_windows`), so the two commands print the same figures for a run.
 """
 
 from __future__ import annotations
@@ -13,12 +16,16 @@ import contextlib
 import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .data import Corpus, batch_generator, get_batch, sequential_windows
+from .config import TrainConfig
+from .data import Corpus, batch_generator, encode_cached, get_batch, sequential_windows, text_sha256
+from .errors import FractalError
 from .nn.nesting import frozen_weights
+from .tokenizers import Tokenizer
 
 Key = tuple[int, int | str]  # (level, index) or (level, "ensemble")
 
@@ -34,10 +41,18 @@ class EvalRow:
     tokens: int
     unit: str = "char"
     extra: dict | None = None  # family moe: expert usage figures of the validation pass
+    split_tokens: int = 0  # targets in the whole validation split (``tokens`` may be fewer)
 
     @property
     def nats_per_char(self) -> float:
         return self.val_bpc * math.log(2)
+
+    @property
+    def coverage(self) -> str:
+        """What the figures were computed over, said next to them: a part or the whole split."""
+        if self.tokens < self.split_tokens:
+            return f"over the first {self.tokens:,} of {self.split_tokens:,} validation tokens"
+        return f"over all {self.tokens:,} validation tokens"
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -47,6 +62,27 @@ class EvalRow:
 
 def to_bpc(loss: float, units_per_token: float) -> float:
     return loss / math.log(2) / units_per_token
+
+
+def closing_windows(train: TrainConfig) -> int:
+    """Validation windows a run is scored on when it ends (and by ``eval`` unless told).
+
+    ``final_eval`` N > 0: the first N. Otherwise as many as the run trained on
+    (``max_steps * batch_size``, the whole split when that is more): a forward pass costs
+    about a third of a training step, so a short run's score stays cheaper than its training
+    while a real run's covers the whole split.
+    """
+    return train.final_eval if train.final_eval > 0 else train.max_steps * train.batch_size
+
+
+def text_corpus(text: str, tok: Tokenizer, on_unknown: str = "error") -> Corpus:
+    """All of ``text`` as the validation split (and no training split): what ``eval --data``
+    scores, since a file named for scoring is not the tail of a training text."""
+    ids = torch.from_numpy(encode_cached(text, tok, on_unknown).astype(np.int64))
+    if len(ids) < 2:
+        raise FractalError(f"the text has {len(ids)} token(s); scoring needs at least 2")
+    units = tok.units(tok.decode(ids.tolist()))
+    return Corpus(ids[:0], ids, units / len(ids), tok.unit, text_sha256(text))
 
 
 def fixed_val_batches(corpus: Corpus, n: int, batch_size: int, block_size: int,
@@ -119,17 +155,24 @@ def evaluate_full(model: torch.nn.Module, corpus: Corpus, block_size: int,
     for (lv, j), loss in sorted(losses.items(), key=lambda kv: (kv[0][0], isinstance(kv[0][1], str))):
         cfg = model.sub_model_config(lv)
         params = sub_model_params(model, lv) * (model.nest.count(lv) if j == "ensemble" else 1)
-        rows.append(EvalRow(lv, j, cfg.d_model, params, loss,
-                            to_bpc(loss, corpus.val_units_per_token), n, corpus.unit))
+        rows.append(EvalRow(lv, j, cfg.d_model, params, loss, to_bpc(loss, corpus.val_units_per_token),
+                            n, corpus.unit, split_tokens=len(corpus.val) - 1))
     if usage is not None:
         rows[0].extra = usage.summary()
     return rows
 
 
 def sub_model_params(model: torch.nn.Module, level: int) -> int:
-    """Parameters one sub-model of ``level`` owns (the whole model at level 0)."""
-    if level == 0 or model.body_levels() == [0]:  # MRL: every size reads the whole body
+    """Parameters one sub-model of ``level`` uses (the whole model at level 0).
+
+    An MRL size reads the whole body, the full tied embedding included (it embeds the
+    input), and only its prefix of the final norm's scale: so it uses every parameter but
+    the ``d - d_l`` scale entries past its width.
+    """
+    if level == 0:
         return model.num_params()
+    if model.body_levels() == [0]:
+        return model.num_params() - (model.config.d_model - model.level_width(level))
     return sum(model.nest.take(p, level, mod.nest_dims[name])[0].numel()
                for mod in model.modules() if hasattr(mod, "nest_dims")
                for name, p in mod.named_parameters(recurse=False))

@@ -44,8 +44,8 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def excerpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shipped text's first 30,000 characters (shared, read-only): training on it, or
-    scoring it with ``--data``, reads a whole validation split in a fraction of the time."""
+    """The shipped text's first 30,000 characters (shared, read-only): a short text to train
+    on, or to score with ``--data`` (all of it, or its first windows with ``--windows``)."""
     path = tmp_path_factory.mktemp("excerpt") / "excerpt.txt"
     path.write_text(read_text(None)[:30_000], encoding="utf-8")
     return path

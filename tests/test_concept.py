@@ -45,7 +45,8 @@ def tiny(sets: list[str], seed: int = 0) -> ConceptGPT:
     """A tiny concept model whose read path is open (read_scale 1), so that every causality
     test exercises it: the default closed gate would hide a leak until training opens it."""
     torch.manual_seed(seed)
-    model = build_model(build_config("tiny", None, ["family=concept", "concept_read_init=1", *sets]).model)
+    model = build_model(build_config("tiny", None, ["family=concept", "concept_read_init=1", "dropout=0",
+                                                    *sets]).model)
     assert isinstance(model, ConceptGPT)
     return model
 
@@ -57,10 +58,22 @@ def leaky_plan_of(self: ConceptGPT, pos: torch.Tensor, level: int) -> torch.Tens
     return torch.clamp(pos // c + 1, max=int(pos[-1]) // c)
 
 
+def boundary_plan_of(self: ConceptGPT, pos: torch.Tensor, level: int) -> torch.Tensor:
+    """An off-by-one at concept boundaries: the unit one before a concept's last reads the plan
+    the concept's completion makes, so it sees one future unit, at one position per concept."""
+    c = self.combo[level]
+    early = (pos % c == c - 2).long()
+    return torch.clamp(pos // c + early, max=int(pos[-1]) // c)
+
+
+LEAKS = {"next concept": leaky_plan_of, "boundary": boundary_plan_of}
+MODES = ["eval", "train"]  # train mode with dropout off: what differs is the training path itself
+
+
 @torch.no_grad()
-def perturbation_leak(model: ConceptGPT, t_len: int = 30) -> float:
+def perturbation_leak(model: ConceptGPT, t_len: int = 30, mode: str = "eval") -> float:
     """Largest change of the logits at positions <= t when only tokens after t change."""
-    model.eval()
+    model.train(mode == "train")
     gen = torch.Generator().manual_seed(1)
     x = torch.randint(0, model.config.vocab_size, (2, t_len), generator=gen)
     base = model.run(x, [0])[0][0]
@@ -72,11 +85,12 @@ def perturbation_leak(model: ConceptGPT, t_len: int = 30) -> float:
     return worst
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", CONFIGS)
-def test_perturbing_the_future_leaves_the_past_unchanged(name: str) -> None:
+def test_perturbing_the_future_leaves_the_past_unchanged(name: str, mode: str) -> None:
     model = tiny(CONFIGS[name])
     # 30 tokens: not a multiple of any group size, so a trailing incomplete concept is included
-    assert perturbation_leak(model) == 0.0
+    assert perturbation_leak(model, mode=mode) == 0.0
     x = torch.randint(0, 128, (1, 30))
     y = x.clone()
     y[0, 9] = (y[0, 9] + 1) % 128  # the present and past do change what comes after
@@ -84,9 +98,9 @@ def test_perturbing_the_future_leaves_the_past_unchanged(name: str) -> None:
     assert torch.equal(a[:9], b[:9]) and not torch.allclose(a[9:], b[9:])
 
 
-def jacobian(model: ConceptGPT, t_len: int) -> torch.Tensor:
+def jacobian(model: ConceptGPT, t_len: int, mode: str = "eval") -> torch.Tensor:
     """J[t, s] = |d (random projection of logits at t) / d (embedding at s)|, summed."""
-    model.eval()
+    model.train(mode == "train")
     emb: list[torch.Tensor] = []
 
     def keep(_: torch.nn.Module, __: tuple, out: torch.Tensor) -> torch.Tensor:
@@ -106,18 +120,22 @@ def jacobian(model: ConceptGPT, t_len: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", CONFIGS)
-def test_jacobian_is_lower_triangular(name: str) -> None:
-    j = jacobian(tiny(CONFIGS[name]), 26)
+def test_jacobian_is_lower_triangular(name: str, mode: str) -> None:
+    j = jacobian(tiny(CONFIGS[name]), 26, mode)
     assert float(j.triu(1).abs().max()) == 0.0  # no output depends on a later input
     assert bool((j.diagonal() > 0).all())  # and every output depends on its own input
 
 
-@pytest.mark.parametrize("name", ["cross", "token_window"])
-def test_the_causality_tests_catch_a_one_concept_leak(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
-    monkeypatch.setattr(ConceptGPT, "plan_of", leaky_plan_of)
-    assert perturbation_leak(tiny(CONFIGS[name]), 30) > 1e-4
-    assert float(jacobian(tiny(CONFIGS[name]), 26).triu(1).abs().max()) > 0
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("leak", LEAKS)
+@pytest.mark.parametrize("name", ["cross", "add", "token_window"])
+def test_the_causality_tests_catch_a_one_concept_leak(monkeypatch: pytest.MonkeyPatch, name: str, leak: str,
+                                                      mode: str) -> None:
+    monkeypatch.setattr(ConceptGPT, "plan_of", LEAKS[leak])
+    assert perturbation_leak(tiny(CONFIGS[name]), 30, mode) > 1e-4
+    assert float(jacobian(tiny(CONFIGS[name]), 26, mode).triu(1).abs().max()) > 0
 
 
 def test_a_token_window_is_a_band_that_concepts_reach_past() -> None:
@@ -294,7 +312,7 @@ def concept_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.slow
 def test_cli_train_eval_sample_analyze_load(concept_run: Path, excerpt: Path, tmp_path: Path,
                                            capsys: pytest.CaptureFixture) -> None:
-    code, stdout, _ = run_cli(capsys, "eval", concept_run, "--json", "--data", excerpt)
+    code, stdout, _ = run_cli(capsys, "eval", concept_run, "--json", "--data", excerpt, "--windows", "64")
     row = json.loads(stdout)[0]
     assert code == 0 and row["val_loss"] < math.log(128) and row["val_bpc"] > 0
     code, stdout, _ = run_cli(capsys, "sample", concept_run, "--max-new-tokens", "40", "--seed", "1",
@@ -356,8 +374,9 @@ def test_cli_grow_keeps_the_loss_and_trains_on(concept_run: Path, tiny_run: Path
     out = tmp_path / "grown"
     code, stdout, _ = run_cli(capsys, "grow", concept_run, "--combo", "2", "--out", out)
     assert code == 0 and "3 concept levels" in stdout
-    before = json.loads(run_cli(capsys, "eval", concept_run, "--json", "--data", excerpt)[1])[0]
-    after = json.loads(run_cli(capsys, "eval", out, "--json", "--data", excerpt)[1])[0]
+    scored = ["--json", "--data", excerpt, "--windows", "64"]
+    before = json.loads(run_cli(capsys, "eval", concept_run, *scored)[1])[0]
+    after = json.loads(run_cli(capsys, "eval", out, *scored)[1])[0]
     assert after["val_loss"] == before["val_loss"] and after["params"] > before["params"]
     code, _, _ = run_cli(capsys, "train", "--out", out, "--resume", "--quiet", "--max-steps", "3")
     assert code == 0 and fractalformer.load(out).config.concept_levels == 3

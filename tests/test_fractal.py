@@ -73,6 +73,24 @@ def test_extraction_parity(name: str) -> None:
             torch.testing.assert_close(sub(x)[0], ref[j], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["fractal", "matformer", "mrl"])
+def test_parameter_count_is_what_a_sub_model_reads(name: str) -> None:
+    """The parameter entries sub-model (lv, 0)'s logits depend on (nonzero gradient, with every
+    token in the input) are as many as the tables list for it: an MRL size reads the whole
+    body but not the final norm's scale past its width."""
+    m = make(name)
+    torch.manual_seed(1)
+    x = torch.cat([torch.randperm(40), torch.randint(0, 40, (8,))]).view(3, 16)  # every token id
+    counts = []
+    for lv in range(m.nest.levels):
+        m.zero_grad(set_to_none=True)
+        m.run(x, m.needed_levels(lv))[lv][0].pow(2).sum().backward()
+        used = sum(int((p.grad != 0).sum()) for p in m.parameters() if p.grad is not None)
+        assert used == sub_model_params(m, lv), lv
+        counts.append(used)
+    assert counts == sorted(counts, reverse=True) and len(set(counts)) == len(counts)
+
+
 def test_extractable_levels_under_residuals() -> None:
     assert [make("upstream").extractable(lv) for lv in range(3)] == [False, False, True]
     assert [make("downstream").extractable(lv) for lv in range(3)] == [True, False, False]
@@ -184,7 +202,7 @@ def test_every_sub_model_learns(fractal_run: Path) -> None:
 
 @pytest.mark.slow
 def test_fractal_cli_eval_sample_extract(capsys, fractal_run: Path, excerpt: Path, tmp_path: Path) -> None:
-    code, out, _ = run_cli(capsys, "eval", fractal_run, "--json", "--data", excerpt)
+    code, out, _ = run_cli(capsys, "eval", fractal_run, "--json", "--data", excerpt, "--windows", "64")
     rows = json.loads(out)
     assert code == 0
     assert [(r["level"], r["index"]) for r in rows] == [
@@ -210,7 +228,7 @@ def test_fractal_cli_eval_sample_extract(capsys, fractal_run: Path, excerpt: Pat
     full = fractalformer.load(fractal_run)
     x = torch.randint(0, 128, (2, 32))
     torch.testing.assert_close(sub(x)[0], full.run(x, [2])[2][1], rtol=1e-5, atol=1e-5)
-    code, out, _ = run_cli(capsys, "eval", sub_dir, "--json", "--data", excerpt)
+    code, out, _ = run_cli(capsys, "eval", sub_dir, "--json", "--data", excerpt, "--windows", "64")
     in_fractal = next(r for r in rows if (r["level"], r["index"]) == (2, 1))
     assert json.loads(out)[0]["val_loss"] == pytest.approx(in_fractal["val_loss"], abs=1e-5)
     # an extracted run trains further

@@ -11,8 +11,9 @@ import torch
 
 from fractalformer.config import build_config
 from fractalformer.models import build_model
+from fractalformer.models import moe as moe_module
 from fractalformer.models.moe import FHME, usage_summary
-from fractalformer.nn.product_keys import PEER, PKM, ProductKeys, _Experts, _Read
+from fractalformer.nn.product_keys import PEER, PKM, ProductKeys, _Experts, _Read, experts
 from fractalformer.train.trainer import make_optimizer
 
 from .conftest import (
@@ -169,6 +170,32 @@ def test_halted_tokens_skip_deeper_sub_blocks_and_are_counted() -> None:
     assert deep.counts == [40, 160] and math.isclose(float(deep.ponder.detach()), 1.25, abs_tol=1e-3)
 
 
+def test_compute_saved_counts_the_sub_blocks_that_ran(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The summary's depth and saving against the rows every sub-block was actually applied to,
+    counted where the sub-blocks run (not from the summary's own formula)."""
+    depth, layers = 4, [0, 1]
+    model = tiny_model("fhme", fhme_depth=depth, moe_layers="0,1").eval()
+    with torch.no_grad():  # halting that stops some tokens early and lets others go deep
+        for layer in model.sparse_layers().values():
+            layer.halt.weight.normal_(0, 3.0)
+            layer.halt.bias.zero_()
+    applied: list[int] = []
+
+    def counted(h: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        applied.append(h.shape[0])
+        return experts(h, *args, **kwargs)
+
+    monkeypatch.setattr(moe_module, "experts", counted)
+    x = torch.randint(0, 128, (2, 24))
+    with torch.no_grad(), model.track_usage() as usage:
+        model.run(x, [0])
+    summary, work = usage.summary(), len(layers) * x.numel() * depth
+    assert len(layers) <= len(applied) <= len(layers) * depth and sum(applied) < work
+    assert summary["compute_saved"] == pytest.approx(1 - sum(applied) / work)
+    assert summary["mean_depth"] == pytest.approx(sum(applied) / (len(layers) * x.numel()))
+    assert 0 < summary["compute_saved"] < 1 - 1 / depth
+
+
 def test_act_weights_sum_to_one() -> None:
     layer = fhme_layer(-0.5, 1.0)
     x = torch.randn(30, 32)
@@ -252,7 +279,7 @@ def test_cli_train_eval_sample_and_usage(fhme_run: Path, excerpt: Path, tmp_path
     out = fhme_run
     usage = json.loads((out / "expert_usage.json").read_text())
     assert 0 < usage["expert_usage"] <= 1 and 1 <= usage["mean_depth"] <= 3
-    code, stdout, _ = run_cli(capsys, "eval", out, "--json", "--data", excerpt)
+    code, stdout, _ = run_cli(capsys, "eval", out, "--json", "--data", excerpt, "--windows", "64")
     row = json.loads(stdout)[0]
     for key in ("expert_usage", "expert_kl", "dead_experts", "mean_depth", "compute_saved"):
         assert key in row
@@ -261,7 +288,7 @@ def test_cli_train_eval_sample_and_usage(fhme_run: Path, excerpt: Path, tmp_path
     assert code == 0 and len(stdout) > 5
     code, _, err = run_cli(capsys, "extract", out, "--level", "0", "--index", "0", "--out", tmp_path / "x")
     assert code == 2 and "not nested" in err
-    code, stdout, _ = run_cli(capsys, "eval", out, "--data", excerpt)
+    code, stdout, _ = run_cli(capsys, "eval", out, "--data", excerpt, "--windows", "64")
     assert code == 0 and "experts:" in stdout and "mean depth" in stdout
 
 

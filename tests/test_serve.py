@@ -1,13 +1,17 @@
 """`fractalformer serve`: batched decoding equals solo decoding, the HTTP API (SSE format,
-bad requests, a full queue, a client that goes away), the CLI's errors, and the page in
-a real headless browser."""
+bad requests, a full queue, clients that go away, the Host / Content-Type / API key guard,
+the sliding window, chat completions), the CLI's errors and URL, and the page in a real
+headless browser."""
 
 from __future__ import annotations
 
 import csv
 import json
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,14 +21,18 @@ import httpx
 import pytest
 import torch
 import uvicorn
+from fastapi.testclient import TestClient
 
 import fractalformer
 from fractalformer.checkpoint import save_model, save_run_config
 from fractalformer.cli import main
 from fractalformer.config import build_config
-from fractalformer.generate import generate
+from fractalformer.errors import FractalError
+from fractalformer.generate import generate, probabilities, sample_next
+from fractalformer.generate.speculative import parse_sub_model
 from fractalformer.models import build_model
 from fractalformer.serve import Batcher, Job, Limits, create_app, model_cards
+from fractalformer.serve.app import allowed_hosts, chat_prompt
 from fractalformer.serve.batcher import Finished, Token
 from fractalformer.tokenizers import get_tokenizer
 
@@ -245,11 +253,13 @@ BAD = [
     ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "greater than or equal to 1"),
     ({"prompt": "x", "max_tokens": 41}, 400, "max_tokens", "at most 40"),
     ({"prompt": "x" * 101}, 400, "prompt", "at most 100"),
-    ({"prompt": "ROMEO: " * 9, "max_tokens": 40}, 400, "max_tokens", "context of 64"),
     ({"prompt": "x", "temperature": -0.5}, 400, "temperature", "greater than or equal to 0"),
     ({"prompt": "x", "temperature": "hot"}, 400, "temperature", "valid number"),
     ({"prompt": "x", "top_p": 0}, 400, "top_p", "greater than 0"),
     ({"prompt": "x", "seed": -1}, 400, "seed", "greater than or equal to 0"),
+    ({"prompt": "x", "seed": 2**64}, 400, "seed", "less than 9223372036854775808"),
+    ({"prompt": "x", "sub_model": "\u00b2:ensemble"}, 400, "sub_model", "LEVEL:INDEX"),
+    ({"prompt": "x", "sub_model": "9" * 4000 + ":0"}, 400, "sub_model", "LEVEL:INDEX"),
     ({"prompt": "x", "n": 2}, 400, "n", "unknown field"),
     ({"prompt": ["x", "y"]}, 400, "prompt", "valid string"),
     ({"prompt": "caf\u00e9"}, 400, "prompt", "U+00E9"),
@@ -385,6 +395,7 @@ def test_page_streams_a_completion_in_a_browser(api, model, tmp_path: Path) -> N
         browser.get(str(client.base_url))
         wait = WebDriverWait(browser, 30)
         wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1")
+        assert browser.find_element(By.ID, "max_tokens").get_attribute("value") == "40"  # min(128, 64, 40)
         assert "7 sub-models" in browser.find_element(By.ID, "info").text
 
         def fill(field: str, value: str) -> None:
@@ -419,3 +430,232 @@ def test_page_streams_a_completion_in_a_browser(api, model, tmp_path: Path) -> N
         assert browser.save_screenshot(str(png)) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     finally:
         browser.quit()
+
+
+# -- hardening: overflow, parsing, seeds, guards, context, chat -------------------------------------
+def test_tiny_temperature_and_top_p_sample_without_overflow(api, model) -> None:
+    logits = torch.tensor([[1.0, 3.0, 2.0, -1.0]])
+    for t, p in ((1e-300, None), (5e-324, None), (1.0, 1e-46), (1e-30, 1e-46), (0.7, 5e-324)):
+        probs = probabilities(logits, t, None, p)
+        assert torch.isfinite(probs).all(), (t, p)
+        assert int(sample_next(logits, t, None, p)) == 1  # the argmax: greedy, or the only token kept
+    client, _ = api
+    greedy = client.post("/v1/completions", json={"prompt": "O", "max_tokens": 6, "temperature": 0}).json()
+    for extra in ({"temperature": 1e-300}, {"top_p": 1e-46}, {"temperature": 1e-300, "top_p": 1e-46}):
+        r = client.post("/v1/completions", json={"prompt": "O", "max_tokens": 6, **extra})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["tokens"] == greedy["choices"][0]["tokens"]
+    spec = {"drafts": ["2:0"], "gamma": 2}
+    r = client.post("/v1/completions", json={"prompt": "O", "max_tokens": 6, "temperature": 1e-300,
+                                             "speculate": spec})
+    assert r.status_code == 200 and r.json()["choices"][0]["tokens"] == greedy["choices"][0]["tokens"]
+
+
+@pytest.mark.parametrize("spec", ["\u00b2:ensemble", "1:\u00b2", "\u0661:0", "9" * 5000 + ":0", "01:0",
+                                  " 1:0", "1:0 ", "1:+0", "1:ensemble:0", "1", ":0", "-1:0"])
+def test_sub_model_specs_are_parsed_strictly(model, spec: str) -> None:
+    with pytest.raises(FractalError, match="LEVEL:INDEX") as e:
+        parse_sub_model(spec, model, ensemble=True)
+    assert len(str(e.value)) < 200
+    assert parse_sub_model("2:ensemble", model, ensemble=True) == (2, "ensemble")
+    with pytest.raises(FractalError, match="LEVEL:INDEX"):
+        parse_sub_model("2:ensemble", model)  # a draft or target is one sub-model
+    with pytest.raises(FractalError, match="out of range"):
+        parse_sub_model("123456:0", model)
+
+
+def test_seeds_must_lie_below_2_63(capsys, api, random_run: Path) -> None:
+    client, _ = api
+    for seed in (2**63, 18446744073709551616, -1):
+        r = client.post("/v1/completions", json={"prompt": "O", "max_tokens": 2, "seed": seed})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "seed"
+        for cmd in ("sample", "speculate"):
+            extra = ["--draft", "2:0"] if cmd == "speculate" else []
+            code, _, err = run_cli(capsys, cmd, random_run, *extra, "--seed", seed, "--max-new-tokens", 2)
+            assert code == 2 and err.strip() == f"error: seed must lie in 0 .. 2^63 - 1, got {seed}"
+    r = client.post("/v1/completions", json={"prompt": "O", "max_tokens": 2, "seed": 2**63 - 1})
+    assert r.status_code == 200
+
+
+def test_queued_non_streaming_client_that_leaves_is_dropped(model, random_run) -> None:
+    """The scheduler is held inside another job while a plain (non-streaming) request
+    waits in the queue; its client closes the connection; released, the scheduler drops it
+    without decoding a token of it."""
+    batcher = Batcher(model, max_batch=1, queue_size=4)
+    held, release = threading.Event(), threading.Event()
+
+    def hold(ev: object) -> None:
+        if not held.is_set():
+            held.set()
+            assert release.wait(20)
+
+    batcher.start()
+    try:
+        with live(model, random_run, batcher) as base:
+            batcher.submit(Job(model.tokenizer.encode("O"), 3, (0, 0), hold))
+            assert held.wait(20)
+            port = int(base.rsplit(":", 1)[1])
+            body = json.dumps({"prompt": "O", "max_tokens": 30}).encode()
+            with socket.create_connection(("127.0.0.1", port)) as conn:
+                conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                             b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                until(lambda: batcher.pending.qsize() == 1)
+                queued = batcher.pending.queue[0]
+            until(queued.cancelled.is_set)  # the server saw the client go while the job waited
+            release.set()
+            until(lambda: batcher.counts["cancelled"] == 1 and batcher.status()["active"] == 0)
+            assert batcher.counts["completed"] == 1  # the held job only
+    finally:
+        release.set()
+        batcher.stop()
+
+
+def test_seeded_adaptive_speculation_is_reproducible(api) -> None:
+    client, _ = api
+    body = {"prompt": "To be", "max_tokens": 30, "temperature": 0.9, "seed": 11,
+            "speculate": {"drafts": ["2:1"], "gamma": 3}}
+    first, second = (client.post("/v1/completions", json=body).json() for _ in range(2))
+    assert first["choices"][0]["tokens"] == second["choices"][0]["tokens"]
+    assert first["stats"]["speculative"]["rounds"] > 0  # it did draft
+
+
+def guarded(model: torch.nn.Module, run: Path, batcher: Batcher, api_key: str | None = None,
+            extra: tuple[str, ...] = ()) -> TestClient:
+    app = create_app(model, batcher, run.name, Limits(), model_cards(model, run),
+                     allowed_hosts("127.0.0.1", extra), api_key)
+    return TestClient(app, base_url="http://127.0.0.1:8000")
+
+
+def test_guard_refuses_foreign_hosts_other_content_types_and_missing_keys(model, random_run) -> None:
+    batcher = Batcher(model)
+    batcher.start()
+    try:
+        client = guarded(model, random_run, batcher)
+        ok = {"prompt": "O", "max_tokens": 2}
+        assert client.post("/v1/completions", json=ok).status_code == 200
+        for host in ("localhost:8000", "127.0.0.1", "[::1]:8000", "10.1.2.3:8000"):
+            assert client.get("/v1/models", headers={"host": host}).status_code == 200, host
+        for host in ("evil.example:8000", "evil.example", "127.0.0.1.nip.io:8000", ""):
+            r = client.get("/v1/models", headers={"host": host})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "host_not_allowed", host
+        assert guarded(model, random_run, batcher, extra=("box.lan",)).get(
+            "/", headers={"host": "box.lan:8000"}).status_code == 200
+        assert guarded(model, random_run, batcher, extra=("*",)).get(
+            "/", headers={"host": "any.example"}).status_code == 200
+        for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
+                      None):
+            headers = {"content-type": ctype} if ctype else {}
+            r = client.post("/v1/completions", content=json.dumps(ok), headers=headers)
+            assert r.status_code == 415 and "application/json" in r.json()["error"]["message"], ctype
+        r = client.post("/v1/completions", content=json.dumps(ok),
+                        headers={"content-type": "application/json; charset=utf-8"})
+        assert r.status_code == 200
+        keyed = guarded(model, random_run, batcher, api_key="s3cret")
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret"}):
+            r = keyed.post("/v1/completions", json=ok, headers=headers)
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+            assert keyed.get("/v1/models", headers=headers).status_code == 401
+        good = {"authorization": "Bearer s3cret"}
+        assert keyed.post("/v1/completions", json=ok, headers=good).status_code == 200
+        assert keyed.get("/v1/models", headers=good).json()["api_key"] is True
+        assert keyed.get("/").status_code == 200  # the page asks for the key itself
+    finally:
+        batcher.stop()
+
+
+def test_serve_prints_where_it_listens(random_run: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "fractalformer", "serve", str(random_run), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline().strip()
+        assert line.startswith("serving http://127.0.0.1:") and line.endswith("/"), line
+        port = int(line.rsplit(":", 1)[1].rstrip("/"))
+        assert port > 0
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).json()["run"] == "random"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+
+
+def test_max_tokens_beyond_the_context_slides_the_window_like_sample(api, model) -> None:
+    """Requests outgrowing the 64-token context leave the batch and slide, as generate()
+    does, beside rows still inside it (batched)."""
+    tok = model.tokenizer
+    specs = [("ROMEO:", 90, (0, 0)), ("O", 40, (0, 0)), ("To be, or not", 70, (2, 1)),
+             ("O", 66, (1, "ensemble"))]
+    jobs = [Job(tok.encode(p), n, t, print, temperature=0.8, seed=i) for i, (p, n, t) in enumerate(specs)]
+    batcher = Batcher(model, max_batch=4, queue_size=4)
+    events = collect(batcher, jobs)
+    while batcher.step():
+        pass
+    for job, evs in zip(jobs, events.values(), strict=True):
+        want = generate(model, job.prompt, job.max_tokens, 0.8, seed=job.seed, level=job.target[0],
+                        index=job.target[1])
+        assert tokens(evs) == list(want), job.target
+    client, _ = api
+    r = client.post("/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 40, "temperature": 0,
+                                             "sub_model": "2:1"})
+    assert r.status_code == 200
+    long = "First Citizen: " * 6  # with 40 new tokens: beyond the context of 64 tokens
+    assert len(tok.encode(long)) + 40 > 64
+    r = client.post("/v1/completions", json={"prompt": long, "max_tokens": 40, "temperature": 0})
+    assert r.status_code == 200 and r.json()["choices"][0]["tokens"] == \
+        list(generate(model, tok.encode(long), 40, 0.0))
+
+
+def test_chat_completions_are_openai_shaped(api, model) -> None:
+    client, _ = api
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who art thou?"}]
+    body = {"messages": messages, "max_tokens": 8, "temperature": 0, "sub_model": "1:0"}
+    out = client.post("/v1/chat/completions", json=body).json()
+    assert out["object"] == "chat.completion" and out["id"].startswith("chatcmpl-") and out["model"] == "1:0"
+    choice = out["choices"][0]
+    assert choice["message"]["role"] == "assistant" and choice["finish_reason"] == "length"
+    prompt = "system: Be brief.\nuser: Who art thou?\nassistant:"
+    assert chat_prompt([type("M", (), m)() for m in messages]) == prompt
+    plain = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 8, "temperature": 0,
+                                                 "sub_model": "1:0"}).json()
+    assert choice["message"]["content"] == plain["choices"][0]["text"]
+    assert out["usage"] == plain["usage"]
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        raw = r.read().decode().replace("\r\n", "\n")
+    data = [e[6:] for e in raw.split("\n\n") if e.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(d) for d in data[:-1]]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert streamed == choice["message"]["content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length" and chunks[-1]["choices"][0]["delta"] == {}
+    for bad, param in (({"messages": []}, "messages"),
+                       ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
+                       ({"messages": [{"role": "user"}]}, "messages.0.content"),
+                       ({"prompt": "x"}, "messages")):
+        r = client.post("/v1/chat/completions", json=bad)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)
+
+
+def test_sample_num_samples_prompt_file_and_device_mps(capsys, tmp_path: Path, random_run: Path) -> None:
+    args = ["--max-new-tokens", 6, "--temperature", 0.9]
+    def sample(*more: object) -> tuple[int, str, str]:
+        return run_cli(capsys, "sample", random_run, *args, *more)
+
+    code, out, _ = sample("--prompt", "O", "--seed", 3, "--num-samples", 2)
+    first, second = out.split("\n" + "-" * 15 + "\n")
+    assert code == 0 and first == sample("--prompt", "O", "--seed", 3)[1][:-1]
+    assert second == sample("--prompt", "O", "--seed", 4)[1]
+    (tmp_path / "prompt.txt").write_text("ROMEO:\nO", encoding="utf-8")
+    from_file = sample("--prompt-file", tmp_path / "prompt.txt", "--seed", 1)
+    assert from_file == sample("--prompt", "ROMEO:\nO", "--seed", 1)
+    assert from_file[1].startswith("ROMEO:\nO")
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9")
+    for bad, match in ((["--prompt-file", tmp_path / "none.txt"], "cannot read --prompt-file"),
+                       (["--prompt-file", tmp_path / "latin1.txt"], "not UTF-8"),
+                       (["--prompt-file", tmp_path / "prompt.txt", "--prompt", "x"], "not allowed with"),
+                       (["--num-samples", 0], "at least 1")):
+        code, _, err = run_cli(capsys, "sample", random_run, *bad)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and match in err, err
+    if not torch.backends.mps.is_available():
+        code, _, err = run_cli(capsys, "sample", random_run, "--device", "mps")
+        assert code == 2 and err.strip() == "error: device=mps was asked for but MPS (Apple's GPU backend) " \
+                                            "is not available"

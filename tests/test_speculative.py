@@ -227,7 +227,8 @@ def test_row_views_share_memory() -> None:
 
 @pytest.mark.parametrize("spec,match", [
     ("3:0", "level 3 is out of range"), ("2:4", "index 4 is out of range"),
-    ("2-1", "LEVEL:INDEX"), ("x", "LEVEL:INDEX"),
+    ("2-1", "LEVEL:INDEX"), ("x", "LEVEL:INDEX"), ("\u00b2:0", "LEVEL:INDEX"),
+    ("2:0" + "0" * 5000, "LEVEL:INDEX"),
 ])
 def test_bad_draft_specs(spec: str, match: str) -> None:
     with pytest.raises(FractalError, match=match):
@@ -274,3 +275,67 @@ def test_draft_stops_when_every_row_is_unsure_of_its_own_token() -> None:
     assert draft_is_unsure(q, torch.tensor([1, 1]), 0.5)  # both drew an unlikely token
     assert not draft_is_unsure(q, torch.tensor([1, 0]), 0.5)  # row 1 is sure of its own token
     assert not draft_is_unsure(q, torch.tensor([0, 1]), 0.5)
+
+
+class FakeClock:
+    """``time.perf_counter`` for the speculative module: each call advances by the next step."""
+
+    def __init__(self, steps: list[float]) -> None:
+        self.steps, self.now, self.calls = steps, 0.0, 0
+
+    def perf_counter(self) -> float:
+        self.now += self.steps[self.calls % len(self.steps)]
+        self.calls += 1
+        return self.now
+
+
+def test_seeded_adaptive_sampling_does_not_depend_on_timings(monkeypatch) -> None:
+    """Timings steer the adaptive policy; with a seed its choices (and so the text) must not
+    depend on them: two runs whose clocks disagree about every cost give the same tokens."""
+    from fractalformer.generate import speculative
+
+    m = model()
+    runs = []
+    for steps in ([0.001, 0.5, 0.02], [0.3, 0.001, 0.9, 0.05]):
+        monkeypatch.setattr(speculative, "time", FakeClock(steps))
+        stats = SpecStats()
+        runs.append((list(speculate(m, [1, 2, 3], 40, [(2, 0)], 4, temperature=1.0, seed=5, stats=stats)),
+                     stats.gammas))
+    assert runs[0] == runs[1] and runs[0][1]  # same tokens, same rounds, and it did draft
+    unseeded = []
+    for steps in ([0.001, 0.5, 0.02], [0.3, 0.001, 0.9, 0.05]):  # without a seed the clock still steers
+        monkeypatch.setattr(speculative, "time", FakeClock(steps))
+        stats = SpecStats()
+        list(speculate(m, [1, 2, 3], 40, [(2, 0)], 4, temperature=1.0, stats=stats))
+        unseeded.append(stats.gammas)
+    assert unseeded[0] != unseeded[1]
+
+
+def test_compare_times_both_passes_warm(capsys, monkeypatch, tmp_path) -> None:
+    """Each timed pass of --compare follows an untimed pass of the same kind."""
+    from fractalformer import generate as gen
+    from fractalformer.checkpoint import save_model, save_run_config
+    from fractalformer.config import build_config
+    from fractalformer.tokenizers import get_tokenizer
+
+    from .conftest import run_cli
+
+    run = tmp_path / "run"
+    cfg = build_config("tiny-fractal", None, ["block_size=32"])
+    save_run_config(run, cfg, get_tokenizer("bpe128"))
+    save_model(run, build_model(cfg.model), 0)
+    calls: list[tuple[str, int]] = []
+
+    def spy(name: str, fn):
+        def wrapped(model, prompt, n, *args, **kw):
+            calls.append((name, n))
+            return fn(model, prompt, n, *args, **kw)
+        return wrapped
+
+    monkeypatch.setattr(gen, "speculate", spy("speculate", gen.speculate))
+    monkeypatch.setattr(gen, "generate", spy("generate", gen.generate))
+    code, out, err = run_cli(capsys, "speculate", run, "--draft", "2:0", "--max-new-tokens", 40, "--compare",
+                             "--json")
+    assert code == 0, err
+    assert calls == [("speculate", 16), ("generate", 16), ("speculate", 40), ("generate", 40)]
+    assert json.loads(out)["speedup"] > 0

@@ -1,4 +1,4 @@
-"""What a new user trips over (issue 14): threads, data paths, config files, resume, errors,
+"""What a new user trips over: threads, data paths, config files, resume, errors,
 help, files, the Python API."""
 
 from __future__ import annotations
@@ -8,6 +8,8 @@ import json
 import os
 import shutil
 import stat
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -87,6 +89,7 @@ def test_print_config_reads_back_and_writes_nothing(capsys, tmp_path: Path) -> N
     code, out, _ = run_cli(capsys, "train", "--preset", "tiny-fractal", "--set", "lr=0.01", "--max-steps",
                            "7", "--print-config", "--out", tmp_path / "never")
     assert code == 0 and not (tmp_path / "never").exists()
+    assert "# init_from: unset (training starts from fresh weights)" in out.splitlines()
     f = tmp_path / "printed.toml"
     f.write_text(out)
     want = build_config("tiny-fractal", None, ["lr=0.01", "max_steps=7"])
@@ -112,7 +115,40 @@ def test_stopped_run_has_curves_and_quiet_prints_only_the_result(capsys, tmp_pat
 
 def test_final_evaluation_can_be_limited(capsys, tmp_path: Path) -> None:
     code, out, _ = run_cli(capsys, "train", *QUICK, "--set", "final_eval=2", "--out", tmp_path / "r")
-    assert code == 0 and f"({2 * 32:,} tokens)" in out  # two windows of block_size 32
+    assert code == 0 and f"over the first {2 * 32:,} of " in out  # two windows of block_size 32
+
+
+def test_eval_prints_what_train_printed_and_says_what_it_covered(capsys, tmp_path: Path,
+                                                                 excerpt: Path) -> None:
+    """By default both score as many windows as the run trained on (2 steps x 8 rows here),
+    and both say so; ``--windows all`` and ``--data FILE`` score everything they name."""
+    run = tmp_path / "r"
+    code, out, _ = run_cli(capsys, "train", *QUICK, "--out", run)
+    trained = 2 * 8 * 32
+    assert code == 0 and f"over the first {trained:,} of " in out, out
+    train_loss = float(out.split()[1])
+    code, out, _ = run_cli(capsys, "eval", run)
+    assert code == 0 and f"over the first {trained:,} of " in out and "--windows all" in out, out
+    row = json.loads(run_cli(capsys, "eval", run, "--json")[1])[0]
+    assert row["tokens"] == trained and round(row["val_loss"], 4) == train_loss
+    row = json.loads(run_cli(capsys, "eval", run, "--json", "--windows", "all")[1])[0]
+    assert row["tokens"] == row["split_tokens"] > trained
+    ids = get_tokenizer("bpe128").encode(excerpt.read_text(encoding="utf-8"))
+    code, out, _ = run_cli(capsys, "eval", run, "--data", excerpt)
+    assert code == 0 and f"over all {len(ids) - 1:,} validation tokens" in out, out  # not its last 10%
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["train", "--help"], ["eval", "--help"]])
+def test_help_and_version_do_not_import_torch(args: list[str]) -> None:
+    """The answer to --help must not wait for torch to load (seconds)."""
+    script = ("import runpy, sys\n"
+              f"sys.argv = ['fractalformer', *{args!r}]\n"
+              "try:\n"
+              "    runpy.run_module('fractalformer', run_name='__main__')\n"
+              "except SystemExit as e:\n"
+              "    print('exit', e.code, 'torch' in sys.modules, 'numpy' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.splitlines()[-1] == "exit 0 False False", proc.stdout[-500:] + proc.stderr[-500:]
 
 
 # -- 6. resume ---------------------------------------------------------------------------------------

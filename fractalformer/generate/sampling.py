@@ -17,15 +17,27 @@ import torch
 from ..errors import FractalError
 from ..nn.nesting import frozen_weights, weight_scope
 
+# Below this temperature sampling takes the argmax: the tempered distribution is one-hot to
+# float32 precision anyway (logit gaps under ~1e-4 aside), and dividing the logits by a far
+# smaller temperature overflows them to inf (a nan distribution).
+GREEDY_BELOW = 1e-6
+SEED_LIMIT = 2**63  # seeds lie in [0, 2^63), as fresh_seed draws them (a signed 64-bit integer)
+
+
+def is_greedy(temperature: float) -> bool:
+    """Whether ``temperature`` samples the argmax (0, or too small to divide by safely)."""
+    return temperature < GREEDY_BELOW
+
 
 def probabilities(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None) -> torch.Tensor:
     """The distribution sampling draws from: temperature, then top-k, then top-p.
 
-    With temperature 0 (greedy) the plain softmax is returned; only its argmax is used.
+    Greedy temperatures (:func:`is_greedy`) return the plain softmax; only its argmax is used.
+    Top-p always keeps the likeliest token, so no ``top_p`` > 0 empties the distribution.
     """
     logits = logits.float()
-    if temperature <= 0:
+    if is_greedy(temperature):
         return logits.softmax(-1)
     logits = logits / temperature
     if top_k is not None and top_k < logits.shape[-1]:
@@ -35,6 +47,7 @@ def probabilities(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         sorted_probs = sorted_logits.softmax(-1)
         drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # keep the smallest set reaching top_p
+        drop[..., 0] = False  # (a top_p below float32's smallest number would drop every token)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return logits.softmax(-1)
@@ -43,21 +56,21 @@ def probabilities(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Pick one token per row of ``logits`` (B, vocab); temperature 0 means greedy."""
-    if temperature <= 0:
+    if is_greedy(temperature):
         return logits.argmax(-1)
     return pick(probabilities(logits, temperature, top_k, top_p), temperature, generator)
 
 
 def pick(scores: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
     """Draw from ``scores`` (probabilities), or take their argmax when greedy."""
-    if temperature <= 0:
+    if is_greedy(temperature):
         return scores.argmax(-1)
     return torch.multinomial(scores, 1, generator=generator).squeeze(-1)
 
 
 def fresh_seed() -> int:
     """A random seed that leaves torch's global generator alone."""
-    return int.from_bytes(os.urandom(8), "little") % 2**63
+    return int.from_bytes(os.urandom(8), "little") % SEED_LIMIT
 
 
 def extracted(model: torch.nn.Module, level: int, index: int) -> torch.nn.Module:
@@ -152,7 +165,8 @@ def generate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, tem
                 logits = run(torch.tensor([tokens], device=device), levels, caches)
 
 
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None,
+                   seed: int | None = None) -> None:
     """Reject sampling settings that would crash or silently mean something else."""
     if not math.isfinite(temperature) or temperature < 0:
         raise FractalError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature}")
@@ -160,6 +174,8 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
         raise FractalError(f"top_k must be at least 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise FractalError(f"top_p must lie in (0, 1], got {top_p}")
+    if seed is not None and not 0 <= seed < SEED_LIMIT:
+        raise FractalError(f"seed must lie in 0 .. 2^63 - 1, got {seed}")
 
 
 def stream_text(model: torch.nn.Module, prompt: str, max_new_tokens: int = 200, *, temperature: float = 0.8,
@@ -174,7 +190,7 @@ def stream_text(model: torch.nn.Module, prompt: str, max_new_tokens: int = 200, 
     tok = getattr(model, "tokenizer", None)
     if tok is None:
         raise FractalError("the model has no tokenizer: load it with fractalformer.load(run_dir)")
-    check_sampling(temperature, top_k, top_p)
+    check_sampling(temperature, top_k, top_p, seed)
     model.nest.check(level, 0 if index == "ensemble" else int(index))
     ids = tok.encode(prompt, on_unknown=on_unknown)
     if not ids:

@@ -92,8 +92,9 @@ class Policy:
     """
 
     def __init__(self, max_gamma: int, adaptive: bool, stats: SpecStats,
-                 costs: dict[str, float] | None = None) -> None:
+                 costs: dict[str, float] | None = None, frozen: bool = False) -> None:
         self.max_gamma, self.adaptive, self.stats = max_gamma, adaptive, stats
+        self.frozen = frozen  # judge by ``costs`` as given, never by timings (seeded sampling)
         self.recent: deque[bool] = deque(maxlen=32)  # acceptance of the latest drafted positions
         # moving averages: "draft" step, "verify" round, "plain" step. ``costs``: the averages an
         # earlier generation of the same set-up left (:func:`known_costs`), updated in place
@@ -106,6 +107,8 @@ class Policy:
         """Record ``seconds`` spent on ``count`` "draft" steps, "verify" rounds or "plain" steps."""
         setattr(self.stats, f"{kind}_time", getattr(self.stats, f"{kind}_time") + seconds)
         seconds /= count
+        if self.frozen:
+            return
         if kind not in self.seen:  # the first call of each kind warms up: not representative
             self.seen.add(kind)
         elif kind not in self.cost:

@@ -23,26 +23,38 @@ plainly while drafting does not pay) is policy, kept apart in ``spec_policy.py``
 
 from __future__ import annotations
 
+import re
 import time
+from collections import Counter
 from collections.abc import Iterator
 
 import torch
 
 from ..errors import FractalError
+from ..evaluate import sub_model_params
 from ..nn import KVCache
 from ..nn.nesting import frozen_weights
-from .sampling import decode_fn, extracted, fresh_seed, generate, pick, probabilities
+from .sampling import decode_fn, extracted, fresh_seed, generate, is_greedy, pick, probabilities
 from .spec_policy import Policy, SpecStats, known_costs
 
+# ASCII digits only (str.isdigit and int() also take superscripts and other scripts' digits),
+# and few of them, so that no spec reaches int()'s limit on digits
+_SUB_MODEL = re.compile(r"(0|[1-9][0-9]{0,5}):(0|[1-9][0-9]{0,5}|ensemble)", re.ASCII)
 
-def parse_sub_model(spec: str, model: torch.nn.Module) -> tuple[int, int]:
-    """'L:J' -> (L, J), checked against the model."""
-    try:
-        level, index = (int(p) for p in spec.split(":"))
-    except ValueError:
-        raise FractalError(f"a sub-model is written LEVEL:INDEX (e.g. 2:0), got {spec!r}") from None
-    model.nest.check(level, index)
-    return level, index
+
+def parse_sub_model(spec: str, model: torch.nn.Module, ensemble: bool = False) -> tuple[int, int | str]:
+    """'L:J' -> (L, J) (and with ``ensemble`` 'L:ensemble' -> (L, "ensemble")), checked
+    against the model: the one parser of the command line and the server."""
+    m = _SUB_MODEL.fullmatch(spec)
+    if m is None or (m[2] == "ensemble" and not ensemble):
+        shape = "LEVEL:INDEX or LEVEL:ensemble" if ensemble else "LEVEL:INDEX"
+        raise FractalError(f"a sub-model is written {shape} (e.g. 2:0), got {spec[:40]!r}")
+    level = int(m[1])
+    if m[2] == "ensemble":
+        model.nest.check(level)
+        return level, "ensemble"
+    model.nest.check(level, int(m[2]))
+    return level, int(m[2])
 
 
 class _Drafter:
@@ -80,7 +92,7 @@ class _Session:
         self.model, self.stats = model, stats
         self.device = model.embed.weight.device
         self.sampling = (temperature, top_k, top_p)
-        self.greedy = temperature <= 0
+        self.greedy = is_greedy(temperature)
         self.gen = torch.Generator(device=self.device)
         self.gen.manual_seed(seed if seed is not None else fresh_seed())
         self.tl, self.tj = target
@@ -264,8 +276,13 @@ def speculate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int,
     check_speculation(model, drafts, target, gamma, prompt, confidence)
     model.eval()
     ctx = model.config.block_size
-    known = known_costs(model, (tuple(drafts), target, compile, torch.get_num_threads()))
-    policy = Policy(gamma, adaptive, stats, known)
+    if adaptive and seed is not None and not is_greedy(temperature):
+        # timings vary from run to run, and with them the policy's choices and so which random
+        # draws make which token: a seeded sample judges by parameter counts instead
+        policy = Policy(gamma, adaptive, stats, shape_costs(model, drafts, target), frozen=True)
+    else:
+        policy = Policy(gamma, adaptive, stats,
+                        known_costs(model, (tuple(drafts), target, compile, torch.get_num_threads())))
     sampling = (temperature, top_k, top_p)
     if policy.ruled_out():  # an earlier generation measured that drafting cannot pay here
         yield from _plain(model, prompt, max_new_tokens, sampling, seed, target, compile, stats)
@@ -320,6 +337,19 @@ def _round(sess: _Session, policy: Policy, g: int, stats: SpecStats) -> list[int
     policy.accepted(min(len(new), len(cand[0])), len(new) - 1)
     sess.seq += new
     return new
+
+
+def shape_costs(model: torch.nn.Module, drafts: list[tuple[int, int]], target: tuple[int, int]
+                ) -> dict[str, float]:
+    """Relative costs from the parameters each step reads: a plain step and a verification
+    run the target's level, a draft step every draft level (a lone draft only its own)."""
+    def level(lv: int, lone: bool) -> float:
+        return sub_model_params(model, lv) * (1 if lone else model.nest.count(lv))
+
+    full = level(target[0], model.nest.count(target[0]) == 1)
+    by_level = Counter(lv for lv, _ in drafts)
+    draft = sum(level(lv, n == 1) for lv, n in by_level.items())
+    return {"plain": 1.0, "verify": 1.0, "draft": draft / full}
 
 
 def draft_is_unsure(q: torch.Tensor, x: torch.Tensor, confidence: float) -> bool:

@@ -38,6 +38,7 @@ from ..errors import FractalError
 from ..nn import KVCache, Linear, RMSNorm, Rotary
 from ..nn.attention import _NATIVE_GQA
 from ..nn.nesting import scoped
+from ..nn.norms import widen
 from .gpt import GPT, Block
 
 State = torch.Tensor  # (1, B, n, d): a level's vectors, with the leading sub-model axis of nn
@@ -325,8 +326,8 @@ class ConceptGPT(GPT):
                 continue
             targets = targets[:, :, first[k]:] if first else targets
             n = targets.shape[2]
-            pred = head(state.memory[k - 1].plans[:, :, :n], 0).float()
-            y = targets.detach().float()
+            pred = widen(head(state.memory[k - 1].plans[:, :, :n], 0))
+            y = widen(targets.detach())
             if self.config.concept_loss == "cosine":
                 loss = (1 - F.cosine_similarity(pred, y, dim=-1)).mean()
             elif self.config.concept_loss == "mse":

@@ -31,6 +31,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..memory import check_model_fits
 from ..nn import Attention, Embedding, GeGLU, KVCache, Nesting, RMSNorm, Rotary
+from ..nn.norms import widen
 
 
 def dropout(p: float) -> nn.Module:
@@ -170,7 +171,8 @@ class GPT(nn.Module):
         if not self.extractable(level):
             raise FractalError(f"level {level} is not extractable: with residual={self.config.residual} "
                                f"its sub-models read other levels' states")
-        dense = GPT(self.sub_model_config(level))
+        w = self.embed.weight
+        dense = GPT(self.sub_model_config(level)).to(w.dtype)  # a float64 model stays float64
         state = {}
         for mod_name, mod in self.named_modules():
             dims = getattr(mod, "nest_dims", None)
@@ -179,7 +181,7 @@ class GPT(nn.Module):
             for pname, p in mod.named_parameters(recurse=False):
                 state[f"{mod_name}.{pname}"] = self.nest.take(p.detach(), level, dims[pname])[index].clone()
         dense.load_state_dict(state)
-        return dense.to(self.embed.weight.device).train(self.training)
+        return dense.to(w.device).train(self.training)
 
     # -- running ------------------------------------------------------------------------------
     def new_cache(self, batch: int, levels: list[int] | None = None,
@@ -223,11 +225,11 @@ class GPT(nn.Module):
             return logits[0][0], None, None
         losses, trained = [], []
         d = self.config.distill
-        teacher = F.log_softmax(logits[0][0].detach().float(), -1) if d else None  # (B, T, V)
+        teacher = F.log_softmax(widen(logits[0][0].detach()), -1) if d else None  # (B, T, V)
         for lv, lg in sorted(logits.items()):
             y = targets if targets.dim() == 2 else _rows(targets[lv], lg.shape[0])
             y = y.expand(lg.shape[0], *y.shape[-2:]).flatten()
-            logp = F.log_softmax(lg.float(), -1)
+            logp = F.log_softmax(widen(lg), -1)
             if lv in self.group_targets:  # soft targets: -mean log p over the target's group
                 tm = self.group_targets[lv]
                 soft = tm[torch.arange(len(tm), device=y.device)[:, None], y.view(len(tm), -1)]

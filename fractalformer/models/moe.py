@@ -29,6 +29,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import FractalError
+from ..nn.norms import widen
 from ..nn.product_keys import PEER, PKM, SparseStats, experts, is_table, mark_table
 from .gpt import GPT
 
@@ -108,7 +109,7 @@ class FHME(nn.Module):
             if d == self.depth - 1:  # the last sub-block takes whatever probability is left
                 stop, w = torch.ones_like(ca, dtype=torch.bool), 1 - ca
             else:
-                p = torch.sigmoid(self.halt(ha)[:, d].float()).type_as(ha)
+                p = torch.sigmoid(widen(self.halt(ha)[:, d])).type_as(ha)
                 stop = ca + p >= 1 - HALT_EPS
                 w = torch.where(stop, 1 - ca, p)
             acc = acc.index_add(0, active, w.unsqueeze(-1) * ha)

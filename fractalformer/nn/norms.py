@@ -12,6 +12,12 @@ from torch import nn
 from .nesting import Nesting, scoped, take_cached
 
 
+def widen(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the wider of float32 and its own dtype: half precision is lifted for stable
+    statistics, while a float64 model keeps float64 all the way through."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def rms_norm(x: torch.Tensor, scale: torch.Tensor | None, eps: float) -> torch.Tensor:
     """``x / rms(x) * scale`` over the last dim (``scale`` of that width, or None); one fused
     op where torch has it (>= 2.4): a quarter of the norm's cost in a decode step."""
@@ -29,8 +35,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor, level: int) -> torch.Tensor:
-        """x: (count, B, T, width); statistics in float32 for bf16 safety."""
-        xf = x if x.dtype == torch.float32 else x.float()
+        """x: (count, B, T, width); statistics in at least float32 for bf16 safety."""
+        xf = widen(x)
         if level == 0:
             y = rms_norm(xf, self.scale(0), self.eps)
         else:  # one scale per sub-model: the fused op takes a single one
@@ -38,9 +44,9 @@ class RMSNorm(nn.Module):
         return y if y.dtype == x.dtype else y.type_as(x)
 
     def scale(self, level: int) -> torch.Tensor:
-        """``1 + w`` of the sub-models of ``level`` in float32: (width,) at level 0, else
-        (count, width); made once per :func:`frozen_weights` block while decoding."""
+        """``1 + w`` of the sub-models of ``level`` in at least float32: (width,) at level 0,
+        else (count, width); made once per :func:`frozen_weights` block while decoding."""
         def compute() -> torch.Tensor:
-            s = 1.0 + take_cached(self, "weight", level).float()
+            s = 1.0 + widen(take_cached(self, "weight", level))
             return s[0] if level == 0 else s
         return scoped(self, ("scale", level), (self.weight,), compute)

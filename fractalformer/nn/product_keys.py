@@ -8,9 +8,9 @@ beaten by ``k`` sums inside), so retrieval is exact at ``O(n)`` cost.
 
 * :class:`PEER` (He 2024, "Mixture of A Million Experts"): every key is a single-neuron
   expert ``act(u_i . x) v_i``; ``h`` heads retrieve ``k`` experts each and the output is
-  the gate-weighted sum. The up vectors are gathered (a (tokens, h*k, d) tensor; one dot
-  product each); the down vectors are read with ``F.embedding_bag`` and per-sample
-  weights, so no (tokens, h*k, d) tensor of them is ever built.
+  the gate-weighted sum. The up vectors are gathered a few tokens at a time (about 8 MiB
+  of rows per chunk) for their dot products; the down vectors are read with
+  ``F.embedding_bag`` and per-sample weights. No (tokens, h*k, d) tensor is ever built.
 * :class:`PKM`: the same retrieval over a table of values, read out with one bag.
 
 The query is normalised per token (RMSNorm or LayerNorm over each head's query).
@@ -29,6 +29,8 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .norms import widen
 
 Gate = Literal["softmax", "sigmoid", "relu"]
 QueryNorm = Literal["rms", "layer", "none"]
@@ -98,7 +100,7 @@ class ProductKeys(nn.Module):
 def gate(scores: torch.Tensor, kind: Gate) -> torch.Tensor:
     """Routing weights from retrieval scores, per head."""
     if kind == "softmax":
-        return scores.float().softmax(-1).type_as(scores)
+        return widen(scores).softmax(-1).type_as(scores)
     if kind == "sigmoid":
         return torch.sigmoid(scores)
     return F.relu(scores)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -17,13 +19,28 @@ class Rotary(nn.Module):
 
     def __init__(self, head_dim: int, max_len: int, theta: float) -> None:
         super().__init__()
-        inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
-        cos, sin = angles.cos().float(), angles.sin().float()
+        self.head_dim, self.max_len, self.theta = head_dim, max_len, theta
         # (max_len, 1, head_dim): a slice broadcasts over the heads of the (B, T, H, head_dim)
         # layout as it is, with no unsqueeze per decode step
-        self.register_buffer("cos", torch.cat((cos, cos), -1)[:, None], persistent=False)
-        self.register_buffer("sin", torch.cat((-sin, sin), -1)[:, None], persistent=False)
+        cos, sin = self._tables(torch.promote_types(torch.get_default_dtype(), torch.float32), None)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _tables(self, dtype: torch.dtype, device: torch.device | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tables computed in float64 and rounded once to ``dtype``."""
+        inv_freq = self.theta ** (-torch.arange(0, self.head_dim, 2, dtype=torch.float64,
+                                                device=device) / self.head_dim)
+        angles = torch.outer(torch.arange(self.max_len, dtype=torch.float64, device=device), inv_freq)
+        cos, sin = angles.cos(), angles.sin()
+        return (torch.cat((cos, cos), -1)[:, None].to(dtype),
+                torch.cat((-sin, sin), -1)[:, None].to(dtype))
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Rotary:
+        """Recompute the tables after a move or cast (``.double()``, ``.half()``): casting the
+        float32 tables would carry float32 error into a float64 model."""
+        super()._apply(fn, recurse)
+        self.cos, self.sin = self._tables(self.cos.dtype, self.cos.device)
+        return self
 
     def forward(self, x: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
         """Rotate ``x`` of shape (B, H, T, head_dim) whose first position is ``start``

@@ -3,28 +3,35 @@
 ``POST /v1/completions`` takes OpenAI's completion fields (prompt, max_tokens,
 temperature, top_p, stream, seed) plus ``sub_model`` ("L:J" or "L:ensemble"),
 ``ensemble`` and ``speculate``; ``stream`` answers with server-sent events in OpenAI's
-chunk format, ending with ``data: [DONE]``. ``GET /v1/models`` lists every sub-model and
-level ensemble, ``GET /health`` the scheduler's state, ``GET /`` the page.
+chunk format, ending with ``data: [DONE]``. ``POST /v1/chat/completions`` takes
+``messages`` instead of ``prompt`` (rendered by :func:`chat_prompt`). ``GET /v1/models``
+lists every sub-model and level ensemble, ``GET /health`` the scheduler's state, ``GET /``
+the page.
 
 Every error is JSON, ``{"error": {"message", "type", "param", "code"}}``, with a 4xx
 status for the client's mistakes and 503 when the queue is full; nothing a client sends
-stops the server.
+stops the server. Requests must name an allowed Host (DNS rebinding) and POST
+``application/json`` (a web page cannot send that cross-site without the server's
+consent), and carry the API key when the server has one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import csv
+import hmac
+import ipaddress
 import json
 import socket
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import uvicorn
@@ -32,10 +39,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sse_starlette import EventSourceResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..errors import FractalError
 from ..evaluate import sub_model_params, to_bpc
+from ..generate.sampling import SEED_LIMIT
 from ..generate.speculative import check_speculation, parse_sub_model
 from .batcher import Batcher, Event, Failed, Finished, Job, QueueFull, Target, Token
 
@@ -44,7 +54,7 @@ from .batcher import Batcher, Event, Failed, Finished, Job, QueueFull, Target, T
 class Limits:
     """What one request may ask for, and how many may wait: load cannot exhaust memory."""
 
-    max_tokens: int = 1024  # per request (and never more than the model's context allows)
+    max_tokens: int = 1024  # per request (past the context the window slides)
     max_prompt_chars: int = 8192
     max_batch: int = 16  # requests decoded together
     queue_size: int = 64  # requests waiting beyond those; more get 503
@@ -62,22 +72,42 @@ class Speculation(BaseModel):
     adaptive: bool = True  # draft only while drafting pays (measured); False: always gamma tokens
 
 
-class CompletionRequest(BaseModel):
-    """OpenAI's completion fields that apply here, plus the sub-model choice."""
+class _Sampling(BaseModel):
+    """OpenAI's fields that apply here, plus the sub-model choice: what both endpoints take."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
-    prompt: str
     max_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=1)
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)
     stream: bool = False
     sub_model: str | None = None  # "L:J" or "L:ensemble"; default "0:0"
     model: str | None = None  # OpenAI clients send one: a /v1/models id, a synonym of sub_model
     ensemble: bool = False  # the whole level of sub_model, as one ensemble
     speculate: Speculation | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(_Sampling):
+    messages: list[Message] = Field(min_length=1)
+
+
+def chat_prompt(messages: list[Message]) -> str:
+    """The plain role-tagged template of a conversation: one ``role: content`` line per
+    message, then ``assistant:`` for the model to continue (these models know no other)."""
+    return "".join(f"{m.role}: {m.content}\n" for m in messages) + "assistant:"
 
 
 class ApiError(Exception):
@@ -87,9 +117,61 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
 
     def response(self) -> JSONResponse:
+        headers = {"Retry-After": "1"} if self.status == 503 else \
+            {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
         return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": self.param,
-                                       "code": self.code}}, status_code=self.status,
-                            headers={"Retry-After": "1"} if self.status == 503 else None)
+                                       "code": self.code}}, status_code=self.status, headers=headers)
+
+
+def allowed_hosts(host: str, extra: list[str] | tuple[str, ...] = ()) -> frozenset[str] | None:
+    """The Host names a request may give: the bound host, ``localhost`` and ``extra`` (any
+    IP address is accepted too: DNS rebinding needs a name); None (any) when ``extra`` has "*"."""
+    if "*" in extra:
+        return None
+    return frozenset(h.strip("[]").lower() for h in (host, "localhost", *extra))
+
+
+class Guard:
+    """ASGI middleware refusing, before any route runs, a Host that is not allowed (400), a
+    missing or wrong API key on /v1/ (401) and a POST that is not application/json (415)."""
+
+    def __init__(self, app: ASGIApp, hosts: frozenset[str] | None, api_key: str | None) -> None:
+        self.app, self.hosts, self.key = app, hosts, api_key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            refusal = self.refuse(Headers(scope=scope), scope["method"], scope["path"])
+            if refusal is not None:
+                await refusal.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def refuse(self, headers: Headers, method: str, path: str) -> ApiError | None:
+        host = headers.get("host", "")
+        name = host[1:].partition("]")[0] if host.startswith("[") else host.rpartition(":")[0] \
+            if host.rpartition(":")[2].isdigit() else host
+        if self.hosts is not None and not _is_ip(name) and name.lower() not in self.hosts:
+            return ApiError(400, f"Host {host[:100]!r} is not allowed; start the server with "
+                                 f"--allow-host NAME to serve it under that name", code="host_not_allowed")
+        if self.key is not None and path.startswith("/v1/"):
+            given = headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.key}".encode()):
+                return ApiError(401, "this server needs an API key: Authorization: Bearer KEY",
+                                kind="authentication_error", code="invalid_api_key")
+        if method == "POST":
+            media = headers.get("content-type", "").partition(";")[0].strip().lower()
+            if media != "application/json":
+                return ApiError(415, f"the body must be sent as Content-Type: application/json, got "
+                                     f"{media[:60] or 'none'!r}")
+        return None
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def target_id(target: Target) -> str:
@@ -98,14 +180,8 @@ def target_id(target: Target) -> str:
 
 def parse_target(spec: str, model: torch.nn.Module, param: str) -> Target:
     """'L:J' or 'L:ensemble' -> (L, J) or (L, "ensemble"); 404 for one the model lacks."""
-    level, _, index = spec.partition(":")
     try:
-        if index == "ensemble":
-            if not level.strip().isdigit():
-                raise FractalError(f"a sub-model is written LEVEL:INDEX or LEVEL:ensemble, got {spec!r}")
-            model.nest.check(int(level))
-            return int(level), "ensemble"
-        return parse_sub_model(spec, model)
+        return parse_sub_model(spec, model, ensemble=True)
     except FractalError as e:
         status = 404 if "out of range" in str(e) else 400
         raise ApiError(status, str(e), param, code="model_not_found" if status == 404 else None) from None
@@ -159,17 +235,21 @@ def _last_validation(model: torch.nn.Module, run_dir: Path) -> tuple[int | None,
 
 
 def create_app(model: torch.nn.Module, batcher: Batcher, name: str, limits: Limits,
-               cards: list[dict[str, Any]]) -> FastAPI:
-    """The FastAPI app; ``batcher`` is started and stopped by the caller (see ``serve``), and
-    ``cards`` (``model_cards``) is what /v1/models lists."""
+               cards: list[dict[str, Any]], hosts: frozenset[str] | None = None,
+               api_key: str | None = None) -> FastAPI:
+    """The FastAPI app; ``batcher`` is started and stopped by the caller (see ``serve``),
+    ``cards`` (``model_cards``) is what /v1/models lists, ``hosts`` the Host names allowed
+    (:func:`allowed_hosts`; None: any) and ``api_key`` the bearer token /v1/ needs (None: none)."""
     app = FastAPI(title="FractalFormer", summary=f"serving {name}", version="0.1.0")
+    app.add_middleware(Guard, hosts=hosts, api_key=api_key)
     ctx = model.config.block_size
-    max_tokens = min(limits.max_tokens, ctx - 1)
+    max_tokens = limits.max_tokens  # the window slides past the context, as fractalformer sample's does
     tok = model.tokenizer
     page = resources.files("fractalformer.serve").joinpath("static", "index.html").read_text(encoding="utf-8")
     info = {"run": name, "context": ctx, "unit": tok.unit, "tokenizer": tok.name,
             "limits": {"max_tokens": max_tokens, "max_prompt_chars": limits.max_prompt_chars,
-                       "max_batch": batcher.max_batch, "queue_size": batcher.pending.maxsize}}
+                       "max_batch": batcher.max_batch, "queue_size": batcher.pending.maxsize},
+            "api_key": api_key is not None}
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, e: ApiError) -> JSONResponse:
@@ -193,7 +273,9 @@ def create_app(model: torch.nn.Module, batcher: Batcher, name: str, limits: Limi
     async def models() -> dict:
         return {"object": "list", **info, "data": cards}
 
-    def make_job(req: CompletionRequest, emit: Any, cancelled: threading.Event) -> tuple[Job, str]:
+    def make_job(req: _Sampling, prompt: str, emit: Any, cancelled: threading.Event) -> tuple[Job, str, int]:
+        """The scheduler's job, the sub-model's id and the prompt's length in tokens (the
+        model sees its last ``ctx`` tokens, as fractalformer sample's model does)."""
         if req.sub_model and req.model and req.sub_model != req.model:
             raise ApiError(400, "give the sub-model once: 'sub_model' and 'model' differ", "model")
         param = "sub_model" if req.sub_model else "model"
@@ -203,18 +285,16 @@ def create_app(model: torch.nn.Module, batcher: Batcher, name: str, limits: Limi
         if req.max_tokens > max_tokens:
             raise ApiError(400, f"max_tokens must be at most {max_tokens}, got {req.max_tokens}",
                            "max_tokens")
-        if len(req.prompt) > limits.max_prompt_chars:
-            raise ApiError(400, f"the prompt has {len(req.prompt)} characters; at most "
-                                f"{limits.max_prompt_chars} are accepted", "prompt")
+        where = "prompt" if isinstance(req, CompletionRequest) else "messages"
+        if len(prompt) > limits.max_prompt_chars:
+            raise ApiError(400, f"the prompt has {len(prompt)} characters; at most "
+                                f"{limits.max_prompt_chars} are accepted", where)
         try:
-            ids = tok.encode(req.prompt)
+            ids = tok.encode(prompt)
         except FractalError as e:
-            raise ApiError(400, str(e).split(" (use ")[0], "prompt") from None
+            raise ApiError(400, str(e).split(" (use ")[0], where) from None
         if not ids:
-            raise ApiError(400, "the prompt is empty", "prompt")
-        if len(ids) + req.max_tokens > ctx:
-            raise ApiError(400, f"the prompt ({len(ids)} tokens) and max_tokens ({req.max_tokens}) exceed "
-                                f"the model's context of {ctx} tokens", "max_tokens")
+            raise ApiError(400, "the prompt is empty", where)
         drafts: list[tuple[int, int]] = []
         gamma, adaptive = 4, True
         if req.speculate is not None:
@@ -230,13 +310,21 @@ def create_app(model: torch.nn.Module, batcher: Batcher, name: str, limits: Limi
                 check_speculation(model, drafts, (target[0], int(target[1])), gamma, ids)
             except FractalError as e:
                 raise ApiError(400, str(e), "speculate") from None
-        job = Job(ids, req.max_tokens, target, emit, req.temperature, req.top_k,
+        job = Job(ids[-ctx:], req.max_tokens, target, emit, req.temperature, req.top_k,
                   req.top_p if req.top_p < 1.0 else None, req.seed, drafts, gamma, adaptive, cancelled)
-        return job, target_id(target)
+        return job, target_id(target), len(ids)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
-        req = _parse(await _read_body(request, limits.max_body_bytes))
+        req = _parse(await _read_body(request, limits.max_body_bytes), CompletionRequest)
+        return await answer(request, req, req.prompt, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        req = _parse(await _read_body(request, limits.max_body_bytes), ChatRequest)
+        return await answer(request, req, chat_prompt(req.messages), chat=True)
+
+    async def answer(request: Request, req: _Sampling, prompt: str, chat: bool) -> Any:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
         cancelled = threading.Event()
@@ -247,20 +335,21 @@ def create_app(model: torch.nn.Module, batcher: Batcher, name: str, limits: Limi
             except RuntimeError:  # the event loop is gone (shutting down): stop decoding this one
                 cancelled.set()
 
-        job, model_id = make_job(req, emit, cancelled)
+        job, model_id, prompt_tokens = make_job(req, prompt, emit, cancelled)
         if not batcher.alive:
             raise ApiError(503, "the scheduler is not running", kind="server_error")
         try:
             batcher.submit(job)
         except QueueFull as e:
             raise ApiError(503, f"{e}; retry later", kind="server_error", code="queue_full") from None
-        head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion",
+        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+                "object": "chat.completion" if chat else "text_completion",
                 "created": int(time.time()), "model": model_id}
         decode = tok.stream_decoder()
-        usage = {"prompt_tokens": len(job.prompt)}
+        usage = {"prompt_tokens": prompt_tokens}
         if req.stream:
-            return EventSourceResponse(_stream(events, cancelled, head, decode, usage), ping=15)
-        return await _collect(events, cancelled, head, decode, usage)
+            return EventSourceResponse(_stream(events, cancelled, head, decode, usage, chat), ping=15)
+        return await _collect(request, events, cancelled, head, decode, usage, chat)
 
     return app
 
@@ -278,9 +367,9 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def _parse(body: bytes) -> CompletionRequest:
+def _parse(body: bytes, kind: type[_Sampling]) -> Any:
     try:
-        return CompletionRequest.model_validate_json(body)
+        return kind.model_validate_json(body)
     except ValidationError as e:
         err = e.errors()[0]
         if err["type"] == "json_invalid":
@@ -293,9 +382,26 @@ def _parse(body: bytes) -> CompletionRequest:
         raise ApiError(400, f"{where}: {err['msg']}" if where else err["msg"], where or None) from None
 
 
-def _chunk(head: dict, text: str, finish: str | None = None, **extra: Any) -> dict:
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish, **extra}
-    return {**head, "choices": [choice]}
+def _chunk(head: dict, text: str, chat: bool, finish: str | None = None, first: bool = False,
+           **extra: Any) -> dict:
+    """A streamed chunk: ``text`` as a completion's text or a chat message's delta."""
+    if not chat:
+        return {**head, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish,
+                                     **extra}]}
+    delta = {"role": "assistant", "content": text} if first else {"content": text} if text or not finish \
+        else {}
+    return {**head, "object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish, **extra}]}
+
+
+def _whole(head: dict, text: str, chat: bool, **extra: Any) -> dict:
+    """A non-streamed answer: the completion's text or the assistant's message."""
+    if not chat:
+        return {**head, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": "length",
+                                     **extra}]}
+    message = {"role": "assistant", "content": text}
+    return {**head, "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "length",
+                                 **extra}]}
 
 
 def _token_fields(ev: Token) -> dict:
@@ -303,7 +409,7 @@ def _token_fields(ev: Token) -> dict:
 
 
 async def _stream(events: asyncio.Queue[Event], cancelled: threading.Event, head: dict, decode: Any,
-                  usage: dict) -> AsyncIterator[dict]:
+                  usage: dict, chat: bool) -> AsyncIterator[dict]:
     """Server-sent events: one chunk per token, a last chunk with the finish reason, usage
     and timings, then [DONE]. A client that goes away cancels the request."""
     n = 0
@@ -312,9 +418,10 @@ async def _stream(events: asyncio.Queue[Event], cancelled: threading.Event, head
             ev = await events.get()
             if isinstance(ev, Token):
                 n += 1
-                yield {"data": json.dumps(_chunk(head, decode(ev.id), **_token_fields(ev)))}
+                chunk = _chunk(head, decode(ev.id), chat, first=n == 1, **_token_fields(ev))
+                yield {"data": json.dumps(chunk)}
             elif isinstance(ev, Finished):
-                yield {"data": json.dumps({**_chunk(head, "", "length"), "stats": ev.stats,
+                yield {"data": json.dumps({**_chunk(head, "", chat, "length"), "stats": ev.stats,
                                            "usage": _usage(usage, n)})}
                 yield {"data": "[DONE]"}
                 return
@@ -325,9 +432,12 @@ async def _stream(events: asyncio.Queue[Event], cancelled: threading.Event, head
         cancelled.set()  # no-op for a finished request
 
 
-async def _collect(events: asyncio.Queue[Event], cancelled: threading.Event, head: dict, decode: Any,
-                   usage: dict) -> JSONResponse:
+async def _collect(request: Request, events: asyncio.Queue[Event], cancelled: threading.Event, head: dict,
+                   decode: Any, usage: dict, chat: bool) -> JSONResponse:
+    """The whole answer at once; a client that goes away (queued or decoding) cancels the
+    request: nothing else would notice before the answer is sent."""
     tokens: list[Token] = []
+    watcher = asyncio.create_task(_gone(request, events))
     try:
         while True:
             ev = await events.get()
@@ -338,13 +448,22 @@ async def _collect(events: asyncio.Queue[Event], cancelled: threading.Event, hea
             else:
                 return JSONResponse(_error_body(ev), status_code=ev.status)
     finally:
+        watcher.cancel()
         cancelled.set()
     extra: dict[str, Any] = {"tokens": [t.id for t in tokens]}
     if tokens and tokens[0].drafted is not None:
         extra["drafted"] = [t.drafted for t in tokens]
     text = "".join(decode(t.id) for t in tokens)
-    return JSONResponse({**_chunk(head, text, "length", **extra), "usage": _usage(usage, len(tokens)),
+    return JSONResponse({**_whole(head, text, chat, **extra), "usage": _usage(usage, len(tokens)),
                          "stats": ev.stats})
+
+
+async def _gone(request: Request, events: asyncio.Queue[Event]) -> None:
+    """Wait for the client to disconnect (its body is read: nothing else arrives), then end
+    the wait for its answer."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    events.put_nowait(Failed("the client went away", 499))
 
 
 def _usage(usage: dict, n: int) -> dict:
@@ -357,8 +476,9 @@ def _error_body(ev: Failed) -> dict:
 
 
 def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None,
-          log_level: str = "info") -> None:
-    """Load the run, bind the port, and serve until interrupted (Ctrl-C)."""
+          log_level: str = "info", allow_hosts: list[str] | tuple[str, ...] = (),
+          api_key: str | None = None) -> None:
+    """Load the run, bind the port, print where it listens, and serve until interrupted (Ctrl-C)."""
     import fractalformer
 
     limits = limits or Limits()
@@ -367,9 +487,16 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, limits: Li
     if model.config.family == "concept":  # its caches advance concept levels per row position
         raise FractalError("fractalformer serve cannot batch the concept family yet; use "
                            "fractalformer sample")
+    if api_key is not None and not api_key.strip():
+        raise FractalError("the API key is empty")
     sock = _bind(host, port)
     batcher = Batcher(model, limits.max_batch, limits.queue_size)
-    app = create_app(model, batcher, run.name, limits, model_cards(model, run))
+    app = create_app(model, batcher, run.name, limits, model_cards(model, run),
+                     allowed_hosts(host, allow_hosts), api_key)
+    if api_key is None and not _loopback(sock):
+        warnings.warn(f"{host} is reachable beyond this machine and there is no --api-key: anyone who "
+                      f"reaches it can use the server", stacklevel=2)
+    print(f"serving {_url(host, sock)}", flush=True)
     batcher.start()
     try:
         config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
@@ -377,6 +504,16 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, limits: Li
     finally:
         batcher.stop()
         sock.close()
+
+
+def _url(host: str, sock: socket.socket) -> str:
+    """http://HOST:PORT/ with the port the socket really has (``--port 0``: the one chosen)."""
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{sock.getsockname()[1]}/"
+
+
+def _loopback(sock: socket.socket) -> bool:
+    return ipaddress.ip_address(sock.getsockname()[0].split("%")[0]).is_loopback
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -11,6 +11,9 @@ exhaust memory). Each iteration of the scheduler
    request with per-row lengths, so requests at different positions decode together
    and each row attends only to its own keys; rows are gathered into a new cache only
    when the group's membership changes (a request joins, finishes or is cancelled);
+   A request whose text outgrows the context leaves the batch: its window slides, and
+   each of its steps recomputes the last ``block_size`` tokens alone, exactly as
+   :func:`~fractalformer.generate.generate` does;
 3. advances every speculative request by one token on its own path
    (:func:`~fractalformer.generate.speculate` is a per-sequence algorithm; interleaving
    it with the batched steps keeps it from stalling them).
@@ -96,14 +99,15 @@ class QueueFull(Exception):
 
 @dataclass(eq=False)
 class _Row:
-    """An active batched request: its sampler, the token to feed next, its own prefill cache
-    until it is gathered into the group's batched cache."""
+    """An active batched request: its sampler, its text (``seq[-1]`` is the token to feed
+    next), its own prefill cache until it is gathered into the group's batched cache."""
 
     job: Job
     select: Target  # which logits of the runner's output speak
     gen: torch.Generator
-    last: int
+    seq: list[int]
     caches: Caches | None
+    window: Caches | None = None  # once the text outgrows the context: the sliding window's cache
     emitted: int = 1
     started: float = 0.0
     first: float = 0.0
@@ -253,10 +257,10 @@ class Batcher:
         gen.manual_seed(job.seed if job.seed is not None else fresh_seed())
         caches = runner.new_cache(1, levels)
         logits = runner.run(torch.tensor([job.prompt], device=self.device), levels, caches)
-        row = _Row(job, select, gen, 0, caches, started=started)
-        row.last = self._sample(job, select, logits, 0, gen)
+        row = _Row(job, select, gen, list(job.prompt), caches, started=started)
+        row.seq.append(self._sample(job, select, logits, 0, gen))
         row.first = time.perf_counter()
-        job.emit(Token(row.last))
+        job.emit(Token(row.seq[-1]))
         if job.max_tokens == 1:
             self._finish(job, started, row.first, 1)
             return
@@ -276,24 +280,40 @@ class Batcher:
             self.counts["cancelled"] += 1
         if not g.rows:
             return
-        if g.rows != g.members:
-            g.caches = self._gather(g)
-            g.members = list(g.rows)
-        self.counts["peak_batch"] = max(self.counts["peak_batch"], len(g.rows))
-        idx = torch.tensor([[r.last] for r in g.rows], device=self.device)
-        logits = g.runner.run(idx, g.levels, g.caches)
-        for b, row in enumerate(list(g.rows)):
-            row.last = self._sample(row.job, row.select, logits, b, row.gen)
-            row.emitted += 1
-            row.job.emit(Token(row.last))
-            if row.emitted == row.job.max_tokens:
-                g.rows.remove(row)
-                self._finish(row.job, row.started, row.first, row.emitted)
+        ctx = g.runner.config.block_size
+        batched = [r for r in g.rows if len(r.seq) <= ctx]  # the others' windows slide
+        sliding = [r for r in g.rows if len(r.seq) > ctx]
+        if batched:
+            if batched != g.members:
+                g.caches = self._gather(g, batched)
+                g.members = batched
+            self.counts["peak_batch"] = max(self.counts["peak_batch"], len(batched))
+            idx = torch.tensor([[r.seq[-1]] for r in batched], device=self.device)
+            logits = g.runner.run(idx, g.levels, g.caches)
+            for b, row in enumerate(batched):
+                self._emit(g, row, logits, b)
+        for row in sliding:  # recompute the last ``ctx`` tokens, as generate() does past the context
+            row.seq = row.seq[-ctx:]
+            if row.window is None:  # a row never gathered has its prefill cache to reuse
+                row.window, row.caches = row.caches or g.runner.new_cache(1, g.levels), None
+            for c in row.window.values():
+                c.length = 0
+            logits = g.runner.run(torch.tensor([row.seq], device=self.device), g.levels, row.window)
+            self._emit(g, row, logits, 0)
 
-    def _gather(self, g: _Group) -> Caches:
-        """A batched cache whose row b holds row ``g.rows[b]``'s keys and values, with its
-        length; a new row's come from its prefill cache, a member's from the old batch."""
-        sources = [(r.caches, 0) if r.caches is not None else (g.caches, g.members.index(r)) for r in g.rows]
+    def _emit(self, g: _Group, row: _Row, logits: dict[int, torch.Tensor], b: int) -> None:
+        """Sample ``row``'s next token from row ``b`` of ``logits``; finish it at its last."""
+        row.seq.append(self._sample(row.job, row.select, logits, b, row.gen))
+        row.emitted += 1
+        row.job.emit(Token(row.seq[-1]))
+        if row.emitted == row.job.max_tokens:
+            g.rows.remove(row)
+            self._finish(row.job, row.started, row.first, row.emitted)
+
+    def _gather(self, g: _Group, rows: list[_Row]) -> Caches:
+        """A batched cache whose row b holds ``rows[b]``'s keys and values, with its length;
+        a new row's come from its prefill cache, a member's from the old batch."""
+        sources = [(r.caches, 0) if r.caches is not None else (g.caches, g.members.index(r)) for r in rows]
         out = g.runner.new_cache(len(sources), g.levels)
         for lv, cache in out.items():
             n = g.runner.nest.count(lv)
@@ -306,7 +326,7 @@ class Batcher:
                     d[:, :, i, :, :length] = s.unflatten(1, (n, -1))[:, :, b, :, :length]
                 lengths.append(length)
             cache.length = torch.tensor(lengths, device=self.device).repeat(n)
-        for r in g.rows:
+        for r in rows:
             r.caches = None
         return out
 

@@ -37,7 +37,7 @@ from .. import hierarchy
 from ..config import RunConfig
 from ..data import SHIPPED, Corpus, Ids, batch_generator, read_text, text_sha256, training_batch
 from ..errors import FractalError
-from ..evaluate import EvalRow, evaluate_full, fixed_val_batches, mean_losses, to_bpc
+from ..evaluate import EvalRow, closing_windows, evaluate_full, fixed_val_batches, mean_losses, to_bpc
 from ..models import build_model
 from ..nn.product_keys import is_table
 from ..prepare import is_prepared
@@ -150,6 +150,8 @@ def pick_device(name: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise FractalError("device=cuda was asked for but CUDA is not available")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise FractalError("device=mps was asked for but MPS (Apple's GPU backend) is not available")
     return name
 
 
@@ -666,7 +668,7 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, stop_after: int
         with whole_model(s) as model:
             if dd.main:
                 final = evaluate_full(model, s.corpus, s.cfg.model.block_size, s.device,
-                                      windows_limit=t.final_eval, progress=progress)
+                                      windows_limit=closing_windows(t), progress=progress)
                 if final[0].extra:
                     ckpt.write_json(s.out / "expert_usage.json", final[0].extra)
     if dd.world > 1:

@@ -1,0 +1,113 @@
+"""FractalMoE against the dense reference: PEER, PKM and FHME at equal steps.
+
+    python -m experiments.moe_experiment [--steps 1400] [--out runs/moe] [--only NAME ...]
+
+Every run uses the dense reference's data, dims and schedule (shipped TinyShakespeare,
+bpe128, batch 16 x 256, AdamW 3e-3 -> 3e-4 cosine, the same seed and batches) with
+sparse layers in place of the MLP of layers 1 and 3 (the ``peer`` / ``pkm`` / ``fhme``
+presets), varied one knob at a time. Full-split validation, expert usage and wall time
+go to ``<out>/steps<N>/<name>/eval.json`` (finished runs are skipped on a re-run); the
+table goes to ``docs/results/moe_experiment_<N>.md`` and ``.json``. Several copies may run side
+by side on different ``--only`` lists (set ``OMP_NUM_THREADS`` to share the cores).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import fractalformer
+from fractalformer.config import build_config
+from harness import (
+    cached_result,
+    experiment_parser,
+    finished,
+    machine,
+    read_metrics,
+    timed_train,
+    write_tables,
+)
+
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "dense": ("dense", []),
+    "pkm": ("pkm", []),
+    "peer_4k": ("peer", ["n_experts=4096"]),
+    "peer_65k": ("peer", []),
+    "peer_262k": ("peer", ["n_experts=262144"]),
+    "peer_1m": ("peer", ["n_experts=1048576", "moe_sparse=true"]),
+    "peer_h1k32": ("peer", ["moe_heads=1", "moe_topk=32"]),
+    "peer_h8k4": ("peer", ["moe_heads=8", "moe_topk=4"]),
+    "peer_with_mlp": ("peer", ["moe_with_mlp=true"]),
+    "fhme": ("fhme", []),
+    "fhme_full_depth": ("fhme", ["fhme_adaptive=false"]),
+    "fhme_halt_0.01": ("fhme", ["halt_penalty=0.01"]),
+}
+
+
+def run_one(name: str, steps: int, root: Path) -> dict:
+    folder = root / name
+    preset, sets = VARIANTS[name]
+
+    def compute() -> dict:
+        cfg = build_config(preset, None, [*sets, f"max_steps={steps}", "sample_tokens=0", "eval_every=100"])
+        res, wall = timed_train(cfg, folder)
+        model = fractalformer.load(folder)
+        row = res.final[0].to_json()
+        metrics = read_metrics(folder)
+        return {"name": name, "preset": preset, "sets": sets, "steps": steps, "wall_s": wall,
+                "params": model.num_params(),
+                "active_params": (model.active_params(row.get("mean_depth"))
+                                  if hasattr(model, "active_params") else model.num_params()),
+                "train_loss_last": float(metrics[-1]["train_loss"]),
+                "val_curve": [(int(r["step"]), float(r["elapsed_s"]), float(r["val_loss"]))
+                              for r in metrics if r.get("val_loss")],
+                "row": row}
+
+    return cached_result(folder, compute)
+
+
+def _f(r: dict, key: str, fmt: str) -> str:
+    v = r["row"].get(key)
+    return format(v, fmt) if v is not None else "-"
+
+
+def report(results: dict[str, dict], steps: int) -> str:
+    lines = [f"# FractalMoE vs the dense reference ({steps} steps)", "",
+             f"Machine: {machine()}.", "",
+             f"Command: `python -m experiments.moe_experiment --steps {steps}`. BPC = bits per character on",
+             "the full validation split; gap = train loss of the last step minus validation loss",
+             "(nats/token; the train figure is one batch). Usage, KL and dead are over the",
+             "validation split (see docs/moe.md for their definitions).", "",
+             "| run | config | params | active | val nats/token | BPC | vs dense | val - train | usage | "
+             "KL | dead | mean depth | compute saved | wall |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    dense = results.get("dense")
+    for name in VARIANTS:
+        r = results.get(name)
+        if r is None:
+            continue
+        row = r["row"]
+        vs = f"{row['val_bpc'] - dense['row']['val_bpc']:+.4f}" if dense else "-"
+        gap = row["val_loss"] - r["train_loss_last"]
+        lines.append(
+            f"| {name} | {r['preset']} {' '.join(r['sets'])} | {r['params']:,} | {r['active_params']:,} | "
+            f"{row['val_loss']:.4f} | {row['val_bpc']:.4f} | {vs} | {gap:+.3f} | "
+            f"{_f(r, 'expert_usage', '.1%')} | {_f(r, 'expert_kl', '.3f')} | "
+            f"{_f(r, 'dead_experts', '.1%')} | {_f(r, 'mean_depth', '.2f')} | "
+            f"{_f(r, 'compute_saved', '.1%')} | {r['wall_s'] / 60:.1f} min |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = experiment_parser(__doc__, 1400, "runs/moe", list(VARIANTS))
+    a = ap.parse_args()
+    root = Path(a.out) / f"steps{a.steps}"
+    for name in [] if a.report else a.only or VARIANTS:
+        print(f"== {name}", flush=True)
+        r = run_one(name, a.steps, root)
+        print(f"   {r['wall_s']:.0f} s; BPC {r['row']['val_bpc']:.4f}", flush=True)
+    results = finished(root, VARIANTS)
+    write_tables(Path(a.docs) / f"moe_experiment_{a.steps}", results, report(results, a.steps))
+
+
+if __name__ == "__main__":
+    main()

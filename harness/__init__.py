@@ -1,0 +1,116 @@
+"""The harness shared by the speed benchmarks (``bench/``) and the training studies
+(``experiments/``): the machine description printed with every figure, the timer, and the
+experiments' argument parsing and run / store / report loop.
+
+Both folders are packages run from the repository root, e.g. ``python -m bench.bench_train``
+or ``python -m experiments.fractal_experiment``; they import this package as ``harness``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import shutil
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+from fractalformer.config import RunConfig
+from fractalformer.train import TrainResult, train
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count()
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (f"{cpu}, {cores} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+            f"{gpu}, Python {platform.python_version()}")
+
+
+def timeit(fn: Callable[[], object], repeat: int, warmup: int = 2) -> float:
+    """Median wall time of ``fn`` in seconds over ``repeat`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# -- the experiment scripts' shared loop: train a named variant once, keep its result ----------
+
+def cached_result(folder: Path, compute: Callable[[], dict]) -> dict:
+    """The result stored in ``folder/eval.json`` by an earlier run (finished runs are skipped
+    when an experiment is re-run), else ``compute()``'s, stored there; a folder left half
+    written by an interrupted run is cleared first."""
+    done = folder / "eval.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    if folder.exists():
+        shutil.rmtree(folder)
+    result = compute()
+    done.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def timed_train(cfg: RunConfig, folder: Path) -> tuple[TrainResult, float]:
+    """Train ``cfg`` into ``folder`` quietly; the result and the wall time in seconds."""
+    t0 = time.perf_counter()
+    res = train(cfg, folder, progress=False)
+    return res, round(time.perf_counter() - t0, 1)
+
+
+def read_metrics(folder: Path) -> list[dict[str, str]]:
+    """The rows of a run's ``metrics.csv`` (validation columns are empty between evaluations)."""
+    with (folder / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def finished(root: Path, names: Iterable[str]) -> dict[str, dict]:
+    """The stored results of the variants in ``names`` that have finished under ``root``."""
+    done = {n: root / n / "eval.json" for n in names}
+    return {n: json.loads(f.read_text()) for n, f in done.items() if f.is_file()}
+
+
+def write_tables(stem: Path, results: dict[str, dict], text: str) -> None:
+    """An experiment's results as ``<stem>.json`` and its table as ``<stem>.md``."""
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    stem.with_suffix(".md").write_text(text)
+
+
+def script_parser(doc: str) -> argparse.ArgumentParser:
+    """The argument parser of a bench or experiment script: its docstring (what it measures,
+    the command) is the ``--help`` text, as written."""
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def experiment_parser(doc: str, steps: int, out: str, names: list[str]) -> argparse.ArgumentParser:
+    """The options every experiment script shares: steps, run folder, a subset of its
+    variants, the results folder, and rebuilding the tables from finished runs."""
+    ap = script_parser(doc)
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--out", default=out)
+    ap.add_argument("--only", nargs="*", choices=names, help="run only these names")
+    ap.add_argument("--docs", default="docs/results", help="folder of the result tables")
+    ap.add_argument("--report", action="store_true", help="only rebuild the table from finished runs")
+    return ap
