@@ -45,11 +45,13 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu", level: int | N
     import torch
 
     from . import checkpoint as ckpt
+    from .memory import check_weights_file
     from .models import GPT, build_model
 
     cfg, tok = ckpt.load_run_config(Path(run_dir))
     if (level is None) != (index is None):
         raise FractalError("load a sub-model with both level and index")
+    check_weights_file(Path(run_dir) / ckpt.MODEL, cfg.model)
     if level == 0 and cfg.model.glue_rank:  # the full model's glue maps lie outside its slices
         model = build_model(cfg.model)
         ckpt.load_model_state(Path(run_dir), model)

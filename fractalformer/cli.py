@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from .config import PRESETS
 from .errors import FractalError
+from .tokenizers import UnknownCharacterError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -186,7 +187,8 @@ def _parser() -> argparse.ArgumentParser:
                  "fractalformer prepare corpus/ --tokenizer bpe:4096 --out data/corpus",
                  "fractalformer train --preset 10m --data data/corpus", parent=common)
     pr.add_argument("data", nargs="+", help="text files and/or folders (every file under them, sorted)")
-    pr.add_argument("--tokenizer", default="bpe128", help="bpe128, char, byte, bpe:N or gpt2")
+    pr.add_argument("--tokenizer", default="byte",
+                    help="byte or bpe:N (any text), char (the corpus' characters), bpe128 or gpt2")
     pr.add_argument("--out", required=True, help="new folder for tokens.bin and manifest.json")
     pr.add_argument("--unknown", choices=("error", "replace"), default="error",
                     help="characters the tokenizer lacks: error, or replace with '?'")
@@ -305,6 +307,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     from .checkpoint import load_run_config
     from .config import build_config, init_model_config, load_toml, parse_set, to_toml
     from .data import read_text
+    from .memory import check_training_fits
     from .prepare import is_prepared, load_prepared
     from .tokenizers import get_tokenizer
     from .train import train
@@ -351,6 +354,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     if a.print_config:
         print(to_toml(cfg), end="")
         return 0
+    check_training_fits(cfg)
     base = a.preset or (Path(a.config).stem if a.config else "default")
     out = Path(a.out or f"runs/{base}-{time.strftime('%Y%m%d-%H%M%S')}")
     result = train(cfg, out, resume=a.resume, stop_after=a.stop_after, progress=not a.quiet)
@@ -702,6 +706,15 @@ def cmd_config(a: argparse.Namespace) -> int:
     return 0
 
 
+UNKNOWN_ADVICE = {  # command -> how its options replace unknown characters, and another way out
+    "prepare": ("--unknown replace", "--tokenizer byte or bpe:N takes any text"),
+    "train": ("--set on_unknown=replace", "--tokenizer byte, char or bpe:N takes any text"),
+    "sample": ("--unknown replace", None), "speculate": ("--unknown replace", None),
+    "grow": ("--set on_unknown=replace", None), "merge": ("--set on_unknown=replace", None),
+    "eval": ("a run trained with --set on_unknown=replace", None),
+    "analyze": ("a run trained with --set on_unknown=replace", None)}
+
+
 def _warning_line(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> str:
     return f"warning: {message}\n"
 
@@ -725,6 +738,10 @@ def main(argv: list[str] | None = None) -> int:
                     "config": cmd_config, "export": cmd_export, "prepare": cmd_prepare,
                     "merge": cmd_merge, "grow": cmd_grow}
         return commands[args.command](args)
+    except UnknownCharacterError as e:
+        print(f"error: {e.advice(*UNKNOWN_ADVICE[args.command]) if args.command in UNKNOWN_ADVICE else e}",
+              file=sys.stderr)
+        return 2
     except FractalError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -32,6 +32,7 @@ import torch
 from . import checkpoint as ckpt
 from .config import ModelConfig, RunConfig, TrainConfig, apply_overrides, parse_set
 from .errors import FractalError
+from .memory import check_training_fits
 from .models import GPT, FractalFormer
 from .tokenizers import Tokenizer
 
@@ -202,6 +203,7 @@ def _new_run(out: Path, cfg: RunConfig, model: GPT, tok: Tokenizer, provenance: 
     from .train import make_optimizer
 
     cfg.validate()
+    check_training_fits(cfg)
     ckpt.save_run_config(out, cfg, tok, data_sha256)
     ckpt.write_json(out / "provenance.json", provenance)
     ckpt.save_checkpoint(out, dict(model.state_dict()), make_optimizer(model, cfg),
@@ -304,6 +306,7 @@ def grow_run(run: str | Path, out: str | Path, width: int, depth: int = 1, steps
                                     max_steps=steps or t.max_steps, groups="", emergent_every=0)
     cfg = RunConfig(grown.config, train_cfg)
     cfg.validate()
+    check_training_fits(cfg)  # before the validation batches of batch_size rows are drawn
     _, corpus = prepare_data(cfg, model.tokenizer, ckpt.load_data_sha256(Path(run)))
     batches = fixed_val_batches(corpus, t.eval_batches, t.batch_size, cfg.model.block_size, t.seed)
     figures = {}

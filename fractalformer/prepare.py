@@ -4,9 +4,12 @@
 under a directory, in sorted order) in pieces of about 1 MB cut after a newline, encodes
 each piece and appends its ids to ``DIR/tokens.bin`` (uint16, or uint32 for vocabularies
 over 65,536). ``DIR/manifest.json`` records the tokenizer, the dtype, the token count, the
-sha256 of the input bytes, the files, and the validation split's characters per token
-(for bits/char). Training with ``--data DIR`` memory-maps the ids: only the windows a
-batch draws are read. The split is the usual one: the first 90% of tokens train.
+sha256 of the input bytes, the files, the validation split's characters per token (for
+bits/char), and the largest id with tokens.bin's modification time. Training with
+``--data DIR`` memory-maps the ids: only the windows a batch draws are read, after one
+check that every id lies in the vocabulary (the recorded largest id while tokens.bin is
+unchanged, else one pass over it). The split is the usual one: the first 90% of tokens train.
+A symlink or hard link to a file already read is not read again.
 
 A ``bpe:N`` tokenizer is trained on the first 90% of the input bytes, streamed; ``char``
 collects its alphabet in a first pass over the input.
@@ -15,6 +18,7 @@ collects its alphabet in a first pass over the input.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import shutil
 import tempfile
@@ -36,17 +40,24 @@ TRAIN_FRACTION = 0.9
 
 
 def input_files(paths: list[str]) -> list[Path]:
-    """The files named, and every regular file under the directories named (sorted)."""
-    files: list[Path] = []
+    """The files named, and every regular file under the directories named (sorted), each real
+    file once: a symlink or hard link to a file already listed (GPL-3 -> GPL) is not read again."""
+    found: list[Path] = []
     for name in paths:
         p = Path(name)
         if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file() and not any(
+            found += sorted(f for f in p.rglob("*") if f.is_file() and not any(
                 part.startswith(".") for part in f.relative_to(p).parts))
         elif p.is_file():
-            files.append(p)
+            found.append(p)
         else:
             raise FractalError(f"data not found: {name}")
+    files, seen = [], set()
+    for f in found:
+        st = f.stat()
+        if (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            files.append(f)
     if not files or not sum(f.stat().st_size for f in files):
         raise FractalError(f"no text to prepare in {', '.join(paths)}")
     return files
@@ -113,7 +124,7 @@ def prepare(paths: list[str], tokenizer: str, out: str | Path, on_unknown: str =
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        digest, counts = hashlib.sha256(), []  # counts: (tokens, units) of every piece
+        digest, counts, top = hashlib.sha256(), [], -1  # counts: (tokens, units) of every piece
         with (tmp / TOKENS).open("wb") as f, tqdm(total=total, unit="B", unit_scale=True,
                                                   disable=not progress, desc="prepare") as bar:
             for text, nbytes in pieces(files):
@@ -121,12 +132,14 @@ def prepare(paths: list[str], tokenizer: str, out: str | Path, on_unknown: str =
                 ids = tok.encode_array(text, on_unknown).astype(dtype)
                 f.write(ids.tobytes())
                 counts.append((len(ids), tok.units(text)))
+                top = max(top, int(ids.max())) if len(ids) else top
                 bar.update(nbytes)
         n = sum(c for c, _ in counts)
         manifest = {"format": 1, "tokens": TOKENS, "dtype": np.dtype(dtype).name, "count": n,
                     "train_count": int(TRAIN_FRACTION * n), "tokenizer": tok.to_dict(), "unit": tok.unit,
                     "sha256": digest.hexdigest(), "bytes": total,
-                    "files": [{"path": str(p), "bytes": p.stat().st_size} for p in files]}
+                    "files": [{"path": str(p), "bytes": p.stat().st_size} for p in files],
+                    "max_id": top, "tokens_mtime_ns": (tmp / TOKENS).stat().st_mtime_ns}
         manifest["val_units_per_token"] = _val_units(tmp / TOKENS, dtype, counts, manifest["train_count"],
                                                      tok) / max(1, n - manifest["train_count"])
         tok.save(tmp)
@@ -157,16 +170,67 @@ def is_prepared(path: str | None) -> bool:
 
 
 def load_prepared(path: str | Path) -> tuple[dict[str, Any], Tokenizer, np.ndarray]:
-    """Manifest, tokenizer and the memory-mapped ids (nothing is read until indexed)."""
+    """Manifest, tokenizer and the memory-mapped ids (read once, for their largest id, unless the
+    manifest's record of it still applies), every field checked: bad data must not train."""
     path = Path(path)
     m = read_json(path / MANIFEST)
-    try:
-        dtype = np.dtype(m["dtype"])
-        count = int(m["count"])
-        tok = tokenizer_from_dict(m["tokenizer"], path)
-        tokens = path / m["tokens"]
-    except (KeyError, TypeError, ValueError) as e:
-        raise FractalError(f"{path / MANIFEST} is not a prepared-data manifest ({e})") from None
+    check_manifest(m, path / MANIFEST)
+    dtype, count = np.dtype(m["dtype"]), m["count"]
+    tok = tokenizer_from_dict(m["tokenizer"], path)
+    tokens = path / m["tokens"]
     if not tokens.is_file() or tokens.stat().st_size != count * dtype.itemsize:
         raise FractalError(f"{tokens} is missing or does not hold the {count:,} tokens {MANIFEST} records")
-    return m, tok, np.memmap(tokens, dtype=dtype, mode="r", shape=(count,))
+    ids = np.memmap(tokens, dtype=dtype, mode="r", shape=(count,)) if count else np.zeros(0, dtype)
+    top = _max_id(m, tokens, ids)
+    if top >= tok.vocab_size:
+        raise FractalError(f"{tokens} holds token id {top:,}, outside the {tok.name} tokenizer's "
+                           f"{tok.vocab_size:,} ids: it does not belong to {MANIFEST} (prepare the data "
+                           f"again)")
+    return m, tok, ids
+
+
+REQUIRED = ("tokens", "dtype", "count", "train_count", "tokenizer", "val_units_per_token", "sha256")
+DTYPES = ("uint16", "uint32")  # what prepare writes: ids are never negative or fractional
+
+
+def check_manifest(m: Any, where: Path) -> None:
+    """The types and ranges of every manifest field the ids are read by (a manifest from before
+    ``max_id`` was recorded has none: its ids are then scanned)."""
+    def bad(key: str, want: str) -> FractalError:
+        return FractalError(f"{where}: {key} must be {want}, got {m[key]!r}")
+
+    def integer(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if not isinstance(m, dict):
+        raise FractalError(f"{where} is not a prepared-data manifest (a JSON object)")
+    missing = [k for k in REQUIRED if k not in m]
+    if missing:
+        raise FractalError(f"{where} is not a prepared-data manifest: it lacks {', '.join(missing)}")
+    name = m["tokens"]
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+        raise bad("tokens", "a file name in the same folder")
+    if m["dtype"] not in DTYPES:
+        raise bad("dtype", " or ".join(DTYPES))
+    if not integer(m["count"]) or m["count"] < 0:
+        raise bad("count", "a non-negative integer")
+    if not integer(m["train_count"]) or not 0 <= m["train_count"] <= m["count"]:
+        raise bad("train_count", f"an integer from 0 to count ({m['count']:,})")
+    upt = m["val_units_per_token"]
+    if isinstance(upt, bool) or not isinstance(upt, (int, float)) or not 0 < upt < math.inf:
+        raise bad("val_units_per_token", "a positive number")
+    if not isinstance(m["sha256"], str):
+        raise bad("sha256", "a hex string")
+    if "unit" in m and m["unit"] not in ("char", "byte"):
+        raise bad("unit", "char or byte")
+    for key in ("max_id", "tokens_mtime_ns"):
+        if key in m and not integer(m[key]):
+            raise bad(key, "an integer")
+
+
+def _max_id(m: dict[str, Any], tokens: Path, ids: np.ndarray) -> int:
+    """The largest id in ``tokens``: the manifest's ``max_id`` while the file is unchanged since
+    prepare wrote it (its modification time), else one pass over the memory map, a piece at a time."""
+    if "max_id" in m and m.get("tokens_mtime_ns") == tokens.stat().st_mtime_ns:
+        return m["max_id"]
+    return max((int(ids[i:i + PIECE].max()) for i in range(0, len(ids), PIECE)), default=-1)

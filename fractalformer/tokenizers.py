@@ -41,6 +41,21 @@ def _asset(name: str) -> str:
     return resources.files("fractalformer").joinpath("assets", name).read_text(encoding="utf-8")
 
 
+class UnknownCharacterError(FractalError):
+    """Text with a character the tokenizer lacks. The message names the library's ``on_unknown``;
+    :meth:`advice` lets a command name its own options instead."""
+
+    def __init__(self, what: str, replacement: str) -> None:
+        self.what, self.replacement = what, replacement
+        super().__init__(self.advice("on_unknown='replace'", "the char and byte tokenizers take any text"))
+
+    def advice(self, replace: str, other: str | None = None) -> str:
+        """The message with ``replace`` as the way to replace unknown characters (and ``other``,
+        another way out)."""
+        tail = f"; {other}" if other else ""
+        return f"{self.what} ({replace} maps unknown characters to {self.replacement!r}{tail})"
+
+
 class Tokenizer:
     """Base class: subclasses map text to ids and back."""
 
@@ -110,11 +125,8 @@ class _TableTokenizer(Tokenizer):
         if not known.all():
             bad = int(np.flatnonzero(~known)[0])
             if on_unknown == "error":
-                raise FractalError(
-                    f"character {text[bad]!r} (U+{ord(text[bad]):04X}) at position {bad} "
-                    f"is not in the {self.name} vocabulary (on_unknown='replace' maps unknown "
-                    f"characters to {self.replacement!r}; the char and byte tokenizers take any text)"
-                )
+                raise UnknownCharacterError(f"character {text[bad]!r} (U+{ord(text[bad]):04X}) at position "
+                                            f"{bad} is not in the {self.name} vocabulary", self.replacement)
             codes = np.where(known, codes, ord(self.replacement))
             pos = np.searchsorted(self._chars, codes)
         return self._ids[pos]
@@ -419,7 +431,7 @@ def train_bpe_cached(text: str, size: int) -> HFBPETokenizer:
     if path.is_file():
         try:
             return HFBPETokenizer.from_json(path.read_text(encoding="utf-8"), f"bpe:{size}")
-        except (FractalError, OSError):
+        except (FractalError, OSError, UnicodeDecodeError):
             pass  # a damaged cache entry is retrained below
     tok = HFBPETokenizer.train(_chunks(text), size)
     try:
@@ -459,7 +471,12 @@ def tokenizer_from_dict(spec: dict[str, Any], folder: Path | None = None) -> Tok
         path = Path(folder or ".") / str(spec["file"])
         if not path.is_file():
             raise FractalError(f"tokenizer file {path} not found")
-        tok = HFBPETokenizer.from_json(path.read_text(encoding="utf-8"), str(name))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            why = f"not UTF-8 text (byte {e.start})" if isinstance(e, UnicodeDecodeError) else e.strerror
+            raise FractalError(f"tokenizer file {path} cannot be read: {why}") from None
+        tok = HFBPETokenizer.from_json(text, str(name))
         if tok.sha256 != spec.get("sha256"):
             raise FractalError(f"tokenizer file {path} is not the {name} tokenizer the config names "
                                f"(hash differs)")

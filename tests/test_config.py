@@ -1,11 +1,17 @@
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
+import torch
 
+import fractalformer
 from fractalformer import FractalError
 from fractalformer.config import (
+    PRESETS,
     ModelConfig,
     RunConfig,
     TrainConfig,
@@ -14,6 +20,9 @@ from fractalformer.config import (
     describe_keys,
     to_toml,
 )
+from fractalformer.growth import grow_model
+from fractalformer.memory import check_training_fits, param_count
+from fractalformer.models import build_model
 
 
 def test_dense_preset_is_the_seed_dims_and_default_is_a_fractalformer() -> None:
@@ -117,3 +126,37 @@ def test_level_weights_are_numbers(tmp_path) -> None:
         f.write_text(f'preset = "tiny-fractal"\nlevel_weights = {bad}\n')
         with pytest.raises(FractalError, match=match):
             build_config(None, str(f), [])
+
+
+@pytest.mark.parametrize(("key", "value"), [("d_model", 10**6), ("block_size", 10**9), ("n_layer", 10**7)])
+def test_a_model_beyond_memory_is_refused_before_it_is_built(key: str, value: int) -> None:
+    cfg = build_config("tiny", sets=[f"{key}={value}"])  # a valid config ...
+    with pytest.raises(FractalError, match=r"needs at least [\d,.]+ GiB, more than this machine's"):
+        build_model(cfg.model)  # ... that no machine here could build
+    with pytest.raises(FractalError, match="choose smaller dimensions"):
+        check_training_fits(cfg)
+
+
+def test_a_training_step_beyond_memory_names_the_batch() -> None:
+    check_training_fits(build_config("tiny"))
+    with pytest.raises(FractalError, match=r"micro-batch of 1,000,000,000 x 32 tokens.*lower batch_size"):
+        check_training_fits(build_config("tiny", sets=["batch_size=1000000000"]))
+
+
+def test_the_size_estimate_is_a_lower_bound_of_every_preset() -> None:
+    for name in PRESETS:
+        cfg = build_config(name).model
+        with torch.device("meta"):
+            assert param_count(cfg) <= build_model(cfg).num_params(), name
+
+
+def test_grow_and_load_check_sizes_before_allocating(tiny_run: Path, tmp_path: Path) -> None:
+    with pytest.raises(FractalError, match=r"a model of d_model 32,000, .* needs at least"):
+        grow_model(fractalformer.load(tiny_run), 1000)
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    d = json.loads((run / "config.json").read_text())
+    d["model"]["n_layer"] = 200_000  # fits some machines, but not the weights in model.safetensors
+    (run / "config.json").write_text(json.dumps(d))
+    with pytest.raises(FractalError, match=r"too few for the at least 3,07.* parameters its config.json"):
+        fractalformer.load(run)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fractalformer import FractalError
 from fractalformer import prepare as prep
 from fractalformer.data import Corpus, read_text
 from fractalformer.tokenizers import get_tokenizer
@@ -87,3 +88,82 @@ def test_prepare_errors_are_one_line_and_write_nothing(corpus_dir: Path, tmp_pat
         assert not (tmp_path / "p").exists() and not list(tmp_path.glob(".p.*"))
     code, _, err = run_cli(capsys, "prepare", corpus_dir / "a.txt", "--out", corpus_dir, "--quiet")
     assert code == 2 and "already exists" in err
+
+
+@pytest.fixture
+def prepared(tmp_path: Path) -> Path:
+    """A small corpus prepared with the byte tokenizer (vocabulary 256, uint16 ids)."""
+    text = tmp_path / "t.txt"
+    text.write_text("line 1: #include <a>\n" * 400)
+    out = tmp_path / "prep"
+    prep.prepare([str(text)], "byte", out, progress=False)
+    return out
+
+
+def _edit_manifest(folder: Path, **changes: object) -> None:
+    m = json.loads((folder / "manifest.json").read_text())
+    m.update(changes)
+    (folder / "manifest.json").write_text(json.dumps({k: v for k, v in m.items() if v is not None}))
+
+
+@pytest.mark.parametrize(("changes", "msg"), [
+    ({"dtype": "float16"}, "dtype must be uint16 or uint32"), ({"dtype": "int8"}, "dtype must be"),
+    ({"train_count": -5}, "train_count must be an integer from 0"), ({"train_count": 10**9}, "train_count"),
+    ({"count": "8400"}, "count must be a non-negative integer"), ({"count": None}, "it lacks count"),
+    ({"tokenizer": None, "sha256": None}, "lacks tokenizer, sha256"), ({"tokens": "../t.txt"}, "tokens must"),
+    ({"val_units_per_token": 0}, "val_units_per_token must be a positive number"),
+    ({"unit": "word"}, "unit must be char or byte"), ({"max_id": 1.5}, "max_id must be an integer"),
+])
+def test_manifest_types_and_ranges_are_checked(prepared: Path, changes: dict, msg: str) -> None:
+    Corpus.prepared(str(prepared), 32)  # as written, it loads
+    _edit_manifest(prepared, **changes)
+    with pytest.raises(FractalError, match=msg):
+        Corpus.prepared(str(prepared), 32)
+
+
+def test_ids_outside_the_vocabulary_are_refused(prepared: Path, tmp_path: Path, capsys) -> None:
+    m = json.loads((prepared / "manifest.json").read_text())
+    assert m["max_id"] == max(b"line 1: #include <a>\n") and isinstance(m["tokens_mtime_ns"], int)
+    ids = np.fromfile(prepared / "tokens.bin", dtype=np.uint16)
+    ids[100] = 300  # the byte tokenizer has 256 ids
+    ids.tofile(prepared / "tokens.bin")  # a changed file: its recorded max_id no longer applies
+    code, _, err = run_cli(capsys, "train", *TINY, "--data", prepared, "--out", tmp_path / "r")
+    assert code == 2 and "holds token id 300, outside the byte tokenizer's 256 ids" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "r").exists()
+    _edit_manifest(prepared, max_id=None, tokens_mtime_ns=None)  # as an earlier version wrote it
+    with pytest.raises(FractalError, match="token id 300"):
+        Corpus.prepared(str(prepared), 32)
+    ids[100] = 65
+    ids.tofile(prepared / "tokens.bin")
+    assert len(Corpus.prepared(str(prepared), 32)[1].train) == m["train_count"]
+
+
+def test_recorded_max_id_saves_the_scan_while_tokens_bin_is_unchanged(prepared: Path) -> None:
+    _edit_manifest(prepared, max_id=999)  # the manifest alone changes: the record is believed
+    with pytest.raises(FractalError, match="token id 999"):
+        Corpus.prepared(str(prepared), 32)
+
+
+def test_each_real_file_is_read_once(tmp_path: Path) -> None:
+    root = tmp_path / "licenses"
+    root.mkdir()
+    (root / "GPL").write_text("the text of a licence\n" * 20)
+    (root / "GPL-3").symlink_to("GPL")
+    (root / "GPL-hard").hardlink_to(root / "GPL")
+    (root / "MIT").write_text("another\n")
+    assert prep.input_files([str(root), str(root / "GPL-3")]) == [root / "GPL", root / "MIT"]
+    m = prep.prepare([str(root)], "byte", tmp_path / "p", progress=False)
+    assert m["bytes"] == (root / "GPL").stat().st_size + (root / "MIT").stat().st_size
+
+
+def test_default_tokenizer_takes_any_text_and_errors_name_the_flags(tmp_path: Path, capsys) -> None:
+    text = tmp_path / "code.txt"
+    text.write_text("x = 42  # the answer, naïvely\n" * 50)
+    code, _, err = run_cli(capsys, "prepare", text, "--out", tmp_path / "p", "--quiet")
+    assert code == 0, err
+    assert json.loads((tmp_path / "p" / "manifest.json").read_text())["tokenizer"] == {"name": "byte"}
+    code, _, err = run_cli(capsys, "prepare", text, "--tokenizer", "bpe128", "--out", tmp_path / "q",
+                           "--quiet")
+    assert code == 2 and len(err.splitlines()) == 1 and not (tmp_path / "q").exists()
+    assert "'=' (U+003D) at position 2" in err and "(--unknown replace maps unknown characters to '?'; " \
+        "--tokenizer byte or bpe:N takes any text)" in err and "on_unknown" not in err

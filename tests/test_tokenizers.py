@@ -7,7 +7,9 @@ from hypothesis import strategies as st
 
 from fractalformer import FractalError, get_tokenizer
 from fractalformer.data import encode_cached, read_text
-from fractalformer.tokenizers import _merge_pair, tokenizer_from_dict
+from fractalformer.tokenizers import UnknownCharacterError, _merge_pair, tokenizer_from_dict
+
+from .conftest import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +82,25 @@ def test_unknown_character_names_it_and_its_position() -> None:
     with pytest.raises(FractalError, match=r"'é'.*position 2"):
         tok.encode("Thé cat")
     assert tok.decode(tok.encode("Thé cat", on_unknown="replace")) == "Th? cat"
+
+
+def test_unknown_character_advice_names_the_options_at_hand(tiny_run, capsys) -> None:
+    with pytest.raises(UnknownCharacterError) as e:
+        get_tokenizer("bpe128").encode("a#b")
+    assert str(e.value).endswith("(on_unknown='replace' maps unknown characters to '?'; the char and byte "
+                                 "tokenizers take any text)")  # the library's own keyword
+    assert e.value.advice("--unknown replace") == ("character '#' (U+0023) at position 1 is not in the "
+                                                   "bpe128 vocabulary (--unknown replace maps unknown "
+                                                   "characters to '?')")
+    code, _, err = run_cli(capsys, "sample", tiny_run, "--prompt", "#", "--max-new-tokens", "1")
+    assert code == 2 and "(--unknown replace maps" in err and "on_unknown" not in err
+
+
+def test_saved_tokenizer_file_that_is_not_text_is_one_line(tmp_path) -> None:
+    spec = {"name": "bpe:300", "file": "tokenizer.json", "sha256": "0" * 64}
+    (tmp_path / "tokenizer.json").write_bytes(b'{"version": "1.0", \xff}')
+    with pytest.raises(FractalError, match=r"tokenizer.json cannot be read: not UTF-8 text \(byte 19\)"):
+        tokenizer_from_dict(spec, tmp_path)
 
 
 def test_char_tokenizer_round_trip_and_serialisation() -> None:

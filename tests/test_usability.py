@@ -313,5 +313,6 @@ def test_unknown_character_hint_names_what_train_has(capsys, tmp_path: Path) -> 
     text = tmp_path / "t.txt"
     text.write_text("the cat sat on the mat " * 40 + "café")
     code, _, err = run_cli(capsys, "train", *QUICK, "--data", text, "--out", tmp_path / "r")
-    assert_one_line_error(code, err, "(on_unknown='replace' maps unknown characters to '?'; the char")
+    assert_one_line_error(code, err, "(--set on_unknown=replace maps unknown characters to '?'; "
+                                     "--tokenizer byte, char or bpe:N takes any text)")
     assert "--unknown" not in err  # a sample flag, which train does not have

@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
 from .. import checkpoint as ckpt
+from ..errors import FractalError
 
 LEVEL_COLOURS = ["Greys", "Blues", "Oranges", "Greens", "Purples", "Reds"]
 
@@ -31,6 +32,33 @@ def _sub_colour(level: int, index: int, count: int) -> tuple[float, ...]:
     return cmap(0.9 if count == 1 else 0.45 + 0.5 * index / (count - 1))
 
 
+def read_metrics(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """Header and rows of a ``metrics.csv``: a whole step and a training loss in every row and a
+    number or nothing in every other column (a row cut short by a crash lacks its last values);
+    anything else is a one-line error rather than a plot of garbage."""
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            rows, header = list(reader), reader.fieldnames or []
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise FractalError(f"{path} cannot be read as a metrics table ({e})") from None
+    train = "train_0.0" if "train_0.0" in header else "train_loss"
+    if "step" not in header or train not in header:
+        raise FractalError(f"{path} is not a metrics table: its header has no step and {train} columns")
+    for line, row in enumerate(rows, 2):
+        try:
+            if None in row:  # more values than columns
+                raise ValueError(f"{len(row[None])} values too many")
+            int(row["step"])
+            float(row[train])
+            for value in row.values():
+                if value:
+                    float(value)
+        except (ValueError, TypeError) as e:
+            raise FractalError(f"{path} is not a metrics table: line {line} ({e})") from None
+    return header, rows
+
+
 def plot_curves(run_dir: str | Path, name: str = "curves.png") -> Path:
     """Loss (nats/token) against step: the full model's train and validation loss, like with like.
 
@@ -39,9 +67,7 @@ def plot_curves(run_dir: str | Path, name: str = "curves.png") -> Path:
     does not learn stands out. Before the first evaluation the panels say so.
     """
     run_dir = Path(run_dir)
-    with (run_dir / "metrics.csv").open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    header = list(rows[0]) if rows else []
+    header, rows = read_metrics(run_dir / "metrics.csv")
     nested = "train_0.0" in header
     fig, axes = plt.subplots(1, 2 if nested else 1, figsize=(12 if nested else 7, 4.4), squeeze=False)
     ax = axes[0][0]

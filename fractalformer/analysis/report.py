@@ -22,6 +22,7 @@ import datetime
 import html
 import json
 import math
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -30,6 +31,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
+from ..errors import FractalError
 from ..hierarchy import group_key, groups_to_labels, seed_groups, token_class, token_strings
 from ..tokenizers import Tokenizer
 from .plots import plot_curves
@@ -78,17 +80,22 @@ def emergent_ari(run_dir: Path, model: torch.nn.Module) -> dict[int, float]:
     path = run_dir / "clusters.json"
     if not path.is_file():
         return {}
-    last = json.loads(path.read_text())[-1]
     tok = model.tokenizer
     widths = [model.level_width(lv) for lv in range(model.nest.levels)]
     imposed = seed_groups(tok, widths)
     v = tok.vocab_size
     out = {}
-    for key, groups in last["ids"].items():  # "W" or "W.j"; per width, the mean over its sub-models
-        w = group_key(key)[0]
-        if w in imposed:
-            found = groups_to_labels(groups, v)
-            out.setdefault(w, []).append(adjusted_rand_score(groups_to_labels(imposed[w], v), found))
+    try:
+        last = json.loads(path.read_text(encoding="utf-8"))[-1]
+        for key, groups in last["ids"].items():  # "W" or "W.j"; per width, the mean over its sub-models
+            w = group_key(key)[0]
+            if w in imposed:
+                found = groups_to_labels(groups, v)
+                out.setdefault(w, []).append(adjusted_rand_score(groups_to_labels(imposed[w], v), found))
+    except (OSError, LookupError, TypeError, ValueError, AttributeError) as e:
+        warnings.warn(f"{path} cannot be read as a clustering history ({type(e).__name__}: {e}); the report "
+                      f"leaves out the emergent clustering", stacklevel=2)
+        return {}
     return {w: round(float(sum(s) / len(s)), 4) for w, s in out.items()}
 
 
@@ -218,6 +225,39 @@ pre{background:#f7f7f7;padding:.6em;white-space:pre-wrap;max-height:14em;overflo
 figure{margin:1em 0}"""
 
 
+def _analysis_dir(run_dir: Path) -> Path:
+    """``RUN/analysis``, made if need be; a file of that name is the user's, never replaced."""
+    out = run_dir / "analysis"
+    if out.exists() and not out.is_dir():
+        raise FractalError(f"{out} is a file, not a folder: move it away to write the report there")
+    try:
+        out.mkdir(exist_ok=True)
+    except OSError as e:
+        raise FractalError(f"cannot make {out} ({e.strerror})") from None
+    return out
+
+
+def _curves(run_dir: Path) -> Path | None:
+    """The loss curves, or None where there is nothing to draw: no metrics.csv (an extracted,
+    merged or grown run before training), or one that is no metrics table (a warning says so)."""
+    if not (run_dir / "metrics.csv").exists():
+        return None
+    try:
+        return plot_curves(run_dir)
+    except FractalError as e:
+        warnings.warn(f"{e}; the report leaves out the loss curves", stacklevel=2)
+        return None
+
+
+def _trained_steps(path: Path) -> int | None:
+    """The step ``train_state.json`` records; None where there is none to read (the report says ?)."""
+    try:
+        step = json.loads(path.read_text(encoding="utf-8")).get("step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
 def analyze(run_dir: str | Path, windows: int = 16, data: str | None = None, device: str = "cpu",
             dtype: str = "auto") -> Path:
     """Build ``RUN/analysis/report.html`` (and its PNGs, and ``summary.json``).
@@ -236,8 +276,7 @@ def analyze(run_dir: str | Path, windows: int = 16, data: str | None = None, dev
     model = fractalformer.load(run_dir, device)
     cfg = model.run_config
     corpus = run_data(run_dir, model, data)
-    out = run_dir / "analysis"
-    out.mkdir(exist_ok=True)
+    out = _analysis_dir(run_dir)
     bf16 = dtype == "bfloat16" or (dtype == "auto" and device == "cuda")
     with torch.autocast(device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
         rows = evaluate_full(model, corpus, cfg.model.block_size, device)
@@ -251,7 +290,7 @@ def analyze(run_dir: str | Path, windows: int = 16, data: str | None = None, dev
     counts = torch.bincount(as_tensor(corpus.train), minlength=model.tokenizer.vocab_size)
     seen = counts.nonzero().flatten().tolist()
     _dendrogram(model, seen, out / "dendrogram.png")
-    curves = plot_curves(run_dir)
+    curves = _curves(run_dir)
     cos = pair_cosines(model, [("a", "A"), ("a", "i")])
     ari = emergent_ari(run_dir, model)
     unit = rows[0].unit
@@ -265,16 +304,15 @@ def analyze(run_dir: str | Path, windows: int = 16, data: str | None = None, dev
     summary = {"rows": [r.to_json() for r in rows], "cosines": cos, "emergent_ari": ari,
                "consistency": {f"{lv}.{j}": v for (lv, j), v in cons.items()}, "expert_usage": usage}
     ckpt.write_text(out / "summary.json", json.dumps(summary, indent=1))
-    state = ckpt.read_train_info(run_dir) if ckpt.current(run_dir).state_json.is_file() else {}
     page = _page(run_dir, model, rows[0].tokens, n, t, table, samples, usage, curves, heatmaps, cos, ari,
-                 len(seen), state.get("step"))
+                 len(seen), _trained_steps(ckpt.current(run_dir).state_json))
     report = out / "report.html"
     ckpt.write_text(report, page)
     return report
 
 
 def _page(run_dir: Path, model: torch.nn.Module, val_tokens: int, n: int, t: int, table: list[dict],
-          samples: list[tuple[str, str]], usage: dict | None, curves: Path, heatmaps: list[Path],
+          samples: list[tuple[str, str]], usage: dict | None, curves: Path | None, heatmaps: list[Path],
           cos: dict, ari: dict, seen: int, step: int | None) -> str:
     """The report as one self-contained HTML page, every section with a line on how to read it."""
     from .. import __version__
@@ -306,6 +344,10 @@ def _page(run_dir: Path, model: torch.nn.Module, val_tokens: int, n: int, t: int
     ari_part = (f"<h3>Emergent clustering against the imposed categories</h3><p class=about>Adjusted Rand "
                 f"index of the last emergent clustering at each width against the seed's categories: 1 = the "
                 f"same partition, 0 = no better than chance.</p>{_table(ari_rows, 0)}" if ari_rows else "")
+    curves_part = ("<h2 id=curves>Loss curves</h2><p class=about>Left: the full model's training loss (each "
+                   "step's batch, and a moving average) and validation loss. Right, for nested models: the "
+                   "validation loss of every sub-model, one colour family per level, dashed for level "
+                   f"ensembles.</p>{_img(curves, 'loss curves')}" if curves else "")
     sample_html = "".join(f"<h3>{e(who)}</h3><pre>{e(text)}</pre>" for who, text in samples)
     figures = "".join(f"<figure>{_img(p, p.stem)}</figure>" for p in heatmaps)
     return f"""<!doctype html><html lang=en><head><meta charset="utf-8">
@@ -314,7 +356,7 @@ def _page(run_dir: Path, model: torch.nn.Module, val_tokens: int, n: int, t: int
 <h1>Analysis of {e(run_dir.name)}</h1>
 <p class=meta>{e(str(run_dir.resolve()))} &middot; generated {when} by fractalformer {__version__}</p>
 <nav><a href="#run">Run</a><a href="#subs">Sub-models</a><a href="#samples">Samples</a>{
-'<a href="#experts">Experts</a>' if experts else ''}<a href="#curves">Loss curves</a>
+'<a href="#experts">Experts</a>' if experts else ''}{'<a href="#curves">Loss curves</a>' if curves else ''}
 <a href="#similarity">Embedding similarity</a><a href="#clusters">Clusters</a></nav>
 <h2 id=run>The run</h2>{_table(run_rows, 2)}
 <h2 id=subs>Sub-models</h2>
@@ -328,9 +370,7 @@ the full model as target would accept.</p>
 <h2 id=samples>Samples</h2><p class=about>120 tokens from every sub-model after a newline, temperature 0.8,
 seed 0.</p>{sample_html}
 {experts}
-<h2 id=curves>Loss curves</h2><p class=about>Left: the full model's training loss (each step's batch, and a
-moving average) and validation loss. Right, for nested models: the validation loss of every sub-model, one
-colour family per level, dashed for level ensembles.</p>{_img(curves, "loss curves")}
+{curves_part}
 <h2 id=similarity>Embedding similarity per width</h2><p class=about>Cosine similarity between the
 embeddings of every pair of tokens, using only the embedding columns that level's first sub-model owns.
 Tokens are grouped by class (black lines; names on top); red blocks on the diagonal mean a width keeps

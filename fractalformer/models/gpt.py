@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..memory import check_model_fits
 from ..nn import Attention, Embedding, GeGLU, KVCache, Nesting, RMSNorm, Rotary
 from ..nn.norms import widen
 
@@ -68,6 +69,8 @@ class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         cfg.validate()
+        if not torch.empty(0).is_meta:  # on the meta device nothing is allocated
+            check_model_fits(cfg)
         self.config = cfg
         self.nest = cfg.nesting()
         c = cfg
