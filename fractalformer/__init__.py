@@ -51,7 +51,7 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu", level: int | N
     cfg, tok = ckpt.load_run_config(Path(run_dir))
     if (level is None) != (index is None):
         raise FractalError("load a sub-model with both level and index")
-    check_weights_file(Path(run_dir) / ckpt.MODEL, cfg.model)
+    check_weights_file(ckpt.current(run_dir).model, cfg.model)
     if level == 0 and cfg.model.glue_rank:  # the full model's glue maps lie outside its slices
         model = build_model(cfg.model)
         ckpt.load_model_state(Path(run_dir), model)
