@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .config import PRESETS
-from .errors import FractalError
-from .tokenizers import UnknownCharacterError
+from .errors import FractalError, UnknownCharacterError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

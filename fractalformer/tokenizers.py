@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import FractalError
+from .errors import FractalError, UnknownCharacterError
 
 TOKENIZERS = ("bpe128", "char", "byte", "bpe:N", "gpt2")
 BPE_FILE = "tokenizer.json"
@@ -39,21 +39,6 @@ BPE_FILE = "tokenizer.json"
 
 def _asset(name: str) -> str:
     return resources.files("fractalformer").joinpath("assets", name).read_text(encoding="utf-8")
-
-
-class UnknownCharacterError(FractalError):
-    """Text with a character the tokenizer lacks. The message names the library's ``on_unknown``;
-    :meth:`advice` lets a command name its own options instead."""
-
-    def __init__(self, what: str, replacement: str) -> None:
-        self.what, self.replacement = what, replacement
-        super().__init__(self.advice("on_unknown='replace'", "the char and byte tokenizers take any text"))
-
-    def advice(self, replace: str, other: str | None = None) -> str:
-        """The message with ``replace`` as the way to replace unknown characters (and ``other``,
-        another way out)."""
-        tail = f"; {other}" if other else ""
-        return f"{self.what} ({replace} maps unknown characters to {self.replacement!r}{tail})"
 
 
 class Tokenizer:

@@ -314,16 +314,18 @@ def test_seeded_adaptive_sampling_does_not_depend_on_timings(monkeypatch) -> Non
 def test_compare_times_both_passes_warm(capsys, monkeypatch, tmp_path) -> None:
     """Each timed pass of --compare follows an untimed pass of the same kind."""
     from fractalformer import generate as gen
-    from fractalformer.checkpoint import save_model, save_run_config
+    from fractalformer.checkpoint import save_checkpoint, save_run_config
     from fractalformer.config import build_config
     from fractalformer.tokenizers import get_tokenizer
+    from fractalformer.train import make_optimizer
 
     from .conftest import run_cli
 
     run = tmp_path / "run"
     cfg = build_config("tiny-fractal", None, ["block_size=32"])
     save_run_config(run, cfg, get_tokenizer("bpe128"))
-    save_model(run, build_model(cfg.model), 0)
+    model = build_model(cfg.model)
+    save_checkpoint(run, dict(model.state_dict()), make_optimizer(model, cfg), {"step": 0, "elapsed_s": 0.0})
     calls: list[tuple[str, int]] = []
 
     def spy(name: str, fn):
