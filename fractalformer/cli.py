@@ -128,7 +128,7 @@ def _parser() -> argparse.ArgumentParser:
                 "fractalformer eval runs/x --json", "fractalformer eval runs/x --data elsewhere/input.txt")
     e.add_argument("--json", action="store_true", help="print a JSON list of rows")
     e.add_argument("--data", help="score all of this text file instead of the run's own validation split "
-                   "(a prepared folder: its validation split)")
+                   "(the run's own text, moved: its split as usual; a prepared folder: its validation split)")
     e.add_argument("--windows", type=_windows, metavar="N|all",
                    help="score the first N windows of block_size tokens, or all (unset: with --data all; "
                         "else the windows train scored at the end, by default as many as it trained on)")
@@ -414,21 +414,23 @@ def _precision(a: argparse.Namespace, model: torch.nn.Module) -> contextlib.Abst
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    from .data import read_text
+    from .data import read_text, text_sha256
     from .evaluate import closing_windows, evaluate_full, text_corpus
     from .prepare import is_prepared
     from .train.trainer import run_data
 
     model = _load(a)
     cfg = model.run_config
-    if a.data is not None and not is_prepared(a.data):  # a text named for scoring is scored whole
-        corpus = text_corpus(read_text(a.data), model.tokenizer, cfg.train.on_unknown)
-    else:
+    text = None if a.data is None or is_prepared(a.data) else read_text(a.data)
+    own = text is None or text_sha256(text) == _data_sha256(a.run)  # the run's data, perhaps moved
+    if own:
         corpus = run_data(a.run, model, a.data)
+    else:  # another text named for scoring is scored whole
+        corpus = text_corpus(text, model.tokenizer, cfg.train.on_unknown)
     if a.windows is not None:
         windows = a.windows
-    else:  # the run's own split as train scored it at the end; a named text in full
-        windows = closing_windows(cfg.train) if a.data is None else 0
+    else:  # the run's own split as train scored it at the end; another text or a corpus in full
+        windows = closing_windows(cfg.train) if own and (a.data is None or text is not None) else 0
     with _precision(a, model):
         rows = evaluate_full(model, corpus, cfg.model.block_size, next(model.parameters()).device,
                              windows_limit=windows)
