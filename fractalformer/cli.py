@@ -574,10 +574,8 @@ def cmd_analyze(a: argparse.Namespace) -> int:
 
 
 def cmd_extract(a: argparse.Namespace) -> int:
-    from .checkpoint import save_checkpoint, save_run_config
     from .config import RunConfig
-    from .runs import check_run_dir, claim_run_dir
-    from .train.optim import make_optimizer
+    from .runs import check_run_dir, claim_run_dir, write_new_run
 
     out = Path(a.out)
     check_run_dir(out, resume=False)
@@ -588,9 +586,7 @@ def cmd_extract(a: argparse.Namespace) -> int:
     cfg = RunConfig(sub.config, train)
     cfg.validate()
     with claim_run_dir(out, resume=False):
-        save_run_config(out, cfg, model.tokenizer, _data_sha256(a.run))
-        # a fresh training state, so `fractalformer train --out DIR --resume` trains it further
-        save_checkpoint(out, dict(sub.state_dict()), make_optimizer(sub, cfg), {"step": 0, "elapsed_s": 0.0})
+        write_new_run(out, cfg, sub, model.tokenizer, _data_sha256(a.run))
     print(f"extracted sub-model ({a.level}, {a.index}): {sub.num_params():,} parameters, width "
           f"{sub.config.d_model} -> {out}")
     return 0

@@ -31,17 +31,15 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import ModelConfig, RunConfig, TrainConfig, apply_overrides, parse_set
-from .data.tokenizers import Tokenizer
 from .errors import FractalError
 from .evaluate import fixed_val_batches, mean_losses, to_bpc
-from .io import write_json
 from .loading import load
 from .memory import check_training_fits
 from .models import GPT, FractalFormer
 from .models.concept import ConceptGPT, grow
 from .models.fractal import fold_glue
 from .nn.nesting import nested_parameters
-from .runs import check_run_dir, claim_run_dir, prepare_data
+from .runs import check_run_dir, claim_run_dir, prepare_data, write_new_run
 from .train.optim import make_optimizer
 from .train.trainer import train
 
@@ -151,18 +149,6 @@ def grow_model(model: GPT, width: int, depth: int = 1) -> FractalFormer:
 
 
 # -- run folders ---------------------------------------------------------------------------
-def _new_run(out: Path, cfg: RunConfig, model: GPT, tok: Tokenizer, provenance: dict,
-             data_sha256: str | None) -> None:
-    """Write ``model`` as an ordinary run folder at step 0 (fresh training state); ``data_sha256``
-    (the text the runs trained on) lets training it further notice a changed data file."""
-    cfg.validate()
-    check_training_fits(cfg)
-    ckpt.save_run_config(out, cfg, tok, data_sha256)
-    write_json(out / "provenance.json", provenance)
-    ckpt.save_checkpoint(out, dict(model.state_dict()), make_optimizer(model, cfg),
-                         {"step": 0, "elapsed_s": 0.0})
-
-
 def train_overrides(train: TrainConfig, sets: list[str] | None) -> TrainConfig:
     """``train`` with ``key=value`` overrides of training keys (the model comes from the runs)."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -209,9 +195,9 @@ def merge_runs(runs: list[str | Path], out: str | Path, glue_steps: int = 0, the
     cfg.validate()
     data_sha256 = ckpt.load_data_sha256(Path(runs[0]))
     with claim_run_dir(out, resume=False):
-        _new_run(out, cfg, merged, models[0].tokenizer,
-                 {"merged_from": [str(r) for r in runs], "glue_steps": glue_steps, "glue_rank": glue_rank,
-                  "then_steps": then_steps}, data_sha256)
+        write_new_run(out, cfg, merged, models[0].tokenizer, data_sha256,
+                      {"merged_from": [str(r) for r in runs], "glue_steps": glue_steps,
+                       "glue_rank": glue_rank, "then_steps": then_steps})
         if glue:  # the full training follows: score the whole validation split only after it
             glue_cfg = (RunConfig(cfg.model, dataclasses.replace(cfg.train, final_eval=0)) if then_steps
                         else cfg)
@@ -256,9 +242,8 @@ def grow_run(run: str | Path, out: str | Path, width: int, depth: int = 1, steps
         loss = mean_losses(m, batches, ensembles=False)[0][(0, 0)]
         figures |= {f"{who}_val_loss": loss, f"{who}_val_bpc": to_bpc(loss, corpus.val_units_per_token)}
     with claim_run_dir(out, resume=False):
-        _new_run(out, cfg, grown, model.tokenizer,
-                 {"grown_from": str(run), "width": width, "depth": depth, **figures},
-                 corpus.sha256)
+        write_new_run(out, cfg, grown, model.tokenizer, corpus.sha256,
+                      {"grown_from": str(run), "width": width, "depth": depth, **figures})
         if steps:
             train(cfg, out, resume=True, progress=progress)
         return figures
@@ -281,8 +266,8 @@ def grow_concept_run(run: str | Path, out: str | Path, combo: int = 4, steps: in
     t = train_overrides(model.run_config.train, sets)
     cfg = RunConfig(grown.config, dataclasses.replace(t, max_steps=steps or t.max_steps, schedule_start=0))
     with claim_run_dir(out, resume=False):
-        _new_run(out, cfg, grown, model.tokenizer, {"grown_from": str(run), "combo": combo},
-                 ckpt.load_data_sha256(Path(run)))
+        write_new_run(out, cfg, grown, model.tokenizer, ckpt.load_data_sha256(Path(run)),
+                      {"grown_from": str(run), "combo": combo})
         if steps:
             train(cfg, out, resume=True, progress=progress)
             return load(out)

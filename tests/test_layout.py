@@ -58,10 +58,14 @@ def import_graph() -> tuple[dict[str, set[str]], list[tuple[str, str, int]]]:
             for name in names:
                 while name not in mods and "." in name:
                     name = name.rpartition(".")[0]
-                if name in mods and name != mod:
-                    edges[mod].add(name)
+                # importing a.b.c runs the packages a and a.b first: they are imported too
+                parts = name.split(".")
+                for target in {".".join(parts[:i]) for i in range(1, len(parts) + 1)} & mods.keys() - {mod}:
+                    if mod.startswith(f"{target}."):
+                        continue  # a module's own package is already being imported
+                    edges[mod].add(target)
                     if id(node) not in top and mod not in DEFERRING:
-                        deferred.append((mod, name, node.lineno))
+                        deferred.append((mod, target, node.lineno))
     return edges, deferred
 
 

@@ -345,8 +345,9 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, stop_after: int
 
     The loop: set the lr, :func:`train_step`, and every ``sync_every`` steps (and at every
     evaluation, checkpoint, callback and the end) :func:`flush` the losses to the host,
-    :func:`evaluate`, log, run the callbacks due and :func:`save`. Resuming a run already at ``max_steps`` does
-    nothing (``stopped`` "complete"). The folder is held (:func:`claim_run_dir`) throughout.
+    :func:`evaluate`, log, run the callbacks due and :func:`save`. Resuming a run already at
+    ``max_steps`` does nothing (``stopped`` "complete"). The folder is held
+    (:func:`claim_run_dir`) throughout.
     """
     out = Path(out)
     main = int(os.environ.get("RANK", "0")) == 0
