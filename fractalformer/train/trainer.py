@@ -98,7 +98,7 @@ def _resume_note(saved: RunConfig, cfg: RunConfig, start: int) -> str:
 
 
 @dataclass
-class Session:
+class Training:
     """What a training run holds between steps: built by :func:`setup`, advanced by
     :func:`train_step`, read back by :func:`flush`, scored by :func:`evaluate`."""
 
@@ -123,7 +123,7 @@ class Session:
         return self.cfg.train.parallel == "fsdp" and self.dd.world > 1
 
 
-def setup(cfg: RunConfig, out: Path, resume: bool, progress: bool) -> Session:
+def setup(cfg: RunConfig, out: Path, resume: bool, progress: bool) -> Training:
     """Check everything, then build (or restore) data, model and optimizer; write the run folder.
 
     Order matters for sharding: weights are loaded into the whole model, then it is sharded,
@@ -200,7 +200,7 @@ def setup(cfg: RunConfig, out: Path, resume: bool, progress: bool) -> Session:
         print(f"model: {model.num_params():,} parameters | data: {len(train_ids):,} train / "
               f"{len(corpus.val):,} val {tok.name} tokens | device: {device} x{dd.world}"
               f"{' (fsdp)' if t.parallel == 'fsdp' and dd.world > 1 else ''} | run folder: {out}")
-    return Session(cfg, out, dd, device, tok, corpus, train_ids, model, fwd, optimizer, autocast, val_batches,
+    return Training(cfg, out, dd, device, tok, corpus, train_ids, model, fwd, optimizer, autocast, val_batches,
                    start, elapsed0, progress)
 
 
@@ -215,7 +215,7 @@ def shard_ids(corpus: Corpus, cfg: RunConfig) -> Ids:
     return ids
 
 
-def save(s: Session, step: int, elapsed: float) -> None:
+def save(s: Training, step: int, elapsed: float) -> None:
     """Checkpoint: whole tensors in the single-process format, whatever the number of
     processes, and every rank's generator (so a resumed run draws the masks it would have)."""
     state, opt = None, None
@@ -239,7 +239,7 @@ def save(s: Session, step: int, elapsed: float) -> None:
 
 
 @contextlib.contextmanager
-def whole_model(s: Session) -> Any:
+def whole_model(s: Training) -> Any:
     """The model with whole parameters, for calls outside its forward (evaluation, sampling).
 
     A sharded model gathers its parameters (every rank takes part) and drops the slices
@@ -258,14 +258,14 @@ def whole_model(s: Session) -> Any:
         s.model.reshard()
 
 
-def set_lr(s: Session, step: int) -> float:
+def set_lr(s: Training, step: int) -> float:
     lr = lr_at(step, s.cfg)
     for g in s.optimizer.param_groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
     return lr
 
 
-def train_step(s: Session, step: int) -> torch.Tensor:
+def train_step(s: Training, step: int) -> torch.Tensor:
     """One optimizer step over this rank's share of the step's batch, in ``grad_accum``
     micro-batches. Returns ``[loss, *sub_losses]`` on the device, unread (no host sync)."""
     t, dd = s.cfg.train, s.dd
@@ -293,7 +293,7 @@ def train_step(s: Session, step: int) -> torch.Tensor:
     return total
 
 
-def flush(s: Session, pending: list[tuple[int, float, float, torch.Tensor]], stop: bool
+def flush(s: Training, pending: list[tuple[int, float, float, torch.Tensor]], stop: bool
           ) -> tuple[list[dict[str, Any]], bool]:
     """Read the pending steps' losses back (averaged over processes, with the stop request):
     one metrics row each. A non-finite loss stops the run; no checkpoint was written since
@@ -320,7 +320,7 @@ def flush(s: Session, pending: list[tuple[int, float, float, torch.Tensor]], sto
     return rows, bool(flag.item() > 0)
 
 
-def evaluate(s: Session, row: dict[str, Any], bar: tqdm) -> None:
+def evaluate(s: Training, row: dict[str, Any], bar: tqdm) -> None:
     """Validation losses on the fixed batches, added to the step's metrics row and printed."""
     with whole_model(s) as model:
         val, _ = mean_losses(model, s.val_batches, s.device, s.autocast)
