@@ -102,10 +102,20 @@ def absolute_data(cfg: RunConfig) -> RunConfig:
 
 
 def check_run_dir(out: Path, resume: bool) -> None:
-    """Refuse a run folder that cannot be (re)used, before anything is written.
+    """Refuse a run folder that cannot be (re)used, before anything is written; a refusal
+    names the process holding the folder, if one does.
 
     A folder with a config but no checkpoint (a run cut off before its first one) holds
     nothing to resume, and a new run may take it over."""
+    try:
+        _check_run_dir(out, resume)
+    except FractalError:
+        if holder := ckpt.lock_holder(out):  # the run in use: name its holder instead
+            raise ckpt.in_use(out, holder) from None
+        raise
+
+
+def _check_run_dir(out: Path, resume: bool) -> None:
     if out.is_symlink() and not out.exists():
         raise FractalError(f"{out} is a symbolic link to nothing (dangling, or a loop)")
     if out.exists() and not out.is_dir():
@@ -147,12 +157,7 @@ def claim_run_dir(out: Path, resume: bool, lock: bool = True) -> Iterator[None]:
     created is removed again if the block fails before a first checkpoint.
     """
     made = not out.exists()
-    try:
-        check_run_dir(out, resume)
-    except FractalError:
-        if lock and (holder := ckpt.lock_holder(out)):  # the run in use: name its holder instead
-            raise ckpt.in_use(out, holder) from None
-        raise
+    (check_run_dir if lock else _check_run_dir)(out, resume)
     if not lock:
         yield
         return
@@ -162,7 +167,7 @@ def claim_run_dir(out: Path, resume: bool, lock: bool = True) -> Iterator[None]:
         raise FractalError(f"cannot create run folder {out} ({e.strerror})") from None
     with ckpt.run_lock(out):
         try:
-            check_run_dir(out, resume)
+            _check_run_dir(out, resume)
             if not resume and (out / ckpt.CONFIG).exists() and not ckpt.has_checkpoint(out):
                 for name in _UNFINISHED:
                     path = out / name
