@@ -33,11 +33,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fractalformer.cli import main as cli
 from fractalformer.config import RunConfig, build_config
-from fractalformer.data import Ids, batch_generator, training_batch
+from fractalformer.data.corpus import Ids, batch_generator, training_batch
+from fractalformer.data.prepared import load_prepared
+from fractalformer.device import pick_device
 from fractalformer.models import build_model
-from fractalformer.prepare import load_prepared
 from fractalformer.train import make_optimizer
-from fractalformer.train.trainer import pick_device
 from harness import machine, script_parser
 
 

@@ -46,8 +46,8 @@ def measure(run: Path, level: int | None, index: int | None) -> dict:
 
 def make_run(folder: Path) -> Path:
     from fractalformer.config import build_config
+    from fractalformer.data.tokenizers import get_tokenizer
     from fractalformer.models import build_model
-    from fractalformer.tokenizers import get_tokenizer
     from fractalformer.train import make_optimizer
 
     cfg = build_config("fractal-512")

@@ -30,7 +30,7 @@ from fractalformer.config import build_config
 from fractalformer.models import build_model
 from fractalformer.nn import GeGLU, Nesting
 from fractalformer.nn.product_keys import PEER, PKM
-from fractalformer.train.trainer import clipped_params, make_optimizer
+from fractalformer.train.optim import clipped_params, make_optimizer
 from harness import machine, script_parser, timeit
 
 D, TOKENS = 128, (16, 256)

@@ -30,10 +30,10 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from fractalformer.config import RunConfig, build_config
-from fractalformer.data import get_batch
+from fractalformer.data.corpus import get_batch
 from fractalformer.models import build_model
+from fractalformer.runs import prepare_data
 from fractalformer.train import make_optimizer
-from fractalformer.train.trainer import prepare_data
 from harness import machine, script_parser, timeit
 
 MATCHED = ["mlp_mult=2.6875", "mlp_bias=false"]  # GeGLU 128 -> 2 x 344 -> 128: the 4x GELU MLP's size

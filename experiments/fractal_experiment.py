@@ -33,7 +33,7 @@ from fractalformer.checkpoint import load_model_state
 from fractalformer.config import build_config
 from fractalformer.evaluate import evaluate_full
 from fractalformer.models import build_model
-from fractalformer.train.trainer import prepare_data
+from fractalformer.runs import prepare_data
 from harness import cached_result, experiment_parser, finished, machine, timed_train, write_tables
 
 FF = ["family=fractal", "levels=3", "split=2"]

@@ -89,7 +89,7 @@ def at_merge(out: Path) -> dict[str, float]:
     """Validation bits/char of every sub-model of the merged model before any glue training."""
     from fractalformer.evaluate import fixed_val_batches, mean_losses, to_bpc
     from fractalformer.growth import merge_models
-    from fractalformer.train.trainer import prepare_data
+    from fractalformer.runs import prepare_data
 
     kids = [fractalformer.load(out / f"child{j}") for j in range(2)]
     t = kids[0].run_config.train
@@ -167,7 +167,7 @@ def main() -> None:
 
 def _final(run: Path) -> list:
     from fractalformer.evaluate import evaluate_full
-    from fractalformer.train.trainer import prepare_data
+    from fractalformer.runs import prepare_data
 
     model = fractalformer.load(run)
     _, corpus = prepare_data(model.run_config, model.tokenizer)

@@ -35,10 +35,11 @@ import torch
 import torch.nn.functional as F
 
 from fractalformer.config import build_config
-from fractalformer.data import batch_generator, get_batch
+from fractalformer.data.corpus import batch_generator, get_batch
 from fractalformer.models import build_model
 from fractalformer.models.concept import ConceptCache, ConceptGPT
-from fractalformer.train.trainer import lr_at, make_optimizer, prepare_data
+from fractalformer.runs import prepare_data
+from fractalformer.train.optim import lr_at, make_optimizer
 from harness import machine, script_parser
 
 CHUNK = 256

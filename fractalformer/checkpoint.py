@@ -34,8 +34,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import RunConfig
+from .data.tokenizers import Tokenizer, tokenizer_from_dict
 from .errors import FractalError
-from .tokenizers import Tokenizer, tokenizer_from_dict
+from .io import WriteError, atomic_write, current_umask, fsync_dir, read_json, write_error, write_json
 
 CONFIG = "config.json"
 MODEL = "model.safetensors"
@@ -44,85 +45,6 @@ STATE_JSON = "train_state.json"
 POINTER = "checkpoint.json"
 CHECKPOINTS = "checkpoints"
 LOCK = ".lock"
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync(path: Path | str) -> None:
-    """Flush a file's (or a folder's entries') data to disk: a rename is durable only then."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Flush a folder's entries (a rename in it); some file systems cannot, which only costs
-    durability across a power cut there."""
-    with contextlib.suppress(OSError):
-        _fsync(path)
-
-
-class WriteError(FractalError):
-    """A write that failed (a full disk, a quota, a read-only file system), as one line."""
-
-    def __init__(self, what: str | Path, why: str) -> None:
-        super().__init__(f"cannot write {what} ({why})")
-        self.why = why
-
-
-def write_error(path: Path, e: BaseException) -> WriteError:
-    why = e.strerror if isinstance(e, OSError) and e.strerror else (str(e) or repr(e)).splitlines()[0]
-    return WriteError(path, why)
-
-
-def atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)``, flush it to disk, then rename the temporary file onto ``path``.
-
-    The temporary file is created 0600; the result gets the mode a plain ``open`` would
-    (0666 less the umask), so run folders can be shared like any other file. A failed write
-    (a full disk) removes the temporary file and leaves ``path`` as it was.
-    """
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    except OSError as e:
-        raise write_error(path, e) from None
-    os.close(fd)
-    try:
-        write(tmp)
-        _fsync(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except (OSError, SafetensorError) as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise write_error(path, e) from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
-
-
-def read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise FractalError(f"{path} not found")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FractalError(f"{path} is not valid JSON ({e})") from None
 
 
 def _tensor_prefix(name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> bytes:
@@ -172,11 +94,16 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def save_run_config(run_dir: Path, cfg: RunConfig, tok: Tokenizer, data_sha256: str | None = None) -> None:
-    """``config.json``; ``data_sha256`` identifies the text the run trains on. The
-    tokenizer's own files (a bpe:N ``tokenizer.json``) are written first: config.json names them."""
+def save_run_config(run_dir: Path, cfg: RunConfig, tok: Tokenizer, data_sha256: str | None = None,
+                    val_units_per_token: float | None = None) -> None:
+    """``config.json``; ``data_sha256`` identifies the text the run trains on and
+    ``val_units_per_token`` (characters or bytes per token of its validation split) turns
+    its losses into bits per character without tokenising the text again. The tokenizer's
+    own files (a bpe:N ``tokenizer.json``) are written first: config.json names them."""
     tok.save(run_dir)
-    extra = {"data_sha256": data_sha256} if data_sha256 else {}
+    extra: dict[str, Any] = {"data_sha256": data_sha256} if data_sha256 else {}
+    if val_units_per_token is not None:
+        extra["val_units_per_token"] = val_units_per_token
     write_json(run_dir / CONFIG, {**cfg.to_dict(), "tokenizer": tok.to_dict(), **extra})
 
 
@@ -184,6 +111,13 @@ def load_data_sha256(run_dir: Path) -> str | None:
     """The SHA-256 of the run's training text (None for runs saved before it was recorded)."""
     value = read_json(Path(run_dir) / CONFIG).get("data_sha256")
     return value if isinstance(value, str) else None
+
+
+def load_val_units_per_token(run_dir: Path) -> float | None:
+    """Characters (bytes) per token of the run's validation split, as training measured it
+    (None for runs saved before it was recorded)."""
+    value = read_json(Path(run_dir) / CONFIG).get("val_units_per_token")
+    return float(value) if isinstance(value, (int, float)) and value > 0 else None
 
 
 def load_run_config(run_dir: Path) -> tuple[RunConfig, Tokenizer]:
@@ -271,10 +205,10 @@ def save_checkpoint(run_dir: str | Path, model_state: dict[str, torch.Tensor],
     except OSError as e:
         raise write_error(root, e) from None
     try:
-        os.chmod(folder, 0o777 & ~_umask())
+        os.chmod(folder, 0o777 & ~current_umask())
         save_tensors(folder / MODEL, model_state, {"step": str(step)})
         _save_train_state(folder, optimizer, info, rng, sd)
-        _fsync_dir(root)
+        fsync_dir(root)
         write_json(run_dir / POINTER, {"step": step, "folder": folder.name})  # the switch: last
     except BaseException as e:
         shutil.rmtree(folder, ignore_errors=True)

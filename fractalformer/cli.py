@@ -305,12 +305,12 @@ SPEC_STATS_HELP = """statistics (printed after the text, on stderr; --json puts 
 def cmd_train(a: argparse.Namespace) -> int:
     from .checkpoint import load_run_config
     from .config import build_config, init_model_config, load_toml, parse_set, to_toml
-    from .data import read_text
+    from .data.corpus import read_text
+    from .data.prepared import is_prepared, load_prepared
+    from .data.tokenizers import get_tokenizer
     from .memory import check_training_fits
-    from .prepare import is_prepared, load_prepared
-    from .tokenizers import get_tokenizer
+    from .runs import check_run_dir
     from .train import train
-    from .train.trainer import check_run_dir
 
     if a.resume:
         if not a.out:
@@ -398,7 +398,7 @@ def _load(a: argparse.Namespace) -> torch.nn.Module:
     """The run's model on ``--device``."""
     import fractalformer
 
-    from .train.trainer import pick_device
+    from .device import pick_device
 
     return fractalformer.load(a.run, pick_device(a.device))
 
@@ -414,10 +414,10 @@ def _precision(a: argparse.Namespace, model: torch.nn.Module) -> contextlib.Abst
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    from .data import read_text, text_sha256
+    from .data.corpus import read_text, text_sha256
+    from .data.prepared import is_prepared
     from .evaluate import closing_windows, evaluate_full, text_corpus
-    from .prepare import is_prepared
-    from .train.trainer import run_data
+    from .runs import run_data
 
     model = _load(a)
     cfg = model.run_config
@@ -566,7 +566,7 @@ def cmd_speculate(a: argparse.Namespace) -> int:
 
 def cmd_analyze(a: argparse.Namespace) -> int:
     from .analysis.report import analyze
-    from .train.trainer import pick_device
+    from .device import pick_device
 
     report = analyze(a.run, max(1, a.windows), data=a.data, device=pick_device(a.device), dtype=a.dtype)
     print(f"report: {report}")
@@ -574,10 +574,8 @@ def cmd_analyze(a: argparse.Namespace) -> int:
 
 
 def cmd_extract(a: argparse.Namespace) -> int:
-    from .checkpoint import save_checkpoint, save_run_config
     from .config import RunConfig
-    from .train import make_optimizer
-    from .train.trainer import check_run_dir, claim_run_dir
+    from .runs import check_run_dir, claim_run_dir, write_new_run
 
     out = Path(a.out)
     check_run_dir(out, resume=False)
@@ -588,9 +586,7 @@ def cmd_extract(a: argparse.Namespace) -> int:
     cfg = RunConfig(sub.config, train)
     cfg.validate()
     with claim_run_dir(out, resume=False):
-        save_run_config(out, cfg, model.tokenizer, _data_sha256(a.run))
-        # a fresh training state, so `fractalformer train --out DIR --resume` trains it further
-        save_checkpoint(out, dict(sub.state_dict()), make_optimizer(sub, cfg), {"step": 0, "elapsed_s": 0.0})
+        write_new_run(out, cfg, sub, model.tokenizer, _data_sha256(a.run))
     print(f"extracted sub-model ({a.level}, {a.index}): {sub.num_params():,} parameters, width "
           f"{sub.config.d_model} -> {out}")
     return 0
@@ -645,8 +641,8 @@ def cmd_grow(a: argparse.Namespace) -> int:
 
 
 def cmd_prepare(a: argparse.Namespace) -> int:
-    from .prepare import prepare
-    from .tokenizers import check_name
+    from .data.prepared import prepare
+    from .data.tokenizers import check_name
 
     check_name(a.tokenizer)
     m = prepare(a.data, a.tokenizer, a.out, a.unknown, progress=not a.quiet)

@@ -330,7 +330,7 @@ class TrainConfig:
             raise FractalError(f"final_eval must be -1 (as many windows as trained on), 0 (none) or a "
                                f"number of windows, got {self.final_eval}")
         _positive(self, "cluster_eps", "cluster_min_samples")
-        from .tokenizers import check_name
+        from .data.tokenizers import check_name
 
         check_name(self.tokenizer)
 

@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .config import TrainConfig
-from .data import Corpus, batch_generator, encode_cached, get_batch, sequential_windows, text_sha256
+from .data.corpus import Corpus, batch_generator, encode_cached, get_batch, sequential_windows, text_sha256
+from .data.tokenizers import Tokenizer
 from .errors import FractalError
 from .nn.nesting import frozen_weights
-from .tokenizers import Tokenizer
 
 Key = tuple[int, int | str]  # (level, index) or (level, "ensemble")
 

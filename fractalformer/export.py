@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
+from .data.tokenizers import Tokenizer
 from .errors import FractalError
 from .models import GPT
-from .tokenizers import Tokenizer
 
 
 def _require_transformers() -> Any:

@@ -32,63 +32,16 @@ import torch
 from . import checkpoint as ckpt
 from .config import ModelConfig, RunConfig, TrainConfig, apply_overrides, parse_set
 from .errors import FractalError
+from .evaluate import fixed_val_batches, mean_losses, to_bpc
+from .loading import load
 from .memory import check_training_fits
 from .models import GPT, FractalFormer
-from .tokenizers import Tokenizer
-
-
-def nested_params(model: GPT) -> list[tuple[str, torch.nn.Module, str, torch.nn.Parameter]]:
-    """(full name, module, parameter name, parameter) of every block-nested parameter."""
-    out = []
-    for mod_name, mod in model.named_modules():
-        dims = getattr(mod, "nest_dims", None)
-        if dims is None:
-            continue
-        for pname, p in mod.named_parameters(recurse=False):
-            out.append((f"{mod_name}.{pname}", mod, pname, p))
-    return out
-
-
-def frozen_masks(model: GPT) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
-    """Per nested parameter, its frozen entries: those a level-1 sub-model (a child) owns.
-
-    With ``glue_rank > 0`` the glue is the low-rank maps alone, so every entry of the
-    nested weights is frozen (the off-diagonal blocks stay as they are until folded).
-    """
-    if model.nest.levels < 2:
-        raise FractalError("freeze=children needs a nested model (levels >= 2)")
-    nested = nested_params(model)
-    glue = {id(p) for p in model.glue.parameters()} if getattr(model, "glue", None) is not None else set()
-    if {id(p) for *_, p in nested} | glue != {id(p) for p in model.parameters()}:
-        raise FractalError("freeze=children needs every parameter nested (no cross-level residual maps)")
-    masks = []
-    for _, mod, pname, p in nested:
-        mask = torch.full(p.shape, bool(glue), dtype=torch.bool, device=p.device)
-        mask[model.nest.index(p.shape, 1, mod.nest_dims[pname], p.device)] = True
-        masks.append((p, mask))
-    return masks
-
-
-def fold_glue(model: GPT) -> GPT:
-    """The same function as a plain FractalFormer: every low-rank glue map added into the
-    off-diagonal blocks of its weight (``glue_rank`` 0)."""
-    if getattr(model, "glue", None) is None:
-        return model
-    plain = FractalFormer(dataclasses.replace(model.config, glue_rank=0)).to(model.embed.weight.device)
-    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("glue.")})
-    with torch.no_grad():
-        for name, mod in plain.named_modules():
-            key = name.replace(".", "_")  # the glue's key for this linear layer
-            if key not in model.glue:
-                continue
-            glue = model.glue[key]
-            k = glue.out_idx.shape[0]
-            delta = glue.delta()
-            for i in range(k):
-                for j in range(k):
-                    if i != j:
-                        mod.weight[glue.out_idx[i][:, None], glue.in_idx[j][None, :]] += delta[i, j]
-    return plain.train(model.training)
+from .models.concept import ConceptGPT, grow
+from .models.fractal import fold_glue
+from .nn.nesting import nested_parameters
+from .runs import check_run_dir, claim_run_dir, prepare_data, write_new_run
+from .train.optim import make_optimizer
+from .train.trainer import train
 
 
 def _check_parent_shape(parent: GPT, child: ModelConfig) -> None:
@@ -155,7 +108,7 @@ def merge_models(children: list[GPT], attn_nesting: str = "heads", glue_rank: in
     _check_parent_shape(parent, first)
     states = [dict(c.named_parameters()) for c in children]
     with torch.no_grad():
-        for name, mod, pname, p in nested_params(parent):
+        for name, mod, pname, p in nested_parameters(parent):
             p.zero_()
             parent.nest.put(p, 1, mod.nest_dims[pname], torch.stack([s[name].detach() for s in states]))
     return parent.train(children[0].training)
@@ -178,7 +131,7 @@ def grow_model(model: GPT, width: int, depth: int = 1) -> FractalFormer:
     grown = FractalFormer(cfg).to(model.embed.weight.device)  # new layers keep their random q/k/v, MLP in
     old = dict(model.named_parameters())
     with torch.no_grad():
-        for name, mod, pname, p in nested_params(grown):
+        for name, mod, pname, p in nested_parameters(grown):
             if name.startswith("blocks."):
                 layer, rest = name.split(".", 2)[1:]
                 if int(layer) % depth:  # an inserted layer: identity through zero output projections
@@ -196,20 +149,6 @@ def grow_model(model: GPT, width: int, depth: int = 1) -> FractalFormer:
 
 
 # -- run folders ---------------------------------------------------------------------------
-def _new_run(out: Path, cfg: RunConfig, model: GPT, tok: Tokenizer, provenance: dict,
-             data_sha256: str | None) -> None:
-    """Write ``model`` as an ordinary run folder at step 0 (fresh training state); ``data_sha256``
-    (the text the runs trained on) lets training it further notice a changed data file."""
-    from .train import make_optimizer
-
-    cfg.validate()
-    check_training_fits(cfg)
-    ckpt.save_run_config(out, cfg, tok, data_sha256)
-    ckpt.write_json(out / "provenance.json", provenance)
-    ckpt.save_checkpoint(out, dict(model.state_dict()), make_optimizer(model, cfg),
-                         {"step": 0, "elapsed_s": 0.0})
-
-
 def train_overrides(train: TrainConfig, sets: list[str] | None) -> TrainConfig:
     """``train`` with ``key=value`` overrides of training keys (the model comes from the runs)."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -233,14 +172,9 @@ def merge_runs(runs: list[str | Path], out: str | Path, glue_steps: int = 0, the
     of the first run's config (its lr, batch size, ...). Low-rank glue (``glue_rank > 0``) is folded
     into the weights after its training, so the run folder ends as a plain FractalFormer.
     """
-    import fractalformer
-
-    from .train import make_optimizer, train
-    from .train.trainer import check_run_dir, claim_run_dir
-
     out = Path(out)
     check_run_dir(out, resume=False)
-    models = [fractalformer.load(r) for r in runs]
+    models = [load(r) for r in runs]
     toks = [m.tokenizer.to_dict() for m in models]
     for i, m in enumerate(models[1:], 2):
         if m.config.vocab_size == models[0].config.vocab_size and toks[i - 1] != toks[0]:
@@ -261,15 +195,15 @@ def merge_runs(runs: list[str | Path], out: str | Path, glue_steps: int = 0, the
     cfg.validate()
     data_sha256 = ckpt.load_data_sha256(Path(runs[0]))
     with claim_run_dir(out, resume=False):
-        _new_run(out, cfg, merged, models[0].tokenizer,
-                 {"merged_from": [str(r) for r in runs], "glue_steps": glue_steps, "glue_rank": glue_rank,
-                  "then_steps": then_steps}, data_sha256)
+        write_new_run(out, cfg, merged, models[0].tokenizer, data_sha256,
+                      {"merged_from": [str(r) for r in runs], "glue_steps": glue_steps,
+                       "glue_rank": glue_rank, "then_steps": then_steps})
         if glue:  # the full training follows: score the whole validation split only after it
             glue_cfg = (RunConfig(cfg.model, dataclasses.replace(cfg.train, final_eval=0)) if then_steps
                         else cfg)
             train(glue_cfg, out, resume=True, progress=progress)
             if cfg.model.glue_rank:  # fold: from here on a plain FractalFormer (fresh optimizer state)
-                plain = fold_glue(fractalformer.load(out))
+                plain = fold_glue(load(out))
                 cfg.model = plain.config
                 ckpt.save_run_config(out, cfg, models[0].tokenizer, ckpt.load_data_sha256(out))
                 elapsed = ckpt.read_train_info(out).get("elapsed_s", 0.0)
@@ -280,7 +214,7 @@ def merge_runs(runs: list[str | Path], out: str | Path, glue_steps: int = 0, the
                                             max_steps=glue_steps + then_steps)
         if then_steps:
             train(cfg, out, resume=True, progress=progress)
-        return fractalformer.load(out)
+        return load(out)
 
 
 def grow_run(run: str | Path, out: str | Path, width: int, depth: int = 1, steps: int = 0,
@@ -291,15 +225,9 @@ def grow_run(run: str | Path, out: str | Path, width: int, depth: int = 1, steps
     Returns the original's and the grown model's validation loss at the growth step (the
     run's fixed validation batches), in nats/token and bits/char.
     """
-    import fractalformer
-
-    from .evaluate import fixed_val_batches, mean_losses, to_bpc
-    from .train import train
-    from .train.trainer import check_run_dir, claim_run_dir, prepare_data
-
     out = Path(out)
     check_run_dir(out, resume=False)
-    model = fractalformer.load(run)
+    model = load(run)
     grown = grow_model(model, width, depth).eval()
     t = train_overrides(model.run_config.train, sets)
     train_cfg = dataclasses.replace(t, data_shard="", routing="shared", freeze="none", schedule_start=0,
@@ -314,9 +242,8 @@ def grow_run(run: str | Path, out: str | Path, width: int, depth: int = 1, steps
         loss = mean_losses(m, batches, ensembles=False)[0][(0, 0)]
         figures |= {f"{who}_val_loss": loss, f"{who}_val_bpc": to_bpc(loss, corpus.val_units_per_token)}
     with claim_run_dir(out, resume=False):
-        _new_run(out, cfg, grown, model.tokenizer,
-                 {"grown_from": str(run), "width": width, "depth": depth, **figures},
-                 corpus.sha256)
+        write_new_run(out, cfg, grown, model.tokenizer, corpus.sha256,
+                      {"grown_from": str(run), "width": width, "depth": depth, **figures})
         if steps:
             train(cfg, out, resume=True, progress=progress)
         return figures
@@ -328,15 +255,9 @@ def grow_concept_run(run: str | Path, out: str | Path, combo: int = 4, steps: in
     (``combo`` units of the old top level each; the grown model computes the same logits at
     the growth step), written as a run at step 0 and optionally trained ``steps`` steps
     (``sets``: training-key overrides, as for :func:`grow_run`)."""
-    import fractalformer
-
-    from .models.concept import ConceptGPT, grow
-    from .train import train
-    from .train.trainer import check_run_dir, claim_run_dir
-
     out = Path(out)
     check_run_dir(out, resume=False)
-    model = fractalformer.load(run)
+    model = load(run)
     if not isinstance(model, ConceptGPT):
         raise FractalError(f"a concept level needs a family=concept run, not family {model.config.family}")
     if combo < 2:
@@ -345,9 +266,9 @@ def grow_concept_run(run: str | Path, out: str | Path, combo: int = 4, steps: in
     t = train_overrides(model.run_config.train, sets)
     cfg = RunConfig(grown.config, dataclasses.replace(t, max_steps=steps or t.max_steps, schedule_start=0))
     with claim_run_dir(out, resume=False):
-        _new_run(out, cfg, grown, model.tokenizer, {"grown_from": str(run), "combo": combo},
-                 ckpt.load_data_sha256(Path(run)))
+        write_new_run(out, cfg, grown, model.tokenizer, ckpt.load_data_sha256(Path(run)),
+                      {"grown_from": str(run), "combo": combo})
         if steps:
             train(cfg, out, resume=True, progress=progress)
-            return fractalformer.load(out)
+            return load(out)
         return grown

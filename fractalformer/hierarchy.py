@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .data.tokenizers import Tokenizer
 from .errors import FractalError
-from .tokenizers import Tokenizer
+from .io import write_json, write_text
 
 VOWELS = set("aeiouyAEIOUY")
 EOS, MID = "!.?", " $&',-;"
@@ -145,8 +146,6 @@ def _sizes(groups: dict, tok: Tokenizer) -> dict[str, list[list[str]]]:
 
 def save_groups(path: Path, groups: dict[int, list[list[int]]], tok: Tokenizer, about: str,
                 with_ids: bool = True) -> None:
-    from .checkpoint import write_text
-
     obj = {"about": about, "tokenizer": tok.name, "sizes": _sizes(groups, tok)}
     if with_ids:
         obj["ids"] = {str(w): gs for w, gs in _ordered(groups)}
@@ -227,8 +226,6 @@ def initial_groups(run_dir: Path, tok: Tokenizer, spec: str, widths: list[int], 
 def log_clustering(run_dir: Path, step: int, groups: dict[int, list[list[int]]], tok: Tokenizer,
                    method: str) -> None:
     """Append one clustering to clusters.json (rewritten atomically)."""
-    from .checkpoint import write_json
-
     path = run_dir / "clusters.json"
     history = json.loads(path.read_text()) if path.is_file() else []
     history = [c for c in history if c["step"] < step]

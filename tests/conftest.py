@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from fractalformer import checkpoint as ckpt
 from fractalformer.cli import main
-from fractalformer.data import read_text
+from fractalformer.data.corpus import read_text
 
 torch.set_num_threads(1)  # tiny test models: a second thread costs more in sync than it gives
 

@@ -168,8 +168,9 @@ def test_a_second_writer_is_refused_with_the_holders_pid(tmp_path: Path, tiny_ru
     first = _train(*LONG, "--out", out)
     try:
         _wait_for(lambda: _step_on_disk(out) >= 1, "a first checkpoint", first)
-        for args in (["--resume"], QUICK):
-            proc = subprocess.run([sys.executable, "-m", "fractalformer", "train", "--out", str(out), *args],
+        for args in (["train", "--resume"], ["train", *QUICK], ["extract", str(tiny_run), "--level", "0",
+                     "--index", "0"], ["grow", str(tiny_run), "--width", "2"]):
+            proc = subprocess.run([sys.executable, "-m", "fractalformer", *args, "--out", str(out)],
                                   capture_output=True, text=True)
             assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
             assert f"in use by another fractalformer process (PID {first.pid})" in proc.stderr

@@ -14,12 +14,13 @@ import fractalformer
 from fractalformer import FractalError
 from fractalformer import checkpoint as ckpt
 from fractalformer.config import ModelConfig, RunConfig, build_config
-from fractalformer.data import read_text
-from fractalformer.growth import fold_glue, frozen_masks, grow_model, merge_models
+from fractalformer.data.corpus import read_text
+from fractalformer.data.tokenizers import get_tokenizer
+from fractalformer.growth import grow_model, merge_models
 from fractalformer.models import GPT, build_model
-from fractalformer.tokenizers import get_tokenizer
+from fractalformer.models.fractal import fold_glue
 from fractalformer.train import make_optimizer
-from fractalformer.train.trainer import lr_at
+from fractalformer.train.optim import frozen_masks, lr_at
 
 from .conftest import run_cli
 

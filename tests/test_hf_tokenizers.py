@@ -11,7 +11,7 @@ import fractalformer
 import fractalformer.data
 from fractalformer import FractalError
 from fractalformer.config import build_config
-from fractalformer.tokenizers import HFBPETokenizer, TiktokenTokenizer, get_tokenizer
+from fractalformer.data.tokenizers import HFBPETokenizer, TiktokenTokenizer, get_tokenizer
 
 from .conftest import TINY, run_cli
 

@@ -11,7 +11,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from fractalformer import FractalError, get_tokenizer
 from fractalformer.config import ModelConfig
-from fractalformer.data import read_text
+from fractalformer.data.corpus import read_text
 from fractalformer.hierarchy import (
     cluster,
     groups_to_labels,

@@ -14,7 +14,7 @@ from fractalformer.models import build_model
 from fractalformer.models import moe as moe_module
 from fractalformer.models.moe import FHME, usage_summary
 from fractalformer.nn.product_keys import PEER, PKM, ProductKeys, _Experts, _Read, experts
-from fractalformer.train.trainer import make_optimizer
+from fractalformer.train.optim import make_optimizer
 
 from .conftest import (
     assert_resume_is_exact,

@@ -11,8 +11,8 @@ import pytest
 
 from fractalformer import FractalError
 from fractalformer import prepare as prep
-from fractalformer.data import Corpus, read_text
-from fractalformer.tokenizers import get_tokenizer
+from fractalformer.data.corpus import Corpus, read_text
+from fractalformer.data.tokenizers import get_tokenizer
 
 from .conftest import TINY, run_cli
 

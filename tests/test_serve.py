@@ -27,6 +27,7 @@ import fractalformer
 from fractalformer.checkpoint import MODEL, save_run_config, save_tensors
 from fractalformer.cli import main
 from fractalformer.config import build_config
+from fractalformer.data.tokenizers import get_tokenizer
 from fractalformer.errors import FractalError
 from fractalformer.generate import generate, probabilities, sample_next
 from fractalformer.generate.speculative import parse_sub_model
@@ -34,7 +35,6 @@ from fractalformer.models import build_model
 from fractalformer.serve import Batcher, Job, Limits, create_app, model_cards
 from fractalformer.serve.app import allowed_hosts, chat_prompt
 from fractalformer.serve.batcher import Finished, Token
-from fractalformer.tokenizers import get_tokenizer
 
 from .conftest import chromium, run_cli
 

@@ -316,7 +316,7 @@ def test_compare_times_both_passes_warm(capsys, monkeypatch, tmp_path) -> None:
     from fractalformer import generate as gen
     from fractalformer.checkpoint import save_checkpoint, save_run_config
     from fractalformer.config import build_config
-    from fractalformer.tokenizers import get_tokenizer
+    from fractalformer.data.tokenizers import get_tokenizer
     from fractalformer.train import make_optimizer
 
     from .conftest import run_cli

@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fractalformer import FractalError, get_tokenizer
-from fractalformer.data import encode_cached, read_text
-from fractalformer.tokenizers import UnknownCharacterError, _merge_pair, tokenizer_from_dict
+from fractalformer.data.corpus import encode_cached, read_text
+from fractalformer.data.tokenizers import UnknownCharacterError, _merge_pair, tokenizer_from_dict
 
 from .conftest import run_cli
 

@@ -19,13 +19,14 @@ import torch
 
 import fractalformer
 from fractalformer import checkpoint as ckpt
+from fractalformer import runs
 from fractalformer.analysis.plots import _sub_colour, ema, plot_curves
 from fractalformer.cli import _parser, _warning_line
 from fractalformer.config import build_config
-from fractalformer.data import Corpus, read_text
-from fractalformer.tokenizers import get_tokenizer
-from fractalformer.train import trainer
-from fractalformer.train.trainer import set_cpu_threads
+from fractalformer.data.corpus import Corpus, read_text
+from fractalformer.data.tokenizers import get_tokenizer
+from fractalformer.device import set_cpu_threads
+from fractalformer.io import write_json
 
 from .conftest import TINY, run_cli
 from .test_cli import assert_one_line_error, snapshot
@@ -184,7 +185,7 @@ def test_unwritable_run_folder(capsys, tmp_path: Path, monkeypatch) -> None:
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
     if os.geteuid() == 0:  # root may write anywhere: stand in for a read-only file system
-        monkeypatch.setattr(trainer.os, "access", lambda path, mode: Path(path) != locked)
+        monkeypatch.setattr(runs.os, "access", lambda path, mode: Path(path) != locked)
     code, _, err = run_cli(capsys, "train", *QUICK, "--out", locked / "run")
     assert_one_line_error(code, err, f"cannot write run folder {locked / 'run'}: {locked} is not writable")
     assert list(locked.iterdir()) == []
@@ -239,7 +240,7 @@ def test_every_option_is_documented_with_its_default_and_examples(capsys) -> Non
 def test_written_files_honour_the_umask(tmp_path: Path, mask: int) -> None:
     old = os.umask(mask)
     try:
-        ckpt.write_json(tmp_path / "x.json", {})
+        write_json(tmp_path / "x.json", {})
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "x.json").stat().st_mode) == 0o666 & ~mask

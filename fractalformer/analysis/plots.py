@@ -11,8 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
-from .. import checkpoint as ckpt
 from ..errors import FractalError
+from ..io import atomic_write
 
 LEVEL_COLOURS = ["Greys", "Blues", "Oranges", "Greens", "Purples", "Reds"]
 
@@ -95,7 +95,7 @@ def plot_curves(run_dir: str | Path, name: str = "curves.png") -> Path:
     fig.tight_layout()
     path = run_dir / name
     try:
-        ckpt.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     finally:
         plt.close(fig)
     return path

@@ -31,9 +31,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
+from .. import __version__
+from .. import checkpoint as ckpt
+from ..data.corpus import as_tensor
+from ..data.tokenizers import Tokenizer
 from ..errors import FractalError
+from ..evaluate import evaluate_full
 from ..hierarchy import group_key, groups_to_labels, seed_groups, token_class, token_strings
-from ..tokenizers import Tokenizer
+from ..io import write_text
+from ..loading import load
+from ..runs import run_data
 from .plots import plot_curves
 
 
@@ -265,15 +272,8 @@ def analyze(run_dir: str | Path, windows: int = 16, data: str | None = None, dev
     ``data`` scores another text than the run's own; ``dtype`` bfloat16 (or auto on CUDA)
     runs the model under bf16 autocast.
     """
-    import fractalformer
-
-    from .. import checkpoint as ckpt
-    from ..data import as_tensor
-    from ..evaluate import evaluate_full
-    from ..train.trainer import run_data
-
     run_dir = Path(run_dir)
-    model = fractalformer.load(run_dir, device)
+    model = load(run_dir, device)
     cfg = model.run_config
     corpus = run_data(run_dir, model, data)
     out = _analysis_dir(run_dir)
@@ -303,11 +303,11 @@ def analyze(run_dir: str | Path, windows: int = 16, data: str | None = None, dev
              for r in rows]
     summary = {"rows": [r.to_json() for r in rows], "cosines": cos, "emergent_ari": ari,
                "consistency": {f"{lv}.{j}": v for (lv, j), v in cons.items()}, "expert_usage": usage}
-    ckpt.write_text(out / "summary.json", json.dumps(summary, indent=1))
+    write_text(out / "summary.json", json.dumps(summary, indent=1))
     page = _page(run_dir, model, rows[0].tokens, n, t, table, samples, usage, curves, heatmaps, cos, ari,
                  len(seen), _trained_steps(ckpt.current(run_dir).state_json))
     report = out / "report.html"
-    ckpt.write_text(report, page)
+    write_text(report, page)
     return report
 
 
@@ -315,8 +315,6 @@ def _page(run_dir: Path, model: torch.nn.Module, val_tokens: int, n: int, t: int
           samples: list[tuple[str, str]], usage: dict | None, curves: Path | None, heatmaps: list[Path],
           cos: dict, ari: dict, seen: int, step: int | None) -> str:
     """The report as one self-contained HTML page, every section with a line on how to read it."""
-    from .. import __version__
-
     cfg = model.run_config
     m, tr = cfg.model, cfg.train
     e = html.escape

@@ -98,7 +98,7 @@ def decode_fn(model: torch.nn.Module, compile: bool | str) -> Callable[..., dict
     """``model.run``, or with ``compile`` its ``torch.compile`` (kept on the model). The KV
     cache is addressed by position, so one graph per input shape covers every cache length:
     2-3x fewer milliseconds per token on a CPU, where an eager step is mostly per-op
-    overhead, for a compile of ~10-30 s (docs/performance.md). A string names the
+    overhead, for a compile that can take minutes on a CPU (docs/performance.md). A string names the
     ``torch.compile`` backend (the tests trace with ``"aot_eager"``: no C++ compilation)."""
     if not compile:
         return model.run

@@ -29,6 +29,7 @@ ancestors, so only level 0 does. Without residuals every sub-model does.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -115,8 +116,6 @@ class FractalFormer(GPT):
         """As :meth:`GPT.extract`; the full model (level 0) of a glued model includes its glue
         maps (folded into the weights), which the sub-models never see."""
         if self.glue is not None and level == 0:
-            from ..growth import fold_glue
-
             return fold_glue(self).extract(level, index)
         return super().extract(level, index)
 
@@ -155,3 +154,25 @@ class FractalFormer(GPT):
                 add = src.view(n, b, t, s, w // s).permute(0, 3, 1, 2, 4).reshape(n * s, b, t, w // s)
                 out[lv + 1] = child + add
         return out
+
+
+def fold_glue(model: GPT) -> GPT:
+    """The same function as a plain FractalFormer: every low-rank glue map added into the
+    off-diagonal blocks of its weight (``glue_rank`` 0)."""
+    if getattr(model, "glue", None) is None:
+        return model
+    plain = FractalFormer(dataclasses.replace(model.config, glue_rank=0)).to(model.embed.weight.device)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("glue.")})
+    with torch.no_grad():
+        for name, mod in plain.named_modules():
+            key = name.replace(".", "_")  # the glue's key for this linear layer
+            if key not in model.glue:
+                continue
+            glue = model.glue[key]
+            k = glue.out_idx.shape[0]
+            delta = glue.delta()
+            for i in range(k):
+                for j in range(k):
+                    if i != j:
+                        mod.weight[glue.out_idx[i][:, None], glue.in_idx[j][None, :]] += delta[i, j]
+    return plain.train(model.training)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -106,6 +106,17 @@ class Nesting:
             view[axis + 1] = idx.shape[1]
             index.append(idx.reshape(view))
         return tuple(index)
+
+
+def nested_parameters(model: torch.nn.Module
+                      ) -> Iterator[tuple[str, torch.nn.Module, str, torch.nn.Parameter]]:
+    """(full name, module, parameter name, parameter) of every nested parameter: those of
+    modules that declare how they nest (``nest_dims``: parameter name -> segment spec)."""
+    for mod_name, mod in model.named_modules():
+        if getattr(mod, "nest_dims", None) is None:
+            continue
+        for pname, p in mod.named_parameters(recurse=False):
+            yield f"{mod_name}.{pname}", mod, pname, p
 
 
 class _Scope(threading.local):

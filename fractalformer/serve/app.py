@@ -48,6 +48,8 @@ from ..errors import FractalError
 from ..evaluate import sub_model_params, to_bpc
 from ..generate.sampling import SEED_LIMIT
 from ..generate.speculative import check_speculation, parse_sub_model
+from ..loading import load
+from ..runs import prepare_data
 from .batcher import Batcher, Event, Failed, Finished, Job, QueueFull, Target, Token
 
 
@@ -213,8 +215,6 @@ def model_cards(model: torch.nn.Module, run_dir: Path) -> list[dict[str, Any]]:
 def _last_validation(model: torch.nn.Module, run_dir: Path) -> tuple[int | None, dict, float | None]:
     """(step, {(level, index): nats/token}, characters per token) of the run's last
     validation in metrics.csv; empty when the run has none (or its data is gone)."""
-    from ..train.trainer import prepare_data
-
     path = run_dir / "metrics.csv"
     if not path.is_file():
         return None, {}, None
@@ -228,10 +228,12 @@ def _last_validation(model: torch.nn.Module, run_dir: Path) -> tuple[int | None,
         head, _, idx = (key or "").removeprefix("val_").partition(".")
         if key and key.startswith("val_") and head.isdigit() and value:
             losses[(int(head), "ensemble" if idx == "ens" else int(idx))] = float(value)
-    try:
-        units = prepare_data(model.run_config, model.tokenizer)[1].val_units_per_token
-    except FractalError:
-        units = None
+    units = ckpt.load_val_units_per_token(run_dir)
+    if units is None:  # a run saved before training recorded it: tokenise its validation text
+        try:
+            units = prepare_data(model.run_config, model.tokenizer)[1].val_units_per_token
+        except FractalError:
+            units = None
     return int(last["step"]), losses, units
 
 
@@ -480,11 +482,9 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, limits: Li
           log_level: str = "info", allow_hosts: list[str] | tuple[str, ...] = (),
           api_key: str | None = None) -> None:
     """Load the run, bind the port, print where it listens, and serve until interrupted (Ctrl-C)."""
-    import fractalformer
-
     limits = limits or Limits()
     run = Path(run)
-    model = fractalformer.load(run)
+    model = load(run)
     if model.config.family == "concept":  # its caches advance concept levels per row position
         raise FractalError("fractalformer serve cannot batch the concept family yet; use "
                            "fractalformer sample")

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fractalformer.tokenizers import get_tokenizer
+from fractalformer.data.tokenizers import get_tokenizer
 
 from .common import Case, cli, one_line_error
 

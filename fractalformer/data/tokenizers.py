@@ -21,7 +21,6 @@ import base64
 import codecs
 import hashlib
 import json
-import os
 import re
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -31,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import FractalError, UnknownCharacterError
+from ..errors import FractalError, UnknownCharacterError
+from ..io import cache_dir, write_text
 
 TOKENIZERS = ("bpe128", "char", "byte", "bpe:N", "gpt2")
 BPE_FILE = "tokenizer.json"
@@ -323,18 +323,10 @@ class HFBPETokenizer(Tokenizer):
         return {"name": self.name, "file": BPE_FILE, "sha256": self.sha256}
 
     def save(self, run_dir: Path) -> None:
-        _write_atomic(Path(run_dir) / BPE_FILE, self.json)
+        write_text(Path(run_dir) / BPE_FILE, self.json)
 
     def to_hf(self) -> Any:
         return self.hf
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 class TiktokenTokenizer(Tokenizer):
@@ -409,8 +401,6 @@ def check_name(name: str) -> None:
 
 def train_bpe_cached(text: str, size: int) -> HFBPETokenizer:
     """Train ``bpe:size`` on ``text``, reusing a tokenizer trained before on the same text."""
-    from .data import cache_dir
-
     key = hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
     path = cache_dir() / f"bpe-{key}-{size}.json"
     if path.is_file():
@@ -420,8 +410,8 @@ def train_bpe_cached(text: str, size: int) -> HFBPETokenizer:
             pass  # a damaged cache entry is retrained below
     tok = HFBPETokenizer.train(_chunks(text), size)
     try:
-        _write_atomic(path, tok.json)
-    except OSError:
+        write_text(path, tok.json)
+    except FractalError:
         pass  # caching is an optimisation
     return tok
 

@@ -18,8 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import FractalError
-from .nn.nesting import Nesting
+from ..errors import FractalError
+from ..io import cache_dir
+from ..nn.nesting import Nesting
+from .prepared import load_prepared
 from .tokenizers import Tokenizer
 
 SHIPPED = "tinyshakespeare"
@@ -42,10 +44,6 @@ def read_text(path: str | None) -> str:
     if not text:
         raise FractalError(f"data file {path} is empty")
     return text
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("FRACTALFORMER_CACHE", Path.home() / ".cache" / "fractalformer"))
 
 
 def encode_cached(text: str, tok: Tokenizer, on_unknown: str = "error") -> np.ndarray:
@@ -90,8 +88,6 @@ class Corpus:
     @classmethod
     def prepared(cls, path: str, block_size: int) -> tuple[Tokenizer, Corpus]:
         """The memory-mapped ids of a ``fractalformer prepare`` folder and their tokenizer."""
-        from .prepare import load_prepared
-
         m, tok, ids = load_prepared(path)
         n = int(m["train_count"])
         corpus = cls(ids[:n], ids[n:], float(m["val_units_per_token"]), m.get("unit", tok.unit), m["sha256"])

@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from .checkpoint import read_json, write_json
-from .errors import FractalError
+from ..errors import FractalError
+from ..io import read_json, write_json
 from .tokenizers import CharTokenizer, HFBPETokenizer, Tokenizer, bpe_size, get_tokenizer, tokenizer_from_dict
 
 MANIFEST = "manifest.json"
