@@ -51,7 +51,7 @@ def main() -> None:
     y = torch.randint(0, v, (b, t), generator=gen)
 
     def level0() -> torch.Tensor:
-        return F.cross_entropy(model.run(x, [0])[0][0].flatten(0, 1), y.flatten())
+        return F.cross_entropy(model(x, [0])[0][0].flatten(0, 1), y.flatten())
 
     cases = [(f"all {len(cfg.model.sub_models())} sub-models", lambda: model(x, y)[1])]
     if cfg.model.levels > 1:

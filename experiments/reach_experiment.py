@@ -79,7 +79,7 @@ def logits_and_aux(model: torch.nn.Module, x: torch.Tensor, reach: bool) -> tupl
     if reach:
         lg, aux = reach_forward(model, x)
         return lg[0], aux
-    lg = model.run(x, [0])[0][0][:, -CHUNK:]
+    lg = model(x, [0])[0][0][:, -CHUNK:]
     aux = model.aux_loss() if model.training and hasattr(model, "aux_loss") else None
     return lg, aux if aux is not None else torch.zeros(())
 

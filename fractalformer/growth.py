@@ -34,19 +34,8 @@ from .config import ModelConfig, RunConfig, TrainConfig, apply_overrides, parse_
 from .errors import FractalError
 from .memory import check_training_fits
 from .models import GPT, FractalFormer
+from .nn.nesting import nested_parameters
 from .tokenizers import Tokenizer
-
-
-def nested_params(model: GPT) -> list[tuple[str, torch.nn.Module, str, torch.nn.Parameter]]:
-    """(full name, module, parameter name, parameter) of every block-nested parameter."""
-    out = []
-    for mod_name, mod in model.named_modules():
-        dims = getattr(mod, "nest_dims", None)
-        if dims is None:
-            continue
-        for pname, p in mod.named_parameters(recurse=False):
-            out.append((f"{mod_name}.{pname}", mod, pname, p))
-    return out
 
 
 def frozen_masks(model: GPT) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
@@ -57,14 +46,14 @@ def frozen_masks(model: GPT) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
     """
     if model.nest.levels < 2:
         raise FractalError("freeze=children needs a nested model (levels >= 2)")
-    nested = nested_params(model)
+    nested = list(nested_parameters(model))
     glue = {id(p) for p in model.glue.parameters()} if getattr(model, "glue", None) is not None else set()
-    if {id(p) for *_, p in nested} | glue != {id(p) for p in model.parameters()}:
+    if {id(p) for _, p, _ in nested} | glue != {id(p) for p in model.parameters()}:
         raise FractalError("freeze=children needs every parameter nested (no cross-level residual maps)")
     masks = []
-    for _, mod, pname, p in nested:
+    for _, p, dims in nested:
         mask = torch.full(p.shape, bool(glue), dtype=torch.bool, device=p.device)
-        mask[model.nest.index(p.shape, 1, mod.nest_dims[pname], p.device)] = True
+        mask[model.nest.index(p.shape, 1, dims, p.device)] = True
         masks.append((p, mask))
     return masks
 
@@ -155,9 +144,9 @@ def merge_models(children: list[GPT], attn_nesting: str = "heads", glue_rank: in
     _check_parent_shape(parent, first)
     states = [dict(c.named_parameters()) for c in children]
     with torch.no_grad():
-        for name, mod, pname, p in nested_params(parent):
+        for name, p, dims in nested_parameters(parent):
             p.zero_()
-            parent.nest.put(p, 1, mod.nest_dims[pname], torch.stack([s[name].detach() for s in states]))
+            parent.nest.put(p, 1, dims, torch.stack([s[name].detach() for s in states]))
     return parent.train(children[0].training)
 
 
@@ -178,7 +167,7 @@ def grow_model(model: GPT, width: int, depth: int = 1) -> FractalFormer:
     grown = FractalFormer(cfg).to(model.embed.weight.device)  # new layers keep their random q/k/v, MLP in
     old = dict(model.named_parameters())
     with torch.no_grad():
-        for name, mod, pname, p in nested_params(grown):
+        for name, p, dims in nested_parameters(grown):
             if name.startswith("blocks."):
                 layer, rest = name.split(".", 2)[1:]
                 if int(layer) % depth:  # an inserted layer: identity through zero output projections
@@ -187,7 +176,7 @@ def grow_model(model: GPT, width: int, depth: int = 1) -> FractalFormer:
                     continue
                 name = f"blocks.{int(layer) // depth}.{rest}"
             p.zero_()
-            grown.nest.put(p, 1, mod.nest_dims[pname], old[name].detach().expand(width, *old[name].shape))
+            grown.nest.put(p, 1, dims, old[name].detach().expand(width, *old[name].shape))
         # only copy 0 reaches the tied output: the others' final scale (1 + w) is 0
         scale = grown.nest.take(grown.norm.weight, 1, grown.norm.nest_dims["weight"])
         scale[1:] = -1.0

@@ -14,7 +14,7 @@ from fractalformer.generate.spec_policy import Policy, best_gamma, expected_toke
 from fractalformer.generate.speculative import commit_row, parse_sub_model
 from fractalformer.models import build_model
 from fractalformer.nn import KVCache
-from fractalformer.nn.nesting import frozen_weights
+from fractalformer.nn.decode import frozen_weights
 
 
 def model(vocab: int = 40, **kw) -> torch.nn.Module:

@@ -44,6 +44,7 @@ from ..models import build_model
 from ..nn.product_keys import is_table
 from ..prepare import is_prepared
 from ..tokenizers import Tokenizer, get_tokenizer
+from .losses import GroupTargets, group_targets, training_loss
 from .optim import Frozen, Optimizers
 
 BASE_FIELDS = ["step", "tokens", "lr", "train_loss", "val_loss", "val_bpc", "elapsed_s"]
@@ -404,6 +405,7 @@ class Session:
     start: int
     elapsed0: float
     progress: bool
+    groups: GroupTargets  # soft token-group targets of the loss (groups / emergent_every), per level
 
     @property
     def sharded(self) -> bool:
@@ -496,17 +498,18 @@ def setup(cfg: RunConfig, out: Path, resume: bool, progress: bool) -> Session:
     if dd.world > 1 and t.parallel == "ddp":
         ids = [torch.cuda.current_device()] if device == "cuda" else None
         fwd = DDP(fwd, device_ids=ids)
+    groups = {}
     if t.groups or t.emergent_every:
         widths = [model.level_width(lv) for lv in range(model.nest.levels)]
-        model.set_groups(hierarchy.initial_groups(out, tok, t.groups, widths, start if resume else None,
-                                                  write=dd.main))
+        groups = group_targets(model, hierarchy.initial_groups(out, tok, t.groups, widths,
+                                                               start if resume else None, write=dd.main))
     val_batches = fixed_val_batches(corpus, t.eval_batches, t.batch_size, cfg.model.block_size, t.seed)
     if dd.main and progress:
         print(f"model: {model.num_params():,} parameters | data: {len(train_ids):,} train / "
               f"{len(corpus.val):,} val {tok.name} tokens | device: {device} x{dd.world}"
               f"{' (fsdp)' if t.parallel == 'fsdp' and dd.world > 1 else ''} | run folder: {out}")
     return Session(cfg, out, dd, device, tok, corpus, train_ids, model, fwd, optimizer, autocast, val_batches,
-                   start, elapsed0, progress)
+                   start, elapsed0, progress, groups)
 
 
 def shard_ids(corpus: Corpus, cfg: RunConfig) -> Ids:
@@ -569,19 +572,14 @@ def save(s: Session, step: int, elapsed: float) -> None:
 def whole_model(s: Session) -> Any:
     """The model with whole parameters, for calls outside its forward (evaluation, sampling).
 
-    A sharded model gathers its parameters (every rank takes part) and drops the slices
-    the layers cached from the previous gathering."""
+    A sharded model gathers its parameters (every rank takes part)."""
     if not s.sharded:
         yield s.model
         return
     s.model.unshard()
-    for mod in s.model.modules():
-        mod.__dict__.pop("_taken", None)
     try:
         yield s.model
     finally:
-        for mod in s.model.modules():
-            mod.__dict__.pop("_taken", None)
         s.model.reshard()
 
 
@@ -609,7 +607,8 @@ def train_step(s: Session, step: int) -> torch.Tensor:
         quiet = s.fwd.no_sync() if not last and isinstance(s.fwd, DDP) else contextlib.nullcontext()
         with quiet:
             with s.autocast:
-                _, loss, sub_losses = s.fwd(x[..., rows, :].to(s.device), y[..., rows, :].to(s.device))
+                logits = s.fwd(x[..., rows, :].to(s.device))
+                loss, sub_losses = training_loss(s.model, logits, y[..., rows, :].to(s.device), s.groups)
             (loss / t.grad_accum).backward()
         part = torch.cat([loss.detach().float().view(1), sub_losses.float()]) / t.grad_accum
         total = part if total is None else total + part
@@ -726,7 +725,7 @@ def _train(cfg: RunConfig, out: Path, resume: bool, stop_after: int | None, prog
             if clustering:
                 groups = hierarchy.recluster(s.model, s.tok, t.cluster_method, t.cluster_eps,
                                              t.cluster_min_samples)
-                s.model.set_groups(groups)
+                s.groups = group_targets(s.model, groups)
                 if dd.main:
                     hierarchy.log_clustering(s.out, step, groups, s.tok, t.cluster_method)
             if saving:
