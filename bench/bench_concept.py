@@ -30,6 +30,7 @@ import torch
 from fractalformer.config import build_config
 from fractalformer.models import build_model
 from fractalformer.nn.decode import frozen_weights
+from fractalformer.train.losses import training_loss
 from harness import machine, script_parser, timeit
 
 
@@ -51,7 +52,7 @@ def decode(model: torch.nn.Module, batch: int, tokens: int) -> None:
 
 def train_step(model: torch.nn.Module, batch: int, block: int) -> None:
     x = torch.randint(0, model.config.vocab_size, (batch, block))
-    _, loss, _ = model(x, x)
+    loss, _ = training_loss(model, model(x), x)
     loss.backward()
     model.zero_grad(set_to_none=True)
 
