@@ -171,6 +171,22 @@ def test_halted_tokens_skip_deeper_sub_blocks_and_are_counted() -> None:
     assert deep.counts == [40, 160] and math.isclose(float(deep.ponder.detach()), 1.25, abs_tol=1e-3)
 
 
+def test_training_loss_adds_the_ponder_cost_in_training_only() -> None:
+    """The trainer's objective: the sub-models' cross-entropy plus ``halt_penalty`` times the
+    FHME layers' ponder cost of that very forward; an evaluating model adds nothing."""
+    model = tiny_model("fhme", fhme_depth=4, moe_layers="0,1").train()
+    x = torch.randint(0, 128, (2, 16))
+    loss, sub = training_loss(model, model(x), x)
+    ponders = torch.stack([m.ponder for m in model.sparse_layers().values()])
+    torch.testing.assert_close(loss, (model.weights * sub).sum() + model.config.halt_penalty * ponders.mean())
+    loss.backward()
+    assert model.sparse_layers()[0].halt.weight.grad.abs().sum() > 0  # the halting units learn from it
+    model.eval()
+    with torch.no_grad():
+        loss, sub = training_loss(model, model(x), x)
+    torch.testing.assert_close(loss, (model.weights * sub).sum())
+
+
 def test_compute_saved_counts_the_sub_blocks_that_ran(monkeypatch: pytest.MonkeyPatch) -> None:
     """The summary's depth and saving against the rows every sub-block was actually applied to,
     counted where the sub-blocks run (not from the summary's own formula)."""

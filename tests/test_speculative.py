@@ -40,6 +40,16 @@ def test_greedy_equals_plain_greedy(drafts, gamma: int) -> None:
             assert list(speculate(m, prompt, 40, drafts, gamma, temperature=0, adaptive=adaptive)) == plain
 
 
+def test_decoding_keeps_its_shortcuts_in_the_block_not_on_the_modules() -> None:
+    m = model()
+    before = {id(mod): set(vars(mod)) for mod in m.modules()}
+    with frozen_weights() as block:
+        out = list(speculate(m, [1, 2, 3], 12, [(1, 0), (2, 1), (2, 2)], 3, temperature=0, adaptive=False))
+    assert out == list(generate(m, [1, 2, 3], 12, temperature=0))
+    assert {id(mod): set(vars(mod)) for mod in m.modules()} == before
+    assert len(block.kept) > 1  # slices and norm scales of the drafting level, the extracted draft
+
+
 @pytest.mark.parametrize("drafts", [[(2, 1)], [(1, 0), (2, 1), (2, 2)]])
 def test_confident_drafts_stop_early_and_stay_exact(drafts) -> None:
     m = model()
