@@ -87,12 +87,12 @@ def exact_dist(m, prompt: list[int], top_k: int | None, length: int) -> dict[tup
     from fractalformer.generate import probabilities
 
     with torch.no_grad():
-        p = probabilities(m(torch.tensor([prompt]))[0][0, -1], 1.0, top_k)
+        p = probabilities(m(torch.tensor([prompt]))[0][0, 0, -1], 1.0, top_k)
         out = {(a,): float(p[a]) for a in range(len(p)) if p[a] > 0}
         for _ in range(length - 1):
             nxt = {}
             for seq, ps in out.items():
-                p = probabilities(m(torch.tensor([[*prompt, *seq]]))[0][0, -1], 1.0, top_k)
+                p = probabilities(m(torch.tensor([[*prompt, *seq]]))[0][0, 0, -1], 1.0, top_k)
                 nxt |= {(*seq, b): ps * float(p[b]) for b in range(len(p)) if p[b] > 0}
             out = nxt
     return out
