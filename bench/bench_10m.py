@@ -38,6 +38,7 @@ from fractalformer.data.prepared import load_prepared
 from fractalformer.device import pick_device
 from fractalformer.models import build_model
 from fractalformer.train import make_optimizer
+from fractalformer.train.losses import training_loss
 from harness import machine, script_parser
 
 
@@ -78,7 +79,7 @@ def step_flops(cfg: RunConfig, device: str, autocast_dtype: torch.dtype | None, 
     counter = FlopCounterMode(display=False)
     ctx = torch.autocast(device, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     with counter, ctx:
-        _, loss, _ = model(x.to(device), y.to(device))
+        loss, _ = training_loss(model, model(x.to(device)), y.to(device))
         loss.backward()
     opt.zero_grad()
     return counter.get_total_flops()

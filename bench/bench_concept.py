@@ -29,7 +29,8 @@ import torch
 
 from fractalformer.config import build_config
 from fractalformer.models import build_model
-from fractalformer.nn.nesting import frozen_weights
+from fractalformer.nn.decode import frozen_weights
+from fractalformer.train.losses import training_loss
 from harness import machine, script_parser, timeit
 
 
@@ -44,14 +45,14 @@ def decode(model: torch.nn.Module, batch: int, tokens: int) -> None:
     prompt = torch.randint(0, model.config.vocab_size, (batch, 16))
     caches = model.new_cache(batch)
     with frozen_weights():
-        logits = model.run(prompt, [0], caches)[0][0]
+        logits = model(prompt, [0], caches)[0][0]
         for _ in range(tokens):
-            logits = model.run(logits[:, -1].argmax(-1, keepdim=True), [0], caches)[0][0]
+            logits = model(logits[:, -1].argmax(-1, keepdim=True), [0], caches)[0][0]
 
 
 def train_step(model: torch.nn.Module, batch: int, block: int) -> None:
     x = torch.randint(0, model.config.vocab_size, (batch, block))
-    _, loss, _ = model(x, x)
+    loss, _ = training_loss(model, model(x), x)
     loss.backward()
     model.zero_grad(set_to_none=True)
 

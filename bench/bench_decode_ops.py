@@ -20,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 from bench.bench_sample import per_token
 from fractalformer.config import build_config
 from fractalformer.models import build_model
-from fractalformer.nn.nesting import frozen_weights
+from fractalformer.nn.decode import frozen_weights
 from harness import machine, script_parser, timeit
 
 

@@ -68,7 +68,7 @@ def main() -> None:
         measure(f"{mode}: all 7 sub-models, batched levels", stepper(model, lambda m=model: m(x, y)[1], cfg))
 
         def level0(m=model) -> torch.Tensor:
-            lg = m.run(x, [0])[0][0]
+            lg = m(x, [0])[0][0]
             return F.cross_entropy(lg.flatten(0, 1), y.flatten())
 
         measure(f"{mode}: level 0 alone", stepper(model, level0, cfg))

@@ -30,6 +30,7 @@ from fractalformer.config import build_config
 from fractalformer.models import build_model
 from fractalformer.nn import GeGLU, Nesting
 from fractalformer.nn.product_keys import PEER, PKM
+from fractalformer.train.losses import training_loss
 from fractalformer.train.optim import clipped_params, make_optimizer
 from harness import machine, script_parser, timeit
 
@@ -89,7 +90,7 @@ def step_child(preset: str, sets: list[str], repeat: int) -> None:
     x = torch.randint(0, cfg.model.vocab_size, TOKENS)
 
     def step() -> None:
-        _, loss, _ = model(x, x)
+        loss, _ = training_loss(model, model(x), x)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(clip, 1.0)
         opt.step()

@@ -19,6 +19,7 @@ from fractalformer.config import build_config
 from fractalformer.generate import generate
 from fractalformer.models import build_model
 from fractalformer.train import make_optimizer
+from fractalformer.train.losses import training_loss
 from harness import machine, script_parser
 
 
@@ -51,9 +52,9 @@ def main() -> None:
     y = torch.randint(0, v, (b, t), generator=gen)
 
     def level0() -> torch.Tensor:
-        return F.cross_entropy(model.run(x, [0])[0][0].flatten(0, 1), y.flatten())
+        return F.cross_entropy(model(x, [0])[0][0].flatten(0, 1), y.flatten())
 
-    cases = [(f"all {len(cfg.model.sub_models())} sub-models", lambda: model(x, y)[1])]
+    cases = [(f"all {len(cfg.model.sub_models())} sub-models", lambda: training_loss(model, model(x), y)[0])]
     if cfg.model.levels > 1:
         cases.append(("level 0 alone", level0))
     for name, loss_fn in cases:

@@ -26,7 +26,7 @@ from fractalformer.config import build_config
 from fractalformer.generate import SpecStats, generate, speculate
 from fractalformer.generate.spec_policy import expected_tokens
 from fractalformer.models import build_model
-from fractalformer.nn.nesting import frozen_weights
+from fractalformer.nn.decode import frozen_weights
 from harness import machine, script_parser
 
 

@@ -23,7 +23,7 @@ import torch
 import fractalformer
 from fractalformer.generate import SpecStats, generate, speculate
 from fractalformer.generate.spec_policy import forget_costs
-from fractalformer.nn.nesting import frozen_weights
+from fractalformer.nn.decode import frozen_weights
 from harness import machine, script_parser
 
 PROMPTS = ["KING RICHARD III:\n", "ROMEO:\nO, ", "First Citizen:\nWe are"]

@@ -23,6 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import fractalformer
 from fractalformer.config import RunConfig, build_config
 from fractalformer.models import build_model
+from fractalformer.train.losses import training_loss
 from harness import (
     cached_result,
     experiment_parser,
@@ -112,7 +113,7 @@ def step_flops(cfg: RunConfig) -> int:
     model = build_model(cfg.model).train()
     x = torch.randint(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.model.block_size))
     with FlopCounterMode(display=False) as counter:
-        _, loss, _ = model(x, x)
+        loss, _ = training_loss(model, model(x), x)
         loss.backward()
     return int(counter.get_total_flops())
 

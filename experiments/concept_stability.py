@@ -50,8 +50,8 @@ def patch(variant: str) -> None:
 
     concept.ConceptGPT.reset_parameters = reset_parameters
     if variant == "detach":
-        add = concept.ConceptGPT._add_units
-        concept.ConceptGPT._add_units = lambda self, state, emb, total: add(self, state, emb.detach(), total)
+        add = concept.ConceptGPT.add_units
+        concept.ConceptGPT.add_units = lambda self, state, emb, total: add(self, state, emb.detach(), total)
 
 
 def main() -> None:

@@ -39,6 +39,7 @@ from fractalformer.data.corpus import batch_generator, get_batch
 from fractalformer.models import build_model
 from fractalformer.models.concept import ConceptCache, ConceptGPT
 from fractalformer.runs import prepare_data
+from fractalformer.train.losses import concept_regression, family_loss
 from fractalformer.train.optim import lr_at, make_optimizer
 from harness import machine, script_parser
 
@@ -55,7 +56,7 @@ def reach_forward(model: ConceptGPT, idx: torch.Tensor) -> tuple[torch.Tensor, t
     top, span = model.config.concept_levels, model.span
     state = ConceptCache(model, b, False)
     emb = model.embed(idx, 0)
-    model._add_units(state, emb, t)
+    model.add_units(state, emb, t)
     first = [0] * (top + 1)
     for k in range(top, -1, -1):
         n = t // span[k]
@@ -68,11 +69,11 @@ def reach_forward(model: ConceptGPT, idx: torch.Tensor) -> tuple[torch.Tensor, t
         group = None
         if k < top:  # the plan each position reads, numbered as the level above holds its plans
             group = torch.arange(first[k], n) // model.combo[k] - first[k + 1]
-        out = model._level(k, x, first[k], state, group)
+        out = model.run_tier(k, x, first[k], state, group)
         if k > 0:
             state.memory[k - 1].extend(out, model.reader(k - 1), model.read_scale[k - 1], model.depth(k - 1),
                                       model.rotary[0])
-    aux = model._regression(state, first)
+    aux = concept_regression(model, model.predict(state, first))
     return model.head({0: out})[0], aux if aux is not None else torch.zeros(())
 
 
@@ -80,8 +81,8 @@ def logits_and_aux(model: torch.nn.Module, x: torch.Tensor, reach: bool) -> tupl
     if reach:
         lg, aux = reach_forward(model, x)
         return lg[0], aux
-    lg = model.run(x, [0])[0][0][:, -CHUNK:]
-    aux = model.aux_loss() if model.training and hasattr(model, "aux_loss") else None
+    lg = model(x, [0])[0][0][:, -CHUNK:]
+    aux = family_loss(model)
     return lg, aux if aux is not None else torch.zeros(())
 
 

@@ -37,6 +37,7 @@ from .config import RunConfig
 from .data.tokenizers import Tokenizer, tokenizer_from_dict
 from .errors import FractalError
 from .io import WriteError, atomic_write, current_umask, fsync_dir, read_json, write_error, write_json
+from .nn.nesting import nested_parameters
 
 CONFIG = "config.json"
 MODEL = "model.safetensors"
@@ -332,28 +333,25 @@ def read_sub_model(run_dir: Path, model: torch.nn.Module, level: int, index: int
     with path.open("rb") as f:
         base, header = _header(f, path)
         verify = _verifier(f.fileno(), base, header, path)
-        for mod_name, mod in model.named_modules():
-            dims = getattr(mod, "nest_dims", None)
-            for pname, p in mod.named_parameters(recurse=False) if dims is not None else ():
-                key = f"{mod_name}.{pname}"
-                meta = header.get(key)
-                if not isinstance(meta, dict) or meta.get("shape") != list(p.shape) \
-                        or meta.get("dtype") not in _DTYPES:
-                    raise FractalError(f"{path}: tensor {key} is missing or misshapen for config.json")
-                verify(key)
-                runs = [_runs(model.nest.owned(n, level, g)[index]) if g else [(0, n)]
-                        for n, g in zip(p.shape, dims[pname], strict=True)]
-                dtype = _DTYPES[meta["dtype"]]
-                row = math.prod(p.shape[1:]) * dtype.itemsize
-                blocks = []
-                for a, b in runs[0]:
-                    data = os.pread(f.fileno(), (b - a) * row, base + meta["data_offsets"][0] + a * row)
-                    if len(data) != (b - a) * row:
-                        raise FractalError(f"{path} is truncated (tensor {key})")
-                    rows = torch.frombuffer(bytearray(data), dtype=dtype).view(b - a, *p.shape[1:])
-                    cols = [rows] if len(runs) == 1 else [rows[:, c:d] for c, d in runs[1]]
-                    blocks.append(torch.cat(cols, 1) if len(cols) > 1 else cols[0])
-                state[key] = torch.cat(blocks)
+        for key, p, dims in nested_parameters(model):
+            meta = header.get(key)
+            if not isinstance(meta, dict) or meta.get("shape") != list(p.shape) \
+                    or meta.get("dtype") not in _DTYPES:
+                raise FractalError(f"{path}: tensor {key} is missing or misshapen for config.json")
+            verify(key)
+            runs = [_runs(model.nest.owned(n, level, g)[index]) if g else [(0, n)]
+                    for n, g in zip(p.shape, dims, strict=True)]
+            dtype = _DTYPES[meta["dtype"]]
+            row = math.prod(p.shape[1:]) * dtype.itemsize
+            blocks = []
+            for a, b in runs[0]:
+                data = os.pread(f.fileno(), (b - a) * row, base + meta["data_offsets"][0] + a * row)
+                if len(data) != (b - a) * row:
+                    raise FractalError(f"{path} is truncated (tensor {key})")
+                rows = torch.frombuffer(bytearray(data), dtype=dtype).view(b - a, *p.shape[1:])
+                cols = [rows] if len(runs) == 1 else [rows[:, c:d] for c, d in runs[1]]
+                blocks.append(torch.cat(cols, 1) if len(cols) > 1 else cols[0])
+            state[key] = torch.cat(blocks)
     return state
 
 

@@ -25,7 +25,8 @@ from .config import TrainConfig
 from .data.corpus import Corpus, batch_generator, encode_cached, get_batch, sequential_windows, text_sha256
 from .data.tokenizers import Tokenizer
 from .errors import FractalError
-from .nn.nesting import frozen_weights
+from .nn.decode import frozen_weights
+from .nn.nesting import nested_parameters
 
 Key = tuple[int, int | str]  # (level, index) or (level, "ensemble")
 
@@ -97,7 +98,7 @@ def loss_sums(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
               ensembles: bool = True) -> dict[Key, float]:
     """Summed cross-entropy of every sub-model (and level ensemble) on one batch."""
     out: dict[Key, float] = {}
-    for lv, lg in model.run(x, model.body_levels()).items():
+    for lv, lg in model(x).items():
         logp = F.log_softmax(lg.float(), -1)  # (n, B, T, V)
         nll = -logp.gather(-1, y.expand(lg.shape[0], *y.shape).unsqueeze(-1)).squeeze(-1)
         for j, s in enumerate(nll.sum((1, 2)).tolist()):
@@ -173,6 +174,4 @@ def sub_model_params(model: torch.nn.Module, level: int) -> int:
         return model.num_params()
     if model.body_levels() == [0]:
         return model.num_params() - (model.config.d_model - model.level_width(level))
-    return sum(model.nest.take(p, level, mod.nest_dims[name])[0].numel()
-               for mod in model.modules() if hasattr(mod, "nest_dims")
-               for name, p in mod.named_parameters(recurse=False))
+    return sum(model.nest.take(p, level, dims)[0].numel() for _, p, dims in nested_parameters(model))

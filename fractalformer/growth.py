@@ -108,9 +108,9 @@ def merge_models(children: list[GPT], attn_nesting: str = "heads", glue_rank: in
     _check_parent_shape(parent, first)
     states = [dict(c.named_parameters()) for c in children]
     with torch.no_grad():
-        for name, mod, pname, p in nested_parameters(parent):
+        for name, p, dims in nested_parameters(parent):
             p.zero_()
-            parent.nest.put(p, 1, mod.nest_dims[pname], torch.stack([s[name].detach() for s in states]))
+            parent.nest.put(p, 1, dims, torch.stack([s[name].detach() for s in states]))
     return parent.train(children[0].training)
 
 
@@ -131,7 +131,7 @@ def grow_model(model: GPT, width: int, depth: int = 1) -> FractalFormer:
     grown = FractalFormer(cfg).to(model.embed.weight.device)  # new layers keep their random q/k/v, MLP in
     old = dict(model.named_parameters())
     with torch.no_grad():
-        for name, mod, pname, p in nested_parameters(grown):
+        for name, p, dims in nested_parameters(grown):
             if name.startswith("blocks."):
                 layer, rest = name.split(".", 2)[1:]
                 if int(layer) % depth:  # an inserted layer: identity through zero output projections
@@ -140,7 +140,7 @@ def grow_model(model: GPT, width: int, depth: int = 1) -> FractalFormer:
                     continue
                 name = f"blocks.{int(layer) // depth}.{rest}"
             p.zero_()
-            grown.nest.put(p, 1, mod.nest_dims[pname], old[name].detach().expand(width, *old[name].shape))
+            grown.nest.put(p, 1, dims, old[name].detach().expand(width, *old[name].shape))
         # only copy 0 reaches the tied output: the others' final scale (1 + w) is 0
         scale = grown.nest.take(grown.norm.weight, 1, grown.norm.nest_dims["weight"])
         scale[1:] = -1.0

@@ -20,6 +20,7 @@ from fractalformer.generate import generate
 from fractalformer.models import build_model
 from fractalformer.models.concept import ConceptGPT, grow
 from fractalformer.train import train
+from fractalformer.train.losses import family_loss, training_loss
 
 from .conftest import assert_resume_is_exact, assert_two_processes_match_one, needs_torchrun, run_cli
 
@@ -76,12 +77,12 @@ def perturbation_leak(model: ConceptGPT, t_len: int = 30, mode: str = "eval") ->
     model.train(mode == "train")
     gen = torch.Generator().manual_seed(1)
     x = torch.randint(0, model.config.vocab_size, (2, t_len), generator=gen)
-    base = model.run(x, [0])[0][0]
+    base = model(x, [0])[0][0]
     worst = 0.0
     for t in range(t_len - 1):
         y = x.clone()
         y[:, t + 1:] = torch.randint(0, model.config.vocab_size, (2, t_len - t - 1), generator=gen)
-        worst = max(worst, float((model.run(y, [0])[0][0][:, : t + 1] - base[:, : t + 1]).abs().max()))
+        worst = max(worst, float((model(y, [0])[0][0][:, : t + 1] - base[:, : t + 1]).abs().max()))
     return worst
 
 
@@ -94,7 +95,7 @@ def test_perturbing_the_future_leaves_the_past_unchanged(name: str, mode: str) -
     x = torch.randint(0, 128, (1, 30))
     y = x.clone()
     y[0, 9] = (y[0, 9] + 1) % 128  # the present and past do change what comes after
-    a, b = model.run(x, [0])[0][0, 0], model.run(y, [0])[0][0, 0]
+    a, b = model(x, [0])[0][0, 0], model(y, [0])[0][0, 0]
     assert torch.equal(a[:9], b[:9]) and not torch.allclose(a[9:], b[9:])
 
 
@@ -110,7 +111,7 @@ def jacobian(model: ConceptGPT, t_len: int, mode: str = "eval") -> torch.Tensor:
 
     handle = model.embed.register_forward_hook(keep)
     x = torch.randint(0, model.config.vocab_size, (1, t_len), generator=torch.Generator().manual_seed(2))
-    logits = model.run(x, [0])[0][0, 0]
+    logits = model(x, [0])[0][0, 0]
     handle.remove()
     proj = torch.randn(logits.shape[-1], generator=torch.Generator().manual_seed(3))
     rows = []
@@ -156,15 +157,15 @@ def test_a_token_window_decodes_with_a_cache_as_it_computes_in_full() -> None:
     torch.manual_seed(0)
     model = build_model(build_config("tiny", None, ["token_window=5"]).model).eval()
     x = torch.randint(0, 128, (2, 32))
-    full = model.run(x, [0])[0]
+    full = model(x, [0])[0]
     cache = model.new_cache(2)
     cuts = [0, 3, 4, 17, *range(18, 33)]  # chunks shorter and longer than the window, single tokens
-    parts = [model.run(x[:, a:b], [0], cache)[0] for a, b in itertools.pairwise(cuts)]
+    parts = [model(x[:, a:b], [0], cache)[0] for a, b in itertools.pairwise(cuts)]
     torch.testing.assert_close(torch.cat(parts, 2), full, rtol=1e-5, atol=1e-5)
     cache = model.new_cache(2)  # per-row positions (the server's batcher): the same band
-    model.run(x[:, :20], [0], cache)
+    model(x[:, :20], [0], cache)
     cache[0].length = torch.tensor([20, 20])
-    torch.testing.assert_close(model.run(x[:, 20:22], [0], cache)[0], full[:, :, 20:22], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model(x[:, 20:22], [0], cache)[0], full[:, :, 20:22], rtol=1e-5, atol=1e-5)
     with pytest.raises(FractalError, match="sliding window"):
         dense_model(model, None, None)
 
@@ -201,13 +202,13 @@ def test_leak_canary_random_tokens_stay_at_chance(tmp_path: Path, monkeypatch: p
 def test_cached_generation_equals_full_recompute(name: str) -> None:
     model = tiny(CONFIGS[name]).eval()
     x = torch.randint(0, 128, (2, 32))
-    full = model.run(x, [0])[0]
+    full = model(x, [0])[0]
     cache = model.new_cache(2)
     cuts = [0, 5, 6, 7, 19, *range(20, 33)]  # a prompt, single tokens, a chunk crossing groups
-    parts = [model.run(x[:, a:b], [0], cache)[0] for a, b in itertools.pairwise(cuts)]
+    parts = [model(x[:, a:b], [0], cache)[0] for a, b in itertools.pairwise(cuts)]
     torch.testing.assert_close(torch.cat(parts, 2), full, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="exceeds block_size"):
-        model.run(x[:, :1], [0], cache)
+        model(x[:, :1], [0], cache)
     # the sampler, past the window (sliding): cached and uncached draw the same tokens
     prompt = x[0, :7].tolist()
     a = list(generate(model, prompt, 40, temperature=1.0, seed=3))
@@ -235,10 +236,12 @@ def test_decoding_follows_writes_between_generations() -> None:
 def test_growth_starts_as_a_no_op_and_then_learns(name: str) -> None:
     model = tiny(CONFIGS[name]).train()
     x, y = torch.randint(0, 128, (4, 32)), torch.randint(0, 128, (4, 32))
-    logits, loss, sub = model(x, y)
+    logits = model(x)
+    loss, sub = training_loss(model, logits, y)
     grown = grow(model, combo=2)
     assert grown.config.concept_levels == model.config.concept_levels + 1
-    logits2, loss2, sub2 = grown(x, y)
+    logits2 = grown(x)
+    loss2, sub2 = training_loss(grown, logits2, y)
     torch.testing.assert_close(logits2, logits, rtol=0, atol=0)
     assert torch.equal(sub2, sub)  # token cross-entropy unchanged at the step of growth
     assert float(loss2.detach()) >= float(loss.detach())  # plus the new level's regression term, nothing else
@@ -258,8 +261,9 @@ def test_a_new_model_starts_as_the_dense_gpt(name: str) -> None:
     dense = build_model(build_config("tiny", None, ["n_layer=2"]).model)
     dense.load_state_dict({k: v for k, v in model.state_dict().items() if k in dense.state_dict()})
     x = torch.randint(0, 128, (2, 32))
-    logits, loss, _ = model(x, x)
-    torch.testing.assert_close(logits, dense(x)[0], rtol=0, atol=0)
+    logits = model(x)
+    loss, _ = training_loss(model, logits, x)
+    torch.testing.assert_close(logits[0][0], dense(x)[0][0], rtol=0, atol=0)
     loss.backward()
     assert float(model.read_scale[0].grad.abs().sum()) > 0
 
@@ -337,7 +341,8 @@ def test_cli_train_eval_sample_analyze_load(concept_run: Path, excerpt: Path, tm
     model = fractalformer.load(concept_run)
     assert isinstance(model, ConceptGPT) and not model.training
     idx = torch.tensor([model.tokenizer.encode("ROMEO:")])
-    logits, loss, _ = model(idx)
+    logits = model(idx)[0][0]
+    loss = family_loss(model)  # an evaluating model leaves no training term
     assert logits.shape == (1, idx.shape[1], 128) and loss is None
     assert model.generate("ROMEO:", 20, temperature=0, seed=1) == model.generate("ROMEO:", 20, temperature=0,
                                                                                  seed=1, use_cache=False)

@@ -13,6 +13,7 @@ from fractalformer import FractalError
 from fractalformer.config import ModelConfig, build_config
 from fractalformer.evaluate import sub_model_params
 from fractalformer.models import GPT, build_model
+from fractalformer.train.losses import training_loss
 
 from .conftest import run_cli
 
@@ -45,11 +46,11 @@ def make(name: str, seed: int = 0) -> GPT:
 def test_causality_of_every_sub_model(name: str) -> None:
     m = make(name)
     x = torch.randint(0, 40, (2, 16))
-    base = m.run(x, m.body_levels())
+    base = m(x, m.body_levels())
     for t in (0, 7, 14):
         x2 = x.clone()
         x2[:, t + 1] = (x2[:, t + 1] + 1) % 40
-        out = m.run(x2, m.body_levels())
+        out = m(x2, m.body_levels())
         for lv in base:
             assert torch.equal(out[lv][:, :, : t + 1], base[lv][:, :, : t + 1]), (lv, t)
             assert not torch.allclose(out[lv][:, :, t + 1], base[lv][:, :, t + 1])
@@ -64,13 +65,13 @@ def test_extraction_parity(name: str) -> None:
             with pytest.raises(FractalError, match="not extractable"):
                 m.extract(lv, 0)
             continue
-        ref = m.run(x, m.needed_levels(lv))[lv]
+        ref = m(x, m.needed_levels(lv))[lv]
         for j in range(m.nest.count(lv)):
             sub = m.extract(lv, j)
             assert type(sub) is GPT and sub.config.levels == 1
             assert sub.num_params() == sub_model_params(m, lv)
             assert sub.num_params() < m.num_params() or lv == 0
-            torch.testing.assert_close(sub(x)[0], ref[j], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(sub(x)[0][0], ref[j], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["fractal", "matformer", "mrl"])
@@ -84,7 +85,7 @@ def test_parameter_count_is_what_a_sub_model_reads(name: str) -> None:
     counts = []
     for lv in range(m.nest.levels):
         m.zero_grad(set_to_none=True)
-        m.run(x, m.needed_levels(lv))[lv][0].pow(2).sum().backward()
+        m(x, m.needed_levels(lv))[lv][0].pow(2).sum().backward()
         used = sum(int((p.grad != 0).sum()) for p in m.parameters() if p.grad is not None)
         assert used == sub_model_params(m, lv), lv
         counts.append(used)
@@ -101,11 +102,11 @@ def test_extractable_levels_under_residuals() -> None:
 def test_training_loss_is_the_weighted_sum_and_every_sub_model_gets_gradient(name: str) -> None:
     m = make(name).train()
     x, y = torch.randint(0, 40, (4, 16)), torch.randint(0, 40, (4, 16))
-    _, loss, sub = m(x, y)
+    loss, sub = training_loss(m, m(x), y)
     subs = m.config.sub_models()
     assert len(sub) == len(subs) and (m.weights > 0).all()
     torch.testing.assert_close(loss.detach(), (m.weights * sub).sum())
-    logits = m.run(x, m.body_levels())
+    logits = m(x, m.body_levels())
     for k, (lv, j) in enumerate(subs):
         own = F.cross_entropy(logits[lv][j].flatten(0, 1), y.flatten())
         torch.testing.assert_close(own.detach(), sub[k])
@@ -125,10 +126,10 @@ def test_train_mode_and_cached_inference_compute_the_same_function(name: str) ->
     m = make(name)
     x = torch.randint(0, 40, (2, 16))
     m.train()
-    trained = m.run(x, m.body_levels())
+    trained = m(x, m.body_levels())
     m.eval()
     caches = m.new_cache(2)
-    steps = [m.run(x[:, a:b], m.body_levels(), caches) for a, b in ((0, 5), (5, 6), (6, 16))]
+    steps = [m(x[:, a:b], m.body_levels(), caches) for a, b in ((0, 5), (5, 6), (6, 16))]
     for lv in trained:
         torch.testing.assert_close(torch.cat([s[lv] for s in steps], 2), trained[lv], rtol=1e-5, atol=1e-5)
 
@@ -169,8 +170,8 @@ def test_distillation_pulls_sub_models_towards_the_full_model(name: str) -> None
     m = make(name).train()
     m.config.distill = 0.25
     x, y = torch.randint(0, 40, (4, 16)), torch.randint(0, 40, (4, 16))
-    _, loss, sub = m(x, y)
-    logits = m.run(x, m.body_levels())
+    loss, sub = training_loss(m, m(x), y)
+    logits = m(x, m.body_levels())
     teacher = F.log_softmax(logits[0][0], -1)
     terms = []
     for k, (lv, j) in enumerate(m.config.sub_models()):
@@ -184,7 +185,7 @@ def test_distillation_pulls_sub_models_towards_the_full_model(name: str) -> None
     m.weights = torch.tensor(m.config.sub_model_weights())
     w, dims = m.blocks[0].mlp.down.weight, m.blocks[0].mlp.down.nest_dims["weight"]
     owned = torch.autograd.grad(m.nest.take(w, 1, dims).sum(), w)[0] != 0
-    grad = torch.autograd.grad(m(x, y)[1], w)[0]
+    grad = torch.autograd.grad(training_loss(m, m(x), y)[0], w)[0]
     assert grad[owned].abs().sum() > 0 and not owned.all() and grad[~owned].abs().sum() == 0
 
 
@@ -227,7 +228,7 @@ def test_fractal_cli_eval_sample_extract(capsys, fractal_run: Path, excerpt: Pat
     assert sub.config.family == "gpt" and sub.config.d_model == 8
     full = fractalformer.load(fractal_run)
     x = torch.randint(0, 128, (2, 32))
-    torch.testing.assert_close(sub(x)[0], full.run(x, [2])[2][1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sub(x)[0][0], full(x, [2])[2][1], rtol=1e-5, atol=1e-5)
     code, out, _ = run_cli(capsys, "eval", sub_dir, "--json", "--data", excerpt, "--windows", "64")
     in_fractal = next(r for r in rows if (r["level"], r["index"]) == (2, 1))
     assert json.loads(out)[0]["val_loss"] == pytest.approx(in_fractal["val_loss"], abs=1e-5)

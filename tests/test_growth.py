@@ -20,6 +20,7 @@ from fractalformer.growth import grow_model, merge_models
 from fractalformer.models import GPT, build_model
 from fractalformer.models.fractal import fold_glue
 from fractalformer.train import make_optimizer
+from fractalformer.train.losses import training_loss
 from fractalformer.train.optim import frozen_masks, lr_at
 
 from .conftest import run_cli
@@ -61,11 +62,11 @@ def test_children_extract_bit_identical_and_run_unchanged(attn_nesting: str) -> 
     m = random_glue(merge_models(kids, attn_nesting)).eval()
     assert m.config.d_model == 32 and m.config.levels == 2 and m.config.attn_nesting == attn_nesting
     x = torch.randint(0, 40, (2, 16))
-    level1 = m.run(x, [1])[1]
+    level1 = m(x, [1])[1]
     for j, kid in enumerate(kids):
         assert same_weights(m.extract(1, j), kid)
         assert torch.equal(level1[j], kid(x)[0]) or torch.allclose(level1[j], kid(x)[0], atol=1e-6)
-    assert not torch.allclose(m(x)[0], level1[0], atol=1e-3)  # the full model is more than a child
+    assert not torch.allclose(m(x)[0][0], level1[0], atol=1e-3)  # the full model is more than a child
 
 
 def test_merge_again_quarters_to_halves_to_one() -> None:
@@ -82,16 +83,16 @@ def test_merge_again_quarters_to_halves_to_one() -> None:
 def test_merged_model_is_causal_and_cache_consistent() -> None:
     m = random_glue(merge_models([dense(1), dense(2)], glue_rank=2)).eval()
     x = torch.randint(0, 40, (2, 16))
-    full = m.run(x, m.body_levels())
+    full = m(x, m.body_levels())
     for t in (0, 7, 14):
         x2 = x.clone()
         x2[:, t + 1] = (x2[:, t + 1] + 1) % 40
-        out = m.run(x2, m.body_levels())
+        out = m(x2, m.body_levels())
         for lv in full:
             assert torch.equal(out[lv][:, :, : t + 1], full[lv][:, :, : t + 1]), (lv, t)
             assert not torch.allclose(out[lv][:, :, t + 1], full[lv][:, :, t + 1])
     caches = m.new_cache(2)
-    steps = [m.run(x[:, a:b], m.body_levels(), caches) for a, b in ((0, 5), (5, 6), (6, 16))]
+    steps = [m(x[:, a:b], m.body_levels(), caches) for a, b in ((0, 5), (5, 6), (6, 16))]
     for lv in full:
         torch.testing.assert_close(torch.cat([s[lv] for s in steps], 2), full[lv], rtol=1e-5, atol=1e-5)
 
@@ -101,7 +102,7 @@ def test_full_model_of_a_glued_model_keeps_its_glue(tmp_path: Path) -> None:
     (an export of a run cut off mid-glue computes what the run does)."""
     m = random_glue(merge_models([dense(1), dense(2)], glue_rank=2)).eval()
     x = torch.randint(0, 40, (2, 16))
-    torch.testing.assert_close(m.extract(0, 0)(x)[0], m(x)[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(m.extract(0, 0)(x)[0][0], m(x)[0][0], rtol=1e-4, atol=1e-5)
     cfg = build_config("tiny-fractal", None, ["levels=2", "glue_rank=2"])
     tok = get_tokenizer(cfg.train.tokenizer, read_text(cfg.train.data))
     cfg.model.vocab_size = tok.vocab_size
@@ -140,7 +141,7 @@ def _glue_steps(m: GPT, frozen_optimizer: bool, steps: int = 3) -> None:
     m.train()
     x = torch.randint(0, 40, (4, 16))
     for _ in range(steps):
-        _, loss, _ = m(x, torch.roll(x, -1, 1))
+        loss, _ = training_loss(m, m(x), torch.roll(x, -1, 1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
         opt.step()
@@ -177,7 +178,7 @@ def test_folded_glue_computes_the_same_function(attn_nesting: str) -> None:
     assert folded.config.glue_rank == 0 and folded.glue is None
     assert folded.num_params() < m.num_params()
     x = torch.randint(0, 40, (3, 16))
-    ref, out = m.run(x, m.body_levels()), folded.run(x, folded.body_levels())
+    ref, out = m(x, m.body_levels()), folded(x, folded.body_levels())
     assert (ref[0] - out[0]).abs().max() < 1e-5
     assert (ref[0] - merge_models(kids, attn_nesting)(x)[0]).abs().max() > 1e-3  # the glue mattered
     for j, kid in enumerate(kids):
@@ -186,7 +187,7 @@ def test_folded_glue_computes_the_same_function(attn_nesting: str) -> None:
 
 @torch.no_grad()
 def _loss(m: GPT, x: torch.Tensor) -> float:
-    logits = m(x)[0]
+    logits = m(x)[0][0]
     return float(F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten()))
 
 
@@ -201,13 +202,13 @@ def test_growth_preserves_the_function_and_nests_the_original(width: int, depth:
                                                 orig.config.n_layer * depth)
     x = torch.randint(0, 40, (4, 16))
     assert abs(_loss(grown, x) - _loss(orig, x)) < 1e-4
-    torch.testing.assert_close(grown(x)[0], orig(x)[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grown(x)[0][0], orig(x)[0][0], rtol=1e-4, atol=1e-5)
     if depth == 1:  # the original is sub-model (1, 0), weight for weight
         assert same_weights(grown.extract(1, 0), orig.extract(0, 0) if fractal else orig)
         if fractal:
             assert same_weights(grown.extract(2, 1), orig.extract(1, 1))
     else:  # inserted layers are identities: sub-model (1, 0) still computes the original
-        torch.testing.assert_close(grown.run(x, [1])[1][0], orig(x)[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(grown(x, [1])[1][0], orig(x)[0][0], rtol=1e-4, atol=1e-5)
 
 
 def test_grow_rejects_what_it_cannot_preserve() -> None:

@@ -21,6 +21,7 @@ from fractalformer.hierarchy import (
     target_matrix,
 )
 from fractalformer.models import build_model
+from fractalformer.train.losses import group_targets, training_loss
 
 from .conftest import run_cli
 
@@ -30,14 +31,14 @@ def test_group_loss_is_cross_entropy_for_singleton_groups_and_spreads_otherwise(
     m = build_model(ModelConfig(family="mrl", levels=3, vocab_size=20, block_size=8, n_layer=1, d_model=16,
                                 n_head=2, head_dim=8))
     x, y = torch.randint(0, 20, (3, 8)), torch.randint(0, 20, (3, 8))
-    _, _, plain = m(x, y)
-    m.set_groups({8: [], 4: [[i] for i in range(20)]})  # no groups / all singletons
-    _, _, same = m(x, y)
+    _, plain = training_loss(m, m(x), y)
+    groups = group_targets(m, {8: [], 4: [[i] for i in range(20)]})  # no groups / all singletons
+    _, same = training_loss(m, m(x), y, groups)
     torch.testing.assert_close(same, plain)
-    m.set_groups({4: [[0, 1, 2, 3]]})
-    _, _, grouped = m(x, y)
+    groups = group_targets(m, {4: [[0, 1, 2, 3]]})
+    _, grouped = training_loss(m, m(x), y, groups)
     assert grouped[2] != plain[2] and torch.equal(grouped[:2], plain[:2])  # only width 4 changes
-    logp = F.log_softmax(m.run(x, [0])[2][0].float(), -1)
+    logp = F.log_softmax(m(x, [0])[2][0].float(), -1)
     y_flat, lp = y.flatten(), logp.flatten(0, 1)
     manual = torch.where(y_flat < 4, -lp[:, :4].mean(-1), -lp.gather(1, y_flat[:, None]).squeeze(1)).mean()
     torch.testing.assert_close(grouped[2], manual)
@@ -59,9 +60,9 @@ def test_fractal_siblings_get_their_own_groups() -> None:
     assert set(found) == {"8.0", "8.1"}
     assert found["8.0"] == [list(range(10))] and found["8.1"] == [list(range(10, 20))]
     x, y = torch.randint(0, 20, (3, 8)), torch.randint(0, 20, (3, 8))
-    _, _, plain = m(x, y)
-    m.set_groups({"8.1": [[0, 1, 2, 3]]})
-    _, _, grouped = m(x, y)
+    _, plain = training_loss(m, m(x), y)
+    groups = group_targets(m, {"8.1": [[0, 1, 2, 3]]})
+    _, grouped = training_loss(m, m(x), y, groups)
     assert torch.equal(grouped[:2], plain[:2]) and grouped[2] != plain[2]  # sibling 1 alone changes
 
 

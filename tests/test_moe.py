@@ -14,6 +14,7 @@ from fractalformer.models import build_model
 from fractalformer.models import moe as moe_module
 from fractalformer.models.moe import FHME, usage_summary
 from fractalformer.nn.product_keys import PEER, PKM, ProductKeys, _Experts, _Read, experts
+from fractalformer.train.losses import training_loss
 from fractalformer.train.optim import make_optimizer
 
 from .conftest import (
@@ -108,14 +109,14 @@ def test_gradients_reach_only_selected_rows_and_used_sub_keys(layer_cls: type) -
 def test_causal_and_batch_independent_in_train_mode(moe: str) -> None:
     model = tiny_model(moe).train()
     x = torch.randint(0, 128, (3, 16))
-    ref = model(x)[0]
+    ref = model(x)[0][0]
     for t in (0, 7, 14):
         y = x.clone()
         y[:, t + 1] = (y[:, t + 1] + 1) % 128
-        out = model(y)[0]
+        out = model(y)[0][0]
         torch.testing.assert_close(out[:, : t + 1], ref[:, : t + 1], rtol=0, atol=1e-6)
         assert not torch.allclose(out[:, t + 1], ref[:, t + 1])
-    alone = model(x[1:2])[0]  # a row's output does not depend on the other rows
+    alone = model(x[1:2])[0][0]  # a row's output does not depend on the other rows
     torch.testing.assert_close(alone, ref[1:2], rtol=1e-5, atol=1e-5)
 
 
@@ -127,9 +128,9 @@ def test_kv_cache_generation_equals_full_recompute(moe: str) -> None:
             if p.dim() == 1:
                 p.normal_(0, 0.5)  # halting units and norms away from their start values
         x = torch.randint(0, 128, (2, 20))
-        full = model(x)[0]
+        full = model(x)[0][0]
         cache = model.new_cache(2)
-        steps = [model(x[:, :8], cache=cache)[0]] + [model(x[:, i : i + 1], cache=cache)[0]
+        steps = [model(x[:, :8], cache=cache)[0][0]] + [model(x[:, i : i + 1], cache=cache)[0][0]
                                                       for i in range(8, 20)]
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
 
@@ -170,6 +171,22 @@ def test_halted_tokens_skip_deeper_sub_blocks_and_are_counted() -> None:
     assert deep.counts == [40, 160] and math.isclose(float(deep.ponder.detach()), 1.25, abs_tol=1e-3)
 
 
+def test_training_loss_adds_the_ponder_cost_in_training_only() -> None:
+    """The trainer's objective: the sub-models' cross-entropy plus ``halt_penalty`` times the
+    FHME layers' ponder cost of that very forward; an evaluating model adds nothing."""
+    model = tiny_model("fhme", fhme_depth=4, moe_layers="0,1").train()
+    x = torch.randint(0, 128, (2, 16))
+    loss, sub = training_loss(model, model(x), x)
+    ponders = torch.stack([m.ponder for m in model.sparse_layers().values()])
+    torch.testing.assert_close(loss, (model.weights * sub).sum() + model.config.halt_penalty * ponders.mean())
+    loss.backward()
+    assert model.sparse_layers()[0].halt.weight.grad.abs().sum() > 0  # the halting units learn from it
+    model.eval()
+    with torch.no_grad():
+        loss, sub = training_loss(model, model(x), x)
+    torch.testing.assert_close(loss, (model.weights * sub).sum())
+
+
 def test_compute_saved_counts_the_sub_blocks_that_ran(monkeypatch: pytest.MonkeyPatch) -> None:
     """The summary's depth and saving against the rows every sub-block was actually applied to,
     counted where the sub-blocks run (not from the summary's own formula)."""
@@ -188,7 +205,7 @@ def test_compute_saved_counts_the_sub_blocks_that_ran(monkeypatch: pytest.Monkey
     monkeypatch.setattr(moe_module, "experts", counted)
     x = torch.randint(0, 128, (2, 24))
     with torch.no_grad(), model.track_usage() as usage:
-        model.run(x, [0])
+        model(x, [0])
     summary, work = usage.summary(), len(layers) * x.numel() * depth
     assert len(layers) <= len(applied) <= len(layers) * depth and sum(applied) < work
     assert summary["compute_saved"] == pytest.approx(1 - sum(applied) / work)
@@ -226,7 +243,7 @@ def test_sparse_adam_leaves_unselected_rows_bit_identical() -> None:
     before = layer.down.detach().clone()
     x = torch.randint(0, 128, (2, 16))
     with layer_stats(layer) as hits:
-        _, loss, _ = model(x, x)
+        loss, _ = training_loss(model, model(x), x)
     loss.backward()
     assert layer.down.grad.is_sparse
     opt.step()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fractalformer import FractalError
-from fractalformer import prepare as prep
+from fractalformer.data import prepared as prep
 from fractalformer.data.corpus import Corpus, read_text
 from fractalformer.data.tokenizers import get_tokenizer
 

@@ -40,10 +40,10 @@ def test_grad_accum_and_sync_every_keep_the_losses(single: Path, tmp_path: Path,
     rows: list[int] = []
 
     class Counting(GPT):
-        def forward(self, idx, targets=None, cache=None):
+        def forward(self, idx, levels=None, cache=None):
             if self.training:
                 rows.append(idx.shape[0])
-            return super().forward(idx, targets, cache)
+            return super().forward(idx, levels, cache)
 
     monkeypatch.setattr(trainer_mod, "build_model", Counting)
     out = tmp_path / "accum"

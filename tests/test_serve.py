@@ -126,16 +126,16 @@ def test_per_row_cache_positions_match_one_cache_per_row(model: torch.nn.Module)
     solo = []
     for s in seqs:
         caches = model.new_cache(1, [1])
-        model.run(torch.tensor([s[:-1]]), [1], caches)
-        solo.append(model.run(torch.tensor([s[-1:]]), [1], caches)[1][:, 0, -1])
+        model(torch.tensor([s[:-1]]), [1], caches)
+        solo.append(model(torch.tensor([s[-1:]]), [1], caches)[1][:, 0, -1])
     batched = model.new_cache(2, [1])
     for b, s in enumerate(seqs):  # fill row b of both sub-models from its own prefill
         caches = model.new_cache(1, [1])
-        model.run(torch.tensor([s[:-1]]), [1], caches)
+        model(torch.tensor([s[:-1]]), [1], caches)
         for mine, theirs in ((batched[1].k, caches[1].k), (batched[1].v, caches[1].v)):
             mine.unflatten(1, (2, 2))[:, :, b] = theirs
     batched[1].length = torch.tensor([len(s) - 1 for s in seqs]).repeat(2)
-    out = model.run(torch.tensor([[s[-1]] for s in seqs]), [1], batched)[1][:, :, -1]
+    out = model(torch.tensor([[s[-1]] for s in seqs]), [1], batched)[1][:, :, -1]
     for b in range(2):
         torch.testing.assert_close(out[:, b], solo[b], rtol=1e-5, atol=1e-5)
     assert batched[1].length.tolist() == [4, 8, 4, 8]

@@ -14,7 +14,7 @@ from fractalformer.generate.spec_policy import Policy, best_gamma, expected_toke
 from fractalformer.generate.speculative import commit_row, parse_sub_model
 from fractalformer.models import build_model
 from fractalformer.nn import KVCache
-from fractalformer.nn.nesting import frozen_weights
+from fractalformer.nn.decode import frozen_weights
 
 
 def model(vocab: int = 40, **kw) -> torch.nn.Module:
@@ -38,6 +38,16 @@ def test_greedy_equals_plain_greedy(drafts, gamma: int) -> None:
         plain = list(generate(m, prompt, 40, temperature=0))  # runs past the 48-token context
         for adaptive in (False, True):
             assert list(speculate(m, prompt, 40, drafts, gamma, temperature=0, adaptive=adaptive)) == plain
+
+
+def test_decoding_keeps_its_shortcuts_in_the_block_not_on_the_modules() -> None:
+    m = model()
+    before = {id(mod): set(vars(mod)) for mod in m.modules()}
+    with frozen_weights() as block:
+        out = list(speculate(m, [1, 2, 3], 12, [(1, 0), (2, 1), (2, 2)], 3, temperature=0, adaptive=False))
+    assert out == list(generate(m, [1, 2, 3], 12, temperature=0))
+    assert {id(mod): set(vars(mod)) for mod in m.modules()} == before
+    assert len(block.kept) > 1  # slices and norm scales of the drafting level, the extracted draft
 
 
 @pytest.mark.parametrize("drafts", [[(2, 1)], [(1, 0), (2, 1), (2, 2)]])
@@ -77,12 +87,12 @@ def exact_dist(m, prompt: list[int], top_k: int | None, length: int) -> dict[tup
     from fractalformer.generate import probabilities
 
     with torch.no_grad():
-        p = probabilities(m(torch.tensor([prompt]))[0][0, -1], 1.0, top_k)
+        p = probabilities(m(torch.tensor([prompt]))[0][0, 0, -1], 1.0, top_k)
         out = {(a,): float(p[a]) for a in range(len(p)) if p[a] > 0}
         for _ in range(length - 1):
             nxt = {}
             for seq, ps in out.items():
-                p = probabilities(m(torch.tensor([[*prompt, *seq]]))[0][0, -1], 1.0, top_k)
+                p = probabilities(m(torch.tensor([[*prompt, *seq]]))[0][0, 0, -1], 1.0, top_k)
                 nxt |= {(*seq, b): ps * float(p[b]) for b in range(len(p)) if p[b] > 0}
             out = nxt
     return out

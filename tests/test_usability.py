@@ -267,7 +267,7 @@ def test_generate_matches_the_command_line(capsys, fractal_run: Path) -> None:
     ids = torch.tensor([model.tokenizer.encode("ROMEO:")])
     logits = model.sub_model_logits(ids)
     assert sorted(logits) == model.config.sub_models() and logits[(2, 3)].shape == (1, ids.shape[1], 128)
-    torch.testing.assert_close(logits[(0, 0)], model(ids)[0])
+    torch.testing.assert_close(logits[(0, 0)], model(ids)[0][0])
     with pytest.raises(fractalformer.FractalError, match="temperature"):
         model.generate("x", temperature=-1)
 

@@ -69,7 +69,7 @@ def pair_cosines(model: torch.nn.Module, pairs: list[tuple[str, str]]) -> dict[s
 @torch.no_grad()
 def consistency(model: torch.nn.Module, windows: torch.Tensor) -> dict[tuple[int, int], dict[str, float]]:
     """Top-1 agreement and mean sum(min(p, q)) of every sub-model with the full model."""
-    logits = model.run(windows, model.body_levels())
+    logits = model(windows)
     p = torch.softmax(logits[0][0].float(), -1)
     out = {}
     for lv, lg in logits.items():
@@ -178,7 +178,7 @@ def expert_usage(model: torch.nn.Module, windows: torch.Tensor, path: Path) -> d
     if not hasattr(model, "track_usage"):
         return None
     with torch.no_grad(), model.track_usage() as usage:
-        model.run(windows, [0])
+        model(windows, [0])
     hits = usage.hits()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for layer, h in hits.items():

@@ -8,14 +8,16 @@ uncached generation give the same tokens.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
 from ..errors import FractalError
-from ..nn.nesting import frozen_weights, weight_scope
+from ..nn.decode import frozen_weights, memo
 
 # Below this temperature sampling takes the argmax: the tempered distribution is one-hot to
 # float32 precision anyway (logit gaps under ~1e-4 aside), and dividing the logits by a far
@@ -77,11 +79,7 @@ def extracted(model: torch.nn.Module, level: int, index: int) -> torch.nn.Module
     """``model.extract(level, index)``, kept for the rest of the open :class:`frozen_weights`
     block (a server's decode loop, a caller's loop over many generations), extracted afresh
     in a new block, so no write to the weights between blocks can leave a stale copy."""
-    kept = model.__dict__.setdefault("_drafts", {})
-    scope = weight_scope()
-    if not scope or kept.get((level, index), (0,))[0] != scope:
-        kept[(level, index)] = (scope, model.extract(level, index).eval())
-    return kept[(level, index)][1]
+    return memo(model, ("extract", level, index), (), lambda: model.extract(level, index).eval())
 
 
 def runner(model: torch.nn.Module, level: int, index: int | str) -> tuple[torch.nn.Module, int, int | str]:
@@ -94,24 +92,29 @@ def runner(model: torch.nn.Module, level: int, index: int | str) -> tuple[torch.
     return model, level, index
 
 
+# torch.compile of each family's forward, per backend: compiled unbound, so that nothing
+# compiled holds a model; dynamo keeps one graph per model and input shape under it
+_COMPILED: dict[tuple[Callable[..., Any], str], Callable[..., Any]] = {}
+
+
 def decode_fn(model: torch.nn.Module, compile: bool | str) -> Callable[..., dict[int, torch.Tensor]]:
-    """``model.run``, or with ``compile`` its ``torch.compile`` (kept on the model). The KV
-    cache is addressed by position, so one graph per input shape covers every cache length:
-    2-3x fewer milliseconds per token on a CPU, where an eager step is mostly per-op
-    overhead, for a compile that can take minutes on a CPU (docs/performance.md). A string names the
+    """The model's forward, or with ``compile`` its ``torch.compile``. The KV cache is
+    addressed by position, so one graph per input shape covers every cache length: 2-3x
+    fewer milliseconds per token on a CPU, where an eager step is mostly per-op overhead,
+    for a compile that can take minutes on a CPU (docs/performance.md). A string names the
     ``torch.compile`` backend (the tests trace with ``"aot_eager"``: no C++ compilation)."""
     if not compile:
-        return model.run
+        return model
     backend = compile if isinstance(compile, str) else "inductor"
-    kept = model.__dict__.setdefault("_compiled_run", {})
-    if backend not in kept:
+    key = (type(model).forward, backend)
+    if key not in _COMPILED:
         # dynamo counts graphs per code object, so the target and every extracted draft (all
-        # ``GPT.run``) share its limit of 8: speculation would fall back to eager silently
+        # ``GPT.forward``) share its limit of 8: speculation would fall back to eager silently
         cfg = torch._dynamo.config  # the limit's name before torch 2.6: cache_size_limit
         name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
         setattr(cfg, name, max(getattr(cfg, name), 64))
-        kept[backend] = torch.compile(model.run, dynamic=True, backend=backend)  # lengths vary
-    return kept[backend]
+        _COMPILED[key] = torch.compile(type(model).forward, dynamic=True, backend=backend)  # lengths vary
+    return functools.partial(_COMPILED[key], model)
 
 
 def select_logits(logits: dict[int, torch.Tensor], level: int, index: int | str) -> torch.Tensor:
@@ -161,7 +164,7 @@ def generate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, tem
                 tokens = tokens[-ctx:]
                 if caches is not None:
                     for c in caches.values():
-                        c.length = 0
+                        c.reset()
                 logits = run(torch.tensor([tokens], device=device), levels, caches)
 
 

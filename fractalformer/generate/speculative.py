@@ -33,7 +33,7 @@ import torch
 from ..errors import FractalError
 from ..evaluate import sub_model_params
 from ..nn import KVCache
-from ..nn.nesting import frozen_weights
+from ..nn.decode import frozen_weights
 from .sampling import decode_fn, extracted, fresh_seed, generate, is_greedy, pick, probabilities
 from .spec_policy import Policy, SpecStats, known_costs
 

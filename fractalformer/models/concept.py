@@ -1,26 +1,31 @@
-"""The next-concept predictor: causal concept levels above the tokens.
+"""The next-concept predictor: causal concept tiers above the tokens.
 
-Level 0 is the tokens (or bytes). A concept of level ``k`` is ``combo_k`` consecutive
-units of level ``k - 1`` made into one vector: RMSNorm of their sum (the seed) or of a
-linear map of their concatenation (``combiner=linear``, order-aware). Groups are aligned
-to the start of the window; a trailing group that is not complete yet is no concept.
+"Tier" is this family's word for a step of the concept hierarchy (the config key
+``concept_levels`` counts the tiers above the tokens); "level" stays the nesting level
+of the other families, which here is always 0 (the family is not nested).
 
-Every concept level is a causal transformer over the sequence ``[start_k, c_k(0), c_k(1),
-...]``: a learned start concept, then the level's complete concepts. Its state at
-position ``j`` has read concepts ``0 .. j - 1`` only, so it is the level's *plan* for
+Tier 0 is the tokens (or bytes). A concept of tier ``k`` is ``combo_k`` consecutive units
+of tier ``k - 1`` made into one vector: RMSNorm of their sum (the seed) or of a linear
+map of their concatenation (``combiner=linear``, order-aware). Groups are aligned to the
+start of the window; a trailing group that is not complete yet is no concept.
+
+Every concept tier is a causal transformer over the sequence ``[start_k, c_k(0), c_k(1),
+...]``: a learned start concept, then the tier's complete concepts. Its state at
+position ``j`` has read concepts ``0 .. j - 1`` only, so it is the tier's *plan* for
 concept ``j``: a regression head predicts ``c_k(j)`` from it (cosine, MSE or L1 against
-the detached concept), and unit ``i`` of the level below, which lies in concept
-``j = i // combo_k``, reads the plans ``0 .. j`` of the level above - by cross-attention
-(``concept_read=cross``, in every block) or by adding the current plan to its input
-(``add``). This is the one-concept shift of MegaByte / Block Transformer / BLT: a unit
-never sees a summary of the concept it belongs to, so the model is causal (the seed's
-v11.3 read ground-truth summaries of the current concept: a leak).
+the detached concept; the loss is ``fractalformer.train.losses.concept_regression``), and
+unit ``i`` of the tier below, which lies in concept ``j = i // combo_k``, reads the plans
+``0 .. j`` of the tier above - by cross-attention (``concept_read=cross``, in every block)
+or by adding the current plan to its input (``add``). This is the one-concept shift of
+MegaByte / Block Transformer / BLT: a unit never sees a summary of the concept it belongs
+to, so the model is causal (the seed's v11.3 read ground-truth summaries of the current
+concept: a leak).
 
-Generation runs top-down with a KV cache at every level (``ConceptCache``): a concept
-level advances one position when a group of the level below completes, the tokens are
+Generation runs top-down with a KV cache at every tier (:class:`ConceptCache`): a concept
+tier advances one position when a group of the tier below completes, the tokens are
 written under the current plan; cached generation equals the full forward.
 
-``grow`` adds a new top level to a trained model as a no-op: the level below reads it
+``grow`` adds a new top tier to a trained model as a no-op: the tier below reads it
 through a scale initialised to zero, so every logit is unchanged at the step of growth.
 """
 
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -37,15 +43,14 @@ from ..config import ModelConfig
 from ..errors import FractalError
 from ..nn import KVCache, Linear, RMSNorm, Rotary
 from ..nn.attention import _NATIVE_GQA
-from ..nn.nesting import scoped
-from ..nn.norms import widen
+from ..nn.decode import memo
 from .gpt import GPT, Block
 
-State = torch.Tensor  # (1, B, n, d): a level's vectors, with the leading sub-model axis of nn
+State = torch.Tensor  # (1, B, n, d): a tier's vectors, with the leading sub-model axis of nn
 
 
 class CrossAttention(nn.Module):
-    """Queries of a level attend to the plans of the level above up to their own concept.
+    """Queries of a tier attend to the plans of the tier above up to their own concept.
 
     RoPE rotates a query by the index of its concept and a key by its own index, so scores
     depend on how many concepts back a plan lies.
@@ -67,7 +72,7 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: State, group: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 rotary: Rotary) -> State:
-        """x: (1, B, t, d); ``group`` (t,): the concept of the level above each query lies in."""
+        """x: (1, B, t, d); ``group`` (t,): the concept of the tier above each query lies in."""
         _, b, t, _ = x.shape
         q = self.q(self.norm(x, 0), 0).view(b, t, self.hq, self.hd)
         # rotate query i by its own position group[i]: one rotary row per query
@@ -82,8 +87,8 @@ class CrossAttention(nn.Module):
 
 
 class Reader(nn.Module):
-    """How one level reads the level above: per-block cross-attention, or one projection of
-    the current plan added to the level's input."""
+    """How one tier reads the tier above: per-block cross-attention, or one projection of
+    the current plan added to the tier's input."""
 
     def __init__(self, cfg: ModelConfig, nest: object, layers: int) -> None:
         super().__init__()
@@ -94,8 +99,8 @@ class Reader(nn.Module):
 
 
 class Memory:
-    """What a level reads of the level above: its plans and, for cross-attention, every
-    block's keys and values of them, extended as the level above advances."""
+    """What a tier reads of the tier above: its plans and, for cross-attention, every
+    block's keys and values of them, extended as the tier above advances."""
 
     def __init__(self) -> None:
         self.plans: State | None = None
@@ -114,75 +119,82 @@ class Memory:
                                            for (k0, v0), (k1, v1) in zip(self.kv, new, strict=True)]
 
 
-class ConceptCache:
-    """Generation state of every level: self-attention KV caches, the complete concepts
-    (level 0: the token embeddings) and what each level has read of the one above.
+class Prediction(NamedTuple):
+    """One tier's next-concept prediction of a training forward: what its regression reads."""
 
-    ``length`` is the number of tokens seen. Setting it to 0 starts over (the sampler's
-    sliding window); rolling back to another length is not supported.
+    tier: int
+    predicted: State  # the regression head of the tier's plans 0 .. n - 1
+    concept: State  # the complete concepts 0 .. n - 1 they plan, detached
+
+
+class ConceptCache:
+    """Generation state of every tier: self-attention KV caches, the complete concepts
+    (tier 0: the token embeddings) and what each tier has read of the one above.
+
+    ``length`` is the number of tokens seen; :meth:`reset` starts over (the sampler's
+    sliding window). There is no rolling back: concepts once complete stay made.
     """
 
     def __init__(self, model: ConceptGPT, batch: int, kv: bool, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
-        self._args = (model, batch, kv, device, dtype)
         c, w = model.config, model.embed.weight
-        levels = c.concept_levels + 1
+        self.tiers = c.concept_levels + 1
         self.kv = ([KVCache(model.depth(k), batch, c.n_kv_head, model.positions(c.block_size, k), c.head_dim,
-                            device or w.device, dtype or w.dtype) for k in range(levels)] if kv else None)
-        self.units: list[State | None] = [None] * levels  # complete concepts of each level
-        self.done = [0] * levels  # positions computed at each level
-        self.memory = [Memory() for _ in range(levels - 1)]  # memory[k]: level k reads level k + 1
+                            device or w.device, dtype or w.dtype) for k in range(self.tiers)] if kv else None)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every token: the KV slots are masked until overwritten (position-addressed)."""
+        for kv in self.kv or []:
+            kv.reset()
+        self.units: list[State | None] = [None] * self.tiers  # complete concepts of each tier
+        self.done = [0] * self.tiers  # positions computed at each tier
+        self.memory = [Memory() for _ in range(self.tiers - 1)]  # memory[k]: tier k reads tier k + 1
         self._length = 0
 
     @property
     def length(self) -> int:
         return self._length
 
-    @length.setter
-    def length(self, value: int) -> None:
-        if value == 0:
-            self.__init__(*self._args)  # type: ignore[misc]
-        elif value != self._length:
-            raise FractalError("a concept model's cache can only be reset to 0, not rolled back")
-
     def longest(self) -> int:
         return self._length
 
 
 class ConceptGPT(GPT):
-    """The dense GPT as the token level, with ``concept_levels`` causal concept levels above.
+    """The dense GPT as tier 0 (the tokens), with ``concept_levels`` causal concept tiers above.
 
-    ``run`` returns the token logits as every family does ({0: (1, B, T, vocab)}); the
-    concept regression loss of the last training forward is ``aux_loss``.
+    The family has one nesting level: ``forward`` returns the token logits as every family
+    does ({0: (1, B, T, vocab)}). A training forward also leaves ``last_predictions``, the
+    tiers' next-concept predictions, for the regression loss (``fractalformer.train.losses``).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
         c = cfg
-        n_levels = c.concept_levels
+        n_tiers = c.concept_levels
         self.combo = c.combos()
-        self.span = [math.prod(self.combo[:k]) for k in range(n_levels + 1)]  # tokens per concept
-        self.loss_weights = c.concept_weights()
+        self.span = [math.prod(self.combo[:k]) for k in range(n_tiers + 1)]  # tokens per concept
         rot = list(self.rotary)
         cl = c.concept_layers or c.n_layer
-        # level k's blocks: self.blocks (level 0, or every level when shared) or stacks[k - 1]
+        # tier k's blocks: self.blocks (tier 0, or every tier when shared) or stacks[k - 1]
         self.stacks = nn.ModuleList() if c.concept_share else nn.ModuleList(
             nn.ModuleList(Block(c, self.nest, rot, self.make_mlp(i)) for i in range(cl))
-            for _ in range(n_levels))
-        self.level_emb = nn.Parameter(torch.empty(n_levels + 1, c.d_model)) if c.concept_share else None
-        # readers[k] reads level k + 1 (one shared by every level when shared)
+            for _ in range(n_tiers))
+        # a shared stack tells the tiers apart by an embedding added to their inputs
+        self.level_emb = nn.Parameter(torch.empty(n_tiers + 1, c.d_model)) if c.concept_share else None
+        # readers[k] reads tier k + 1 (one shared by every tier when shared)
         self.readers = nn.ModuleList(Reader(c, self.nest, c.n_layer if c.concept_share or k == 0 else cl)
-                                     for k in range(1 if c.concept_share else n_levels))
-        self.read_scale = nn.ParameterList(nn.Parameter(torch.empty(c.d_model)) for _ in range(n_levels))
-        self.start = nn.ParameterList(nn.Parameter(torch.empty(c.d_model)) for _ in range(n_levels))
+                                     for k in range(1 if c.concept_share else n_tiers))
+        self.read_scale = nn.ParameterList(nn.Parameter(torch.empty(c.d_model)) for _ in range(n_tiers))
+        self.start = nn.ParameterList(nn.Parameter(torch.empty(c.d_model)) for _ in range(n_tiers))
         self.combiners = nn.ModuleList(Linear(self.nest, k * c.d_model, c.d_model, False) for k in self.combo
                                        ) if c.combiner == "linear" else nn.ModuleList()
-        self.concept_norms = nn.ModuleList(RMSNorm(self.nest, c.d_model, c.norm_eps) for _ in range(n_levels))
-        self.plan_norms = nn.ModuleList(RMSNorm(self.nest, c.d_model, c.norm_eps) for _ in range(n_levels))
+        self.concept_norms = nn.ModuleList(RMSNorm(self.nest, c.d_model, c.norm_eps) for _ in range(n_tiers))
+        self.plan_norms = nn.ModuleList(RMSNorm(self.nest, c.d_model, c.norm_eps) for _ in range(n_tiers))
         # a head only where the regression loss is on: every parameter takes part in the loss (DDP)
         self.heads = nn.ModuleDict({str(k + 1): Linear(self.nest, c.d_model, c.d_model, False)
-                                    for k, w in enumerate(self.loss_weights) if w > 0})
-        self._aux: torch.Tensor | None = None
+                                    for k, w in enumerate(c.concept_weights()) if w > 0})
+        self.last_predictions: list[Prediction] = []
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -193,42 +205,40 @@ class ConceptGPT(GPT):
         for reader in self.readers:
             for x in getattr(reader, "cross", []):
                 nn.init.normal_(x.o.weight, std=resid_std)
-        # closed by default: at init the token level is exactly the dense GPT, and the read
+        # closed by default: at init the token tier is exactly the dense GPT, and the read
         # path opens at the pace Adam moves this gate (a zeroed projection would open at once)
         for s in self.read_scale:
             nn.init.constant_(s, self.config.concept_read_init)
 
     # -- shapes ---------------------------------------------------------------------------
-    def depth(self, level: int) -> int:
+    def depth(self, tier: int) -> int:
         c = self.config
-        return c.n_layer if level == 0 else (c.concept_layers or c.n_layer)
+        return c.n_layer if tier == 0 else (c.concept_layers or c.n_layer)
 
-    def positions(self, tokens: int, level: int) -> int:
-        """Positions level ``level`` runs for ``tokens`` tokens: every concept they touch."""
-        return (tokens - 1) // self.span[level] + 1
+    def positions(self, tokens: int, tier: int) -> int:
+        """Positions tier ``tier`` runs for ``tokens`` tokens: every concept they touch."""
+        return (tokens - 1) // self.span[tier] + 1
 
-    def blocks_of(self, level: int) -> list[Block]:
-        if level == 0:
+    def blocks_of(self, tier: int) -> list[Block]:
+        if tier == 0:
             return list(self.blocks)
-        stack = self.blocks if self.config.concept_share else self.stacks[level - 1]
-        return list(stack)[: self.depth(level)]
+        stack = self.blocks if self.config.concept_share else self.stacks[tier - 1]
+        return list(stack)[: self.depth(tier)]
 
-    def plan_of(self, pos: torch.Tensor | int, level: int) -> torch.Tensor | int:
-        """The latest plan of level ``level + 1`` that units ``pos`` of ``level`` may read: the
+    def plan_of(self, pos: torch.Tensor | int, tier: int) -> torch.Tensor | int:
+        """The latest plan of tier ``tier + 1`` that units ``pos`` of ``tier`` may read: the
         plan of the concept they lie in, made from the concepts before it only."""
-        return pos // self.combo[level]
+        return pos // self.combo[tier]
 
-    def reader(self, level: int) -> Reader:
-        return self.readers[0 if self.config.concept_share else level]
+    def reader(self, tier: int) -> Reader:
+        return self.readers[0 if self.config.concept_share else tier]
 
     # -- the family interface ---------------------------------------------------------------
     def new_cache(self, batch: int, levels: list[int] | None = None,
                   device: torch.device | str | None = None, dtype: torch.dtype | None = None
                   ) -> dict[int, ConceptCache]:
+        """The generation state of every tier, under the one nesting level 0."""
         return {0: ConceptCache(self, batch, True, device, dtype)}
-
-    def aux_loss(self) -> torch.Tensor | None:
-        return self._aux if self.training else None
 
     def sub_model_config(self, level: int) -> ModelConfig:
         self.nest.check(level)
@@ -237,18 +247,19 @@ class ConceptGPT(GPT):
     def extract(self, level: int, index: int) -> GPT:
         raise FractalError("family concept is not nested: its run folder already holds the only model")
 
-    def run(self, idx: torch.Tensor, levels: list[int], caches: dict[int, ConceptCache] | None = None
-            ) -> dict[int, torch.Tensor]:
-        """Token logits {0: (1, B, t, vocab)} for ``idx`` (B, t) following the cached tokens."""
-        state = caches[0] if caches else ConceptCache(self, idx.shape[0], False)
+    def forward(self, idx: torch.Tensor, levels: list[int] | None = None,
+                cache: dict[int, ConceptCache] | None = None) -> dict[int, torch.Tensor]:
+        """Token logits {0: (1, B, t, vocab)} for ``idx`` (B, t) following the cached tokens
+        (``levels``: the nesting levels, here only 0)."""
+        state = cache[0] if cache else ConceptCache(self, idx.shape[0], False)
         b, t = idx.shape
         total = state.length + t
         if total > self.config.block_size:
             raise ValueError(f"sequence of {total} tokens exceeds block_size {self.config.block_size}")
         emb = self.embed(idx, 0)  # (1, B, t, d)
-        self._add_units(state, emb, total)
+        self.add_units(state, emb, total)
         top = self.config.concept_levels
-        for k in range(top, 0, -1):  # top-down: a level's plans exist before the level below reads them
+        for k in range(top, 0, -1):  # top-down: a tier's plans exist before the tier below reads them
             new = self.positions(total, k) - state.done[k]
             if new <= 0:
                 continue
@@ -261,17 +272,16 @@ class ConceptGPT(GPT):
             if hi > lo:
                 inputs.append(units[:, :, lo:hi])
             x = inputs[0] if len(inputs) == 1 else torch.cat(inputs, 2)
-            plans = self._level(k, x, first, state)
+            plans = self.run_tier(k, x, first, state)
             state.memory[k - 1].extend(plans, self.reader(k - 1), self.read_scale[k - 1], self.depth(k - 1),
                                        self.rotary[0])
-        x = self._level(0, emb, state.length, state)
+        x = self.run_tier(0, emb, state.length, state)
         state._length = total
-        if caches is None and self.training:
-            self._aux = self._regression(state)
+        self.last_predictions = self.predict(state) if cache is None and self.training else []
         return self.head({0: x})
 
-    def _add_units(self, state: ConceptCache, emb: State, total: int) -> None:
-        """Append the new token embeddings and every concept they complete, level by level."""
+    def add_units(self, state: ConceptCache, emb: State, total: int) -> None:
+        """Append the new token embeddings and every concept they complete, tier by tier."""
         state.units[0] = emb if state.units[0] is None else torch.cat([state.units[0], emb], 2)
         for k in range(1, self.config.concept_levels + 1):
             have = 0 if state.units[k] is None else state.units[k].shape[2]
@@ -288,13 +298,13 @@ class ConceptGPT(GPT):
             v = self.concept_norms[k - 1](v, 0)
             state.units[k] = v if state.units[k] is None else torch.cat([state.units[k], v], 2)
 
-    def _level(self, k: int, x: State, first: int, state: ConceptCache, group: torch.Tensor | None = None
-               ) -> State:
-        """Run level ``k`` on positions ``first ..``; returns its normed final states. ``group``:
-        the plan of the level above each position reads up to (default: its own concept's)."""
+    def run_tier(self, k: int, x: State, first: int, state: ConceptCache, group: torch.Tensor | None = None
+                 ) -> State:
+        """Run tier ``k`` on positions ``first ..``; returns its normed final states. ``group``:
+        the plan of the tier above each position reads up to (default: its own concept's)."""
         t = x.shape[2]
         if self.level_emb is not None:  # its row kept while decoding: one op fewer a step
-            x = x + scoped(self, ("level_emb", k), (self.level_emb,), lambda: self.level_emb[k])
+            x = x + memo(self, ("level_emb", k), (self.level_emb,), lambda: self.level_emb[k])
         kv = state.kv[k] if state.kv else None
         above = state.memory[k] if k < self.config.concept_levels else None
         reader, scale = (self.reader(k), self.read_scale[k]) if above else (None, None)
@@ -315,34 +325,26 @@ class ConceptGPT(GPT):
         state.done[k] = first + t
         return x if k == 0 else self.plan_norms[k - 1](x, 0)
 
-    def _regression(self, state: ConceptCache, first: list[int] | None = None) -> torch.Tensor | None:
-        """Weighted next-concept regression of every level: plan j against concept j. ``first``:
-        the position each level's plans start at (default 0: every level ran from the start)."""
-        total = None
+    def predict(self, state: ConceptCache, first: list[int] | None = None) -> list[Prediction]:
+        """Every tier's next-concept prediction: plan j's head against concept j, for the tiers
+        with a head. ``first``: the position each tier's plans start at (default 0: every tier
+        ran from the start)."""
+        out = []
         for k in range(1, self.config.concept_levels + 1):
             head = self.heads[str(k)] if str(k) in self.heads else None
-            targets = state.units[k]
-            if head is None or targets is None:
+            concepts = state.units[k]
+            if head is None or concepts is None:
                 continue
-            targets = targets[:, :, first[k]:] if first else targets
-            n = targets.shape[2]
-            pred = widen(head(state.memory[k - 1].plans[:, :, :n], 0))
-            y = widen(targets.detach())
-            if self.config.concept_loss == "cosine":
-                loss = (1 - F.cosine_similarity(pred, y, dim=-1)).mean()
-            elif self.config.concept_loss == "mse":
-                loss = F.mse_loss(pred, y)
-            else:
-                loss = F.l1_loss(pred, y)
-            loss = self.loss_weights[k - 1] * loss
-            total = loss if total is None else total + loss
-        return total
+            concepts = concepts[:, :, first[k]:] if first else concepts
+            n = concepts.shape[2]
+            out.append(Prediction(k, head(state.memory[k - 1].plans[:, :, :n], 0), concepts.detach()))
+        return out
 
 
 def grow(model: ConceptGPT, combo: int = 4, weight: float | None = None) -> ConceptGPT:
-    """``model`` with one more concept level on top (``combo`` units of the old top each).
+    """``model`` with one more concept tier on top (``combo`` units of the old top each).
 
-    The old top level reads the new one through a zero scale, so the grown model computes
+    The old top tier reads the new one through a zero scale, so the grown model computes
     exactly the same logits until training moves that scale; everything learned is kept.
     """
     c = model.config

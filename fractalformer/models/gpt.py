@@ -25,13 +25,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..errors import FractalError
 from ..memory import check_model_fits
 from ..nn import Attention, Embedding, GeGLU, KVCache, Nesting, RMSNorm, Rotary
-from ..nn.norms import widen
+from ..nn.nesting import nested_parameters
 
 
 def dropout(p: float) -> nn.Module:
@@ -61,9 +61,9 @@ Caches = dict[int, KVCache]
 class GPT(nn.Module):
     """Dense GPT when ``levels == 1``; otherwise every level of nested sub-models at once.
 
-    ``forward(idx, targets)`` returns ``(logits, loss, sub_losses)``: the full model's
-    logits (B, T, vocab), the weighted training loss over all sub-models, and each
-    sub-model's own mean cross-entropy (level by level, index by index; detached).
+    ``forward(idx, levels, cache)`` returns the logits of every sub-model of ``levels``,
+    level -> (count, B, T, vocab); every family keeps this contract. The training losses
+    are ``fractalformer.train.losses``; ``weights`` are the sub-models' shares of the loss.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -86,7 +86,6 @@ class GPT(nn.Module):
         self.norm = RMSNorm(self.nest, c.d_model, c.norm_eps)
         self.drop = dropout(c.dropout)
         self.register_buffer("weights", torch.tensor(cfg.sub_model_weights()), persistent=False)
-        self.group_targets: dict[int, torch.Tensor] = {}  # level -> (vocab, vocab) soft targets
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -109,10 +108,6 @@ class GPT(nn.Module):
         c = self.config
         return GeGLU(self.nest, c.d_model, c.mlp_hidden, c.mlp_bias)
 
-    def aux_loss(self) -> torch.Tensor | None:
-        """A loss term the last forward pass left behind (the MoE's ponder cost), if any."""
-        return None
-
     def body_levels(self) -> list[int]:
         """Levels whose transformer body is computed (all of them, unless overridden)."""
         return list(range(self.nest.levels))
@@ -132,23 +127,6 @@ class GPT(nn.Module):
     def level_width(self, level: int) -> int:
         return self.config.d_model // self.nest.split**level
 
-    def set_groups(self, groups: dict[int | str, list[list[int]]]) -> None:
-        """Train sub-models on soft targets spread over token groups (``fractalformer.hierarchy``).
-
-        Key ``W``: every sub-model of width W; ``"W.j"``: sub-model j of that width alone.
-        Sub-models not named keep plain cross-entropy.
-        """
-        from ..hierarchy import group_key, target_matrix
-
-        device, vocab = self.embed.weight.device, self.config.vocab_size
-        by_sub = {group_key(k): g for k, g in groups.items()}
-        self.group_targets = {}
-        for lv in range(self.nest.levels):
-            w = self.level_width(lv)
-            per = [by_sub.get((w, j), by_sub.get((w, -1))) for j in range(self.nest.count(lv))]
-            if any(g is not None for g in per):  # (count, vocab, vocab): row y of j = j's target
-                self.group_targets[lv] = torch.stack([target_matrix(g or [], vocab) for g in per]).to(device)
-
     def needed_levels(self, level: int) -> list[int]:
         """Levels whose bodies must run to get the logits of ``level``."""
         return [level]
@@ -165,21 +143,14 @@ class GPT(nn.Module):
 
     def extract(self, level: int, index: int) -> GPT:
         """Sub-model ``(level, index)`` as a dense GPT holding only its own weights."""
-        from ..errors import FractalError
-
         self.nest.check(level, index)
         if not self.extractable(level):
             raise FractalError(f"level {level} is not extractable: with residual={self.config.residual} "
                                f"its sub-models read other levels' states")
         w = self.embed.weight
         dense = GPT(self.sub_model_config(level)).to(w.dtype)  # a float64 model stays float64
-        state = {}
-        for mod_name, mod in self.named_modules():
-            dims = getattr(mod, "nest_dims", None)
-            if dims is None:
-                continue
-            for pname, p in mod.named_parameters(recurse=False):
-                state[f"{mod_name}.{pname}"] = self.nest.take(p.detach(), level, dims[pname])[index].clone()
+        state = {name: self.nest.take(p.detach(), level, dims)[index].clone()
+                 for name, p, dims in nested_parameters(self)}
         dense.load_state_dict(state)
         return dense.to(w.device).train(self.training)
 
@@ -195,57 +166,32 @@ class GPT(nn.Module):
                                  device or w.device, dtype or w.dtype)
         return caches
 
-    def run(self, idx: torch.Tensor, levels: list[int], caches: Caches | None = None
-            ) -> dict[int, torch.Tensor]:
+    def forward(self, idx: torch.Tensor, levels: list[int] | None = None, cache: Caches | None = None
+                ) -> dict[int, torch.Tensor]:
         """Logits of every sub-model of ``levels``: level -> (count, B, T, vocab).
 
-        ``idx`` is (B, T) - every sub-model reads the whole batch - or (levels, B, T) for
-        routed data, where sub-model ``j`` of level ``l`` reads row block ``j`` of ``idx[l]``.
+        ``levels`` defaults to those of ``cache``, else every level whose body runs. ``idx`` is
+        (B, T) - every sub-model reads the whole batch - or (levels, B, T) for routed data,
+        where sub-model ``j`` of level ``l`` reads row block ``j`` of ``idx[l]``. ``cache``
+        (:meth:`new_cache`) holds the positions before ``idx`` and advances past it.
         """
+        if levels is None:
+            levels = self.body_levels() if cache is None else sorted(cache)
         t = idx.shape[-1]
-        start = next(iter(caches.values())).longest() if caches else 0
+        start = next(iter(cache.values())).longest() if cache else 0
         if start + t > self.config.block_size:
             raise ValueError(f"sequence of {start + t} tokens exceeds block_size {self.config.block_size}")
         states = {}
         for lv in levels:
-            x = idx if idx.dim() == 2 else _rows(idx[lv], self.nest.count(lv))
+            x = idx if idx.dim() == 2 else batch_rows(idx[lv], self.nest.count(lv))
             states[lv] = self.drop(self.embed(x, lv))
         for i, block in enumerate(self.blocks):
-            states = {lv: block(x, lv, caches[lv] if caches else None, i) for lv, x in states.items()}
+            states = {lv: block(x, lv, cache[lv] if cache else None, i) for lv, x in states.items()}
             states = self.exchange(states, i)
-        if caches:
-            for cache in caches.values():
-                cache.length = cache.length + t  # a new object: per-row lengths may be shared
+        if cache:
+            for c in cache.values():
+                c.length = c.length + t  # a new object: per-row lengths may be shared
         return self.head(states)
-
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: Caches | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        logits = self.run(idx, self.body_levels() if cache is None else sorted(cache), cache)
-        if targets is None:
-            return logits[0][0], None, None
-        losses, trained = [], []
-        d = self.config.distill
-        teacher = F.log_softmax(widen(logits[0][0].detach()), -1) if d else None  # (B, T, V)
-        for lv, lg in sorted(logits.items()):
-            y = targets if targets.dim() == 2 else _rows(targets[lv], lg.shape[0])
-            y = y.expand(lg.shape[0], *y.shape[-2:]).flatten()
-            logp = F.log_softmax(widen(lg), -1)
-            if lv in self.group_targets:  # soft targets: -mean log p over the target's group
-                tm = self.group_targets[lv]
-                soft = tm[torch.arange(len(tm), device=y.device)[:, None], y.view(len(tm), -1)]
-                ce = -(soft.flatten(0, 1) * logp.flatten(0, 2)).sum(-1)
-            else:
-                ce = F.nll_loss(logp.flatten(0, 2), y, reduction="none")
-            ce = ce.view(lg.shape[0], -1).mean(1)
-            losses.append(ce)
-            if teacher is not None and lv > 0:  # self-distillation: agree with the full model
-                kl = (teacher.exp() * (teacher - logp)).sum(-1).flatten(1).mean(1)
-                ce = (1 - d) * ce + d * kl
-            trained.append(ce)
-        sub = torch.cat(losses)
-        loss = (torch.cat(trained) * self.weights).sum()
-        aux = self.aux_loss()
-        return logits[0][0], loss if aux is None else loss + aux, sub.detach()
 
     # -- the Python API of a loaded model (fractalformer.load sets .tokenizer) --------------------
     def stream(self, prompt: str, max_new_tokens: int = 200, **kwargs: Any) -> Iterator[str]:
@@ -266,10 +212,10 @@ class GPT(nn.Module):
     @torch.no_grad()
     def sub_model_logits(self, idx: torch.Tensor) -> dict[tuple[int, int], torch.Tensor]:
         """Logits (B, T, vocab) of every sub-model on token ids ``idx`` (B, T), keyed (level, index)."""
-        return {(lv, j): lg[j] for lv, lg in self.run(idx, self.body_levels()).items()
+        return {(lv, j): lg[j] for lv, lg in self(idx).items()
                 for j in range(lg.shape[0])}
 
 
-def _rows(idx: torch.Tensor, n: int) -> torch.Tensor:
+def batch_rows(idx: torch.Tensor, n: int) -> torch.Tensor:
     """(B, T) -> (n, B / n, T): sub-model j's share of the batch."""
     return idx.view(n, idx.shape[0] // n, idx.shape[1])

@@ -212,13 +212,6 @@ class MoEGPT(GPT):
         for m in self.sparse_layers().values():
             m.reset_parameters()  # product keys and expert tables have their own scales
 
-    def aux_loss(self) -> torch.Tensor | None:
-        c = self.config
-        if c.moe != "fhme" or not c.fhme_adaptive or not c.halt_penalty or not self.training:
-            return None
-        ponders = [m.ponder for m in self.sparse_layers().values() if m.ponder is not None]
-        return c.halt_penalty * torch.stack(ponders).mean() if ponders else None
-
     @contextlib.contextmanager
     def track_usage(self) -> Iterator[Usage]:
         """Count expert selections, gate mass and (FHME) sub-blocks run inside the block."""

@@ -37,6 +37,10 @@ class KVCache:
         self.length: int | torch.Tensor = 0
         self._where: tuple[object, int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
+    def reset(self) -> None:
+        """Forget every position (the sampler's sliding window starts over)."""
+        self.length = 0
+
     def longest(self) -> int:
         """The largest number of valid positions of any row."""
         return self.length if isinstance(self.length, int) else int(self.length.max())

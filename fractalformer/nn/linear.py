@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nesting import Nesting, Segments, take_cached
+from .decode import linear, sliced
+from .nesting import Nesting, Segments
 
 
 class Linear(nn.Module):
@@ -31,23 +32,14 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor, level: int) -> torch.Tensor:
         if level == 0:
-            rows = x.numel() // x.shape[-1]
-            if 1 < rows <= 16 and x.device.type == "cpu" and x.dtype == torch.float32:
-                # a few rows (speculative verification): on CPU, x W^T as one GEMM costs ~1.5x
-                # a one-row pass; (W x^T)^T reads the weight as a matrix-vector pass does
-                # (contiguous again: attention takes its slow path on a transposed query)
-                y = torch.mm(self.weight, x.reshape(rows, -1).t()).t()
-                return (y if self.bias is None else y + self.bias).contiguous().view(*x.shape[:-1], -1)
-            return F.linear(x, self.weight, self.bias)
+            return linear(x, self.weight, self.bias)
         n, b, t, _ = x.shape
-        # (n, in_l, out_l), made contiguous: bmm is ~2x slower on a transposed view on CPU
-        w = take_cached(self, "weight", level, transpose=True)
+        w = sliced(self, "weight", level, transpose=True)  # (n, in_l, out_l)
         x2 = x.reshape(n, b * t, -1)
         if self.bias is None:
             y = torch.bmm(x2, w)
         else:
-            bias = take_cached(self, "bias", level)
-            y = torch.baddbmm(bias.unsqueeze(1), x2, w)
+            y = torch.baddbmm(sliced(self, "bias", level).unsqueeze(1), x2, w)
         return y.view(n, b, t, -1)
 
 
@@ -78,5 +70,5 @@ class Embedding(nn.Module):
         if level == 0:
             return F.linear(x, self.weight)
         n, b, t, _ = x.shape
-        w = take_cached(self, "weight", level, transpose=True)  # (n, width, vocab)
+        w = sliced(self, "weight", level, transpose=True)  # (n, width, vocab)
         return torch.bmm(x.reshape(n, b * t, -1), w).view(n, b, t, -1)

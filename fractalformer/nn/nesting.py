@@ -21,9 +21,7 @@ sub-models. Level 0 owns everything and takes a fast path with no gather.
 
 from __future__ import annotations
 
-import itertools
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -108,86 +106,17 @@ class Nesting:
         return tuple(index)
 
 
-def nested_parameters(model: torch.nn.Module
-                      ) -> Iterator[tuple[str, torch.nn.Module, str, torch.nn.Parameter]]:
-    """(full name, module, parameter name, parameter) of every nested parameter: those of
-    modules that declare how they nest (``nest_dims``: parameter name -> segment spec)."""
-    for mod_name, mod in model.named_modules():
-        if getattr(mod, "nest_dims", None) is None:
+def nested_parameters(module: torch.nn.Module
+                      ) -> Iterator[tuple[str, torch.nn.Parameter, tuple[Segments, ...]]]:
+    """(qualified name, parameter, segments per dimension) of every nested parameter under
+    ``module``: those of the layers that declare ``nest_dims``. Extraction, merging, growth,
+    lazy loading and parameter counts all slice weights by this one walk."""
+    for mod_name, mod in module.named_modules():
+        dims = getattr(mod, "nest_dims", None)
+        if dims is None:
             continue
         for pname, p in mod.named_parameters(recurse=False):
-            yield f"{mod_name}.{pname}", mod, pname, p
-
-
-class _Scope(threading.local):
-    id: int = 0  # the open frozen_weights block of this thread; 0: none
-
-
-_SCOPE = _Scope()
-_SCOPE_IDS = itertools.count(1)
-
-
-class frozen_weights:
-    """While this block is entered, weight slices of nested layers are gathered once and reused.
-
-    The caller promises that no weight changes while it is entered (generation,
-    evaluation). Outside it nothing cached is used, so no write - an optimizer step,
-    ``p.data.copy_``, loading a checkpoint - can leave a stale slice behind (a version
-    counter misses writes through ``.data``). A generator enters its block around each
-    step rather than across ``yield``, so nothing stays open while the caller runs; the
-    block's slices stay valid for it alone until a newer block replaces them. Blocks nest
-    (the outermost decides) and are per thread.
-    """
-
-    def __init__(self) -> None:
-        self.id = next(_SCOPE_IDS)
-        self.outer = 0
-
-    def __enter__(self) -> frozen_weights:
-        self.outer = _SCOPE.id
-        if not self.outer:
-            _SCOPE.id = self.id
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        if not self.outer:
-            _SCOPE.id = 0
-
-
-def weight_scope() -> int:
-    """Id of the :class:`frozen_weights` block open in this thread (0: none)."""
-    return _SCOPE.id
-
-
-def take_cached(module: torch.nn.Module, name: str, level: int, transpose: bool = False) -> torch.Tensor:
-    """``module.nest.take`` of parameter ``name`` (optionally transposed, contiguous).
-
-    Inside :func:`frozen_weights` without autograd the slices are kept for the rest of the
-    block, so decoding a sub-model does not re-gather its weights at every token.
-    """
-    return scoped(module, (name, level, transpose), (getattr(module, name),),
-                  lambda: _take(module, name, level, transpose))
-
-
-def scoped(module: torch.nn.Module, key: object, params: tuple[torch.Tensor, ...],
-           compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """``compute()``, a tensor made from ``params`` of ``module``; inside :func:`frozen_weights`
-    without autograd on them it is computed once for the block and kept under ``key``."""
-    if torch.compiler.is_compiling():  # the graph holds the result; no guard on the scope
-        return compute()
-    keep = _SCOPE.id and not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
-    cache = module.__dict__.setdefault("_taken", {})
-    if keep and key in cache and cache[key][0] == _SCOPE.id:
-        return cache[key][1]
-    t = compute()
-    if keep:
-        cache[key] = (_SCOPE.id, t)
-    return t
-
-
-def _take(module: torch.nn.Module, name: str, level: int, transpose: bool) -> torch.Tensor:
-    t = module.nest.take(getattr(module, name), level, module.nest_dims[name])
-    return t.transpose(1, 2).contiguous() if transpose else t
+            yield f"{mod_name}.{pname}" if mod_name else pname, p, dims[pname]
 
 
 @lru_cache(maxsize=256)

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nesting import Nesting, scoped, take_cached
+from .decode import memo, sliced
+from .nesting import Nesting
 
 
 def widen(x: torch.Tensor) -> torch.Tensor:
@@ -47,6 +48,6 @@ class RMSNorm(nn.Module):
         """``1 + w`` of the sub-models of ``level`` in at least float32: (width,) at level 0,
         else (count, width); made once per :func:`frozen_weights` block while decoding."""
         def compute() -> torch.Tensor:
-            s = 1.0 + widen(take_cached(self, "weight", level))
+            s = 1.0 + widen(sliced(self, "weight", level))
             return s[0] if level == 0 else s
-        return scoped(self, ("scale", level), (self.weight,), compute)
+        return memo(self, ("scale", level), (self.weight,), compute)

@@ -40,7 +40,7 @@ from ..errors import FractalError
 from ..generate import SpecStats, speculate
 from ..generate.sampling import fresh_seed, runner, sample_next, select_logits
 from ..models.gpt import Caches
-from ..nn.nesting import frozen_weights
+from ..nn.decode import frozen_weights
 
 Target = tuple[int, int | str]  # (level, index) or (level, "ensemble")
 
@@ -256,7 +256,7 @@ class Batcher:
         gen = torch.Generator(device=self.device)
         gen.manual_seed(job.seed if job.seed is not None else fresh_seed())
         caches = runner.new_cache(1, levels)
-        logits = runner.run(torch.tensor([job.prompt], device=self.device), levels, caches)
+        logits = runner(torch.tensor([job.prompt], device=self.device), levels, caches)
         row = _Row(job, select, gen, list(job.prompt), caches, started=started)
         row.seq.append(self._sample(job, select, logits, 0, gen))
         row.first = time.perf_counter()
@@ -289,7 +289,7 @@ class Batcher:
                 g.members = batched
             self.counts["peak_batch"] = max(self.counts["peak_batch"], len(batched))
             idx = torch.tensor([[r.seq[-1]] for r in batched], device=self.device)
-            logits = g.runner.run(idx, g.levels, g.caches)
+            logits = g.runner(idx, g.levels, g.caches)
             for b, row in enumerate(batched):
                 self._emit(g, row, logits, b)
         for row in sliding:  # recompute the last ``ctx`` tokens, as generate() does past the context
@@ -298,7 +298,7 @@ class Batcher:
                 row.window, row.caches = row.caches or g.runner.new_cache(1, g.levels), None
             for c in row.window.values():
                 c.length = 0
-            logits = g.runner.run(torch.tensor([row.seq], device=self.device), g.levels, row.window)
+            logits = g.runner(torch.tensor([row.seq], device=self.device), g.levels, row.window)
             self._emit(g, row, logits, 0)
 
     def _emit(self, g: _Group, row: _Row, logits: dict[int, torch.Tensor], b: int) -> None:

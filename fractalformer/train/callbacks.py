@@ -8,19 +8,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
-
-import torch
+from typing import TYPE_CHECKING, Protocol
 
 from .. import hierarchy
 from ..config import TrainConfig
 from ..data.tokenizers import Tokenizer
+from .losses import group_targets
+
+if TYPE_CHECKING:
+    from .trainer import Training
 
 
 class Callback(Protocol):
     def due(self, step: int) -> bool: ...
 
-    def __call__(self, model: torch.nn.Module, step: int) -> None: ...
+    def __call__(self, training: Training, step: int) -> None: ...
 
 
 @dataclass
@@ -37,10 +39,11 @@ class Recluster:
     def due(self, step: int) -> bool:
         return step % self.train.emergent_every == 0 and step < self.train.max_steps
 
-    def __call__(self, model: torch.nn.Module, step: int) -> None:
+    def __call__(self, training: Training, step: int) -> None:
         t = self.train
-        groups = hierarchy.recluster(model, self.tok, t.cluster_method, t.cluster_eps, t.cluster_min_samples)
-        model.set_groups(groups)
+        groups = hierarchy.recluster(training.model, self.tok, t.cluster_method, t.cluster_eps,
+                                     t.cluster_min_samples)
+        training.groups = group_targets(training.model, groups)
         if self.main:
             hierarchy.log_clustering(self.out, step, groups, self.tok, t.cluster_method)
 

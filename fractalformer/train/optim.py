@@ -180,11 +180,11 @@ def frozen_masks(model: torch.nn.Module) -> list[tuple[torch.nn.Parameter, torch
         raise FractalError("freeze=children needs a nested model (levels >= 2)")
     nested = list(nested_parameters(model))
     glue = {id(p) for p in model.glue.parameters()} if getattr(model, "glue", None) is not None else set()
-    if {id(p) for *_, p in nested} | glue != {id(p) for p in model.parameters()}:
+    if {id(p) for _, p, _ in nested} | glue != {id(p) for p in model.parameters()}:
         raise FractalError("freeze=children needs every parameter nested (no cross-level residual maps)")
     masks = []
-    for _, mod, pname, p in nested:
+    for _, p, dims in nested:
         mask = torch.full(p.shape, bool(glue), dtype=torch.bool, device=p.device)
-        mask[model.nest.index(p.shape, 1, mod.nest_dims[pname], p.device)] = True
+        mask[model.nest.index(p.shape, 1, dims, p.device)] = True
         masks.append((p, mask))
     return masks

@@ -48,6 +48,7 @@ from ..runs import absolute_data, check_run_dir, claim_run_dir, init_tokenizer, 
 from .callbacks import callbacks
 from .distributed import Dist, check_parallel, setup_distributed, shard_like, whole
 from .logs import MetricsLog, level_table, metric_fields, start_metrics, sub_name, tensorboard_writer
+from .losses import GroupTargets, group_targets, training_loss
 from .optim import Optimizers, clipped_params, lr_at, make_optimizer
 
 
@@ -117,6 +118,7 @@ class Training:
     start: int
     elapsed0: float
     progress: bool
+    groups: GroupTargets  # soft token-group targets of the loss (groups / emergent_every), per level
 
     @property
     def sharded(self) -> bool:
@@ -191,17 +193,18 @@ def setup(cfg: RunConfig, out: Path, resume: bool, progress: bool) -> Training:
     if dd.world > 1 and t.parallel == "ddp":
         ids = [torch.cuda.current_device()] if device == "cuda" else None
         fwd = DDP(fwd, device_ids=ids)
+    groups = {}
     if t.groups or t.emergent_every:
         widths = [model.level_width(lv) for lv in range(model.nest.levels)]
-        model.set_groups(hierarchy.initial_groups(out, tok, t.groups, widths, start if resume else None,
-                                                  write=dd.main))
+        groups = group_targets(model, hierarchy.initial_groups(out, tok, t.groups, widths,
+                                                               start if resume else None, write=dd.main))
     val_batches = fixed_val_batches(corpus, t.eval_batches, t.batch_size, cfg.model.block_size, t.seed)
     if dd.main and progress:
         print(f"model: {model.num_params():,} parameters | data: {len(train_ids):,} train / "
               f"{len(corpus.val):,} val {tok.name} tokens | device: {device} x{dd.world}"
               f"{' (fsdp)' if t.parallel == 'fsdp' and dd.world > 1 else ''} | run folder: {out}")
-    return Training(cfg, out, dd, device, tok, corpus, train_ids, model, fwd, optimizer, autocast, val_batches,
-                   start, elapsed0, progress)
+    return Training(cfg, out, dd, device, tok, corpus, train_ids, model, fwd, optimizer, autocast,
+                    val_batches, start, elapsed0, progress, groups)
 
 
 def shard_ids(corpus: Corpus, cfg: RunConfig) -> Ids:
@@ -242,19 +245,14 @@ def save(s: Training, step: int, elapsed: float) -> None:
 def whole_model(s: Training) -> Any:
     """The model with whole parameters, for calls outside its forward (evaluation, sampling).
 
-    A sharded model gathers its parameters (every rank takes part) and drops the slices
-    the layers cached from the previous gathering."""
+    A sharded model gathers its parameters (every rank takes part)."""
     if not s.sharded:
         yield s.model
         return
     s.model.unshard()
-    for mod in s.model.modules():
-        mod.__dict__.pop("_taken", None)
     try:
         yield s.model
     finally:
-        for mod in s.model.modules():
-            mod.__dict__.pop("_taken", None)
         s.model.reshard()
 
 
@@ -282,7 +280,8 @@ def train_step(s: Training, step: int) -> torch.Tensor:
         quiet = s.fwd.no_sync() if not last and isinstance(s.fwd, DDP) else contextlib.nullcontext()
         with quiet:
             with s.autocast:
-                _, loss, sub_losses = s.fwd(x[..., rows, :].to(s.device), y[..., rows, :].to(s.device))
+                logits = s.fwd(x[..., rows, :].to(s.device))
+                loss, sub_losses = training_loss(s.model, logits, y[..., rows, :].to(s.device), s.groups)
             (loss / t.grad_accum).backward()
         part = torch.cat([loss.detach().float().view(1), sub_losses.float()]) / t.grad_accum
         total = part if total is None else total + part
@@ -399,7 +398,7 @@ def _train(cfg: RunConfig, out: Path, resume: bool, stop_after: int | None, prog
             bar.update(len(rows))
             pending = []
             for callback in due:
-                callback(s.model, step)
+                callback(s, step)
             if saving:
                 save(s, step, elapsed)
             if stop:

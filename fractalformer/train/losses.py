@@ -1,0 +1,123 @@
+"""Every training loss, computed from the logits a model's forward returned.
+
+Models compute logits (and what a loss reads besides, left by the same forward); the
+recipes live here, so the trainer, DDP / FSDP (which see one forward) and the scripts
+all train on the same objective:
+
+* the cross-entropy of every sub-model, weighted by ``model.weights`` (``level_weights``);
+* soft group targets (``groups``, ``fractalformer.hierarchy``): a sub-model learns the mean
+  log-probability of the target's token group instead of the token itself;
+* self-distillation (``distill``): each smaller sub-model also moves towards the full
+  model's detached distribution (KL);
+* the family's own term, from its last training forward: the MoE's ponder cost (FHME
+  adaptive depth) and the concept model's next-concept regression.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..hierarchy import group_key, target_matrix
+from ..models import GPT, ConceptGPT, MoEGPT
+from ..models.concept import Prediction
+from ..models.gpt import batch_rows
+from ..nn.norms import widen
+
+GroupTargets = dict[int, torch.Tensor]  # level -> (count, vocab, vocab): row y of j = sub-model j's target
+
+
+def group_targets(model: GPT, groups: dict[int | str, list[list[int]]]) -> GroupTargets:
+    """Soft targets spread over token groups, per level, on the model's device.
+
+    Key ``W``: every sub-model of width W; ``"W.j"``: sub-model j of that width alone.
+    Sub-models not named keep plain cross-entropy (no entry, or the identity row).
+    """
+    device, vocab = model.embed.weight.device, model.config.vocab_size
+    by_sub = {group_key(k): g for k, g in groups.items()}
+    out = {}
+    for lv in range(model.nest.levels):
+        w = model.level_width(lv)
+        per = [by_sub.get((w, j), by_sub.get((w, -1))) for j in range(model.nest.count(lv))]
+        if any(g is not None for g in per):
+            out[lv] = torch.stack([target_matrix(g or [], vocab) for g in per]).to(device)
+    return out
+
+
+def training_loss(model: GPT, logits: dict[int, torch.Tensor], targets: torch.Tensor,
+                  groups: GroupTargets | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, sub_losses)``: the weighted objective over every sub-model in ``logits`` plus
+    the family's term, and each sub-model's own mean cross-entropy (level by level, index by
+    index; detached).
+
+    ``targets`` is (B, T), or (levels, B, T) for routed data (as the forward's ``idx``).
+    """
+    loss, sub = token_loss(model, logits, targets, groups or {})
+    aux = family_loss(model)
+    return (loss if aux is None else loss + aux), sub
+
+
+def token_loss(model: GPT, logits: dict[int, torch.Tensor], targets: torch.Tensor,
+               groups: GroupTargets) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted cross-entropy (soft over ``groups``, with distillation) of every sub-model."""
+    losses, trained = [], []
+    d = model.config.distill
+    teacher = F.log_softmax(widen(logits[0][0].detach()), -1) if d else None  # (B, T, V)
+    for lv, lg in sorted(logits.items()):
+        y = targets if targets.dim() == 2 else batch_rows(targets[lv], lg.shape[0])
+        y = y.expand(lg.shape[0], *y.shape[-2:]).flatten()
+        logp = F.log_softmax(widen(lg), -1)
+        if lv in groups:  # soft targets: -mean log p over the target's group
+            tm = groups[lv]
+            soft = tm[torch.arange(len(tm), device=y.device)[:, None], y.view(len(tm), -1)]
+            ce = -(soft.flatten(0, 1) * logp.flatten(0, 2)).sum(-1)
+        else:
+            ce = F.nll_loss(logp.flatten(0, 2), y, reduction="none")
+        ce = ce.view(lg.shape[0], -1).mean(1)
+        losses.append(ce)
+        if teacher is not None and lv > 0:  # self-distillation: agree with the full model
+            kl = (teacher.exp() * (teacher - logp)).sum(-1).flatten(1).mean(1)
+            ce = (1 - d) * ce + d * kl
+        trained.append(ce)
+    sub = torch.cat(losses)
+    return (torch.cat(trained) * model.weights).sum(), sub.detach()
+
+
+def family_loss(model: GPT) -> torch.Tensor | None:
+    """The family's term of the last training forward, if it has one."""
+    if not model.training:
+        return None
+    if isinstance(model, MoEGPT):
+        return ponder_cost(model)
+    if isinstance(model, ConceptGPT):
+        return concept_regression(model, model.last_predictions)
+    return None
+
+
+def ponder_cost(model: MoEGPT) -> torch.Tensor | None:
+    """``halt_penalty`` times the mean ponder cost of the adaptive FHME layers: the compute
+    penalty that teaches tokens to halt early."""
+    c = model.config
+    if c.moe != "fhme" or not c.fhme_adaptive or not c.halt_penalty:
+        return None
+    ponders = [m.ponder for m in model.sparse_layers().values() if m.ponder is not None]
+    return c.halt_penalty * torch.stack(ponders).mean() if ponders else None
+
+
+def concept_regression(model: ConceptGPT, predictions: list[Prediction]) -> torch.Tensor | None:
+    """Weighted next-concept regression of every tier with a head: each plan's predicted
+    concept against the (detached) concept it plans, by ``concept_loss``."""
+    weights, kind = model.config.concept_weights(), model.config.concept_loss
+    total = None
+    for tier, pred, target in predictions:
+        pred, y = widen(pred), widen(target)
+        if kind == "cosine":
+            loss = (1 - F.cosine_similarity(pred, y, dim=-1)).mean()
+        elif kind == "mse":
+            loss = F.mse_loss(pred, y)
+        else:
+            loss = F.l1_loss(pred, y)
+        loss = weights[tier - 1] * loss
+        total = loss if total is None else total + loss
+    return total
+
