@@ -11,27 +11,31 @@ import torch
 import fractalformer
 from fractalformer import FractalError
 from fractalformer.config import (
-    PRESETS,
+    SECTIONS,
+    ConceptConfig,
     ModelConfig,
     RunConfig,
     TrainConfig,
     build_config,
     choices,
+    config_keys,
     describe_keys,
     to_toml,
 )
 from fractalformer.growth import grow_model
 from fractalformer.memory import check_training_fits, param_count
 from fractalformer.models import build_model
+from fractalformer.presets import PRESETS
 
 
 def test_dense_preset_is_the_seed_dims_and_default_is_a_fractalformer() -> None:
     m = build_config("dense").model
     assert (m.vocab_size, m.block_size, m.n_layer, m.d_model) == (128, 256, 4, 128)
     assert (m.n_head, m.n_kv_head, m.head_dim, m.mlp_hidden, m.rope_theta) == (4, 1, 32, 512, 100.0)
-    assert m.family == "gpt" and m.levels == 1
+    assert m.family == "gpt" and m.nesting.levels == 1
     d = build_config().model
-    assert (d.family, d.levels, d.split, d.d_model, d.n_layer, d.n_head) == ("fractal", 3, 2, 128, 4, 4)
+    assert (d.family, d.nesting.levels, d.nesting.split, d.d_model, d.n_layer, d.n_head) == (
+        "fractal", 3, 2, 128, 4, 4)
     assert len(d.sub_models()) == 7
 
 
@@ -107,21 +111,25 @@ def test_printed_config_reads_back_as_the_same_config(tmp_path, preset: str) -> 
 
 def test_every_key_is_described_and_choice_fields_are_literals() -> None:
     rows = describe_keys()
-    assert {r[1] for r in rows} == {f.name for p in (ModelConfig(), TrainConfig()) for f in fields(p)}
+    assert [(r[0], r[1]) for r in rows] == [(k.part, k.dotted) for k in config_keys()]
+    shared = {f.name for p in (ModelConfig(), TrainConfig()) for f in fields(p)} - set(SECTIONS)
+    sectioned = {f"{name}.{f.name}" for name, section in SECTIONS.items() for f in fields(section)}
+    assert {r[1] for r in rows} == shared | sectioned
     assert all(r[3] for r in rows)
     assert choices(TrainConfig, "log") == ("csv", "tensorboard")
     assert choices(ModelConfig, "family") == ("gpt", "fractal", "matformer", "mrl", "moe", "concept")
-    assert choices(ModelConfig, "combiner") == ("sum", "linear")
-    assert choices(ModelConfig, "concept_read") == ("cross", "add")
-    assert choices(ModelConfig, "concept_loss") == ("cosine", "mse", "l1")
+    assert choices(ConceptConfig, "combiner") == ("sum", "linear")
+    assert choices(ConceptConfig, "read") == ("cross", "add")
+    assert choices(ConceptConfig, "loss") == ("cosine", "mse", "l1")
     assert choices(ModelConfig, "d_model") == ()
 
 
 def test_level_weights_are_numbers(tmp_path) -> None:
     f = tmp_path / "w.toml"
     f.write_text('preset = "tiny-fractal"\nlevel_weights = [2, 1, 1]\n')
-    assert build_config(None, str(f), []).model.level_weights == [2.0, 1.0, 1.0]
-    assert build_config("tiny-fractal", None, ["level_weights=2,1,1"]).model.level_weights == [2.0, 1.0, 1.0]
+    assert build_config(None, str(f), []).model.nesting.level_weights == [2.0, 1.0, 1.0]
+    cfg = build_config("tiny-fractal", None, ["level_weights=2,1,1"])
+    assert cfg.model.nesting.level_weights == [2.0, 1.0, 1.0]
     for bad, match in (('"2,1,1"', "list of numbers"), ("[1, true, 1]", "list of numbers")):
         f.write_text(f'preset = "tiny-fractal"\nlevel_weights = {bad}\n')
         with pytest.raises(FractalError, match=match):

@@ -58,7 +58,8 @@ def metric_fields(cfg: RunConfig) -> list[str]:
     subs = cfg.model.sub_models()
     if len(subs) == 1:
         return BASE_FIELDS
-    ens = [sub_name(lv, "ensemble") for lv in range(cfg.model.levels) if cfg.model.nesting().count(lv) > 1]
+    ens = [sub_name(lv, "ensemble") for lv in range(cfg.model.nesting.levels)
+           if cfg.model.sub_model_count(lv) > 1]
     return (BASE_FIELDS + [f"train_{sub_name(*k)}" for k in subs]
             + [f"val_{sub_name(*k)}" for k in subs] + [f"val_{e}" for e in ens])
 
@@ -104,7 +105,7 @@ def _make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optim
     table_group = {"params": tables, "lr_scale": t.table_lr / t.lr if t.table_lr else 1.0}
     if not tables:
         return torch.optim.AdamW(groups, lr=t.lr, betas=betas, fused=fused)
-    if cfg.model.moe_sparse:
+    if cfg.model.moe.sparse:
         return Optimizers(torch.optim.AdamW(groups, lr=t.lr, betas=betas, fused=fused),
                           torch.optim.SparseAdam([table_group], lr=t.lr, betas=betas))
     return torch.optim.AdamW([*groups, {**table_group, "weight_decay": 0.0}], lr=t.lr, betas=betas,
@@ -122,7 +123,7 @@ _TORCH = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 
 def clipped_params(model: torch.nn.Module, cfg: RunConfig) -> list[torch.nn.Parameter]:
     """Parameters under global gradient clipping: all but sparse-gradient tables."""
-    return [p for p in model.parameters() if not (cfg.model.moe_sparse and is_table(p))]
+    return [p for p in model.parameters() if not (cfg.model.moe.sparse and is_table(p))]
 
 
 @dataclass
@@ -415,7 +416,7 @@ def _check_parallel(cfg: RunConfig, dd: Dist) -> None:
     if t.batch_size % (dd.world * t.grad_accum):
         raise FractalError(f"batch_size {t.batch_size} is not divisible by {dd.world} processes x grad_accum "
                            f"{t.grad_accum}")
-    if dd.world > 1 and cfg.model.moe_sparse:
+    if dd.world > 1 and cfg.model.moe.sparse:
         raise FractalError("moe_sparse is single-process for now: DistributedDataParallel cannot "
                            "all-reduce the tables' sparse gradients (use moe_sparse=false under torchrun)")
     if dd.world > 1 and t.routing != "shared":
@@ -516,7 +517,7 @@ def shard_ids(corpus: Corpus, cfg: RunConfig) -> Ids:
     size = len(corpus.train) // shards
     ids = corpus.train[shard * size:(shard + 1) * size]
     if len(ids) < cfg.model.block_size + 1:
-        raise FractalError(f"data_shard {t.data_shard} holds {len(ids)} tokens, fewer than block_size + 1")
+        raise FractalError(f"data_shard {shard}/{shards} holds {len(ids)} tokens, fewer than block_size + 1")
     return ids
 
 
