@@ -14,6 +14,7 @@ from fractalformer.config import (
     SECTIONS,
     ConceptConfig,
     ModelConfig,
+    NestingConfig,
     RunConfig,
     TrainConfig,
     build_config,
@@ -168,3 +169,89 @@ def test_grow_and_load_check_sizes_before_allocating(tiny_run: Path, tmp_path: P
     (run / "config.json").write_text(json.dumps(d))
     with pytest.raises(FractalError, match=r"too few for the at least 3,07.* parameters its config.json"):
         fractalformer.load(run)
+
+
+OLD = Path(__file__).parent / "old_configs"  # config.json of run folders written before the sections
+
+
+@pytest.mark.parametrize(("name", "preset", "sets"), [
+    ("concept", "tiny", ["family=concept", "concept_levels=2", "combo=4,2", "concept_weight=0.1,0.2",
+                         "combiner=linear"]),
+    ("moe", "tiny", ["family=moe", "moe=peer", "moe_layers=1", "n_experts=64", "moe_topk=4",
+                     "moe_key_dim=16"]),
+    ("shard", "tiny-fractal", ["data_shard=1/2", "level_weights=2,1,1", "routing=split"]),
+])
+def test_a_flat_old_config_json_loads_as_the_same_config(name: str, preset: str, sets: list[str]) -> None:
+    old = json.loads((OLD / f"{name}.json").read_text())
+    assert "n_experts" in old["model"] and "nesting" not in old["model"]  # the flat form
+    cfg = RunConfig.from_dict(old)
+    cfg.validate()
+    assert cfg == build_config(preset, None, sets)
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg  # and the sectioned form it is written in now
+
+
+def test_an_old_config_drops_the_inert_keys_of_sections_its_family_does_not_use() -> None:
+    old = json.loads((OLD / "extract.json").read_text())  # a dense sub-model extracted from heads nesting
+    assert (old["model"]["family"], old["model"]["attn_nesting"]) == ("gpt", "heads")
+    cfg = RunConfig.from_dict(old)
+    cfg.validate()
+    assert cfg.model.nesting == NestingConfig() and cfg.model.d_model == 16
+    assert set(cfg.to_dict()["model"]) == {f.name for f in fields(ModelConfig)} - set(SECTIONS)
+
+
+def test_flat_dotted_and_qualified_names_are_one_key(tmp_path: Path) -> None:
+    want = build_config("peer", None, ["n_experts=1024", "moe_topk=4"])
+    assert want.model.moe.n_experts == 1024 and want.model.moe.topk == 4
+    for sets in (["moe.n_experts=1024", "moe.topk=4"], ["model.moe.n_experts=1024", "model.moe_topk=4"]):
+        assert build_config("peer", None, sets) == want
+    f = tmp_path / "c.toml"
+    for text in ('n_experts = 1024\n[moe]\ntopk = 4\n', '[model.moe]\nn_experts = 1024\ntopk = 4\n',
+                 '[model]\nn_experts = 1024\nmoe_topk = 4\n'):
+        f.write_text(text)
+        assert build_config("peer", str(f), []) == want, text
+
+
+@pytest.mark.parametrize(("sets", "match"), [
+    (["moe.n_experts=1024"], r"^n_experts needs family=moe \(got family gpt\)"),
+    (["combo=2"], r"^combo needs family=concept \(got family gpt\)$"),
+    (["split=4"], r"^split needs family=fractal, matformer or mrl \(got family gpt\)$"),
+    (["family=concept", "moe=pkm"], "moe needs family=moe"),
+    (["family=moe", "moe=peer", "concept_share=true"], "concept_share needs family=concept"),
+])
+def test_a_key_of_another_familys_section_is_one_line_error(sets: list[str], match: str) -> None:
+    with pytest.raises(FractalError, match=match) as e:
+        build_config("tiny", None, sets)
+    assert "\n" not in str(e.value)
+
+
+def test_lists_are_lists_and_their_old_string_forms_still_parse(tmp_path: Path) -> None:
+    cfg = build_config("tiny", None, ["family=concept", "concept_levels=2", "combo=4,4", "concept_weight=0.1",
+                                      "data_shard=0/2"])
+    assert (cfg.model.concept.combo, cfg.model.concept.weight) == ([4, 4], [0.1])
+    assert cfg.train.data_shard == [0, 2]
+    assert cfg.model.concept.combos() == [4, 4] and cfg.model.concept.weights() == [0.1, 0.1]
+    assert cfg.train.shard() == (0, 2)
+    f = tmp_path / "c.toml"
+    f.write_text('family = "concept"\nconcept_levels = 2\ncombo = "4,4"\nconcept_weight = "0.1"\n'
+                 'data_shard = "0/2"\n')
+    assert build_config("tiny", str(f), []) == cfg
+    f.write_text('family = "concept"\n[train]\ndata_shard = [0, 2]\n[model.concept]\nlevels = 2\n'
+                 'combo = [4, 4]\nweight = [0.1]\n')
+    assert build_config("tiny", str(f), []) == cfg
+    moe = build_config("peer")
+    assert moe.model.moe.layers == [1, 3] and moe.model.sparse_layers() == [1, 3]
+    every = build_config("peer", None, ["moe_layers=all"])
+    assert every.model.moe.layers == "all" and every.model.sparse_layers() == [0, 1, 2, 3]
+    assert build_config("peer", None, ["moe.layers=3,1"]).model.sparse_layers() == [1, 3]
+    with pytest.raises(FractalError, match="moe_layers must be a list of integers or 'all'"):
+        f.write_text('preset = "peer"\nmoe_layers = [1.5]\n')
+        build_config(None, str(f), [])
+
+
+def test_model_configs_from_keys_share_nothing() -> None:
+    a = ModelConfig.of(family="fractal", levels=3, level_weights=[1.0, 1.0, 1.0])
+    b = a.replace(glue_rank=2)
+    b.nesting.level_weights[0] = 5.0
+    assert (a.nesting.glue_rank, a.nesting.level_weights[0], b.nesting.glue_rank) == (0, 1.0, 2)
+    assert ModelConfig.of(**{"moe.n_experts": 16}).moe.n_experts == 16
+    assert a.flat_values()["levels"] == 3 and len(a.flat_values()) == 45
