@@ -184,6 +184,8 @@ OLD = Path(__file__).parent / "old_configs"  # config.json of run folders writte
 def test_a_flat_old_config_json_loads_as_the_same_config(name: str, preset: str, sets: list[str]) -> None:
     old = json.loads((OLD / f"{name}.json").read_text())
     assert "n_experts" in old["model"] and "nesting" not in old["model"]  # the flat form
+    assert set(old["model"]) == {k.flat for k in config_keys() if k.part == "model"}  # flat names kept
+    assert set(old["train"]) == {k.flat for k in config_keys() if k.part == "train"}
     cfg = RunConfig.from_dict(old)
     cfg.validate()
     assert cfg == build_config(preset, None, sets)
