@@ -74,7 +74,7 @@ def main() -> None:
         measure(f"{mode}: level 0 alone", stepper(model, level0, cfg))
         subs = cfg.model.sub_models()
         total = 0.0
-        for lv in range(cfg.model.levels):
+        for lv in range(cfg.model.nesting.levels):
             dense_cfg = RunConfig(model.sub_model_config(lv), cfg.train)
             dense = GPT(dense_cfg.model)
             t = timeit(stepper(dense, lambda d=dense: d(x, y)[1], dense_cfg), a.repeat, warmup=2)
@@ -84,7 +84,7 @@ def main() -> None:
 
         nested = [(mod_name, pname, mod.nest_dims[pname]) for mod_name, mod in model.named_modules()
                   if hasattr(mod, "nest_dims") for pname, _ in mod.named_parameters(recurse=False)]
-        shells = {lv: GPT(model.sub_model_config(lv)) for lv in range(cfg.model.levels)}
+        shells = {lv: GPT(model.sub_model_config(lv)) for lv in range(cfg.model.nesting.levels)}
 
         def seed_loop(m=model, subs=subs, nested=nested, shells=shells) -> torch.Tensor:
             params = dict(m.named_parameters())

@@ -55,7 +55,7 @@ def main() -> None:
         return F.cross_entropy(model(x, [0])[0][0].flatten(0, 1), y.flatten())
 
     cases = [(f"all {len(cfg.model.sub_models())} sub-models", lambda: training_loss(model, model(x), y)[0])]
-    if cfg.model.levels > 1:
+    if cfg.model.nesting.levels > 1:
         cases.append(("level 0 alone", level0))
     for name, loss_fn in cases:
         def step(loss_fn=loss_fn) -> None:

@@ -53,7 +53,7 @@ def reach_forward(model: ConceptGPT, idx: torch.Tensor) -> tuple[torch.Tensor, t
     """Logits of the last ``CHUNK`` tokens (1, B, CHUNK, V) and the concept regression loss,
     with every level but the top one confined to the last chunk (chunk-relative positions)."""
     b, t = idx.shape
-    top, span = model.config.concept_levels, model.span
+    top, span = model.config.concept.levels, model.span
     state = ConceptCache(model, b, False)
     emb = model.embed(idx, 0)
     model.add_units(state, emb, t)

@@ -18,8 +18,8 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from .config import PRESETS
 from .errors import FractalError, UnknownCharacterError
+from .presets import PRESETS
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -304,11 +304,9 @@ SPEC_STATS_HELP = """statistics (printed after the text, on stderr; --json puts 
 
 def cmd_train(a: argparse.Namespace) -> int:
     from .checkpoint import load_run_config
-    from .config import build_config, init_model_config, load_toml, parse_set, to_toml
-    from .data.corpus import read_text
-    from .data.prepared import is_prepared, load_prepared
-    from .data.tokenizers import get_tokenizer
+    from .config import to_toml
     from .memory import check_training_fits
+    from .resolve import resolve_run_config
     from .runs import check_run_dir
     from .train import train
 
@@ -321,29 +319,8 @@ def cmd_train(a: argparse.Namespace) -> int:
         check_run_dir(Path(a.out), resume=True)
         cfg, _ = load_run_config(Path(a.out))
     else:
-        sets = list(a.set)
-        if a.data:
-            sets.append(f"data={a.data}")
-        if a.tokenizer:
-            sets.append(f"tokenizer={a.tokenizer}")
-        if a.init_from:
-            sets.append(f"init_from={a.init_from}")
-        cfg = build_config(a.preset, a.config, sets)
-        explicit = set(parse_set(sets)) | (set(load_toml(a.config)) if a.config else set())
-        if a.init_from:
-            init_cfg, init_tok = load_run_config(Path(a.init_from))
-            given = (load_toml(a.config) if a.config else {}) | parse_set(sets)
-            cfg = init_model_config(cfg, init_cfg, given)
-            if not explicit & {"tokenizer", "train.tokenizer"}:
-                cfg.train.tokenizer = init_tok.name
-        elif is_prepared(cfg.train.data):  # prepared data: its tokenizer unless one is named
-            tok = load_prepared(cfg.train.data)[1]
-            if not explicit & {"tokenizer", "train.tokenizer"}:
-                cfg.train.tokenizer = tok.name
-        else:
-            tok = get_tokenizer(cfg.train.tokenizer, read_text(cfg.train.data))
-        if not a.init_from and not explicit & {"vocab_size", "model.vocab_size"}:
-            cfg.model.vocab_size = tok.vocab_size
+        cfg = resolve_run_config(a.preset, a.config, a.set, data=a.data, tokenizer=a.tokenizer,
+                                 init_from=a.init_from)
     if a.max_steps is not None:
         if a.max_steps < 1:
             raise FractalError("--max-steps must be at least 1")
@@ -604,7 +581,8 @@ def cmd_merge(a: argparse.Namespace) -> int:
     model = merge_runs(a.runs, a.out, a.train_glue_steps, a.then_steps, a.attn_nesting, a.routing,
                        a.glue_rank, _with_threads(a), not a.quiet)
     c = model.config
-    print(f"merged {len(a.runs)} runs -> {a.out}: FractalFormer d_model {c.d_model}, levels {c.levels}, "
+    print(f"merged {len(a.runs)} runs -> {a.out}: FractalFormer d_model {c.d_model}, levels "
+          f"{c.nesting.levels}, "
           f"{model.num_params():,} parameters ({sub_model_params(model, 1):,} per child; "
           f"glue steps {a.train_glue_steps}, full steps {a.then_steps})")
     return 0
@@ -623,7 +601,8 @@ def cmd_grow(a: argparse.Namespace) -> int:
         grown = grow_concept_run(run, a.out, 4 if a.combo is None else a.combo, a.steps, _with_threads(a),
                                  not a.quiet)
         c = grown.config
-        print(f"grown to {c.concept_levels} concept levels (combo {c.combo}): {grown.num_params():,} "
+        combo = ",".join(map(str, c.concept.combo))
+        print(f"grown to {c.concept.levels} concept levels (combo {combo}): {grown.num_params():,} "
               f"parameters -> {a.out}")
         return 0
     if a.combo is not None:
@@ -641,10 +620,10 @@ def cmd_grow(a: argparse.Namespace) -> int:
 
 
 def cmd_prepare(a: argparse.Namespace) -> int:
+    from .config import check_tokenizer_name
     from .data.prepared import prepare
-    from .data.tokenizers import check_name
 
-    check_name(a.tokenizer)
+    check_tokenizer_name(a.tokenizer)
     m = prepare(a.data, a.tokenizer, a.out, a.unknown, progress=not a.quiet)
     print(f"prepared {len(m['files'])} file(s), {m['bytes']:,} bytes -> {m['count']:,} {a.tokenizer} tokens "
           f"({m['train_count']:,} train, {m['val_units_per_token']:.3f} {m['unit']}s per validation token) "
@@ -690,13 +669,13 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 def cmd_config(a: argparse.Namespace) -> int:
-    from .config import build_config, describe_keys
+    from .config import build_config, describe_keys, get_value
 
     cfg = build_config(a.preset)
     rows = describe_keys()
     width = max(len(r[1]) for r in rows)
     for section, key, _, about in rows:
-        value = getattr(getattr(cfg, section), key)
+        value = get_value(cfg, f"{section}.{key}")
         shown = "unset" if value is None else json.dumps(value) if isinstance(value, (str, list, bool)) \
             else repr(value)
         print(f"{section:<5} {key:<{width}} {shown:<10} {about}")

@@ -1,113 +1,304 @@
-"""Configuration: one dataclass for the model, one for training, presets, and parsing.
+"""Configuration: the model (shared keys plus one section per family), training, and parsing.
 
-A run folder's ``config.json`` is ``{"model": {...}, "train": {...}, "tokenizer": {...}}``.
-Every field can be set from a preset, a TOML file (flat keys or ``[model]`` /
-``[train]`` tables) and ``--set key=value`` on the command line, in that order.
+A run folder's ``config.json`` is ``{"model": {...}, "train": {...}, "tokenizer": {...}}``;
+the model's sections (``nesting``, ``moe``, ``concept``) are tables inside ``model``. Every
+key can be set from a preset (presets.py), a TOML file and ``--set key=value``, in that
+order, by its dotted name (``moe.n_experts``, ``train.lr``) or by its flat name (``n_experts``:
+the name every key had before the sections, unambiguous). A key's help text lives in its
+field's metadata, so ``fractalformer config`` and the code cannot drift apart.
+
+A section belongs to families (``FAMILIES``); under any other family it must keep its
+defaults. That one rule (:meth:`ModelConfig.validate`) is why, for example, ``moe.n_experts``
+cannot be set on a FractalFormer.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import json
 import math
+import re
+import types
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import Field, asdict, dataclass, field, fields
+from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin, get_type_hints
 
 from .errors import FractalError
+from .presets import PRESETS
 
-if TYPE_CHECKING:
-    from collections.abc import Callable
+NESTED = ("fractal", "matformer", "mrl")  # the families whose model holds nested sub-models
 
-    from .nn.nesting import Nesting
+
+def meta(about: str, *, flat: str | None = None, form: str | None = None, strings: bool = False,
+         sep: str = ",") -> dict[str, Any]:
+    """A config field's metadata: its help line; for a section field its ``flat`` name; for a list
+    how it is spelled as a string (``form``, items split at ``sep``) - with ``strings`` that
+    spelling is read from any source (TOML files and old config.json wrote those lists as
+    strings), else from ``--set`` only."""
+    return {"help": about, "flat": flat, "form": form, "strings": strings, "sep": sep}
+
+
+def key(default: Any, about: str, **kw: Any) -> Any:
+    """A config field with an immutable default (a list: ``field(default_factory=..., metadata=meta())``)."""
+    return field(default=default, metadata=meta(about, **kw))
+
+
+class Section:
+    """A table of model keys that only ``FAMILIES`` use; ``HINT`` explains the refusal elsewhere."""
+
+    FAMILIES: ClassVar[tuple[str, ...]] = ()
+    HINT: ClassVar[str] = ""
+
+    def validate(self, m: ModelConfig) -> None:
+        """Checks of a section in use (its family's), with the model it is part of."""
+
+
+@dataclass
+class NestingConfig(Section):
+    """Nested sub-models: ``split**l`` blocks (fractal) or one prefix (matformer, mrl) at level l."""
+
+    FAMILIES: ClassVar[tuple[str, ...]] = NESTED
+
+    levels: int = key(1, "nesting depth; level l holds split**l sub-models (1 for the families that do "
+                         "not nest)")
+    split: int = key(2, "children per sub-model at each level")
+    attn_nesting: Literal["head_dim", "heads"] = key(
+        "head_dim", "how attention nests: head_dim narrows every head, heads gives blocks of whole heads")
+    residual: Literal["none", "upstream", "downstream"] = key(
+        "none", "family fractal only: cross-level residuals after every layer")
+    residual_rank: int = key(0, "0 adds residual states directly; r > 0 through a learned rank-r map")
+    glue_rank: int = key(0, "family fractal merge glue: rank-r maps between the level-1 blocks of every "
+                            "linear (0: none; folded into the weights after glue training)")
+    level_weights: list[float] = field(default_factory=list, metadata=meta(
+        "loss weight per level (a list, or comma-separated with --set); empty: every sub-model alike",
+        form="comma-separated numbers"))
+    distill: float = key(0.0, "nested sub-models' loss: (1 - distill) * cross-entropy + distill * "
+                              "KL(full || sub)")
+
+    def validate(self, m: ModelConfig) -> None:
+        _positive(self, "levels")
+        _nonnegative(self, "residual_rank", "glue_rank")
+        if self.levels < 2:
+            raise FractalError(f"family {m.family} needs levels >= 2, got {self.levels}")
+        if self.split < 2:
+            raise FractalError(f"split must be at least 2, got {self.split}")
+        if not 0.0 <= self.distill <= 1.0:
+            raise FractalError(f"distill must lie in [0, 1], got {self.distill}")
+        if self.distill and m.family == "mrl":
+            raise FractalError("distill needs nested sub-models with their own bodies (family fractal or "
+                               "matformer), not family mrl")
+        if self.residual != "none" and m.family != "fractal":
+            raise FractalError("cross-level residuals need family=fractal")
+        if self.glue_rank and (m.family != "fractal" or self.residual != "none"):
+            raise FractalError("glue_rank needs family=fractal without cross-level residuals")
+        w = self.level_weights
+        if w and (len(w) != self.levels or any(x < 0 for x in w) or sum(w) <= 0):
+            raise FractalError(f"level_weights needs {self.levels} non-negative numbers with a "
+                               f"positive sum, got {w!r}")
+        f = self.split ** (self.levels - 1)
+        smallest = f"split**(levels-1) = {f}"
+        if m.family != "mrl":
+            if self.attn_nesting == "heads":
+                for name in ("n_head", "n_kv_head"):
+                    if getattr(m, name) % f:
+                        raise FractalError(f"attn_nesting=heads needs {name} ({getattr(m, name)}) "
+                                           f"divisible by {smallest}")
+            elif m.head_dim % f or (m.head_dim // f) % 2:
+                raise FractalError(f"head_dim {m.head_dim} is too small to nest: it must be divisible by "
+                                   f"{smallest} leaving an even (RoPE) head_dim, got {m.head_dim / f:g}")
+        for name, size in {"d_model": m.d_model, "mlp hidden width": m.mlp_hidden}.items():
+            if size % f:
+                raise FractalError(f"{name} ({size}) is not divisible by {smallest}")
+
+
+@dataclass
+class MoEConfig(Section):
+    """Product-key sparse layers in place of the MLP (models/moe.py, docs/moe.md)."""
+
+    FAMILIES: ClassVar[tuple[str, ...]] = ("moe",)
+    HINT: ClassVar[str] = (": an expert table cannot nest inside another family (it has no width to split "
+                           "between sub-models; use family=moe, levels 1)")
+
+    kind: Literal["none", "peer", "pkm", "fhme"] = key(
+        "none", "family moe: the sparse layer (peer single-neuron experts, pkm value memory, fhme fractal "
+                "experts)", flat="moe")
+    layers: list[int] | Literal["all"] = field(default="all", metadata=meta(
+        "layers that get the sparse layer: all, or a list of indices (comma-separated with --set)",
+        flat="moe_layers", form="'all' or comma-separated layer indices", strings=True))
+    with_mlp: bool = key(False, "keep the dense MLP beside the sparse layer (outputs added)",
+                         flat="moe_with_mlp")
+    n_experts: int = key(65536, "experts (peer, fhme) or memory slots (pkm) N, a perfect square")
+    heads: int = key(4, "retrieval heads", flat="moe_heads")
+    topk: int = key(8, "experts per head (at most sqrt(n_experts))", flat="moe_topk")
+    key_dim: int = key(128, "query / product-key width (two halves of key_dim / 2)", flat="moe_key_dim")
+    gate: Literal["softmax", "sigmoid", "relu"] = key("softmax", "routing weights from the scores",
+                                                      flat="moe_gate")
+    query_norm: Literal["rms", "layer", "none"] = key("rms", "per-token query normalisation (never batch "
+                                                             "norm)", flat="moe_query_norm")
+    sparse: bool = key(False, "row-sparse table gradients trained by SparseAdam", flat="moe_sparse")
+    fhme_depth: int = key(3, "sub-blocks per fractal expert")
+    fhme_adaptive: bool = key(True, "learned per-token halting (ACT); false: always full depth")
+    halt_penalty: float = key(0.1, "weight of the ponder cost (mean sub-blocks run / depth)")
+
+    def layer_indices(self, n_layer: int) -> list[int]:
+        """Indices of the layers whose MLP is the sparse layer (none without one)."""
+        if self.kind == "none":
+            return []
+        return list(range(n_layer)) if self.layers == "all" else sorted(set(self.layers))
+
+    def validate(self, m: ModelConfig) -> None:
+        if self.kind == "none":
+            raise FractalError("family moe needs a sparse layer: set moe to peer, pkm or fhme")
+        _positive(self, "n_experts", "heads", "topk", "key_dim", "fhme_depth")
+        _nonnegative(self, "halt_penalty")
+        n = math.isqrt(self.n_experts)
+        if n * n != self.n_experts:
+            raise FractalError(f"n_experts must be a perfect square (product keys: sqrt(N) sub-keys per "
+                               f"half), got {self.n_experts}; nearest: {n * n} or {(n + 1) ** 2}")
+        if self.topk > n:
+            raise FractalError(f"moe_topk ({self.topk}) must not exceed sqrt(n_experts) = {n}")
+        if self.key_dim % 2:
+            raise FractalError(f"moe_key_dim must be even (two halves), got {self.key_dim}")
+        layers = self.layer_indices(m.n_layer)
+        if not layers or any(not 0 <= i < m.n_layer for i in layers):
+            raise FractalError(f"moe_layers must name layers in 0..{m.n_layer - 1}, got {self.layers!r}")
+
+
+@dataclass
+class ConceptConfig(Section):
+    """Causal next-concept levels above the tokens (models/concept.py, docs/concept.md)."""
+
+    FAMILIES: ClassVar[tuple[str, ...]] = ("concept",)
+
+    levels: int = key(1, "family concept: causal concept levels above the tokens (level k groups combo "
+                         "units of level k-1)", flat="concept_levels")
+    combo: list[int] = field(default_factory=lambda: [4], metadata=meta(
+        "family concept: units per concept, one number for every level or one per level ([4, 4]; "
+        "\"4,4\" with --set)", form="an integer or comma-separated integers", strings=True))
+    combiner: Literal["sum", "linear"] = key(
+        "sum", "family concept: a concept is RMSNorm of its units' sum, or of a linear map of their "
+               "concatenation")
+    read: Literal["cross", "add"] = key(
+        "cross", "family concept: a level reads the plans of the level above by cross-attention or by "
+                 "adding the current plan", flat="concept_read")
+    share: bool = key(False, "family concept: one stack of blocks for every level, plus a learned level "
+                             "embedding", flat="concept_share")
+    layers: int = key(0, "family concept: blocks per concept level (0: n_layer; shared: the first ones)",
+                      flat="concept_layers")
+    loss: Literal["cosine", "mse", "l1"] = key("cosine", "family concept: next-concept regression loss",
+                                               flat="concept_loss")
+    weight: list[float] = field(default_factory=lambda: [0.1], metadata=meta(
+        "family concept: regression loss weight, one for every level or one per level",
+        flat="concept_weight", form="a number or comma-separated numbers", strings=True))
+    read_init: float = key(0.0, "family concept: initial value of read_scale, the gate on each level's "
+                                "read of the level above (0: the model starts as the dense GPT and trains "
+                                "stably under a short warmup; 1 stalled on the unigram plateau)",
+                           flat="concept_read_init")
+
+    def combos(self) -> list[int]:
+        """Units per concept at each concept level (level 1 first)."""
+        return self.combo * self.levels if len(self.combo) == 1 else list(self.combo)
+
+    def weights(self) -> list[float]:
+        """Regression loss weight at each concept level (level 1 first)."""
+        return self.weight * self.levels if len(self.weight) == 1 else list(self.weight)
+
+    def validate(self, m: ModelConfig) -> None:
+        _positive(self, "levels")
+        _nonnegative(self, "layers")
+        if self.share and self.layers > m.n_layer:
+            raise FractalError(f"concept_share runs the concept levels on the first concept_layers of the "
+                               f"{m.n_layer} shared blocks; got concept_layers {self.layers}")
+        for name, each, bad in (("combo", " (one per concept level), each at least 2", lambda c: c < 2),
+                                ("weight", ", each >= 0", lambda w: w < 0)):
+            vals = getattr(self, name)
+            if len(vals) not in (1, self.levels) or any(bad(v) for v in vals):
+                raise FractalError(f"{_label(self, name)} needs one value, or {self.levels}{each}; "
+                                   f"got {vals!r}")
+        span = math.prod(self.combos())
+        if m.block_size < span:
+            raise FractalError(f"block_size {m.block_size} does not cover one top-level concept of "
+                               f"{span} tokens (the product of combo {self.combo!r})")
+
+
+SECTIONS: dict[str, type[Section]] = {"nesting": NestingConfig, "moe": MoEConfig, "concept": ConceptConfig}
 
 
 @dataclass
 class ModelConfig:
     """Model dimensions and nesting. Defaults are the seed FractalFormer's (about 1M parameters).
 
-    ``family`` picks the nesting: ``gpt`` (dense, one level), ``fractal`` (block nesting:
+    ``family`` picks the model: ``gpt`` (dense, one level), ``fractal`` (block nesting:
     split**l sub-models at level l), ``matformer`` (prefix nesting of every part) or
-    ``mrl`` (dense body; only the final state and tied output are prefix-nested). ``moe`` is
-    the dense GPT with product-key sparse layers (PEER, PKM or FHME) in place of the MLP.
-    ``concept`` puts causal next-concept levels above the tokens (models/concept.py).
+    ``mrl`` (dense body; only the final state and tied output are prefix-nested), with the
+    ``nesting`` section. ``moe`` is the dense GPT with product-key sparse layers (PEER, PKM
+    or FHME) in place of the MLP (the ``moe`` section). ``concept`` puts causal next-concept
+    levels above the tokens (the ``concept`` section).
     """
 
-    family: Literal["gpt", "fractal", "matformer", "mrl", "moe", "concept"] = "gpt"
-    levels: int = 1  # nesting depth; level l sub-models are 1/split**l as wide
-    split: int = 2
-    attn_nesting: Literal["head_dim", "heads"] = "head_dim"  # all heads narrower, or whole heads
-    residual: Literal["none", "upstream", "downstream"] = "none"  # fractal only: cross-level residuals
-    residual_rank: int = 0  # 0: add states directly; r > 0: through a learned rank-r map
-    glue_rank: int = 0  # fractal: rank-r maps between the level-1 blocks of every linear (merge glue)
-    level_weights: list[float] = field(default_factory=list)  # loss weight per level; [] = all alike
-    distill: float = 0.0  # nested sub-models' loss: (1 - distill) * CE + distill * KL(full || sub)
-    vocab_size: int = 128
-    block_size: int = 256  # context length
-    token_window: int = 0  # > 0: token-level attention reads only the last token_window tokens
-    n_layer: int = 4
-    d_model: int = 128
-    n_head: int = 4  # query heads
-    n_kv_head: int = 1  # 1 = multi-query, n_head = multi-head, between = grouped-query
-    head_dim: int = 32
-    mlp_mult: float = 4.0  # GeGLU inner width = mlp_mult * d_model
-    mlp_bias: bool = True
-    rope_theta: float = 100.0
-    norm_eps: float = 1e-6
-    dropout: float = 0.0
-    init_std: float = 0.02
-    # family "moe" (models/moe.py): product-key sparse layers in place of the MLP
-    moe: Literal["none", "peer", "pkm", "fhme"] = "none"  # the sparse layer; see docs/moe.md
-    moe_layers: str = "all"  # "all" or comma-separated layer indices that get the sparse layer
-    moe_with_mlp: bool = False  # keep the dense MLP beside the sparse layer (outputs added)
-    n_experts: int = 65536  # N, a perfect square: experts (peer, fhme) or memory slots (pkm)
-    moe_heads: int = 4  # retrieval heads h
-    moe_topk: int = 8  # experts per head k (k <= sqrt(N))
-    moe_key_dim: int = 128  # query / product-key width (two halves of key_dim / 2)
-    moe_gate: Literal["softmax", "sigmoid", "relu"] = "softmax"  # routing weights from scores
-    moe_query_norm: Literal["rms", "layer", "none"] = "rms"  # per-token query norm (never batch norm)
-    moe_sparse: bool = False  # row-sparse table gradients, trained by SparseAdam
-    fhme_depth: int = 3  # sub-blocks per fractal expert
-    fhme_adaptive: bool = True  # learned per-token halting (ACT); false = always full depth
-    halt_penalty: float = 0.1  # weight of the ponder cost (mean sub-blocks run / depth)
-    # family "concept" (models/concept.py): causal concept levels above the tokens
-    concept_levels: int = 1  # levels above the tokens; level k groups combo units of level k-1
-    combo: str = "4"  # units per concept: one number for every level, or one per level ("4,4")
-    combiner: Literal["sum", "linear"] = "sum"  # concept = RMSNorm(sum of units) or of linear(concat)
-    concept_read: Literal["cross", "add"] = "cross"  # read the level above by cross-attention or addition
-    concept_share: bool = False  # one stack of blocks for every level + a learned level embedding
-    concept_layers: int = 0  # blocks per concept level (0 = n_layer; shared: the first ones)
-    concept_loss: Literal["cosine", "mse", "l1"] = "cosine"  # next-concept regression loss
-    concept_weight: str = "0.1"  # regression loss weight: one for every level or one per level
-    concept_read_init: float = 0.0  # initial read_scale: 0 = the read path starts closed (the dense GPT)
+    family: Literal["gpt", "fractal", "matformer", "mrl", "moe", "concept"] = key(
+        "gpt", "model family: gpt dense, fractal block-nested, matformer prefix-nested, mrl nested head, "
+               "moe sparse experts, concept next-concept levels above the tokens")
+    vocab_size: int = key(128, "tokens in the vocabulary (set from the tokenizer unless given)")
+    block_size: int = key(256, "context length in tokens")
+    token_window: int = key(0, "token-level attention reads only the last token_window tokens, a sliding "
+                               "window (0: the whole block_size); family concept's levels still read the "
+                               "whole block_size, so the model reaches past the window at about the "
+                               "window's cost")
+    n_layer: int = key(4, "transformer layers")
+    d_model: int = key(128, "width of the residual stream")
+    n_head: int = key(4, "query heads")
+    n_kv_head: int = key(1, "key/value heads: 1 multi-query, n_head multi-head, between grouped-query")
+    head_dim: int = key(32, "width of one attention head")
+    mlp_mult: float = key(4.0, "GeGLU inner width as a multiple of d_model")
+    mlp_bias: bool = key(True, "biases in the MLP")
+    rope_theta: float = key(100.0, "rotary embedding base")
+    norm_eps: float = key(1e-6, "RMSNorm epsilon")
+    dropout: float = key(0.0, "dropout probability")
+    init_std: float = key(0.02, "standard deviation of the initial weights")
+    nesting: NestingConfig = field(default_factory=NestingConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    concept: ConceptConfig = field(default_factory=ConceptConfig)
 
-    def combos(self) -> list[int]:
-        """Units per concept at each concept level (level 1 first)."""
-        vals = [int(x) for x in self.combo.split(",")]
-        return vals * self.concept_levels if len(vals) == 1 else vals
+    @classmethod
+    def of(cls, **values: Any) -> ModelConfig:
+        """A config from the defaults and keys by flat or dotted name (not validated):
+        ``ModelConfig.of(family="moe", moe="peer", n_experts=64)``."""
+        return cls().replace(**values)
 
-    def concept_weights(self) -> list[float]:
-        vals = [float(x) for x in self.concept_weight.split(",")]
-        return vals * self.concept_levels if len(vals) == 1 else vals
+    def replace(self, **values: Any) -> ModelConfig:
+        """A copy with keys (flat or dotted names) or whole sections replaced; not validated.
+        A copy shares no section or list with ``self``."""
+        run = RunConfig(copy.deepcopy(self))
+        for name, value in values.items():
+            if name in SECTIONS:
+                setattr(run.model, name, copy.deepcopy(value))
+            else:
+                apply_overrides(run, {f"model.{name}": value}, strict_types=True)
+        return run.model
 
     @property
     def mlp_hidden(self) -> int:
         return round(self.mlp_mult * self.d_model)
 
-    def nesting(self) -> Nesting:
-        from .nn.nesting import Nesting
+    @property
+    def nest_kind(self) -> Literal["block", "prefix"]:
+        """The nesting scheme of nn.nesting.Nesting: prefix for matformer and mrl, else block."""
+        return "prefix" if self.family in ("matformer", "mrl") else "block"
 
-        return Nesting("prefix" if self.family in ("matformer", "mrl") else "block", self.levels, self.split)
+    def sub_model_count(self, level: int) -> int:
+        """Sub-models at ``level`` (as ``Nesting.count``)."""
+        return self.nesting.split**level if self.nest_kind == "block" else 1
 
     def sub_models(self) -> list[tuple[int, int]]:
         """Every (level, index), level by level - the order of per-sub-model losses."""
-        nest = self.nesting()
-        return [(lv, j) for lv in range(self.levels) for j in range(nest.count(lv))]
+        return [(lv, j) for lv in range(self.nesting.levels) for j in range(self.sub_model_count(lv))]
 
     def sub_model_weights(self) -> list[float]:
         """Loss weight of every sub-model; they sum to 1.
@@ -117,193 +308,130 @@ class ModelConfig:
         gradient from every sub-model that owns it.
         """
         subs = self.sub_models()
-        per_level = self.level_weights or None
+        per_level = self.nesting.level_weights or None
         raw = [per_level[lv] / sum(1 for s in subs if s[0] == lv) if per_level else 1.0 for lv, _ in subs]
         return [w / sum(raw) for w in raw]
+
+    def sparse_layers(self) -> list[int]:
+        """Indices of the layers whose MLP is a sparse (product-key) layer."""
+        return self.moe.layer_indices(self.n_layer)
+
+    def sections(self) -> dict[str, Section]:
+        return {name: getattr(self, name) for name in SECTIONS}
+
+    def used_sections(self) -> dict[str, Section]:
+        """The sections this family uses, and any other that was changed (then invalid)."""
+        return {name: s for name, s in self.sections().items()
+                if self.family in s.FAMILIES or s != type(s)()}
+
+    def flat_values(self) -> dict[str, Any]:
+        """Every model key's value by flat name."""
+        run = RunConfig(self)
+        return {k.flat: k.get(run) for k in config_keys() if k.part == "model"}
 
     def validate(self) -> None:
         _check_choices(self)
         _positive(self, "vocab_size", "block_size", "n_layer", "d_model", "n_head", "n_kv_head",
-                  "head_dim", "mlp_mult", "rope_theta", "norm_eps", "init_std", "levels")
-        _nonnegative(self, "residual_rank", "glue_rank")
-        self._validate_nesting()
+                  "head_dim", "mlp_mult", "rope_theta", "norm_eps", "init_std")
+        self._check_sections()
         if self.n_head % self.n_kv_head:
-            raise FractalError(
-                f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})"
-            )
+            raise FractalError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
         if self.head_dim % 2:
             raise FractalError(f"head_dim must be even for RoPE, got {self.head_dim}")
         if not 0.0 <= self.dropout < 1.0:
             raise FractalError(f"dropout must lie in [0, 1), got {self.dropout}")
         if self.mlp_hidden < 1:
             raise FractalError("mlp_mult * d_model must be at least 1")
-        self._validate_moe()
-        self._validate_concept()
+        for section in self.sections().values():
+            if self.family in section.FAMILIES:
+                section.validate(self)
         if not 0 <= self.token_window <= self.block_size:
             raise FractalError(f"token_window must be between 0 (the whole block_size) and block_size "
                                f"{self.block_size}, got {self.token_window}")
-        if self.token_window and (self.family not in ("gpt", "concept") or self.concept_share):
+        if self.token_window and (self.family not in ("gpt", "concept") or self.concept.share):
             raise FractalError("token_window needs family gpt, or concept with separate weights "
                                "(shared blocks also run the concept levels)")
 
-    def _validate_concept(self) -> None:
-        if self.family != "concept":
-            changed = [f.name for f in fields(self) if f.name in _CONCEPT_KEYS
-                       and getattr(self, f.name) != f.default]
-            if changed:
-                raise FractalError(f"{changed[0]} needs family=concept (got family {self.family})")
-            return
-        _positive(self, "concept_levels")
-        _nonnegative(self, "concept_layers")
-        if self.concept_share and self.concept_layers > self.n_layer:
-            raise FractalError(f"concept_share runs the concept levels on the first concept_layers of the "
-                               f"{self.n_layer} shared blocks; got concept_layers {self.concept_layers}")
-        combos = self._per_level("combo", self.combos, "an integer or comma-separated integers",
-                                 " (one per concept level), each at least 2", lambda c: c < 2)
-        self._per_level("concept_weight", self.concept_weights, "a number or comma-separated numbers",
-                        ", each >= 0", lambda w: w < 0 or not math.isfinite(w))
-        span = math.prod(combos)
-        if self.block_size < span:
-            raise FractalError(f"block_size {self.block_size} does not cover one top-level concept of "
-                               f"{span} tokens (the product of combo {self.combo!r})")
-
-    def _per_level(self, key: str, parse: Callable[[], list], kind: str, each: str,
-                   bad: Callable[[Any], bool]) -> list:
-        """The values of a per-concept-level list key (``combo``, ``concept_weight``): one, or one per
-        level, none of them ``bad``; else a one-line error naming ``kind`` and ``each``."""
-        try:
-            vals = parse()
-        except ValueError:
-            raise FractalError(f"{key} must be {kind}, got {getattr(self, key)!r}") from None
-        if len(vals) != self.concept_levels or any(bad(v) for v in vals):
-            raise FractalError(f"{key} needs one value, or {self.concept_levels}{each}; "
-                               f"got {getattr(self, key)!r}")
-        return vals
-
-    def sparse_layers(self) -> list[int]:
-        """Indices of the layers whose MLP is a sparse (product-key) layer."""
-        if self.moe == "none":
-            return []
-        if self.moe_layers.strip() == "all":
-            return list(range(self.n_layer))
-        return sorted({int(x) for x in self.moe_layers.split(",")})
-
-    def _validate_moe(self) -> None:
-        if self.family == "moe" and self.moe == "none":
-            raise FractalError("family moe needs a sparse layer: set moe to peer, pkm or fhme")
-        if self.moe == "none":
-            return
-        if self.family != "moe":
-            raise FractalError(f"moe={self.moe} cannot nest inside family {self.family}: an expert table "
-                               f"has no width to split between sub-models (use family=moe, levels 1)")
-        _positive(self, "n_experts", "moe_heads", "moe_topk", "moe_key_dim", "fhme_depth")
-        _nonnegative(self, "halt_penalty")
-        n = math.isqrt(self.n_experts)
-        if n * n != self.n_experts:
-            raise FractalError(f"n_experts must be a perfect square (product keys: sqrt(N) sub-keys per "
-                               f"half), got {self.n_experts}; nearest: {n * n} or {(n + 1) ** 2}")
-        if self.moe_topk > n:
-            raise FractalError(f"moe_topk ({self.moe_topk}) must not exceed sqrt(n_experts) = {n}")
-        if self.moe_key_dim % 2:
-            raise FractalError(f"moe_key_dim must be even (two halves), got {self.moe_key_dim}")
-        try:
-            layers = self.sparse_layers()
-        except ValueError:
-            raise FractalError(f"moe_layers must be 'all' or comma-separated layer indices, "
-                               f"got {self.moe_layers!r}") from None
-        if not layers or any(not 0 <= i < self.n_layer for i in layers):
-            raise FractalError(f"moe_layers must name layers in 0..{self.n_layer - 1}, "
-                               f"got {self.moe_layers!r}")
-
-    def _validate_nesting(self) -> None:
-        if self.family == "gpt" and self.levels != 1:
-            raise FractalError(f"family gpt is dense: levels must be 1, got {self.levels} "
-                               "(use family=fractal, matformer or mrl for nesting)")
-        if self.family in ("moe", "concept") and self.levels != 1:
-            raise FractalError(f"family {self.family} is not nested: levels must be 1, got {self.levels} "
-                               "(concept levels are concept_levels)")
-        if self.family not in ("gpt", "moe", "concept") and self.levels < 2:
-            raise FractalError(f"family {self.family} needs levels >= 2, got {self.levels}")
-        if self.split < 2:
-            raise FractalError(f"split must be at least 2, got {self.split}")
-        if not 0.0 <= self.distill <= 1.0:
-            raise FractalError(f"distill must lie in [0, 1], got {self.distill}")
-        if self.distill and self.family in ("gpt", "mrl", "moe", "concept"):
-            raise FractalError(f"distill needs nested sub-models with their own bodies (family fractal or "
-                               f"matformer), not family {self.family}")
-        if self.residual != "none" and self.family != "fractal":
-            raise FractalError("cross-level residuals need family=fractal")
-        if self.glue_rank and (self.family != "fractal" or self.residual != "none"):
-            raise FractalError("glue_rank needs family=fractal without cross-level residuals")
-        if self.level_weights:
-            w = self.level_weights
-            if len(w) != self.levels or any(x < 0 or not math.isfinite(x) for x in w) or sum(w) <= 0:
-                raise FractalError(f"level_weights needs {self.levels} non-negative numbers with a "
-                                   f"positive sum, got {self.level_weights!r}")
-        if self.levels == 1:
-            return
-        f = self.split ** (self.levels - 1)
-        smallest = f"split**(levels-1) = {f}"
-        nested = {"d_model": self.d_model, "mlp hidden width": self.mlp_hidden}
-        if self.family != "mrl":
-            if self.attn_nesting == "heads":
-                for name in ("n_head", "n_kv_head"):
-                    if getattr(self, name) % f:
-                        raise FractalError(f"attn_nesting=heads needs {name} ({getattr(self, name)}) "
-                                           f"divisible by {smallest}")
-            else:
-                if self.head_dim % f or (self.head_dim // f) % 2:
-                    raise FractalError(f"head_dim {self.head_dim} is too small to nest: it must be "
-                                       f"divisible by {smallest} leaving an even (RoPE) head_dim, "
-                                       f"got {self.head_dim / f:g}")
-        for name, size in nested.items():
-            if size % f:
-                raise FractalError(f"{name} ({size}) is not divisible by {smallest}")
+    def _check_sections(self) -> None:
+        """The one family rule: a section another family uses keeps its defaults here."""
+        levels = self.nesting.levels
+        if self.family not in NESTED and levels != 1:  # the commonest slip, said plainly
+            what = "dense" if self.family == "gpt" else "not nested"
+            raise FractalError(f"family {self.family} is {what}: levels must be 1, got {levels} "
+                               f"(use family=fractal, matformer or mrl for nesting)")
+        for section in self.sections().values():
+            if self.family in section.FAMILIES:
+                continue
+            default = type(section)()
+            for f in fields(section):
+                if getattr(section, f.name) != getattr(default, f.name):
+                    owners = ", ".join(section.FAMILIES[:-1]) + " or " if len(section.FAMILIES) > 1 else ""
+                    raise FractalError(f"{_label(section, f.name)} needs family={owners}"
+                                       f"{section.FAMILIES[-1]} (got family {self.family}){section.HINT}")
 
 
 @dataclass
 class TrainConfig:
     """Optimisation and bookkeeping. Defaults train the default model in ~10 min on 2 cores."""
 
-    tokenizer: str = "bpe128"  # bpe128, char, byte, bpe:N or gpt2 (checked by tokenizers.check_name)
-    data: str | None = None  # None = the shipped TinyShakespeare; a text file or a prepared folder
-    init_from: str | None = None  # fine-tuning: start from this run's weights (and tokenizer)
-    on_unknown: Literal["error", "replace"] = "error"  # or "replace": map unknown characters to a known one
-    batch_size: int = 16  # rows of one optimizer step, over all processes and micro-batches
-    grad_accum: int = 1  # micro-batches per step: batch_size / grad_accum rows at a time, same gradient
-    sync_every: int = 10  # steps between host reads of the losses (also at evals, checkpoints, the end)
-    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicated (DDP) or sharded (fully_shard)
-    routing: Literal["shared", "split", "shard"] = "shared"  # nested models: see data.training_batch
-    data_shard: str = ""  # "J/N": train on contiguous shard J of N of the training tokens ("" = all)
-    freeze: Literal["none", "children"] = "none"  # children: level-1 sub-models' entries stay fixed (glue)
-    schedule_start: int = 0  # the step where warmup + cosine begin (a merged or grown run's new schedule)
-    max_steps: int = 1400
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    table_lr: float = 0.0  # peak lr of expert / memory tables (0 = lr); follows the same schedule
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    eval_every: int = 200
-    eval_batches: int = 8
-    ckpt_every: int = 200
-    seed: int = 1337
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    compile: bool = False
-    threads: int = 0  # CPU threads on this machine, split among its processes; 0: auto
-    # validation windows scored after training: -1 as many as trained on (max_steps x batch_size,
-    # at most the whole split), 0 none, N the first N
-    final_eval: int = -1
-    sample_tokens: int = 200  # length of the sample printed after training
-    log: Literal["csv", "tensorboard"] = "csv"  # tensorboard: also scalars in RUN/tensorboard (the extra)
-    groups: str = ""  # imposed token groups per width: "" none, "seed", or a JSON file
-    emergent_every: int = 0  # re-cluster the embedding into groups every N steps (0 = never)
-    cluster_method: Literal["dbscan", "agglomerative"] = "dbscan"  # or "agglomerative"
-    cluster_eps: float = 0.1  # cosine distance (DBSCAN eps / agglomerative threshold)
-    cluster_min_samples: int = 3
+    tokenizer: str = key("bpe128", "tokenizer: bpe128 (the seed's), char (the text's characters), byte, "
+                                   "bpe:N (a byte-level BPE of N tokens trained on the training split) or "
+                                   "gpt2 (tiktoken)")
+    data: str | None = key(None, "UTF-8 text file or a `fractalformer prepare` folder to train on (unset: "
+                                 "the shipped TinyShakespeare); stored as an absolute path")
+    init_from: str | None = key(None, "fine-tuning: a run whose weights (and model config, tokenizer) "
+                                      "training starts from")
+    on_unknown: Literal["error", "replace"] = key("error", "characters the tokenizer lacks: error, or "
+                                                           "replace them with '?'")
+    batch_size: int = key(16, "sequences per step (summed over torchrun processes and micro-batches)")
+    grad_accum: int = key(1, "micro-batches per optimizer step (batch_size / grad_accum rows each): less "
+                             "memory, the same gradient")
+    sync_every: int = key(10, "steps between reading the losses back to the host (a GPU runs ahead "
+                              "meanwhile); also at every evaluation, checkpoint and the end")
+    parallel: Literal["ddp", "fsdp"] = key("ddp", "under torchrun: ddp (every process holds the whole "
+                                                  "model) or fsdp (parameters, gradients and optimizer "
+                                                  "state sharded with fully_shard)")
+    routing: Literal["shared", "split", "shard"] = key("shared", "nested models: which rows each sub-model "
+                                                                 "reads (see data.training_batch)")
+    data_shard: list[int] = field(default_factory=list, metadata=meta(
+        "[J, N] (\"J/N\" with --set): train on contiguous shard J of N of the training tokens (empty: "
+        "all of them)", form="'J/N' with 0 <= J < N", strings=True, sep="/"))
+    freeze: Literal["none", "children"] = key("none", "none, or children: the level-1 sub-models' own "
+                                                      "entries stay fixed and only the glue between them "
+                                                      "trains (fractalformer merge)")
+    schedule_start: int = key(0, "step where warmup + cosine begin (a merged or grown run's new schedule)")
+    max_steps: int = key(1400, "training steps: the cosine schedule's horizon")
+    lr: float = key(3e-3, "peak learning rate")
+    min_lr: float = key(3e-4, "learning rate at the end of the cosine decay")
+    warmup_steps: int = key(100, "steps of linear warmup")
+    weight_decay: float = key(0.1, "AdamW weight decay of matrices")
+    table_lr: float = key(0.0, "peak learning rate of expert / memory tables (0: lr); follows the same "
+                               "schedule")
+    beta1: float = key(0.9, "AdamW beta1")
+    beta2: float = key(0.95, "AdamW beta2")
+    grad_clip: float = key(1.0, "global gradient-norm clip (0: none)")
+    eval_every: int = key(200, "steps between validation estimates")
+    eval_batches: int = key(8, "validation batches per estimate")
+    ckpt_every: int = key(200, "steps between checkpoints")
+    seed: int = key(1337, "seed of the initial weights and of every step's batch")
+    device: Literal["auto", "cpu", "cuda"] = key("auto", "auto (CUDA when available), cpu or cuda")
+    dtype: Literal["auto", "float32", "bfloat16"] = key("auto", "auto (bf16 autocast on CUDA, fp32 on "
+                                                                "CPU), float32 or bfloat16")
+    compile: bool = key(False, "torch.compile the model (needs a C++ toolchain on CPU)")
+    threads: int = key(0, "CPU threads for this machine, divided among torchrun processes (0: "
+                          "OMP_NUM_THREADS, else every core)")
+    final_eval: int = key(-1, "validation windows scored after training (and by eval): -1 as many as "
+                              "trained on (max_steps x batch_size, at most the whole split), 0 none, N the "
+                              "first N")
+    sample_tokens: int = key(200, "length of the sample printed after training (0: none)")
+    log: Literal["csv", "tensorboard"] = key("csv", "csv (metrics.csv), or tensorboard: also TensorBoard "
+                                                    "scalars in RUN/tensorboard")
+    groups: str = key("", "imposed token groups per width: empty none, seed, or a JSON file")
+    emergent_every: int = key(0, "re-cluster the embedding into groups every N steps (0: never)")
+    cluster_method: Literal["dbscan", "agglomerative"] = key("dbscan", "clustering of the emergent groups")
+    cluster_eps: float = key(0.1, "cosine distance of the clustering (DBSCAN eps / agglomerative "
+                                  "threshold)")
+    cluster_min_samples: int = key(3, "DBSCAN min_samples")
 
     def validate(self) -> None:
         _check_choices(self)
@@ -330,18 +458,16 @@ class TrainConfig:
             raise FractalError(f"final_eval must be -1 (as many windows as trained on), 0 (none) or a "
                                f"number of windows, got {self.final_eval}")
         _positive(self, "cluster_eps", "cluster_min_samples")
-        from .data.tokenizers import check_name
-
-        check_name(self.tokenizer)
+        check_tokenizer_name(self.tokenizer)
 
     def shard(self) -> tuple[int, int]:
         """``data_shard`` as (J, N); (0, 1) when training on all the data."""
         if not self.data_shard:
             return 0, 1
-        j, slash, n = self.data_shard.partition("/")
-        if not (slash and j.strip().isdigit() and n.strip().isdigit() and 0 <= int(j) < int(n)):
+        if len(self.data_shard) != 2 or not 0 <= self.data_shard[0] < self.data_shard[1]:
             raise FractalError(f"data_shard must be 'J/N' with 0 <= J < N, got {self.data_shard!r}")
-        return int(j), int(n)
+        j, n = self.data_shard
+        return j, n
 
 
 @dataclass
@@ -353,10 +479,10 @@ class RunConfig:
         self.model.validate()
         self.train.validate()
         m, t = self.model, self.train
-        if (t.groups or t.emergent_every) and m.levels == 1:
+        if (t.groups or t.emergent_every) and m.nesting.levels == 1:
             raise FractalError("token groups (groups / emergent_every) need a nested model: their loss "
                                "applies to the narrower sub-models")
-        if t.freeze != "none" and (m.family != "fractal" or m.residual != "none"):
+        if t.freeze != "none" and (m.family != "fractal" or m.nesting.residual != "none"):
             raise FractalError("freeze=children needs a FractalFormer without cross-level residuals "
                                "(family=fractal, residual=none): its level-1 sub-models are the children")
         if t.routing != "shared":
@@ -365,158 +491,214 @@ class RunConfig:
                                    "re-split the sub-models' row blocks (use routing=shared)")
             if m.family == "mrl":
                 raise FractalError("routing must be shared for family=mrl: its sizes share one body")
-            if m.family in ("gpt", "moe", "concept"):
+            if m.family not in NESTED:
                 raise FractalError(f"routing={t.routing} needs a nested model (family fractal, "
                                    "matformer or mrl)")
-            if m.distill:
+            if m.nesting.distill:
                 raise FractalError(f"routing={t.routing} cannot combine with distill: the sub-models "
                                    "learn from the full model's predictions on the same rows")
-            if m.residual != "none":
-                raise FractalError(f"routing={t.routing} cannot combine with residual={m.residual}: "
+            if m.nesting.residual != "none":
+                raise FractalError(f"routing={t.routing} cannot combine with residual={m.nesting.residual}: "
                                    "cross-level residuals need every level on the same rows")
-            n = m.nesting().count(m.levels - 1)
+            n = m.sub_model_count(m.nesting.levels - 1)
             if t.batch_size % n:
                 raise FractalError(f"routing={t.routing} needs batch_size divisible by the {n} "
                                    f"sub-models of the last level, got {t.batch_size}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": asdict(self.model), "train": asdict(self.train)}
+        """The shared model keys, the sections the family uses as tables, and the training keys."""
+        model = {f.name: copy.deepcopy(getattr(self.model, f.name)) for f in fields(ModelConfig)
+                 if f.name not in SECTIONS}
+        model |= {name: asdict(s) for name, s in self.model.used_sections().items()}
+        return {"model": model, "train": asdict(self.train)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        """A config.json's config, sectioned or flat (as written before the sections: there every
+        key of every family was written, so flat keys of sections the family does not use are
+        dropped - they could hold only values without effect)."""
         if not isinstance(d, dict) or not isinstance(d.get("model"), dict):
             raise FractalError("config must have a 'model' table")
         if not isinstance(d.get("train", {}), dict):
             raise FractalError("config's 'train' must be a table")
-        model = dict(d["model"])
-        if isinstance(model.get("level_weights"), str):  # run folders written before it was a list
-            model["level_weights"] = _numbers(model["level_weights"], "level_weights", strict_types=False)
+        family = d["model"].get("family", "gpt")
+        values = {}
+        for name, value in _flatten({"model": d["model"], "train": d.get("train", {})}).items():
+            k = find_key(name)
+            if name == f"model.{k.flat}" and k.section and family not in SECTIONS[k.section].FAMILIES:
+                continue
+            values[name] = value
         cfg = cls()
-        apply_overrides(cfg, {**model, **d.get("train", {})}, strict_types=True)
+        for name, value in values.items():  # lists were strings in older run folders
+            legacy = isinstance(value, str) and find_key(name).is_list
+            apply_overrides(cfg, {name: value}, strict_types=not legacy)
         return cfg
 
 
-_TINY = dict(block_size=32, n_layer=2, d_model=32, n_head=4, n_kv_head=2, head_dim=8, batch_size=8,
-             max_steps=20, warmup_steps=2, eval_every=10, eval_batches=2, ckpt_every=10, sample_tokens=40)
-PRESETS: dict[str, dict[str, Any]] = {
-    # The FractalFormer: the seed's dims, 3 levels of block nesting (1 + 2 + 4 sub-models).
-    # Whole-head nesting with 4 KV heads; half the loss on the full model (the rest shared
-    # by the levels below): see docs/fractalformer.md for why.
-    "default": dict(family="fractal", levels=3, split=2, attn_nesting="heads", n_kv_head=4,
-                    level_weights=[2.0, 1.0, 1.0],
-                    max_steps=700, eval_every=175, ckpt_every=175),
-    # The seed FractalFormer's dimensions trained densely: the reference model.
-    "dense": {},
-    # A wider FractalFormer whose decode step is bound by reading weights, so its nested
-    # drafts (width 256 and 128) are much cheaper than the full model: speculative decoding.
-    # Trained in bf16 autocast (2.5x faster than fp32 on an AVX512-BF16 CPU), with
-    # self-distillation so that the drafts agree with the full model (docs/speculative.md).
-    "fractal-512": dict(family="fractal", levels=3, split=2, attn_nesting="heads", d_model=512, n_head=8,
-                        n_kv_head=4, head_dim=64, distill=0.5, batch_size=8, dtype="bfloat16",
-                        max_steps=1500, lr=1e-3, min_lr=1e-4, eval_every=250, ckpt_every=250),
-    # The seed matryoshkaGPT: char tokens, d 32, an MRL head at widths 32/16/8/4/2.
-    "matryoshka": dict(family="mrl", levels=5, split=2, tokenizer="char", vocab_size=65, d_model=32,
-                       n_layer=4, n_head=4, n_kv_head=4, head_dim=8, block_size=128, batch_size=32,
-                       max_steps=1500, eval_every=250, ckpt_every=500),
-    # Product-key sparse layers in place of the MLP (models/moe.py, docs/moe.md): the dense
-    # reference's dims and schedule; the sparse layer in layers 1 and 3.
-    "peer": dict(family="moe", moe="peer", moe_layers="1,3", n_experts=65536, moe_heads=4, moe_topk=8),
-    "pkm": dict(family="moe", moe="pkm", moe_layers="1,3", n_experts=65536, moe_heads=4, moe_topk=8),
-    "fhme": dict(family="moe", moe="fhme", moe_layers="1,3", n_experts=16384, moe_heads=4, moe_topk=8,
-                 fhme_depth=3),
-    # Next-concept levels above the tokens (models/concept.py, docs/concept.md): the dense
-    # reference's dims and schedule for the token level; one concept per 4 tokens, and per
-    # 16 tokens, each a causal transformer read by cross-attention from the level below.
-    # One stack of blocks serves every level (with a level embedding): the best row of the
-    # ablation (-0.096 bits/char against separate weights at 300 steps, 39% of the parameters).
-    "concept": dict(family="concept", concept_levels=2, combo="4", combiner="linear", concept_share=True),
-    # On UTF-8 bytes (no tokenizer): concepts of 4, 16 and 64 bytes; 512-byte windows, batch 8,
-    # so a step reads the dense reference's 4,096 units. Lean: 2 shared blocks for
-    # the bytes, the first of them for each concept level, plans added - 0.63x a dense byte
-    # step's FLOPs; at equal FLOPs 2.42-2.46 bits/byte against 4-block dense byte's 2.66-2.68.
-    "concept-byte": dict(family="concept", tokenizer="byte", vocab_size=256, concept_levels=3, combo="4",
-                         combiner="linear", block_size=512, batch_size=8, concept_share=True, n_layer=2,
-                         concept_layers=1, concept_read="add"),
-    # Few-thousand-parameter models for tests and smoke runs.
-    "tiny": _TINY,
-    "tiny-fractal": {**_TINY, "family": "fractal", "levels": 3, "n_kv_head": 4, "attn_nesting": "heads"},
-    # A 10.4M-parameter FractalFormer (1 + 2 + 4 sub-models) for corpora beyond TinyShakespeare:
-    # a 4096-token byte-level BPE; python -m bench.bench_10m trains it on a prepared corpus.
-    "10m": dict(family="fractal", levels=3, split=2, attn_nesting="heads", d_model=384, n_layer=4, n_head=8,
-                n_kv_head=4, head_dim=48, tokenizer="bpe:4096", vocab_size=4096, batch_size=16, lr=1e-3,
-                min_lr=1e-4, max_steps=2000, eval_every=250, ckpt_every=250),
-}
+# -- keys: names, types and parsing -----------------------------------------------------------------
+@dataclass(frozen=True)
+class Key:
+    """One config key: ``part`` model or train, ``section`` a model section (or ""), the field."""
+
+    part: str
+    section: str
+    name: str
+    flat: str
+    owner: type
+    spec: Field
+
+    @property
+    def dotted(self) -> str:
+        return f"{self.section}.{self.name}" if self.section else self.name
+
+    @property
+    def kind(self) -> str:
+        """The field's type as a short name; a ``Literal`` of strings counts as ``str``, a list that
+        may also be a word (``moe.layers``: ``"all"``) as its list type."""
+        tp = _hint(self.owner, self.name)
+        if get_origin(tp) is Literal:
+            return "str"
+        if get_origin(tp) in (Union, types.UnionType):
+            lists = [a for a in get_args(tp) if get_origin(a) is list]
+            if lists:
+                return str(lists[0])
+        return tp.__name__ if isinstance(tp, type) and get_origin(tp) is None else str(tp)
+
+    @property
+    def is_list(self) -> bool:
+        return self.kind.startswith("list[")
+
+    @property
+    def words(self) -> tuple[str, ...]:
+        """Strings a list key may be instead of a list (``moe.layers``: ``all``)."""
+        tp = _hint(self.owner, self.name)
+        if get_origin(tp) not in (Union, types.UnionType):
+            return ()
+        return tuple(w for a in get_args(tp) if get_origin(a) is Literal for w in get_args(a))
+
+    def holder(self, cfg: RunConfig) -> Any:
+        part = getattr(cfg, self.part)
+        return getattr(part, self.section) if self.section else part
+
+    def get(self, cfg: RunConfig) -> Any:
+        return getattr(self.holder(cfg), self.name)
 
 
-_CONCEPT_KEYS = ("concept_levels", "combo", "combiner", "concept_read", "concept_share", "concept_layers",
-                 "concept_loss", "concept_weight", "concept_read_init")
+@cache
+def _hint(cls: type, name: str) -> Any:
+    return get_type_hints(cls)[name]
+
+
+@cache
+def config_keys() -> tuple[Key, ...]:
+    """Every key, in the order of ``fractalformer config`` and ``--print-config``."""
+    out = []
+    for part, cls in (("model", ModelConfig), ("train", TrainConfig)):
+        for f in fields(cls):
+            if part == "model" and f.name in SECTIONS:
+                section = SECTIONS[f.name]
+                out += [Key(part, f.name, sf.name, sf.metadata.get("flat") or sf.name, section, sf)
+                        for sf in fields(section)]
+            else:
+                out.append(Key(part, "", f.name, f.name, cls, f))
+    return tuple(out)
+
+
+@cache
+def _key_names() -> dict[str, Key]:
+    names: dict[str, Key] = {}
+    for k in config_keys():
+        for name in {k.flat, k.dotted, f"{k.part}.{k.flat}", f"{k.part}.{k.dotted}"}:
+            assert names.setdefault(name, k) is k, f"config key name {name!r} is ambiguous"
+    return names
+
+
+def find_key(name: str) -> Key:
+    """The key of a flat (``n_experts``), dotted (``moe.n_experts``) or qualified (``model.moe.n_experts``,
+    ``train.lr``) name."""
+    k = _key_names().get(name.strip())
+    if k is None:
+        known = sorted(k.flat for k in config_keys())
+        raise FractalError(f"unknown config key {name!r}; known keys: {', '.join(known)}")
+    return k
+
+
+def get_value(cfg: RunConfig, name: str) -> Any:
+    return find_key(name).get(cfg)
+
+
+def _label(obj: Any, name: str) -> str:
+    """The flat name of field ``name`` of ``obj``: what error messages call a key."""
+    return next((f.metadata.get("flat") or f.name for f in fields(obj) if f.name == name), name)
 
 
 def _positive(obj: Any, *names: str) -> None:
     for n in names:
         if not getattr(obj, n) > 0:
-            raise FractalError(f"{n} must be positive, got {getattr(obj, n)}")
+            raise FractalError(f"{_label(obj, n)} must be positive, got {getattr(obj, n)}")
 
 
 def _nonnegative(obj: Any, *names: str) -> None:
     for n in names:
         if getattr(obj, n) < 0:
-            raise FractalError(f"{n} must not be negative, got {getattr(obj, n)}")
+            raise FractalError(f"{_label(obj, n)} must not be negative, got {getattr(obj, n)}")
 
 
 def choices(cls: type, name: str) -> tuple[str, ...]:
     """The options of a ``Literal[...]`` config field (empty for any other field)."""
-    tp = get_type_hints(cls)[name]
+    tp = _hint(cls, name)
     return get_args(tp) if get_origin(tp) is Literal else ()
 
 
 def _check_choices(obj: Any) -> None:
-    for f in fields(obj):
-        options = choices(type(obj), f.name)
-        if options and getattr(obj, f.name) not in options:
-            raise FractalError(f"{f.name} must be one of {', '.join(options)}; got {getattr(obj, f.name)!r}")
-
-
-def _field_owner(cfg: RunConfig, key: str) -> tuple[Any, dataclasses.Field]:
-    section, _, name = key.rpartition(".")
-    parts = [cfg.model, cfg.train] if not section else [getattr(cfg, section, None)]
-    for part in parts:
-        if part is None:
-            break
+    for part in (obj, *(obj.sections().values() if isinstance(obj, ModelConfig) else ())):
         for f in fields(part):
-            if f.name == name:
-                return part, f
-    known = sorted(f.name for part in (cfg.model, cfg.train) for f in fields(part))
-    raise FractalError(f"unknown config key {key!r}; known keys: {', '.join(known)}")
+            options = choices(type(part), f.name)
+            if options and getattr(part, f.name) not in options:
+                raise FractalError(f"{_label(part, f.name)} must be one of {', '.join(options)}; "
+                                   f"got {getattr(part, f.name)!r}")
 
 
-def _kind(owner: Any, f: dataclasses.Field) -> str:
-    """The field's type as a short name; a ``Literal`` of strings counts as ``str``."""
-    tp = get_type_hints(type(owner))[f.name]
-    if get_origin(tp) is Literal:
-        return "str"
-    return tp.__name__ if isinstance(tp, type) and get_origin(tp) is None else str(tp)
+def check_tokenizer_name(name: str) -> None:
+    """Reject a tokenizer name that ``data.tokenizers.get_tokenizer`` would not know."""
+    m = re.fullmatch(r"bpe:(\S*)", name)
+    if m is not None:
+        if not re.fullmatch(r"[0-9]+", m.group(1)) or not 256 <= int(m.group(1)) <= 1_000_000:
+            raise FractalError(f"tokenizer bpe:N needs N from 256 (the byte alphabet) to 1000000, "
+                               f"got {name!r}")
+    elif name not in ("bpe128", "char", "byte", "gpt2"):
+        raise FractalError(f"tokenizer must be one of bpe128, char, byte, bpe:N, gpt2; got {name!r}")
 
 
-def _numbers(value: Any, key: str, strict_types: bool) -> list[float]:
-    """A list of finite numbers, from a list or (``--set`` only) "1,2,1"."""
-    if isinstance(value, str) and not strict_types:
+def _list(k: Key, value: Any, given: str, strict_types: bool) -> list | str:
+    """A list key's value: a list, one of its words, a lone number (as a list of one) or - from
+    ``--set``, or for keys once stored as strings from anywhere - its string form."""
+    item = int if k.kind == "list[int]" else float
+    meta = k.spec.metadata
+    if isinstance(value, str) and value.strip() in k.words:
+        return value.strip()
+    if isinstance(value, str) and (meta["strings"] or not strict_types):
+        raw = value.strip()
         try:
-            value = [float(x) for x in value.split(",")] if value.strip() else []
+            value = [item(x) for x in raw.split(meta["sep"])] if raw else []
         except ValueError:
-            raise FractalError(f"{key} must be comma-separated numbers, got {value!r}") from None
-    if not isinstance(value, list) or any(isinstance(x, bool) or not isinstance(x, (int, float))
-                                          for x in value):
-        raise FractalError(f"{key} must be a list of numbers, got {value!r}")
+            raise FractalError(f"{given} must be {meta['form']}, got {value!r}") from None
+    elif meta["strings"] and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value]
+    types_ok = (int,) if item is int else (int, float)
+    if not isinstance(value, list) or any(isinstance(x, bool) or not isinstance(x, types_ok) for x in value):
+        words = "".join(f" or {w!r}" for w in k.words)
+        raise FractalError(f"{given} must be a list of {'integers' if item is int else 'numbers'}{words}, "
+                           f"got {value!r}")
     if not all(math.isfinite(x) for x in value):
-        raise FractalError(f"{key} must be finite numbers, got {value!r}")
-    return [float(x) for x in value]
+        raise FractalError(f"{given} must be finite numbers, got {value!r}")
+    return [item(x) for x in value]
 
 
-def _coerce(owner: Any, f: dataclasses.Field, value: Any, key: str, strict_types: bool) -> Any:
-    kind = _kind(owner, f)
-    if kind == "list[float]":
-        return _numbers(value, key, strict_types)
+def _coerce(k: Key, value: Any, given: str, strict_types: bool) -> Any:
+    kind = k.kind
+    if k.is_list:
+        return _list(k, value, given, strict_types)
     if isinstance(value, str) and not strict_types:
         raw = value.strip()
         if kind == "bool":
@@ -524,19 +706,19 @@ def _coerce(owner: Any, f: dataclasses.Field, value: Any, key: str, strict_types
                 return True
             if raw.lower() in ("false", "0", "no", "off"):
                 return False
-            raise FractalError(f"{key} must be true or false, got {value!r}")
+            raise FractalError(f"{given} must be true or false, got {value!r}")
         if "None" in kind and raw.lower() in ("none", "null", ""):
             return None
         if kind == "int":
             try:
                 return int(raw)
             except ValueError:
-                raise FractalError(f"{key} must be an integer, got {value!r}") from None
+                raise FractalError(f"{given} must be an integer, got {value!r}") from None
         if kind == "float":
             try:
                 value = float(raw)
             except ValueError:
-                raise FractalError(f"{key} must be a number, got {value!r}") from None
+                raise FractalError(f"{given} must be a number, got {value!r}") from None
         else:
             return raw
     ok = {
@@ -547,58 +729,53 @@ def _coerce(owner: Any, f: dataclasses.Field, value: Any, key: str, strict_types
         "str | None": value is None or isinstance(value, str),
     }.get(kind, True)
     if not ok:
-        raise FractalError(f"{key} must be of type {kind}, got {value!r}")
+        raise FractalError(f"{given} must be of type {kind}, got {value!r}")
     if kind == "float":
         value = float(value)
         if not math.isfinite(value):
-            raise FractalError(f"{key} must be finite, got {value}")
+            raise FractalError(f"{given} must be finite, got {value}")
     return value
 
 
 def apply_overrides(cfg: RunConfig, values: dict[str, Any], strict_types: bool = False) -> None:
-    """Set ``key: value`` pairs (``key`` or ``model.key`` / ``train.key``) on ``cfg``."""
-    for key, value in values.items():
-        owner, f = _field_owner(cfg, key)
-        setattr(owner, f.name, _coerce(owner, f, value, key, strict_types))
+    """Set ``key: value`` pairs (any name :func:`find_key` knows) on ``cfg``; ``strict_types``: the
+    values are typed (TOML, JSON, presets), else strings from ``--set``."""
+    for given, value in values.items():
+        k = find_key(given)
+        setattr(k.holder(cfg), k.name, _coerce(k, value, given, strict_types))
 
 
 def parse_set(items: list[str]) -> dict[str, str]:
     out = {}
     for item in items:
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
+        name, eq, value = item.partition("=")
+        if not eq or not name.strip():
             raise FractalError(f"a setting is key=value, got {item!r}")
-        out[key.strip()] = value
+        out[name.strip()] = value
+    return out
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested tables as dotted names: ``{"model": {"moe": {"topk": 4}}}`` -> ``model.moe.topk``."""
+    out: dict[str, Any] = {}
+    for name, value in d.items():
+        if isinstance(value, dict):
+            out |= _flatten(value, f"{prefix}{name}.")
+        else:
+            out[f"{prefix}{name}"] = value
     return out
 
 
 def load_toml(path: str) -> dict[str, Any]:
-    """Flat ``key: value`` pairs of a TOML file (``[model]`` / ``[train]`` keys as ``model.key``)."""
+    """The ``key: value`` pairs of a TOML file; tables (``[model]``, ``[model.moe]``, ``[train]``)
+    give dotted names."""
     p = Path(path)
     if not p.is_file():
         raise FractalError(f"config file not found: {path}")
     try:
-        d = tomllib.loads(p.read_text(encoding="utf-8"))
+        return _flatten(tomllib.loads(p.read_text(encoding="utf-8")))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise FractalError(f"config file {path} is not valid TOML: {e}") from None
-    flat: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k in ("model", "train"):
-            flat.update({f"{k}.{kk}": vv for kk, vv in v.items()})
-        else:
-            flat[k] = v
-    return flat
-
-
-def init_model_config(cfg: RunConfig, init: RunConfig, given: dict[str, Any]) -> RunConfig:
-    """Fine-tuning: the model config of the run started from, under ``cfg``'s training config;
-    model keys set explicitly (``given``) still apply (a changed shape fails at loading)."""
-    out = RunConfig(dataclasses.replace(init.model), cfg.train)
-    model_keys = {f.name for f in fields(ModelConfig)}
-    apply_overrides(out, {k: v for k, v in given.items() if k.rpartition(".")[2] in model_keys
-                          and k.rpartition(".")[0] in ("", "model")})
-    out.validate()
-    return out
 
 
 def build_config(
@@ -637,31 +814,36 @@ def _toml_value(v: Any) -> str:
 
 
 def to_toml(cfg: RunConfig) -> str:
-    """``cfg`` as a TOML file that ``--config`` reads back (unset keys, TOML having no null, are
-    comments saying what unset means)."""
+    """``cfg`` as a TOML file that ``--config`` reads back on any preset: every key, the sections in
+    tables of their own (unset keys, TOML having no null, are comments saying what unset means)."""
     unset = {"data": "the shipped TinyShakespeare", "init_from": "training starts from fresh weights"}
     out = []
-    for section, part in (("model", cfg.model), ("train", cfg.train)):
-        out.append(f"[{section}]")
-        for f in fields(part):
-            v = getattr(part, f.name)
-            out.append(f"# {f.name}: unset ({unset.get(f.name, 'its default')})" if v is None
-                       else f"{f.name} = {_toml_value(v)}")
+    for table in ("model", *(f"model.{s}" for s in SECTIONS), "train"):
+        section = SECTIONS.get(table.removeprefix("model."))
+        if section is not None and cfg.model.family not in section.FAMILIES:
+            out.append(f"# family {' / '.join(section.FAMILIES)} only: here every key at its default")
+        out.append(f"[{table}]")
+        for k in config_keys():
+            if f"{k.part}.{k.section}".rstrip(".") == table:
+                v = k.get(cfg)
+                out.append(f"# {k.name}: unset ({unset.get(k.name, 'its default')})" if v is None
+                           else f"{k.name} = {_toml_value(v)}")
         out.append("")
     return "\n".join(out)
 
 
 def describe_keys() -> list[tuple[str, str, str, str]]:
-    """(section, key, default, description) for every config key, for ``fractalformer config --list``."""
-    from .config_help import KEY_HELP
-
+    """(part, key, default, description) for every config key, for ``fractalformer config``; ``key``
+    is the dotted name, the description names the flat one where it differs."""
+    defaults = RunConfig()
     rows = []
-    for section, part in (("model", ModelConfig()), ("train", TrainConfig())):
-        for f in fields(part):
-            options = choices(type(part), f.name)
-            about = KEY_HELP.get(f.name, "")
-            if options:
-                about += f" (one of {', '.join(options)})"
-            rows.append((section, f.name, _toml_value(getattr(part, f.name)) if getattr(part, f.name)
-                         is not None else "unset", about))
+    for k in config_keys():
+        about = k.spec.metadata["help"]
+        options = choices(k.owner, k.name)
+        if options:
+            about += f" (one of {', '.join(options)})"
+        if k.flat != k.dotted:
+            about += f" [flat: {k.flat}]"
+        v = k.get(defaults)
+        rows.append((k.part, k.dotted, "unset" if v is None else _toml_value(v), about))
     return rows

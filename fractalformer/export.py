@@ -67,7 +67,7 @@ def llama_config(model: GPT) -> Any:
     """The ``LlamaConfig`` of a dense GPT."""
     transformers = _require_transformers()
     c = model.config
-    if c.family != "gpt" or c.levels != 1:
+    if c.family != "gpt" or c.nesting.levels != 1:
         raise FractalError("only a dense GPT maps onto Llama; extract a sub-model first")
     return transformers.LlamaConfig(
         vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.mlp_hidden,

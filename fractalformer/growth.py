@@ -56,21 +56,21 @@ def _check_parent_shape(parent: GPT, child: ModelConfig) -> None:
 def _nestable(cfg: ModelConfig, what: str) -> None:
     if cfg.family not in ("gpt", "fractal"):
         raise FractalError(f"{what} needs dense (family gpt) or FractalFormer runs, not family {cfg.family}")
-    if cfg.residual != "none":
-        raise FractalError(f"{what} needs runs without cross-level residuals (residual={cfg.residual}): "
-                           "their sub-models are not standalone")
+    if cfg.nesting.residual != "none":
+        raise FractalError(f"{what} needs runs without cross-level residuals "
+                           f"(residual={cfg.nesting.residual}): their sub-models are not standalone")
 
 
 def parent_config(child: ModelConfig, split: int, attn_nesting: str = "heads", depth: int = 1,
                   glue_rank: int = 0) -> ModelConfig:
     """The FractalFormer whose level-1 sub-models have ``child``'s shape (``depth`` times deeper)."""
-    nesting = child.attn_nesting if child.family == "fractal" else attn_nesting
-    if child.family == "fractal" and child.split != split:
-        raise FractalError(f"FractalFormer runs of split {child.split} nest only {child.split} at a time, "
-                           f"not {split}")
+    nesting = child.nesting.attn_nesting if child.family == "fractal" else attn_nesting
+    if child.family == "fractal" and child.nesting.split != split:
+        raise FractalError(f"FractalFormer runs of split {child.nesting.split} nest only "
+                           f"{child.nesting.split} at a time, not {split}")
     heads = nesting == "heads"
-    return dataclasses.replace(
-        child, family="fractal", levels=child.levels + 1, split=split, attn_nesting=nesting,
+    return child.replace(
+        family="fractal", levels=child.nesting.levels + 1, split=split, attn_nesting=nesting,
         level_weights=[], distill=0.0, glue_rank=glue_rank, d_model=child.d_model * split,
         n_layer=child.n_layer * depth,
         n_head=child.n_head * (split if heads else 1), n_kv_head=child.n_kv_head * (split if heads else 1),
@@ -94,12 +94,12 @@ def merge_models(children: list[GPT], attn_nesting: str = "heads", glue_rank: in
         if c.config.n_layer != first.n_layer:
             raise FractalError(f"run {i} has depth {c.config.n_layer} (n_layer), run 1 {first.n_layer}: "
                                "merged runs must have one depth")
-        diff = [f.name for f in dataclasses.fields(ModelConfig)  # training objectives may differ
-                if f.name not in ("level_weights", "distill")
-                and getattr(c.config, f.name) != getattr(first, f.name)]
+        mine, theirs = c.config.flat_values(), first.flat_values()
+        diff = [k for k in mine if k not in ("level_weights", "distill")  # training objectives may differ
+                and mine[k] != theirs[k]]
         if diff:
             raise FractalError(f"run {i} differs from run 1 in {', '.join(diff)} "
-                               f"({getattr(c.config, diff[0])} vs {getattr(first, diff[0])}): "
+                               f"({mine[diff[0]]} vs {theirs[diff[0]]}): "
                                "merged runs must have one shape")
     _nestable(first, "merge")
     cfg = parent_config(first, len(children), attn_nesting, glue_rank=glue_rank)
@@ -123,7 +123,7 @@ def grow_model(model: GPT, width: int, depth: int = 1) -> FractalFormer:
     _nestable(c, "grow")
     if width < 2 or depth < 1:
         raise FractalError(f"grow needs --width >= 2 and --depth >= 1, got {width} and {depth}")
-    if c.family == "fractal" and c.attn_nesting != "heads":
+    if c.family == "fractal" and c.nesting.attn_nesting != "heads":
         raise FractalError("grow needs attn_nesting=heads: with head_dim nesting the wider heads' "
                            "RoPE frequencies and softmax scale change the function")
     cfg = parent_config(c, width, "heads", depth)
@@ -182,13 +182,13 @@ def merge_runs(runs: list[str | Path], out: str | Path, glue_steps: int = 0, the
                                f"run 1 ({models[0].tokenizer.name}): merged runs must share one")
     merged = merge_models(models, attn_nesting, glue_rank if glue_steps else 0)
     k = len(models)
-    shards = [m.run_config.train.data_shard for m in models]
+    shards = [m.run_config.train.shard() for m in models]
     t0 = train_overrides(models[0].run_config.train, sets)
     if routing is None:
-        routing = ("shard" if shards == [f"{j}/{k}" for j in range(k)]
+        routing = ("shard" if shards == [(j, k) for j in range(k)]
                    and t0.batch_size % merged.nest.count(merged.nest.levels - 1) == 0 else "shared")
     glue = glue_steps > 0
-    train_cfg = dataclasses.replace(t0, data_shard="", routing=routing, freeze="children" if glue else "none",
+    train_cfg = dataclasses.replace(t0, data_shard=[], routing=routing, freeze="children" if glue else "none",
                                     schedule_start=0, max_steps=glue_steps or then_steps or t0.max_steps,
                                     groups="", emergent_every=0)
     cfg = RunConfig(merged.config, train_cfg)
@@ -202,7 +202,7 @@ def merge_runs(runs: list[str | Path], out: str | Path, glue_steps: int = 0, the
             glue_cfg = (RunConfig(cfg.model, dataclasses.replace(cfg.train, final_eval=0)) if then_steps
                         else cfg)
             train(glue_cfg, out, resume=True, progress=progress)
-            if cfg.model.glue_rank:  # fold: from here on a plain FractalFormer (fresh optimizer state)
+            if cfg.model.nesting.glue_rank:  # fold: from here a plain FractalFormer (fresh optimizer state)
                 plain = fold_glue(load(out))
                 cfg.model = plain.config
                 ckpt.save_run_config(out, cfg, models[0].tokenizer, ckpt.load_data_sha256(out))
@@ -230,7 +230,7 @@ def grow_run(run: str | Path, out: str | Path, width: int, depth: int = 1, steps
     model = load(run)
     grown = grow_model(model, width, depth).eval()
     t = train_overrides(model.run_config.train, sets)
-    train_cfg = dataclasses.replace(t, data_shard="", routing="shared", freeze="none", schedule_start=0,
+    train_cfg = dataclasses.replace(t, data_shard=[], routing="shared", freeze="none", schedule_start=0,
                                     max_steps=steps or t.max_steps, groups="", emergent_every=0)
     cfg = RunConfig(grown.config, train_cfg)
     cfg.validate()

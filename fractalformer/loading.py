@@ -26,7 +26,7 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu", level: int | N
     if (level is None) != (index is None):
         raise FractalError("load a sub-model with both level and index")
     check_weights_file(ckpt.current(run_dir).model, cfg.model)
-    if level == 0 and cfg.model.glue_rank:  # the full model's glue maps lie outside its slices
+    if level == 0 and cfg.model.nesting.glue_rank:  # the full model's glue maps lie outside its slices
         model = build_model(cfg.model)
         ckpt.load_model_state(Path(run_dir), model)
         model = model.extract(level, index)
@@ -38,7 +38,7 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu", level: int | N
         family = cfg.model.family
         if family in ("moe", "concept") or not full.extractable(level) or (family == "mrl" and level):
             raise FractalError(f"sub-model ({level}, {index}) is not a standalone model in family "
-                               f"{cfg.model.family} (residual={cfg.model.residual})")
+                               f"{cfg.model.family} (residual={cfg.model.nesting.residual})")
         model = GPT(full.sub_model_config(level))
         model.load_state_dict(ckpt.read_sub_model(Path(run_dir), full, level, index))
         cfg = RunConfig(model.config, cfg.train)

@@ -24,7 +24,7 @@ def param_count(c: ModelConfig) -> int:
     """Parameters of the embedding, attention, MLPs and expert tables (families add to these)."""
     sparse = len(c.sparse_layers())
     mlp = 3 * c.d_model * c.mlp_hidden
-    tables = c.n_experts * c.d_model + (mlp if c.moe_with_mlp else 0)
+    tables = c.moe.n_experts * c.d_model + (mlp if c.moe.with_mlp else 0)
     attn = 2 * c.d_model * c.head_dim * (c.n_head + c.n_kv_head)
     return c.vocab_size * c.d_model + c.n_layer * attn + (c.n_layer - sparse) * mlp + sparse * tables
 

@@ -39,6 +39,8 @@ def snapshot(d: Path) -> dict[str, bytes]:
         (["--preset", "huge"], "invalid choice: 'huge'"),
         (["--set", "tokenizer=nope"], "tokenizer must be one of"),
         (["--set", "batch_size=-1"], "batch_size must be positive"),
+        (["--set", "moe.n_experts=1024"], "n_experts needs family=moe (got family gpt)"),
+        (["--set", "combo=4,4"], "combo needs family=concept (got family gpt)"),
     ],
 )
 def test_bad_train_input(capsys, tmp_path: Path, args: list[str], match: str) -> None:

@@ -239,14 +239,14 @@ def test_growth_starts_as_a_no_op_and_then_learns(name: str) -> None:
     logits = model(x)
     loss, sub = training_loss(model, logits, y)
     grown = grow(model, combo=2)
-    assert grown.config.concept_levels == model.config.concept_levels + 1
+    assert grown.config.concept.levels == model.config.concept.levels + 1
     logits2 = grown(x)
     loss2, sub2 = training_loss(grown, logits2, y)
     torch.testing.assert_close(logits2, logits, rtol=0, atol=0)
     assert torch.equal(sub2, sub)  # token cross-entropy unchanged at the step of growth
     assert float(loss2.detach()) >= float(loss.detach())  # plus the new level's regression term, nothing else
     loss2.backward()
-    top = model.config.concept_levels
+    top = model.config.concept.levels
     assert float(grown.read_scale[top].grad.abs().sum()) > 0  # the new level's read can open
 
 
@@ -296,7 +296,7 @@ def test_bad_concept_configs_are_one_line_errors(tmp_path: Path, capsys: pytest.
 
 def test_presets_build_with_the_seed_tokenizer_and_bytes() -> None:
     c = build_config("concept").model
-    assert c.family == "concept" and c.vocab_size == 128 and c.concept_levels >= 1
+    assert c.family == "concept" and c.vocab_size == 128 and c.concept.levels >= 1
     cb = build_config("concept-byte")
     assert cb.train.tokenizer == "byte" and cb.model.vocab_size == 256
     units = c.block_size * build_config("concept").train.batch_size
@@ -384,7 +384,7 @@ def test_cli_grow_keeps_the_loss_and_trains_on(concept_run: Path, tiny_run: Path
     after = json.loads(run_cli(capsys, "eval", out, *scored)[1])[0]
     assert after["val_loss"] == before["val_loss"] and after["params"] > before["params"]
     code, _, _ = run_cli(capsys, "train", "--out", out, "--resume", "--quiet", "--max-steps", "3")
-    assert code == 0 and fractalformer.load(out).config.concept_levels == 3
+    assert code == 0 and fractalformer.load(out).config.concept.levels == 3
     code, _, err = run_cli(capsys, "grow", concept_run, "--out", out)
     assert code == 2 and "already holds a run" in err
     # one grow command: --combo is for concept runs, --width / --depth for the others

@@ -34,7 +34,7 @@ FAMILIES = {
 
 def make(name: str, seed: int = 0) -> GPT:
     torch.manual_seed(seed)
-    m = build_model(ModelConfig(**{**BASE, **FAMILIES[name]}))
+    m = build_model(ModelConfig.of(**{**BASE, **FAMILIES[name]}))
     with torch.no_grad():  # random norm scales, biases and low-rank maps: nothing hides behind zeros
         for n, p in m.named_parameters():
             if "norm" in n or n.endswith("bias") or "lora" in n:
@@ -68,7 +68,7 @@ def test_extraction_parity(name: str) -> None:
         ref = m(x, m.needed_levels(lv))[lv]
         for j in range(m.nest.count(lv)):
             sub = m.extract(lv, j)
-            assert type(sub) is GPT and sub.config.levels == 1
+            assert type(sub) is GPT and sub.config.nesting.levels == 1
             assert sub.num_params() == sub_model_params(m, lv)
             assert sub.num_params() < m.num_params() or lv == 0
             torch.testing.assert_close(sub(x)[0][0], ref[j], rtol=1e-5, atol=1e-5)
@@ -160,7 +160,7 @@ def test_bad_nesting_configs(sets: list[str], match: str) -> None:
 def test_level_weights() -> None:
     cfg = build_config("dense", None, ["family=fractal", "levels=3"]).model
     assert cfg.sub_model_weights() == [1 / 7] * 7
-    cfg.level_weights = [2.0, 1.0, 1.0]
+    cfg.nesting.level_weights = [2.0, 1.0, 1.0]
     w = cfg.sub_model_weights()
     assert w[0] == pytest.approx(0.5) and w[1] == pytest.approx(0.125) and w[3] == pytest.approx(0.0625)
 
@@ -168,7 +168,7 @@ def test_level_weights() -> None:
 @pytest.mark.parametrize("name", ["fractal", "matformer"])
 def test_distillation_pulls_sub_models_towards_the_full_model(name: str) -> None:
     m = make(name).train()
-    m.config.distill = 0.25
+    m.config.nesting.distill = 0.25
     x, y = torch.randint(0, 40, (4, 16)), torch.randint(0, 40, (4, 16))
     loss, sub = training_loss(m, m(x), y)
     logits = m(x, m.body_levels())
@@ -181,7 +181,7 @@ def test_distillation_pulls_sub_models_towards_the_full_model(name: str) -> None
         terms.append(own if lv == 0 else 0.75 * own + 0.25 * kl.mean())
     torch.testing.assert_close(loss, (m.weights * torch.stack(terms)).sum())
     # the teacher is detached: without the full model's own loss, weights only it owns get no gradient
-    m.config.level_weights = [0.0, 1.0, 1.0]
+    m.config.nesting.level_weights = [0.0, 1.0, 1.0]
     m.weights = torch.tensor(m.config.sub_model_weights())
     w, dims = m.blocks[0].mlp.down.weight, m.blocks[0].mlp.down.nest_dims["weight"]
     owned = torch.autograd.grad(m.nest.take(w, 1, dims).sum(), w)[0] != 0

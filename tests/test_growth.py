@@ -32,7 +32,7 @@ BASE = dict(vocab_size=40, block_size=16, n_layer=2, d_model=16, n_head=2, n_kv_
 def dense(seed: int, **kw: object) -> GPT:
     """A dense GPT with random norm scales and biases (nothing hides behind zeros)."""
     torch.manual_seed(seed)
-    m = build_model(ModelConfig(**{**BASE, **kw}))
+    m = build_model(ModelConfig.of(**{**BASE, **kw}))
     with torch.no_grad():
         for n, p in m.named_parameters():
             if "norm" in n or n.endswith("bias"):
@@ -60,7 +60,8 @@ def random_glue(m: GPT) -> GPT:
 def test_children_extract_bit_identical_and_run_unchanged(attn_nesting: str) -> None:
     kids = [dense(1), dense(2)]
     m = random_glue(merge_models(kids, attn_nesting)).eval()
-    assert m.config.d_model == 32 and m.config.levels == 2 and m.config.attn_nesting == attn_nesting
+    assert m.config.d_model == 32 and m.config.nesting.levels == 2
+    assert m.config.nesting.attn_nesting == attn_nesting
     x = torch.randint(0, 40, (2, 16))
     level1 = m(x, [1])[1]
     for j, kid in enumerate(kids):
@@ -73,7 +74,7 @@ def test_merge_again_quarters_to_halves_to_one() -> None:
     quarters = [dense(s) for s in range(4)]
     halves = [merge_models(quarters[:2]), merge_models(quarters[2:])]
     whole = merge_models([random_glue(h) for h in halves])
-    assert (whole.config.levels, whole.config.d_model, whole.config.n_head) == (3, 64, 8)
+    assert (whole.config.nesting.levels, whole.config.d_model, whole.config.n_head) == (3, 64, 8)
     for j, q in enumerate(quarters):
         assert same_weights(whole.extract(2, j), q)
     for j, h in enumerate(halves):
@@ -123,7 +124,7 @@ def test_merge_rejects_mismatched_runs() -> None:
         merge_models([dense(1), dense(2, d_model=32)])
     with pytest.raises(FractalError, match="at least 2"):
         merge_models([dense(1)])
-    fractal = build_model(ModelConfig(**{**BASE, "family": "fractal", "levels": 2, "d_model": 32,
+    fractal = build_model(ModelConfig.of(**{**BASE, "family": "fractal", "levels": 2, "d_model": 32,
                                          "head_dim": 16, "residual": "upstream"}))
     with pytest.raises(FractalError, match="cross-level residuals"):
         merge_models([fractal, fractal])
@@ -175,7 +176,7 @@ def test_folded_glue_computes_the_same_function(attn_nesting: str) -> None:
     kids = [dense(1), dense(2)]
     m = random_glue(merge_models(kids, attn_nesting, glue_rank=3)).eval()
     folded = fold_glue(m).eval()
-    assert folded.config.glue_rank == 0 and folded.glue is None
+    assert folded.config.nesting.glue_rank == 0 and folded.glue is None
     assert folded.num_params() < m.num_params()
     x = torch.randint(0, 40, (3, 16))
     ref, out = m(x, m.body_levels()), folded(x, folded.body_levels())
@@ -198,8 +199,9 @@ def test_growth_preserves_the_function_and_nests_the_original(width: int, depth:
         orig = random_glue(merge_models([dense(1, n_kv_head=2), dense(2, n_kv_head=2)])).eval()
     grown = grow_model(orig, width, depth).eval()
     c = grown.config
-    assert (c.levels, c.d_model, c.n_layer) == (orig.config.levels + 1, orig.config.d_model * width,
-                                                orig.config.n_layer * depth)
+    o = orig.config
+    assert (c.nesting.levels, c.d_model) == (o.nesting.levels + 1, o.d_model * width)
+    assert c.n_layer == o.n_layer * depth
     x = torch.randint(0, 40, (4, 16))
     assert abs(_loss(grown, x) - _loss(orig, x)) < 1e-4
     torch.testing.assert_close(grown(x)[0][0], orig(x)[0][0], rtol=1e-4, atol=1e-5)
@@ -280,7 +282,7 @@ def test_merge_cli_glue_then_full_on_shards(capsys, tmp_path: Path, excerpt: Pat
     assert code == 0, err
     assert "merged 2 runs" in stdout
     cfg, _ = ckpt.load_run_config(out)
-    assert (cfg.model.glue_rank, cfg.train.freeze, cfg.train.routing) == (0, "none", "shard")
+    assert (cfg.model.nesting.glue_rank, cfg.train.freeze, cfg.train.routing) == (0, "none", "shard")
     assert (cfg.train.schedule_start, cfg.train.max_steps, cfg.train.lr) == (4, 7, 0.002)
     lines = (out / "metrics.csv").read_text().splitlines()
     assert [int(r.split(",")[0]) for r in lines[1:]] == list(range(1, 8))
@@ -289,7 +291,7 @@ def test_merge_cli_glue_then_full_on_shards(capsys, tmp_path: Path, excerpt: Pat
     assert run_cli(capsys, "merge", *kids, "--out", glue_only, "--train-glue-steps", "3", "--glue-rank", "2",
                    "--quiet")[0] == 0
     merged = fractalformer.load(glue_only)
-    assert (merged.config.glue_rank, merged.run_config.train.freeze) == (0, "children")  # folded
+    assert (merged.config.nesting.glue_rank, merged.run_config.train.freeze) == (0, "children")  # folded
     for j, kid in enumerate(kids):  # the children come back out bit-identical
         x = tmp_path / f"x{j}"
         assert run_cli(capsys, "extract", glue_only, "--level", "1", "--index", j, "--out", x)[0] == 0
@@ -321,6 +323,6 @@ def test_merge_cli_again_quarters_to_one(capsys, tmp_path: Path) -> None:
         assert run_cli(capsys, "merge", *quarters[2 * h:2 * h + 2], "--out", tmp_path / f"h{h}")[0] == 0
     assert run_cli(capsys, "merge", tmp_path / "h0", tmp_path / "h1", "--out", tmp_path / "one")[0] == 0
     one = fractalformer.load(tmp_path / "one")
-    assert (one.config.levels, one.config.d_model) == (3, 64)
+    assert (one.config.nesting.levels, one.config.d_model) == (3, 64)
     for j, q in enumerate(quarters):
         assert same_weights(one.extract(2, j), fractalformer.load(q))

@@ -28,7 +28,7 @@ from .conftest import run_cli
 
 def test_group_loss_is_cross_entropy_for_singleton_groups_and_spreads_otherwise() -> None:
     torch.manual_seed(0)
-    m = build_model(ModelConfig(family="mrl", levels=3, vocab_size=20, block_size=8, n_layer=1, d_model=16,
+    m = build_model(ModelConfig.of(family="mrl", levels=3, vocab_size=20, block_size=8, n_layer=1, d_model=16,
                                 n_head=2, head_dim=8))
     x, y = torch.randint(0, 20, (3, 8)), torch.randint(0, 20, (3, 8))
     _, plain = training_loss(m, m(x), y)
@@ -50,7 +50,7 @@ def test_fractal_siblings_get_their_own_groups() -> None:
     from fractalformer.hierarchy import recluster
 
     torch.manual_seed(0)
-    m = build_model(ModelConfig(family="fractal", levels=2, vocab_size=20, block_size=8, n_layer=1,
+    m = build_model(ModelConfig.of(family="fractal", levels=2, vocab_size=20, block_size=8, n_layer=1,
                                 d_model=16, n_head=2, head_dim=8))
     with torch.no_grad():  # sibling 0's columns: tokens 0-9 alike; sibling 1's: 10-19 alike
         m.embed.weight.normal_()

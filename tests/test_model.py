@@ -15,7 +15,7 @@ SMALL = dict(vocab_size=50, block_size=24, n_layer=2, d_model=32, head_dim=8)
 
 def small(**kw) -> GPT:
     torch.manual_seed(0)
-    m = GPT(ModelConfig(**{**SMALL, **kw}))
+    m = GPT(ModelConfig.of(**{**SMALL, **kw}))
     # random norm scales and biases, so the checks also cover the non-zero case
     with torch.no_grad():
         for n, p in m.named_parameters():

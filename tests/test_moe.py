@@ -178,7 +178,8 @@ def test_training_loss_adds_the_ponder_cost_in_training_only() -> None:
     x = torch.randint(0, 128, (2, 16))
     loss, sub = training_loss(model, model(x), x)
     ponders = torch.stack([m.ponder for m in model.sparse_layers().values()])
-    torch.testing.assert_close(loss, (model.weights * sub).sum() + model.config.halt_penalty * ponders.mean())
+    penalty = model.config.moe.halt_penalty
+    torch.testing.assert_close(loss, (model.weights * sub).sum() + penalty * ponders.mean())
     loss.backward()
     assert model.sparse_layers()[0].halt.weight.grad.abs().sum() > 0  # the halting units learn from it
     model.eval()

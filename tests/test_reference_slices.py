@@ -51,8 +51,8 @@ def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 def reference_logits(sd: dict[str, torch.Tensor], cfg, level: int, j: int, idx: torch.Tensor) -> torch.Tensor:
     """Logits (T, V) of sub-model (level, j) for one sequence, from hand-cut slices."""
     kind = "prefix" if cfg.family in ("matformer", "mrl") else "block"
-    f = cfg.split**level
-    heads = cfg.attn_nesting == "heads"
+    f = cfg.nesting.split**level
+    heads = cfg.nesting.attn_nesting == "heads"
     d, hidden, hd0 = cfg.d_model, cfg.mlp_hidden, cfg.head_dim
     nq, nkv = cfg.n_head, cfg.n_kv_head
     D = _block(d, j, f, kind)  # the model-width entries this sub-model owns
@@ -124,7 +124,7 @@ def test_sub_model_logits_match_hand_sliced_weights(name: str, dtype: torch.dtyp
     idx = torch.randint(0, cfg.vocab_size, (1, 12))
     tol = TOLERANCE[dtype]
     with torch.no_grad():
-        for lv in range(cfg.levels):
+        for lv in range(cfg.nesting.levels):
             out = model(idx, [lv])[lv]
             assert out.dtype == dtype
             got = out[:, 0].double()  # (count, T, V)

@@ -21,7 +21,7 @@ def model(vocab: int = 40, **kw) -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = dict(family="fractal", levels=3, vocab_size=vocab, block_size=48, n_layer=2, d_model=32, n_head=2,
                n_kv_head=1, head_dim=16, mlp_mult=2.0)
-    m = build_model(ModelConfig(**{**cfg, **kw})).eval()
+    m = build_model(ModelConfig.of(**{**cfg, **kw})).eval()
     with torch.no_grad():  # peaked, different distributions per sub-model
         for p in m.parameters():
             if p.dim() == 2:

@@ -321,7 +321,8 @@ def _page(run_dir: Path, model: torch.nn.Module, val_tokens: int, n: int, t: int
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     unit = model.tokenizer.unit
     run_rows = [{"setting": k, "value": v} for k, v in [
-        ("family", m.family), ("levels x split", f"{m.levels} x {m.split}" if m.levels > 1 else "1 (dense)"),
+        ("family", m.family), ("levels x split", f"{m.nesting.levels} x {m.nesting.split}"
+                                                 if m.nesting.levels > 1 else "1 (dense)"),
         ("width (d_model)", m.d_model), ("layers", m.n_layer), ("heads (query / key-value)",
                                                                  f"{m.n_head} / {m.n_kv_head}"),
         ("context (block_size)", m.block_size), ("parameters", f"{model.num_params():,}"),

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from ..config import check_tokenizer_name
 from ..errors import FractalError, UnknownCharacterError
 from ..io import cache_dir, write_text
 
@@ -388,15 +389,8 @@ def bpe_size(name: str) -> int | None:
     m = re.fullmatch(r"bpe:(\S*)", name)
     if m is None:
         return None
-    if not m.group(1).isdigit() or not 256 <= int(m.group(1)) <= 1_000_000:
-        raise FractalError(f"tokenizer bpe:N needs N from 256 (the byte alphabet) to 1000000, got {name!r}")
+    check_tokenizer_name(name)
     return int(m.group(1))
-
-
-def check_name(name: str) -> None:
-    """Reject a tokenizer name that :func:`get_tokenizer` would not know."""
-    if name not in ("bpe128", "char", "byte", "gpt2") and bpe_size(name) is None:
-        raise FractalError(f"tokenizer must be one of bpe128, char, byte, bpe:N, gpt2; got {name!r}")
 
 
 def train_bpe_cached(text: str, size: int) -> HFBPETokenizer:

@@ -389,7 +389,7 @@ def check_speculation(model: torch.nn.Module, drafts: list[tuple[int, int]], tar
         model.nest.check(lv, j)
         if model.needed_levels(lv) != [lv]:
             raise FractalError(f"sub-model ({lv}, {j}) reads other levels (residual="
-                               f"{model.config.residual}); speculation needs standalone sub-models")
+                               f"{model.config.nesting.residual}); speculation needs standalone sub-models")
     for lv, j in drafts:
         if lv <= target[0]:
             raise FractalError(f"draft ({lv}, {j}) is not smaller than the target {target}: a draft must "

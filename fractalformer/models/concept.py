@@ -31,7 +31,6 @@ through a scale initialised to zero, so every logit is unchanged at the step of 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import NamedTuple
 
@@ -92,7 +91,7 @@ class Reader(nn.Module):
 
     def __init__(self, cfg: ModelConfig, nest: object, layers: int) -> None:
         super().__init__()
-        if cfg.concept_read == "cross":
+        if cfg.concept.read == "cross":
             self.cross = nn.ModuleList(CrossAttention(cfg, nest) for _ in range(layers))
         else:
             self.plan = Linear(nest, cfg.d_model, cfg.d_model, False)
@@ -138,7 +137,7 @@ class ConceptCache:
     def __init__(self, model: ConceptGPT, batch: int, kv: bool, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         c, w = model.config, model.embed.weight
-        self.tiers = c.concept_levels + 1
+        self.tiers = c.concept.levels + 1
         self.kv = ([KVCache(model.depth(k), batch, c.n_kv_head, model.positions(c.block_size, k), c.head_dim,
                             device or w.device, dtype or w.dtype) for k in range(self.tiers)] if kv else None)
         self.reset()
@@ -171,29 +170,29 @@ class ConceptGPT(GPT):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
         c = cfg
-        n_tiers = c.concept_levels
-        self.combo = c.combos()
+        n_tiers = c.concept.levels
+        self.combo = c.concept.combos()
         self.span = [math.prod(self.combo[:k]) for k in range(n_tiers + 1)]  # tokens per concept
         rot = list(self.rotary)
-        cl = c.concept_layers or c.n_layer
+        cl = c.concept.layers or c.n_layer
         # tier k's blocks: self.blocks (tier 0, or every tier when shared) or stacks[k - 1]
-        self.stacks = nn.ModuleList() if c.concept_share else nn.ModuleList(
+        self.stacks = nn.ModuleList() if c.concept.share else nn.ModuleList(
             nn.ModuleList(Block(c, self.nest, rot, self.make_mlp(i)) for i in range(cl))
             for _ in range(n_tiers))
         # a shared stack tells the tiers apart by an embedding added to their inputs
-        self.level_emb = nn.Parameter(torch.empty(n_tiers + 1, c.d_model)) if c.concept_share else None
+        self.level_emb = nn.Parameter(torch.empty(n_tiers + 1, c.d_model)) if c.concept.share else None
         # readers[k] reads tier k + 1 (one shared by every tier when shared)
-        self.readers = nn.ModuleList(Reader(c, self.nest, c.n_layer if c.concept_share or k == 0 else cl)
-                                     for k in range(1 if c.concept_share else n_tiers))
+        self.readers = nn.ModuleList(Reader(c, self.nest, c.n_layer if c.concept.share or k == 0 else cl)
+                                     for k in range(1 if c.concept.share else n_tiers))
         self.read_scale = nn.ParameterList(nn.Parameter(torch.empty(c.d_model)) for _ in range(n_tiers))
         self.start = nn.ParameterList(nn.Parameter(torch.empty(c.d_model)) for _ in range(n_tiers))
         self.combiners = nn.ModuleList(Linear(self.nest, k * c.d_model, c.d_model, False) for k in self.combo
-                                       ) if c.combiner == "linear" else nn.ModuleList()
+                                       ) if c.concept.combiner == "linear" else nn.ModuleList()
         self.concept_norms = nn.ModuleList(RMSNorm(self.nest, c.d_model, c.norm_eps) for _ in range(n_tiers))
         self.plan_norms = nn.ModuleList(RMSNorm(self.nest, c.d_model, c.norm_eps) for _ in range(n_tiers))
         # a head only where the regression loss is on: every parameter takes part in the loss (DDP)
         self.heads = nn.ModuleDict({str(k + 1): Linear(self.nest, c.d_model, c.d_model, False)
-                                    for k, w in enumerate(c.concept_weights()) if w > 0})
+                                    for k, w in enumerate(c.concept.weights()) if w > 0})
         self.last_predictions: list[Prediction] = []
         self.reset_parameters()
 
@@ -208,12 +207,12 @@ class ConceptGPT(GPT):
         # closed by default: at init the token tier is exactly the dense GPT, and the read
         # path opens at the pace Adam moves this gate (a zeroed projection would open at once)
         for s in self.read_scale:
-            nn.init.constant_(s, self.config.concept_read_init)
+            nn.init.constant_(s, self.config.concept.read_init)
 
     # -- shapes ---------------------------------------------------------------------------
     def depth(self, tier: int) -> int:
         c = self.config
-        return c.n_layer if tier == 0 else (c.concept_layers or c.n_layer)
+        return c.n_layer if tier == 0 else (c.concept.layers or c.n_layer)
 
     def positions(self, tokens: int, tier: int) -> int:
         """Positions tier ``tier`` runs for ``tokens`` tokens: every concept they touch."""
@@ -222,7 +221,7 @@ class ConceptGPT(GPT):
     def blocks_of(self, tier: int) -> list[Block]:
         if tier == 0:
             return list(self.blocks)
-        stack = self.blocks if self.config.concept_share else self.stacks[tier - 1]
+        stack = self.blocks if self.config.concept.share else self.stacks[tier - 1]
         return list(stack)[: self.depth(tier)]
 
     def plan_of(self, pos: torch.Tensor | int, tier: int) -> torch.Tensor | int:
@@ -231,7 +230,7 @@ class ConceptGPT(GPT):
         return pos // self.combo[tier]
 
     def reader(self, tier: int) -> Reader:
-        return self.readers[0 if self.config.concept_share else tier]
+        return self.readers[0 if self.config.concept.share else tier]
 
     # -- the family interface ---------------------------------------------------------------
     def new_cache(self, batch: int, levels: list[int] | None = None,
@@ -258,7 +257,7 @@ class ConceptGPT(GPT):
             raise ValueError(f"sequence of {total} tokens exceeds block_size {self.config.block_size}")
         emb = self.embed(idx, 0)  # (1, B, t, d)
         self.add_units(state, emb, total)
-        top = self.config.concept_levels
+        top = self.config.concept.levels
         for k in range(top, 0, -1):  # top-down: a tier's plans exist before the tier below reads them
             new = self.positions(total, k) - state.done[k]
             if new <= 0:
@@ -283,7 +282,7 @@ class ConceptGPT(GPT):
     def add_units(self, state: ConceptCache, emb: State, total: int) -> None:
         """Append the new token embeddings and every concept they complete, tier by tier."""
         state.units[0] = emb if state.units[0] is None else torch.cat([state.units[0], emb], 2)
-        for k in range(1, self.config.concept_levels + 1):
+        for k in range(1, self.config.concept.levels + 1):
             have = 0 if state.units[k] is None else state.units[k].shape[2]
             complete = total // self.span[k]
             if complete <= have:
@@ -291,7 +290,7 @@ class ConceptGPT(GPT):
             c = self.combo[k - 1]
             parts = state.units[k - 1][:, :, have * c : complete * c]
             parts = parts.unflatten(2, (complete - have, c))  # (1, B, n, c, d)
-            if self.config.combiner == "linear":
+            if self.config.concept.combiner == "linear":
                 v = self.combiners[k - 1](parts.flatten(-2), 0)
             else:
                 v = parts.sum(3)
@@ -306,7 +305,7 @@ class ConceptGPT(GPT):
         if self.level_emb is not None:  # its row kept while decoding: one op fewer a step
             x = x + memo(self, ("level_emb", k), (self.level_emb,), lambda: self.level_emb[k])
         kv = state.kv[k] if state.kv else None
-        above = state.memory[k] if k < self.config.concept_levels else None
+        above = state.memory[k] if k < self.config.concept.levels else None
         reader, scale = (self.reader(k), self.read_scale[k]) if above else (None, None)
         cross = above is not None and hasattr(reader, "cross")
         if above is not None and group is None:  # one position read by addition (decoding): an int
@@ -330,7 +329,7 @@ class ConceptGPT(GPT):
         with a head. ``first``: the position each tier's plans start at (default 0: every tier
         ran from the start)."""
         out = []
-        for k in range(1, self.config.concept_levels + 1):
+        for k in range(1, self.config.concept.levels + 1):
             head = self.heads[str(k)] if str(k) in self.heads else None
             concepts = state.units[k]
             if head is None or concepts is None:
@@ -348,16 +347,15 @@ def grow(model: ConceptGPT, combo: int = 4, weight: float | None = None) -> Conc
     exactly the same logits until training moves that scale; everything learned is kept.
     """
     c = model.config
-    weights = c.concept_weights()
-    cfg = dataclasses.replace(
-        c, concept_levels=c.concept_levels + 1, combo=",".join(str(x) for x in [*c.combos(), combo]),
-        concept_weight=",".join(str(x) for x in [*weights, weights[-1] if weight is None else weight]))
+    weights = c.concept.weights()
+    cfg = c.replace(concept_levels=c.concept.levels + 1, combo=[*c.concept.combos(), combo],
+                    concept_weight=[*weights, weights[-1] if weight is None else weight])
     cfg.validate()
     new = ConceptGPT(cfg).to(model.embed.weight.device)
     state = model.state_dict()
     level_emb = state.pop("level_emb", None)  # one row more: copied below
     missing, unexpected = new.load_state_dict(state, strict=False)
-    top = c.concept_levels
+    top = c.concept.levels
     own = (f"stacks.{top}.", f"readers.{top}.", f"read_scale.{top}", f"start.{top}", f"combiners.{top}.",
            f"concept_norms.{top}.", f"plan_norms.{top}.", f"heads.{top + 1}.", "level_emb")
     if unexpected or any(not name.startswith(own) for name in missing):

@@ -88,19 +88,19 @@ class FractalFormer(GPT):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
         self.glue = None
-        if cfg.glue_rank:
+        if cfg.nesting.glue_rank:
             linears = {n: m for n, m in self.named_modules() if isinstance(m, Linear)}
-            self.glue = nn.ModuleDict({n.replace(".", "_"): Glue(self.nest, m, cfg.glue_rank, cfg.init_std)
-                                       for n, m in linears.items()})
+            self.glue = nn.ModuleDict({n.replace(".", "_"): Glue(self.nest, m, cfg.nesting.glue_rank,
+                                                                 cfg.init_std) for n, m in linears.items()})
             for n, m in linears.items():
                 m.register_forward_hook(self._glue_hook(self.glue[n.replace(".", "_")]))
         self.maps = None
-        if cfg.residual != "none" and cfg.residual_rank > 0:
+        if cfg.nesting.residual != "none" and cfg.nesting.residual_rank > 0:
             # upstream maps act on the parent-shaped children state, downstream maps on the
             # parent state: either way a level-l-wide vector for the pair (l, l + 1)
-            widths = [cfg.d_model // cfg.split**lv for lv in range(cfg.levels - 1)]
+            widths = [cfg.d_model // cfg.nesting.split**lv for lv in range(cfg.nesting.levels - 1)]
             self.maps = nn.ModuleList(
-                nn.ModuleList(LowRank(w, cfg.residual_rank, cfg.init_std) for w in widths)
+                nn.ModuleList(LowRank(w, cfg.nesting.residual_rank, cfg.init_std) for w in widths)
                 for _ in range(cfg.n_layer)
             )
 
@@ -120,7 +120,7 @@ class FractalFormer(GPT):
         return super().extract(level, index)
 
     def extractable(self, level: int) -> bool:
-        r = self.config.residual
+        r = self.config.nesting.residual
         if r == "upstream":
             return level == self.nest.levels - 1
         if r == "downstream":
@@ -128,7 +128,7 @@ class FractalFormer(GPT):
         return True
 
     def needed_levels(self, level: int) -> list[int]:
-        r = self.config.residual
+        r = self.config.nesting.residual
         if r == "upstream":
             return list(range(level, self.nest.levels))
         if r == "downstream":
@@ -136,7 +136,7 @@ class FractalFormer(GPT):
         return [level]
 
     def exchange(self, states: dict[int, torch.Tensor], layer: int) -> dict[int, torch.Tensor]:
-        r = self.config.residual
+        r = self.config.nesting.residual
         if r == "none":
             return states
         s = self.nest.split
@@ -161,7 +161,7 @@ def fold_glue(model: GPT) -> GPT:
     off-diagonal blocks of its weight (``glue_rank`` 0)."""
     if getattr(model, "glue", None) is None:
         return model
-    plain = FractalFormer(dataclasses.replace(model.config, glue_rank=0)).to(model.embed.weight.device)
+    plain = FractalFormer(model.config.replace(glue_rank=0)).to(model.embed.weight.device)
     plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("glue.")})
     with torch.no_grad():
         for name, mod in plain.named_modules():

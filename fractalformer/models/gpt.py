@@ -19,7 +19,6 @@ loss is about ln(vocab_size) - unlike the seed, whose row-normalised output gave
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -27,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import ModelConfig, NestingConfig
 from ..errors import FractalError
 from ..memory import check_model_fits
 from ..nn import Attention, Embedding, GeGLU, KVCache, Nesting, RMSNorm, Rotary
@@ -45,7 +44,7 @@ class Block(nn.Module):
         super().__init__()
         self.attn_norm = RMSNorm(nest, cfg.d_model, cfg.norm_eps)
         self.attn = Attention(nest, cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim, rotaries,
-                              cfg.dropout, by_heads=cfg.attn_nesting == "heads")
+                              cfg.dropout, by_heads=cfg.nesting.attn_nesting == "heads")
         self.mlp_norm = RMSNorm(nest, cfg.d_model, cfg.norm_eps)
         self.mlp = mlp
         self.drop = dropout(cfg.dropout)
@@ -72,11 +71,11 @@ class GPT(nn.Module):
         if not torch.empty(0).is_meta:  # on the meta device nothing is allocated
             check_model_fits(cfg)
         self.config = cfg
-        self.nest = cfg.nesting()
+        self.nest = Nesting(cfg.nest_kind, cfg.nesting.levels, cfg.nesting.split)
         c = cfg
         self.embed = Embedding(self.nest, c.vocab_size, c.d_model)
         attn_levels = self.nest.levels if c.family != "mrl" else 1
-        head_dims = [c.head_dim if c.attn_nesting == "heads" else c.head_dim // c.split**lv
+        head_dims = [c.head_dim if c.nesting.attn_nesting == "heads" else c.head_dim // c.nesting.split**lv
                      for lv in range(attn_levels)]
         self.rotary = nn.ModuleList(Rotary(h, c.block_size, c.rope_theta) for h in head_dims)
         self.blocks = nn.ModuleList(Block(c, self.nest, list(self.rotary), self.make_mlp(i))
@@ -137,16 +136,15 @@ class GPT(nn.Module):
         c = self.config
         hq, hkv, hd = self.blocks[0].attn.shape(level)
         f = self.nest.split**level
-        return dataclasses.replace(
-            c, family="gpt", levels=1, residual="none", residual_rank=0, glue_rank=0, level_weights=[],
-            distill=0.0, d_model=c.d_model // f, n_head=hq, n_kv_head=hkv, head_dim=hd)
+        return c.replace(family="gpt", nesting=NestingConfig(), d_model=c.d_model // f, n_head=hq,
+                         n_kv_head=hkv, head_dim=hd)
 
     def extract(self, level: int, index: int) -> GPT:
         """Sub-model ``(level, index)`` as a dense GPT holding only its own weights."""
         self.nest.check(level, index)
         if not self.extractable(level):
-            raise FractalError(f"level {level} is not extractable: with residual={self.config.residual} "
-                               f"its sub-models read other levels' states")
+            raise FractalError(f"level {level} is not extractable: with residual="
+                               f"{self.config.nesting.residual} its sub-models read other levels' states")
         w = self.embed.weight
         dense = GPT(self.sub_model_config(level)).to(w.dtype)  # a float64 model stays float64
         state = {name: self.nest.take(p.detach(), level, dims)[index].clone()

@@ -49,14 +49,14 @@ class FHME(nn.Module):
 
     def __init__(self, cfg: ModelConfig, out_std: float) -> None:
         super().__init__()
-        d, n, depth = cfg.d_model, cfg.n_experts, cfg.fhme_depth
-        self.router = PEER(d, n, cfg.moe_heads, cfg.moe_topk, cfg.moe_key_dim, cfg.moe_gate,
-                           cfg.moe_query_norm, cfg.moe_sparse, out_std)
+        d, n, depth = cfg.d_model, cfg.moe.n_experts, cfg.moe.fhme_depth
+        self.router = PEER(d, n, cfg.moe.heads, cfg.moe.topk, cfg.moe.key_dim, cfg.moe.gate,
+                           cfg.moe.query_norm, cfg.moe.sparse, out_std)
         # the router's own up/down tables are sub-block 0; deeper sub-blocks get their own
         self.up = nn.ParameterList(mark_table(nn.Parameter(torch.empty(n, d))) for _ in range(depth - 1))
         self.down = nn.ParameterList(mark_table(nn.Parameter(torch.empty(n, d))) for _ in range(depth - 1))
         self.halt = nn.Linear(d, depth - 1) if depth > 1 else None  # no decision after the last
-        self.depth, self.adaptive, self.out_std = depth, cfg.fhme_adaptive, out_std
+        self.depth, self.adaptive, self.out_std = depth, cfg.moe.fhme_adaptive, out_std
         self.ponder: torch.Tensor | None = None  # mean (N + R) / depth of the last forward
         self.counts: list[int] | None = None  # [tokens, sub-block applications] when tracking
         self.last_depth: torch.Tensor | None = None  # sub-blocks each token of the last call ran
@@ -126,12 +126,12 @@ class FHME(nn.Module):
 
 
 def _sparse_layer(c: ModelConfig, out_std: float) -> nn.Module:
-    if c.moe == "peer":
-        return PEER(c.d_model, c.n_experts, c.moe_heads, c.moe_topk, c.moe_key_dim, c.moe_gate,
-                    c.moe_query_norm, c.moe_sparse, out_std)
-    if c.moe == "pkm":
-        return PKM(c.d_model, c.n_experts, c.moe_heads, c.moe_topk, c.moe_key_dim, c.moe_gate,
-                   c.moe_query_norm, c.moe_sparse, out_std)
+    if c.moe.kind == "peer":
+        return PEER(c.d_model, c.moe.n_experts, c.moe.heads, c.moe.topk, c.moe.key_dim, c.moe.gate,
+                    c.moe.query_norm, c.moe.sparse, out_std)
+    if c.moe.kind == "pkm":
+        return PKM(c.d_model, c.moe.n_experts, c.moe.heads, c.moe.topk, c.moe.key_dim, c.moe.gate,
+                   c.moe.query_norm, c.moe.sparse, out_std)
     return FHME(c, out_std)
 
 
@@ -197,7 +197,7 @@ class MoEGPT(GPT):
         if layer not in c.sparse_layers():
             return super().make_mlp(layer)
         sparse = _sparse_layer(c, c.init_std / math.sqrt(2 * c.n_layer))
-        return WithMLP(super().make_mlp(layer), sparse) if c.moe_with_mlp else sparse
+        return WithMLP(super().make_mlp(layer), sparse) if c.moe.with_mlp else sparse
 
     def sparse_layers(self) -> dict[int, nn.Module]:
         """Layer index -> its sparse module (PEER, PKM or FHME)."""
@@ -219,7 +219,7 @@ class MoEGPT(GPT):
         device = self.embed.weight.device
         tracked = {}
         for i, m in layers.items():
-            stats = SparseStats(self.config.n_experts, device)
+            stats = SparseStats(self.config.moe.n_experts, device)
             counts = [0, 0] if isinstance(m, FHME) else None
             (m.router if isinstance(m, FHME) else m).stats = stats
             if isinstance(m, FHME):
@@ -238,9 +238,9 @@ class MoEGPT(GPT):
         (``h * k`` experts of two vectors, or values of one, per sub-block run)."""
         c = self.config
         tables = sum(p.numel() for p in self.parameters() if is_table(p))
-        per_row = {"peer": 2, "pkm": 1, "fhme": 2}[c.moe] * c.d_model
-        depth = (mean_depth or c.fhme_depth) if c.moe == "fhme" else 1
-        used = len(self.sparse_layers()) * c.moe_heads * c.moe_topk * per_row * depth
+        per_row = {"peer": 2, "pkm": 1, "fhme": 2}[c.moe.kind] * c.d_model
+        depth = (mean_depth or c.moe.fhme_depth) if c.moe.kind == "fhme" else 1
+        used = len(self.sparse_layers()) * c.moe.heads * c.moe.topk * per_row * depth
         return self.num_params() - tables + round(used)
 
     def sub_model_config(self, level: int) -> ModelConfig:

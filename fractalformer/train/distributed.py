@@ -44,7 +44,7 @@ def check_parallel(cfg: RunConfig, dd: Dist) -> None:
     if t.batch_size % (dd.world * t.grad_accum):
         raise FractalError(f"batch_size {t.batch_size} is not divisible by {dd.world} processes x grad_accum "
                            f"{t.grad_accum}")
-    if dd.world > 1 and cfg.model.moe_sparse:
+    if dd.world > 1 and cfg.model.moe.sparse:
         raise FractalError("moe_sparse is single-process for now: DistributedDataParallel cannot "
                            "all-reduce the tables' sparse gradients (use moe_sparse=false under torchrun)")
     if dd.world > 1 and t.routing != "shared":

@@ -21,7 +21,8 @@ def metric_fields(cfg: RunConfig) -> list[str]:
     subs = cfg.model.sub_models()
     if len(subs) == 1:
         return BASE_FIELDS
-    ens = [sub_name(lv, "ensemble") for lv in range(cfg.model.levels) if cfg.model.nesting().count(lv) > 1]
+    ens = [sub_name(lv, "ensemble") for lv in range(cfg.model.nesting.levels)
+           if cfg.model.sub_model_count(lv) > 1]
     return (BASE_FIELDS + [f"train_{sub_name(*k)}" for k in subs]
             + [f"val_{sub_name(*k)}" for k in subs] + [f"val_{e}" for e in ens])
 

@@ -61,7 +61,7 @@ def token_loss(model: GPT, logits: dict[int, torch.Tensor], targets: torch.Tenso
                groups: GroupTargets) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted cross-entropy (soft over ``groups``, with distillation) of every sub-model."""
     losses, trained = [], []
-    d = model.config.distill
+    d = model.config.nesting.distill
     teacher = F.log_softmax(widen(logits[0][0].detach()), -1) if d else None  # (B, T, V)
     for lv, lg in sorted(logits.items()):
         y = targets if targets.dim() == 2 else batch_rows(targets[lv], lg.shape[0])
@@ -98,16 +98,16 @@ def ponder_cost(model: MoEGPT) -> torch.Tensor | None:
     """``halt_penalty`` times the mean ponder cost of the adaptive FHME layers: the compute
     penalty that teaches tokens to halt early."""
     c = model.config
-    if c.moe != "fhme" or not c.fhme_adaptive or not c.halt_penalty:
+    if c.moe.kind != "fhme" or not c.moe.fhme_adaptive or not c.moe.halt_penalty:
         return None
     ponders = [m.ponder for m in model.sparse_layers().values() if m.ponder is not None]
-    return c.halt_penalty * torch.stack(ponders).mean() if ponders else None
+    return c.moe.halt_penalty * torch.stack(ponders).mean() if ponders else None
 
 
 def concept_regression(model: ConceptGPT, predictions: list[Prediction]) -> torch.Tensor | None:
     """Weighted next-concept regression of every tier with a head: each plan's predicted
     concept against the (detached) concept it plans, by ``concept_loss``."""
-    weights, kind = model.config.concept_weights(), model.config.concept_loss
+    weights, kind = model.config.concept.weights(), model.config.concept.loss
     total = None
     for tier, pred, target in predictions:
         pred, y = widen(pred), widen(target)

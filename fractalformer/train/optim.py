@@ -149,7 +149,7 @@ def _make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optim
     table_group = {"params": tables, "lr_scale": t.table_lr / t.lr if t.table_lr else 1.0}
     if not tables:
         return torch.optim.AdamW(groups, lr=t.lr, betas=betas, fused=fused)
-    if cfg.model.moe_sparse:
+    if cfg.model.moe.sparse:
         return Optimizers(torch.optim.AdamW(groups, lr=t.lr, betas=betas, fused=fused),
                           torch.optim.SparseAdam([table_group], lr=t.lr, betas=betas))
     return torch.optim.AdamW([*groups, {**table_group, "weight_decay": 0.0}], lr=t.lr, betas=betas,
@@ -167,7 +167,7 @@ _TORCH = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 
 def clipped_params(model: torch.nn.Module, cfg: RunConfig) -> list[torch.nn.Parameter]:
     """Parameters under global gradient clipping: all but sparse-gradient tables."""
-    return [p for p in model.parameters() if not (cfg.model.moe_sparse and is_table(p))]
+    return [p for p in model.parameters() if not (cfg.model.moe.sparse and is_table(p))]
 
 
 def frozen_masks(model: torch.nn.Module) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:

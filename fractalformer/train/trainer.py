@@ -208,13 +208,13 @@ def setup(cfg: RunConfig, out: Path, resume: bool, progress: bool) -> Training:
 
 
 def shard_ids(corpus: Corpus, cfg: RunConfig) -> Ids:
-    """The training tokens of ``data_shard`` J/N: contiguous shard J of N (all with "")."""
+    """The training tokens of ``data_shard`` [J, N]: contiguous shard J of N (all with [])."""
     t = cfg.train
     shard, shards = t.shard()
     size = len(corpus.train) // shards
     ids = corpus.train[shard * size:(shard + 1) * size]
     if len(ids) < cfg.model.block_size + 1:
-        raise FractalError(f"data_shard {t.data_shard} holds {len(ids)} tokens, fewer than block_size + 1")
+        raise FractalError(f"data_shard {shard}/{shards} holds {len(ids)} tokens, fewer than block_size + 1")
     return ids
 
 
