@@ -33,7 +33,7 @@ with torch.device("meta"):  # the first use of the meta device imports ~65 MiB o
 before = kib("VmRSS")
 level = None if sys.argv[2] == "-" else int(sys.argv[2])
 index = None if sys.argv[3] == "-" else int(sys.argv[3])
-m = fractalformer.load(sys.argv[1], level=level, index=index)
+m = fractalformer.load(sys.argv[1], level=level, index=index).model
 print(json.dumps({"params": m.num_params(), "load_mib": (kib("VmHWM") - before) / 1024}))
 """
 

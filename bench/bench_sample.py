@@ -69,7 +69,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also time the torch.compile'd decode step")
     a = ap.parse_args()
     if a.run:
-        model = fractalformer.load(a.run)
+        model = fractalformer.load(a.run).model
     else:
         torch.manual_seed(0)
         model = build_model(build_config(a.preset, None, a.set).model).eval()

@@ -54,7 +54,7 @@ def main() -> None:
     torch.set_grad_enabled(False)
     torch.manual_seed(0)
     if a.run:
-        model, what = fractalformer.load(a.run), a.run
+        model, what = fractalformer.load(a.run).model, a.run
     else:
         model, what = build_model(build_config(a.preset).model).eval(), f"--preset {a.preset}, untrained"
     model = model.float()

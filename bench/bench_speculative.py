@@ -47,8 +47,9 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_grad_enabled(False)
     frozen_weights().__enter__()  # one block for the whole bench: drafts are extracted (and compiled) once
-    model = fractalformer.load(a.run).to(getattr(torch, a.dtype))
-    prompts = [model.tokenizer.encode(p) for p in a.prompt or PROMPTS]
+    trained = fractalformer.load(a.run)
+    model = trained.model.to(getattr(torch, a.dtype))
+    prompts = [trained.tokenizer.encode(p) for p in a.prompt or PROMPTS]
     lengths = [min(a.tokens, model.config.block_size - len(ids)) for ids in prompts]
     print(f"machine: {machine()}")
     print(f"run: {a.run} ({model.num_params():,} params, d_model {model.config.d_model}, "

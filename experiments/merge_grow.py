@@ -95,7 +95,7 @@ def at_merge(out: Path) -> dict[str, float]:
     t = kids[0].run_config.train
     _, corpus = prepare_data(kids[0].run_config, kids[0].tokenizer)
     batches = fixed_val_batches(corpus, t.eval_batches, t.batch_size, kids[0].config.block_size, t.seed)
-    losses, _ = mean_losses(merge_models(kids).eval(), batches)
+    losses, _ = mean_losses(merge_models([k.model for k in kids]).eval(), batches)
     return {f"{lv}.{j}": to_bpc(v, corpus.val_units_per_token) for (lv, j), v in losses.items()}
 
 
@@ -169,9 +169,9 @@ def _final(run: Path) -> list:
     from fractalformer.evaluate import evaluate_full
     from fractalformer.runs import prepare_data
 
-    model = fractalformer.load(run)
-    _, corpus = prepare_data(model.run_config, model.tokenizer)
-    return evaluate_full(model, corpus, model.config.block_size)
+    trained = fractalformer.load(run)
+    _, corpus = prepare_data(trained.run_config, trained.tokenizer)
+    return evaluate_full(trained.model, corpus, trained.config.block_size)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
     import torch
 
+    from .loading import TrainedModel
 
 def _windows(s: str) -> int:
     """``--windows``: a count of windows, or ``all`` (0: no limit)."""
@@ -361,18 +362,18 @@ def cmd_train(a: argparse.Namespace) -> int:
     if cfg.train.sample_tokens:
         import fractalformer
 
-        model = fractalformer.load(out)
+        trained = fractalformer.load(out)
         subs = cfg.model.sub_models()
         for level, index in subs:
-            print(f"--- sample from sub-model ({level}, {index}), width {model.level_width(level)}:"
+            print(f"--- sample from sub-model ({level}, {index}), width {trained.model.level_width(level)}:"
                   if len(subs) > 1 else "--- sample:")
-            _stream(model, "\n", max_new_tokens=cfg.train.sample_tokens, seed=0, on_unknown="replace",
+            _stream(trained, "\n", max_new_tokens=cfg.train.sample_tokens, seed=0, on_unknown="replace",
                     level=level, index=index)
     return 0
 
 
-def _load(a: argparse.Namespace) -> torch.nn.Module:
-    """The run's model on ``--device``."""
+def _load(a: argparse.Namespace) -> TrainedModel:
+    """The run's model on ``--device``, with its tokenizer and config."""
     import fractalformer
 
     from .device import pick_device
@@ -396,14 +397,14 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from .evaluate import closing_windows, evaluate_full, text_corpus
     from .runs import run_data
 
-    model = _load(a)
-    cfg = model.run_config
+    trained = _load(a)
+    model, cfg = trained.model, trained.run_config
     text = None if a.data is None or is_prepared(a.data) else read_text(a.data)
     own = text is None or text_sha256(text) == _data_sha256(a.run)  # the run's data, perhaps moved
     if own:
-        corpus = run_data(a.run, model, a.data)
+        corpus = run_data(a.run, cfg, trained.tokenizer, a.data)
     else:  # another text named for scoring is scored whole
-        corpus = text_corpus(text, model.tokenizer, cfg.train.on_unknown)
+        corpus = text_corpus(text, trained.tokenizer, cfg.train.on_unknown)
     if a.windows is not None:
         windows = a.windows
     else:  # the run's own split as train scored it at the end; another text or a corpus in full
@@ -441,10 +442,10 @@ def _usage_line(u: dict) -> str:
     return line
 
 
-def _stream(model: torch.nn.Module, prompt: str, **kwargs: Any) -> None:
+def _stream(trained: TrainedModel, prompt: str, **kwargs: Any) -> None:
     """Echo what the model sees of ``prompt`` (after any replacement), then stream its continuation."""
-    pieces = model.stream(prompt, **kwargs)  # checks every argument before anything is printed
-    tok = model.tokenizer
+    pieces = trained.stream(prompt, **kwargs)  # checks every argument before anything is printed
+    tok = trained.tokenizer
     sys.stdout.write(tok.decode(tok.encode(prompt, on_unknown=kwargs.get("on_unknown", "error"))))
     for piece in pieces:
         sys.stdout.write(piece)
@@ -473,13 +474,13 @@ def cmd_sample(a: argparse.Namespace) -> int:
         raise FractalError("--num-samples must be at least 1")
     check_sampling(a.temperature, a.top_k, a.top_p, a.seed)  # before the model loads
     prompt = _prompt(a)
-    model = _load(a)
-    with _precision(a, model):
+    trained = _load(a)
+    with _precision(a, trained.model):
         for i in range(a.num_samples):
             if i:
                 print("-" * 15)
-            _stream(model, prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
-                    top_p=a.top_p, seed=None if a.seed is None else (a.seed + i) % SEED_LIMIT,
+            _stream(trained, prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                    top_k=a.top_k, top_p=a.top_p, seed=None if a.seed is None else (a.seed + i) % SEED_LIMIT,
                     on_unknown=a.unknown, use_cache=not a.no_cache, compile=a.compile, level=a.level,
                     index="ensemble" if a.ensemble else a.index or 0)
     return 0
@@ -493,8 +494,8 @@ def cmd_speculate(a: argparse.Namespace) -> int:
     temperature = a.temperature if a.temperature is not None else 0.0
     check_sampling(temperature, a.top_k, a.top_p, a.seed)
     prompt = _prompt(a)
-    model = _load(a)
-    tok = model.tokenizer
+    trained = _load(a)
+    model, tok = trained.model, trained.tokenizer
     drafts = [parse_sub_model(d, model) for d in a.draft]
     target = parse_sub_model(a.target, model)
     ids = tok.encode(prompt, on_unknown=a.unknown)
@@ -556,14 +557,14 @@ def cmd_extract(a: argparse.Namespace) -> int:
 
     out = Path(a.out)
     check_run_dir(out, resume=False)
-    model = _load(a)
-    sub = model.extract(a.level, a.index).cpu()
-    train = dataclasses.replace(model.run_config.train, groups="", emergent_every=0, routing="shared",
+    trained = _load(a)
+    sub = trained.model.extract(a.level, a.index).cpu()
+    train = dataclasses.replace(trained.run_config.train, groups="", emergent_every=0, routing="shared",
                                 freeze="none", schedule_start=0)
     cfg = RunConfig(sub.config, train)
     cfg.validate()
     with claim_run_dir(out, resume=False):
-        write_new_run(out, cfg, sub, model.tokenizer, _data_sha256(a.run))
+        write_new_run(out, cfg, sub, trained.tokenizer, _data_sha256(a.run))
     print(f"extracted sub-model ({a.level}, {a.index}): {sub.num_params():,} parameters, width "
           f"{sub.config.d_model} -> {out}")
     return 0
@@ -639,8 +640,8 @@ def cmd_export(a: argparse.Namespace) -> int:
     out = Path(a.out)
     if out.exists():
         raise FractalError(f"{out} already exists; choose another --out")
-    model = fractalformer.load(a.run)
-    dense = export(model, model.tokenizer, out, a.level, a.index)
+    trained = fractalformer.load(a.run)
+    dense = export(trained.model, trained.tokenizer, out, a.level, a.index)
     print(f"exported {'the model' if a.level is None else f'sub-model ({a.level}, {a.index})'}: "
           f"{dense.num_params():,} parameters, width {dense.config.d_model} -> {out} "
           f"(transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))")

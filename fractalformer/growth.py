@@ -174,16 +174,16 @@ def merge_runs(runs: list[str | Path], out: str | Path, glue_steps: int = 0, the
     """
     out = Path(out)
     check_run_dir(out, resume=False)
-    models = [load(r) for r in runs]
-    toks = [m.tokenizer.to_dict() for m in models]
-    for i, m in enumerate(models[1:], 2):
-        if m.config.vocab_size == models[0].config.vocab_size and toks[i - 1] != toks[0]:
+    loaded = [load(r) for r in runs]
+    tok = loaded[0].tokenizer
+    for i, m in enumerate(loaded[1:], 2):
+        if m.config.vocab_size == loaded[0].config.vocab_size and m.tokenizer.to_dict() != tok.to_dict():
             raise FractalError(f"run {i} ({runs[i - 1]}) uses another tokenizer ({m.tokenizer.name}) than "
-                               f"run 1 ({models[0].tokenizer.name}): merged runs must share one")
-    merged = merge_models(models, attn_nesting, glue_rank if glue_steps else 0)
-    k = len(models)
-    shards = [m.run_config.train.shard() for m in models]
-    t0 = train_overrides(models[0].run_config.train, sets)
+                               f"run 1 ({tok.name}): merged runs must share one")
+    merged = merge_models([m.model for m in loaded], attn_nesting, glue_rank if glue_steps else 0)
+    k = len(loaded)
+    shards = [m.run_config.train.shard() for m in loaded]
+    t0 = train_overrides(loaded[0].run_config.train, sets)
     if routing is None:
         routing = ("shard" if shards == [(j, k) for j in range(k)]
                    and t0.batch_size % merged.nest.count(merged.nest.levels - 1) == 0 else "shared")
@@ -195,7 +195,7 @@ def merge_runs(runs: list[str | Path], out: str | Path, glue_steps: int = 0, the
     cfg.validate()
     data_sha256 = ckpt.load_data_sha256(Path(runs[0]))
     with claim_run_dir(out, resume=False):
-        write_new_run(out, cfg, merged, models[0].tokenizer, data_sha256,
+        write_new_run(out, cfg, merged, tok, data_sha256,
                       {"merged_from": [str(r) for r in runs], "glue_steps": glue_steps,
                        "glue_rank": glue_rank, "then_steps": then_steps})
         if glue:  # the full training follows: score the whole validation split only after it
@@ -203,9 +203,9 @@ def merge_runs(runs: list[str | Path], out: str | Path, glue_steps: int = 0, the
                         else cfg)
             train(glue_cfg, out, resume=True, progress=progress)
             if cfg.model.nesting.glue_rank:  # fold: from here a plain FractalFormer (fresh optimizer state)
-                plain = fold_glue(load(out))
+                plain = fold_glue(load(out).model)
                 cfg.model = plain.config
-                ckpt.save_run_config(out, cfg, models[0].tokenizer, ckpt.load_data_sha256(out))
+                ckpt.save_run_config(out, cfg, tok, ckpt.load_data_sha256(out))
                 elapsed = ckpt.read_train_info(out).get("elapsed_s", 0.0)
                 ckpt.save_checkpoint(out, dict(plain.state_dict()), make_optimizer(plain, cfg),
                                      {"step": glue_steps, "elapsed_s": elapsed})
@@ -214,7 +214,7 @@ def merge_runs(runs: list[str | Path], out: str | Path, glue_steps: int = 0, the
                                             max_steps=glue_steps + then_steps)
         if then_steps:
             train(cfg, out, resume=True, progress=progress)
-        return load(out)
+        return load(out).model
 
 
 def grow_run(run: str | Path, out: str | Path, width: int, depth: int = 1, steps: int = 0,
@@ -227,22 +227,23 @@ def grow_run(run: str | Path, out: str | Path, width: int, depth: int = 1, steps
     """
     out = Path(out)
     check_run_dir(out, resume=False)
-    model = load(run)
+    trained = load(run)
+    model = trained.model
     grown = grow_model(model, width, depth).eval()
-    t = train_overrides(model.run_config.train, sets)
+    t = train_overrides(trained.run_config.train, sets)
     train_cfg = dataclasses.replace(t, data_shard=[], routing="shared", freeze="none", schedule_start=0,
                                     max_steps=steps or t.max_steps, groups="", emergent_every=0)
     cfg = RunConfig(grown.config, train_cfg)
     cfg.validate()
     check_training_fits(cfg)  # before the validation batches of batch_size rows are drawn
-    _, corpus = prepare_data(cfg, model.tokenizer, ckpt.load_data_sha256(Path(run)))
+    _, corpus = prepare_data(cfg, trained.tokenizer, ckpt.load_data_sha256(Path(run)))
     batches = fixed_val_batches(corpus, t.eval_batches, t.batch_size, cfg.model.block_size, t.seed)
     figures = {}
     for who, m in (("original", model), ("grown", grown)):
         loss = mean_losses(m, batches, ensembles=False)[0][(0, 0)]
         figures |= {f"{who}_val_loss": loss, f"{who}_val_bpc": to_bpc(loss, corpus.val_units_per_token)}
     with claim_run_dir(out, resume=False):
-        write_new_run(out, cfg, grown, model.tokenizer, corpus.sha256,
+        write_new_run(out, cfg, grown, trained.tokenizer, corpus.sha256,
                       {"grown_from": str(run), "width": width, "depth": depth, **figures})
         if steps:
             train(cfg, out, resume=True, progress=progress)
@@ -257,18 +258,19 @@ def grow_concept_run(run: str | Path, out: str | Path, combo: int = 4, steps: in
     (``sets``: training-key overrides, as for :func:`grow_run`)."""
     out = Path(out)
     check_run_dir(out, resume=False)
-    model = load(run)
+    trained = load(run)
+    model = trained.model
     if not isinstance(model, ConceptGPT):
         raise FractalError(f"a concept level needs a family=concept run, not family {model.config.family}")
     if combo < 2:
         raise FractalError(f"--combo must be at least 2, got {combo}")
     grown = grow(model, combo)
-    t = train_overrides(model.run_config.train, sets)
+    t = train_overrides(trained.run_config.train, sets)
     cfg = RunConfig(grown.config, dataclasses.replace(t, max_steps=steps or t.max_steps, schedule_start=0))
     with claim_run_dir(out, resume=False):
-        write_new_run(out, cfg, grown, model.tokenizer, ckpt.load_data_sha256(Path(run)),
+        write_new_run(out, cfg, grown, trained.tokenizer, ckpt.load_data_sha256(Path(run)),
                       {"grown_from": str(run), "combo": combo})
         if steps:
             train(cfg, out, resume=True, progress=progress)
-            return load(out)
+            return load(out).model
         return grown

@@ -1,26 +1,62 @@
-"""Loading a trained run folder: the whole model, or one sub-model from its slices alone."""
+"""Loading a trained run folder: the whole model, or one sub-model from its slices alone,
+with the tokenizer and config it was trained with and a text API on top."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from . import checkpoint as ckpt
-from .config import RunConfig
+from .config import ModelConfig, RunConfig
+from .data.tokenizers import Tokenizer
 from .errors import FractalError
+from .generate.sampling import stream_text
 from .memory import check_weights_file
 from .models import GPT, build_model
 
 
+@dataclass
+class TrainedModel:
+    """What :func:`load` returns: the model (a plain ``nn.Module``, in eval mode) with the
+    tokenizer and the run config it was trained with, and text in, text out on top."""
+
+    model: GPT
+    tokenizer: Tokenizer
+    run_config: RunConfig
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    def stream(self, prompt: str, max_new_tokens: int = 200, **kwargs: Any) -> Iterator[str]:
+        """Text pieces continuing ``prompt``; keyword arguments and defaults as :meth:`generate`."""
+        return stream_text(self.model, self.tokenizer, prompt, max_new_tokens, **kwargs)
+
+    def generate(self, prompt: str, max_new_tokens: int = 200, **kwargs: Any) -> str:
+        """The text continuing ``prompt`` (without it), with the ``sample`` command's defaults.
+
+        Keywords: ``temperature`` (0.8; 0 = greedy), ``top_k``, ``top_p``, ``seed``, ``level``
+        and ``index`` (the sub-model; ``index="ensemble"`` for a whole level), ``on_unknown``
+        (``"error"`` or ``"replace"``), ``use_cache`` and ``compile`` (torch.compile the decode step).
+        """
+        return "".join(self.stream(prompt, max_new_tokens, **kwargs))
+
+    @torch.no_grad()
+    def sub_model_logits(self, idx: torch.Tensor) -> dict[tuple[int, int], torch.Tensor]:
+        """Logits (B, T, vocab) of every sub-model on token ids ``idx`` (B, T), keyed (level, index)."""
+        return {(lv, j): lg[j] for lv, lg in self.model(idx).items() for j in range(lg.shape[0])}
+
+
 def load(run_dir: str | Path, device: str | torch.device = "cpu", level: int | None = None,
-         index: int | None = None) -> GPT:
-    """The trained model of a run folder (any family), in eval mode.
+         index: int | None = None) -> TrainedModel:
+    """The trained model of a run folder (any family), in eval mode, with its tokenizer and config.
 
     With ``level`` and ``index``, only sub-model ``(level, index)`` as a dense GPT: its
     slices alone are read from disk, so loading it takes about its own size in memory.
-    The returned model carries ``.config`` (its ModelConfig), ``.run_config`` (model and
-    training config) and ``.tokenizer``.
     """
     cfg, tok = ckpt.load_run_config(Path(run_dir))
     if (level is None) != (index is None):
@@ -45,6 +81,4 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu", level: int | N
     else:
         model = build_model(cfg.model)
         ckpt.load_model_state(Path(run_dir), model)
-    model.run_config = cfg
-    model.tokenizer = tok
-    return model.to(device).eval()
+    return TrainedModel(model.to(device).eval(), tok, cfg)

@@ -83,15 +83,15 @@ def load_init(model: torch.nn.Module, run: Path) -> None:
         raise FractalError(f"--init-from {run}: its weights do not fit this model ({e})") from None
 
 
-def run_data(run_dir: str | Path, model: torch.nn.Module, data: str | None = None) -> Corpus:
-    """The corpus a trained run is scored on: its own text, checked unchanged, or ``data``."""
-    cfg = model.run_config
+def run_data(run_dir: str | Path, cfg: RunConfig, tok: Tokenizer, data: str | None = None) -> Corpus:
+    """The corpus a trained run (config ``cfg``, tokenizer ``tok``) is scored on: its own
+    text, checked unchanged, or ``data``."""
     if data is not None:
-        return prepare_data(replace(cfg, train=replace(cfg.train, data=data)), model.tokenizer)[1]
+        return prepare_data(replace(cfg, train=replace(cfg.train, data=data)), tok)[1]
     path = cfg.train.data
     if path not in (None, SHIPPED) and not Path(path).is_file() and not is_prepared(path):
         raise FractalError(f"the run's data file {path} is not found here; name the data file explicitly")
-    return prepare_data(cfg, model.tokenizer, ckpt.load_data_sha256(Path(run_dir)))[1]
+    return prepare_data(cfg, tok, ckpt.load_data_sha256(Path(run_dir)))[1]
 
 
 def absolute_data(cfg: RunConfig) -> RunConfig:

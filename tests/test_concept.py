@@ -338,14 +338,15 @@ def test_cli_train_eval_sample_analyze_load(concept_run: Path, excerpt: Path, tm
         assert code == 2 and "cannot batch the concept family" in err
     with pytest.raises(FractalError, match="not a standalone model in family concept"):
         fractalformer.load(concept_run, level=0, index=0)
-    model = fractalformer.load(concept_run)
+    trained = fractalformer.load(concept_run)
+    model = trained.model
     assert isinstance(model, ConceptGPT) and not model.training
-    idx = torch.tensor([model.tokenizer.encode("ROMEO:")])
+    idx = torch.tensor([trained.tokenizer.encode("ROMEO:")])
     logits = model(idx)[0][0]
     loss = family_loss(model)  # an evaluating model leaves no training term
     assert logits.shape == (1, idx.shape[1], 128) and loss is None
-    assert model.generate("ROMEO:", 20, temperature=0, seed=1) == model.generate("ROMEO:", 20, temperature=0,
-                                                                                 seed=1, use_cache=False)
+    assert trained.generate("ROMEO:", 20, temperature=0, seed=1) == trained.generate(
+        "ROMEO:", 20, temperature=0, seed=1, use_cache=False)
 
 
 def test_byte_mode_reads_any_utf8(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -161,7 +161,7 @@ def test_the_size_estimate_is_a_lower_bound_of_every_preset() -> None:
 
 def test_grow_and_load_check_sizes_before_allocating(tiny_run: Path, tmp_path: Path) -> None:
     with pytest.raises(FractalError, match=r"a model of d_model 32,000, .* needs at least"):
-        grow_model(fractalformer.load(tiny_run), 1000)
+        grow_model(fractalformer.load(tiny_run).model, 1000)
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     d = json.loads((run / "config.json").read_text())

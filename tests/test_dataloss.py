@@ -251,7 +251,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(capsys, tmp_path:
 
 
 def _saved_step(run: Path) -> int:
-    return ckpt.load_model_state(run, fractalformer.load(run))
+    return ckpt.load_model_state(run, fractalformer.load(run).model)
 
 
 @pytest.mark.parametrize("state, match", [
@@ -300,14 +300,14 @@ def test_sub_model_load_checks_what_it_reads(fractal_run: Path, tmp_path: Path) 
     run = tmp_path / "run"
     shutil.copytree(fractal_run, run)
     path = ckpt.current(run).model
-    good = fractalformer.load(run, level=1, index=0)
+    good = fractalformer.load(run, level=1, index=0).model
     _flip(path, 1000)
     with pytest.raises(FractalError, match=r"is corrupt \(tensor .* does not match the checksum"):
         fractalformer.load(run, level=1, index=0)
     # a file of an earlier version: one checksum of the whole contents, checked whole
     state = load_file(str(ckpt.current(fractal_run).model))
     save_file(state, str(path), metadata={"step": "40", "sha256": ckpt.tensors_sha256(state)})
-    alone = fractalformer.load(run, level=1, index=0)
+    alone = fractalformer.load(run, level=1, index=0).model
     assert all(torch.equal(v, good.state_dict()[k]) for k, v in alone.state_dict().items())
     _flip(path, 1000)
     with pytest.raises(FractalError, match="its contents do not match the checksum"):

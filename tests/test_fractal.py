@@ -224,9 +224,9 @@ def test_fractal_cli_eval_sample_extract(capsys, fractal_run: Path, excerpt: Pat
     sub_dir = tmp_path / "sub"
     code, out, _ = run_cli(capsys, "extract", fractal_run, "--level", "2", "--index", "1", "--out", sub_dir)
     assert code == 0
-    sub = fractalformer.load(sub_dir)
+    sub = fractalformer.load(sub_dir).model
     assert sub.config.family == "gpt" and sub.config.d_model == 8
-    full = fractalformer.load(fractal_run)
+    full = fractalformer.load(fractal_run).model
     x = torch.randint(0, 128, (2, 32))
     torch.testing.assert_close(sub(x)[0][0], full(x, [2])[2][1], rtol=1e-5, atol=1e-5)
     code, out, _ = run_cli(capsys, "eval", sub_dir, "--json", "--data", excerpt, "--windows", "64")

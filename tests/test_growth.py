@@ -111,7 +111,7 @@ def test_full_model_of_a_glued_model_keeps_its_glue(tmp_path: Path) -> None:
     ckpt.save_run_config(tmp_path, cfg, tok)
     ckpt.save_tensors(tmp_path / ckpt.MODEL, dict(glued.state_dict()))  # weights alone
     x = torch.randint(0, tok.vocab_size, (2, 16))
-    loaded = fractalformer.load(tmp_path, level=0, index=0)
+    loaded = fractalformer.load(tmp_path, level=0, index=0).model
     torch.testing.assert_close(loaded(x)[0], glued(x)[0], rtol=1e-4, atol=1e-5)
 
 
@@ -295,8 +295,8 @@ def test_merge_cli_glue_then_full_on_shards(capsys, tmp_path: Path, excerpt: Pat
     for j, kid in enumerate(kids):  # the children come back out bit-identical
         x = tmp_path / f"x{j}"
         assert run_cli(capsys, "extract", glue_only, "--level", "1", "--index", j, "--out", x)[0] == 0
-        assert same_weights(fractalformer.load(x), fractalformer.load(kid))
-    glue = [p[~frozen] for p, frozen in frozen_masks(merged) if p.dim() == 2 and (~frozen).any()]
+        assert same_weights(fractalformer.load(x).model, fractalformer.load(kid).model)
+    glue = [p[~frozen] for p, frozen in frozen_masks(merged.model) if p.dim() == 2 and (~frozen).any()]
     assert len(glue) == 8 and all(g.abs().sum() > 0 for g in glue)  # the folded glue trained
 
 
@@ -322,7 +322,7 @@ def test_merge_cli_again_quarters_to_one(capsys, tmp_path: Path) -> None:
     for h in range(2):
         assert run_cli(capsys, "merge", *quarters[2 * h:2 * h + 2], "--out", tmp_path / f"h{h}")[0] == 0
     assert run_cli(capsys, "merge", tmp_path / "h0", tmp_path / "h1", "--out", tmp_path / "one")[0] == 0
-    one = fractalformer.load(tmp_path / "one")
+    one = fractalformer.load(tmp_path / "one").model
     assert (one.config.nesting.levels, one.config.d_model) == (3, 64)
     for j, q in enumerate(quarters):
-        assert same_weights(one.extract(2, j), fractalformer.load(q))
+        assert same_weights(one.extract(2, j), fractalformer.load(q).model)

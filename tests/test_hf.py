@@ -44,8 +44,8 @@ def check_parity(ours: torch.nn.Module, level: int, index: int, folder: Path, to
 def test_dense_export_matches(tiny_run: Path, tmp_path: Path, capsys) -> None:
     code, _, err = run_cli(capsys, "export", tiny_run, "--out", tmp_path / "hf")
     assert code == 0, err
-    model = fractalformer.load(tiny_run)
-    check_parity(model, 0, 0, tmp_path / "hf", model.tokenizer)
+    trained = fractalformer.load(tiny_run)
+    check_parity(trained.model, 0, 0, tmp_path / "hf", trained.tokenizer)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 
@@ -53,11 +53,12 @@ def test_dense_export_matches(tiny_run: Path, tmp_path: Path, capsys) -> None:
 def test_every_sub_model_exports(fractal_run: Path, tmp_path: Path) -> None:
     from fractalformer.export import export
 
-    model = fractalformer.load(fractal_run)
+    trained = fractalformer.load(fractal_run)
+    model, tok = trained.model, trained.tokenizer
     for level, index in model.config.sub_models():
         folder = tmp_path / f"{level}-{index}"
-        export(model, model.tokenizer, folder, level, index)
-        check_parity(model, level, index, folder, model.tokenizer)
+        export(model, tok, folder, level, index)
+        check_parity(model, level, index, folder, tok)
 
 
 def test_export_refuses_an_existing_folder_and_half_a_sub_model(tiny_run: Path, tmp_path: Path,

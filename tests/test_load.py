@@ -15,15 +15,16 @@ from fractalformer import checkpoint as ckpt
 
 @pytest.mark.slow
 def test_sub_model_load_equals_extraction(fractal_run: Path) -> None:
-    model = fractalformer.load(fractal_run)
+    trained = fractalformer.load(fractal_run)
+    model = trained.model
     for level, index in model.config.sub_models():
         alone = fractalformer.load(fractal_run, level=level, index=index)
         want = model.extract(level, index).state_dict()
-        got = alone.state_dict()
+        got = alone.model.state_dict()
         assert got.keys() == want.keys()
         assert all(torch.equal(got[k], want[k]) for k in want), (level, index)
-        assert alone.config == model.sub_model_config(level) and not alone.training
-        assert alone.tokenizer.name == model.tokenizer.name
+        assert alone.config == model.sub_model_config(level) and not alone.model.training
+        assert alone.tokenizer.name == trained.tokenizer.name
 
 
 @pytest.mark.slow

@@ -104,11 +104,10 @@ def test_report_of_any_run_folder_leaves_out_what_it_has_no_data_for(capsys, exc
 
 def test_clusterings_and_train_state_that_are_garbage_are_left_out(tmp_path: Path) -> None:
     model = build_model(build_config("tiny-fractal").model)
-    model.tokenizer = get_tokenizer("bpe128")
     for content in (b"\xff", b"[]", b'[{"ids": {"x": 1}}]', b'{"ids": 3}'):
         (tmp_path / "clusters.json").write_bytes(content)
         with pytest.warns(UserWarning, match="clusters.json cannot be read as a clustering history"):
-            assert emergent_ari(tmp_path, model) == {}
+            assert emergent_ari(tmp_path, model, get_tokenizer("bpe128")) == {}
     state = tmp_path / "train_state.json"
     for content, step in ((b'{"step": 12}', 12), (b"[1]", None), (b'{"step": "12"}', None), (b"\xff", None)):
         state.write_bytes(content)

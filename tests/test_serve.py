@@ -31,6 +31,7 @@ from fractalformer.data.tokenizers import get_tokenizer
 from fractalformer.errors import FractalError
 from fractalformer.generate import generate, probabilities, sample_next
 from fractalformer.generate.speculative import parse_sub_model
+from fractalformer.loading import TrainedModel
 from fractalformer.models import build_model
 from fractalformer.serve import Batcher, Job, Limits, create_app, model_cards
 from fractalformer.serve.app import allowed_hosts, chat_prompt
@@ -52,8 +53,13 @@ def random_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def model(random_run: Path) -> torch.nn.Module:
+def trained(random_run: Path) -> TrainedModel:
     return fractalformer.load(random_run)
+
+
+@pytest.fixture(scope="module")
+def model(trained: TrainedModel) -> torch.nn.Module:
+    return trained.model
 
 
 def collect(batcher: Batcher, jobs: list[Job]) -> dict[int, list]:
@@ -74,10 +80,10 @@ PROMPTS = ["ROMEO:", "O", "First Citizen:\nBefore we", "To be, or not"]
 TARGETS = [(0, 0), (1, 1), (2, 3), (1, "ensemble"), (2, "ensemble")]
 
 
-def test_batched_greedy_equals_solo_greedy(model: torch.nn.Module) -> None:
+def test_batched_greedy_equals_solo_greedy(model: torch.nn.Module, trained) -> None:
     """Every request queued first, so the first step admits them all into shared batches;
     prompts of different lengths put the rows at different positions."""
-    tok = model.tokenizer
+    tok = trained.tokenizer
     jobs = [Job(tok.encode(p), 24, t, print, temperature=0.0) for t in TARGETS for p in PROMPTS]
     batcher = Batcher(model, max_batch=len(jobs), queue_size=len(jobs))
     events = collect(batcher, jobs)
@@ -94,10 +100,10 @@ def test_batched_greedy_equals_solo_greedy(model: torch.nn.Module) -> None:
     assert len(texts) > len(jobs) // 2  # the outputs differ: equality is not trivial
 
 
-def test_requests_joining_and_leaving_mid_decoding_stay_exact(model: torch.nn.Module) -> None:
+def test_requests_joining_and_leaving_mid_decoding_stay_exact(model: torch.nn.Module, trained) -> None:
     """Requests arrive while others decode and finish at different lengths, so the batch is
     regathered with old and new rows; seeded sampling is per request, as when alone."""
-    tok = model.tokenizer
+    tok = trained.tokenizer
     batcher = Batcher(model, max_batch=3, queue_size=16)  # the rest wait in the queue
     specs = [(p, n, t) for p, n, t in zip(PROMPTS * 2, [5, 30, 12, 20, 9, 17, 25, 3], [0.0, 1.0] * 4,
                                           strict=True)]
@@ -143,8 +149,8 @@ def test_per_row_cache_positions_match_one_cache_per_row(model: torch.nn.Module)
 
 # -- the HTTP API on a live server (uvicorn in a thread, loopback only) -----------------------------
 @contextmanager
-def live(model: torch.nn.Module, run: Path, batcher: Batcher, limits: Limits | None = None) -> Iterator[str]:
-    app = create_app(model, batcher, run.name, limits or Limits(), model_cards(model, run))
+def live(trained: TrainedModel, run: Path, batcher: Batcher, limits: Limits | None = None) -> Iterator[str]:
+    app = create_app(trained, batcher, run.name, limits or Limits(), model_cards(trained, run))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -162,10 +168,10 @@ def live(model: torch.nn.Module, run: Path, batcher: Batcher, limits: Limits | N
 
 
 @pytest.fixture(scope="module")
-def api(model: torch.nn.Module, random_run: Path) -> Iterator[tuple[httpx.Client, Batcher]]:
-    batcher = Batcher(model, max_batch=8, queue_size=8)
+def api(trained: TrainedModel, random_run: Path) -> Iterator[tuple[httpx.Client, Batcher]]:
+    batcher = Batcher(trained.model, max_batch=8, queue_size=8)
     batcher.start()
-    with live(model, random_run, batcher, Limits(max_tokens=40, max_prompt_chars=100)) as base, \
+    with live(trained, random_run, batcher, Limits(max_tokens=40, max_prompt_chars=100)) as base, \
             httpx.Client(base_url=base, timeout=30) as client:
         yield client, batcher
     batcher.stop()
@@ -182,7 +188,7 @@ def sse(client: httpx.Client, body: dict) -> list[str]:
     return [e[6:] for e in events]
 
 
-def test_stream_is_openai_sse_and_matches_the_plain_answer(api, model) -> None:
+def test_stream_is_openai_sse_and_matches_the_plain_answer(api, model, trained) -> None:
     client, _ = api
     body = {"prompt": "ROMEO:", "max_tokens": 12, "temperature": 0, "sub_model": "2:1"}
     data = sse(client, body)
@@ -190,22 +196,22 @@ def test_stream_is_openai_sse_and_matches_the_plain_answer(api, model) -> None:
     chunks = [json.loads(d) for d in data[:-1]]
     assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * 12 + ["length"]
     assert {c["object"] for c in chunks} == {"text_completion"} and len({c["id"] for c in chunks}) == 1
-    n = len(model.tokenizer.encode("ROMEO:"))
+    n = len(trained.tokenizer.encode("ROMEO:"))
     assert chunks[-1]["usage"] == {"prompt_tokens": n, "completion_tokens": 12, "total_tokens": 12 + n}
     plain = client.post("/v1/completions", json=body).json()
     assert plain["model"] == chunks[0]["model"] == "2:1"
     assert "".join(c["choices"][0]["text"] for c in chunks) == plain["choices"][0]["text"]
     assert [c["choices"][0]["token"] for c in chunks[:-1]] == plain["choices"][0]["tokens"] == \
-        list(generate(model, model.tokenizer.encode("ROMEO:"), 12, 0.0, level=2, index=1))
+        list(generate(model, trained.tokenizer.encode("ROMEO:"), 12, 0.0, level=2, index=1))
 
 
-def test_speculative_marks_accepted_drafts_and_is_exact(api, model) -> None:
+def test_speculative_marks_accepted_drafts_and_is_exact(api, model, trained) -> None:
     client, _ = api
     body = {"prompt": "To be", "max_tokens": 30, "temperature": 0,
             "speculate": {"drafts": ["1:0", "2:1"], "gamma": 3, "adaptive": False}}
     out = client.post("/v1/completions", json=body).json()
     choice = out["choices"][0]
-    assert choice["tokens"] == list(generate(model, model.tokenizer.encode("To be"), 30, 0.0))
+    assert choice["tokens"] == list(generate(model, trained.tokenizer.encode("To be"), 30, 0.0))
     spec = out["stats"]["speculative"]
     assert sum(choice["drafted"]) == spec["accepted"] > 0  # (not adaptive: it drafts every round)
     chunks = [json.loads(d) for d in sse(client, body)[:-1]]
@@ -230,8 +236,7 @@ def test_models_report_the_runs_last_validation(tmp_path: Path) -> None:
     run = tmp_path / "run"  # stopped after step 1 of 2: validated at step 1, no final evaluation
     assert main(["train", "--preset", "tiny-fractal", "--quiet", "--max-steps", "2", "--stop-after", "1",
                  "--set", "eval_every=1", "--set", "sample_tokens=0", "--out", str(run)]) == 0
-    model = fractalformer.load(run)
-    cards = {c["id"]: c for c in model_cards(model, run)}
+    cards = {c["id"]: c for c in model_cards(fractalformer.load(run), run)}
     assert set(cards) == {"0:0", "1:0", "1:1", "1:ensemble", "2:0", "2:1", "2:2", "2:3", "2:ensemble"}
     with (run / "metrics.csv").open() as f:
         row = next(csv.DictReader(f))
@@ -304,7 +309,7 @@ def until(cond, seconds: float = 20.0) -> None:
     raise AssertionError("condition not reached")
 
 
-def test_full_queue_answers_503_until_there_is_room(model, random_run) -> None:
+def test_full_queue_answers_503_until_there_is_room(model, random_run, trained) -> None:
     batcher = Batcher(model, max_batch=1, queue_size=1)
     held, release = threading.Event(), threading.Event()
 
@@ -315,10 +320,10 @@ def test_full_queue_answers_503_until_there_is_room(model, random_run) -> None:
 
     batcher.start()
     try:
-        with live(model, random_run, batcher) as base, httpx.Client(base_url=base, timeout=30) as client:
-            batcher.submit(Job(model.tokenizer.encode("O"), 5, (0, 0), hold))
+        with live(trained, random_run, batcher) as base, httpx.Client(base_url=base, timeout=30) as client:
+            batcher.submit(Job(trained.tokenizer.encode("O"), 5, (0, 0), hold))
             assert held.wait(20)
-            batcher.submit(Job(model.tokenizer.encode("O"), 2, (0, 0), lambda ev: None))  # the one place
+            batcher.submit(Job(trained.tokenizer.encode("O"), 2, (0, 0), lambda ev: None))  # the one place
             r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
             assert r.status_code == 503 and r.json()["error"]["code"] == "queue_full"
             assert r.headers["retry-after"] == "1"
@@ -332,7 +337,7 @@ def test_full_queue_answers_503_until_there_is_room(model, random_run) -> None:
         batcher.stop()
 
 
-def test_client_disconnecting_mid_stream_cancels_its_request(model, random_run) -> None:
+def test_client_disconnecting_mid_stream_cancels_its_request(model, random_run, trained) -> None:
     """A second job decodes beside the streamed request and holds the scheduler (its token
     callback runs on the scheduler thread) after the stream's first token until the server
     has seen the client go: the request is dropped with most of its 40 tokens unmade."""
@@ -349,12 +354,12 @@ def test_client_disconnecting_mid_stream_cancels_its_request(model, random_run) 
         elif batcher.pending.qsize() == 0:  # admitted, its first token is out: wait for the client to go
             seen.append(streamed[0].cancelled.wait(20))
 
-    blocker = Job(model.tokenizer.encode("O"), 40, (0, 0), emit, temperature=0.0)
+    blocker = Job(trained.tokenizer.encode("O"), 40, (0, 0), emit, temperature=0.0)
 
     batcher.submit(blocker)
     batcher.start()
     try:
-        with live(model, random_run, batcher) as base, httpx.Client(base_url=base, timeout=30) as client:
+        with live(trained, random_run, batcher) as base, httpx.Client(base_url=base, timeout=30) as client:
             with client.stream("POST", "/v1/completions",
                                json={"prompt": "O", "max_tokens": 40, "stream": True, "temperature": 0}) as r:
                 assert next(r.iter_lines()).startswith("data: ")
@@ -477,7 +482,7 @@ def test_seeds_must_lie_below_2_63(capsys, api, random_run: Path) -> None:
     assert r.status_code == 200
 
 
-def test_queued_non_streaming_client_that_leaves_is_dropped(model, random_run) -> None:
+def test_queued_non_streaming_client_that_leaves_is_dropped(model, random_run, trained) -> None:
     """The scheduler is held inside another job while a plain (non-streaming) request
     waits in the queue; its client closes the connection; released, the scheduler drops it
     without decoding a token of it."""
@@ -491,8 +496,8 @@ def test_queued_non_streaming_client_that_leaves_is_dropped(model, random_run) -
 
     batcher.start()
     try:
-        with live(model, random_run, batcher) as base:
-            batcher.submit(Job(model.tokenizer.encode("O"), 3, (0, 0), hold))
+        with live(trained, random_run, batcher) as base:
+            batcher.submit(Job(trained.tokenizer.encode("O"), 3, (0, 0), hold))
             assert held.wait(20)
             port = int(base.rsplit(":", 1)[1])
             body = json.dumps({"prompt": "O", "max_tokens": 30}).encode()
@@ -519,18 +524,18 @@ def test_seeded_adaptive_speculation_is_reproducible(api) -> None:
     assert first["stats"]["speculative"]["rounds"] > 0  # it did draft
 
 
-def guarded(model: torch.nn.Module, run: Path, batcher: Batcher, api_key: str | None = None,
+def guarded(trained: TrainedModel, run: Path, batcher: Batcher, api_key: str | None = None,
             extra: tuple[str, ...] = ()) -> TestClient:
-    app = create_app(model, batcher, run.name, Limits(), model_cards(model, run),
+    app = create_app(trained, batcher, run.name, Limits(), model_cards(trained, run),
                      allowed_hosts("127.0.0.1", extra), api_key)
     return TestClient(app, base_url="http://127.0.0.1:8000")
 
 
-def test_guard_refuses_foreign_hosts_other_content_types_and_missing_keys(model, random_run) -> None:
+def test_guard_refuses_foreign_hosts_other_content_types_and_missing_keys(model, random_run, trained) -> None:
     batcher = Batcher(model)
     batcher.start()
     try:
-        client = guarded(model, random_run, batcher)
+        client = guarded(trained, random_run, batcher)
         ok = {"prompt": "O", "max_tokens": 2}
         assert client.post("/v1/completions", json=ok).status_code == 200
         for host in ("localhost:8000", "127.0.0.1", "[::1]:8000", "10.1.2.3:8000"):
@@ -538,9 +543,9 @@ def test_guard_refuses_foreign_hosts_other_content_types_and_missing_keys(model,
         for host in ("evil.example:8000", "evil.example", "127.0.0.1.nip.io:8000", ""):
             r = client.get("/v1/models", headers={"host": host})
             assert r.status_code == 400 and r.json()["error"]["code"] == "host_not_allowed", host
-        assert guarded(model, random_run, batcher, extra=("box.lan",)).get(
+        assert guarded(trained, random_run, batcher, extra=("box.lan",)).get(
             "/", headers={"host": "box.lan:8000"}).status_code == 200
-        assert guarded(model, random_run, batcher, extra=("*",)).get(
+        assert guarded(trained, random_run, batcher, extra=("*",)).get(
             "/", headers={"host": "any.example"}).status_code == 200
         for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
                       None):
@@ -550,7 +555,7 @@ def test_guard_refuses_foreign_hosts_other_content_types_and_missing_keys(model,
         r = client.post("/v1/completions", content=json.dumps(ok),
                         headers={"content-type": "application/json; charset=utf-8"})
         assert r.status_code == 200
-        keyed = guarded(model, random_run, batcher, api_key="s3cret")
+        keyed = guarded(trained, random_run, batcher, api_key="s3cret")
         for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret"}):
             r = keyed.post("/v1/completions", json=ok, headers=headers)
             assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
@@ -577,10 +582,10 @@ def test_serve_prints_where_it_listens(random_run: Path) -> None:
         proc.communicate(timeout=30)
 
 
-def test_max_tokens_beyond_the_context_slides_the_window_like_sample(api, model) -> None:
+def test_max_tokens_beyond_the_context_slides_the_window_like_sample(api, model, trained) -> None:
     """Requests outgrowing the 64-token context leave the batch and slide, as generate()
     does, beside rows still inside it (batched)."""
-    tok = model.tokenizer
+    tok = trained.tokenizer
     specs = [("ROMEO:", 90, (0, 0)), ("O", 40, (0, 0)), ("To be, or not", 70, (2, 1)),
              ("O", 66, (1, "ensemble"))]
     jobs = [Job(tok.encode(p), n, t, print, temperature=0.8, seed=i) for i, (p, n, t) in enumerate(specs)]

@@ -48,8 +48,9 @@ def test_resume_gives_the_uninterrupted_losses(tmp_path: Path) -> None:
 
 
 def test_checkpoint_round_trip(tiny_run: Path) -> None:
-    model = fractalformer.load(tiny_run)
-    assert model.tokenizer.name == "bpe128" and model.config.n_layer == 2
+    trained = fractalformer.load(tiny_run)
+    model = trained.model
+    assert trained.tokenizer.name == "bpe128" and model.config.n_layer == 2
     assert not model.training
     current = ckpt.current(tiny_run)
     saved = load_file(str(current.model))

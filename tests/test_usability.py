@@ -258,18 +258,18 @@ def test_speculate_errors_come_before_the_echo(capsys, fractal_run: Path, tmp_pa
 
 
 def test_generate_matches_the_command_line(capsys, fractal_run: Path) -> None:
-    model = fractalformer.load(fractal_run)
-    text = model.generate("ROMEO:", 15, seed=3, level=1, index=1)
+    trained = fractalformer.load(fractal_run)
+    text = trained.generate("ROMEO:", 15, seed=3, level=1, index=1)
     code, out, _ = run_cli(capsys, "sample", fractal_run, "--prompt", "ROMEO:", "--max-new-tokens", "15",
                            "--seed", "3", "--level", "1", "--index", "1")
     assert code == 0 and out == "ROMEO:" + text + "\n"
-    assert model.generate("ROMEO:", 15, seed=3) != text  # another sub-model, another text
-    ids = torch.tensor([model.tokenizer.encode("ROMEO:")])
-    logits = model.sub_model_logits(ids)
-    assert sorted(logits) == model.config.sub_models() and logits[(2, 3)].shape == (1, ids.shape[1], 128)
-    torch.testing.assert_close(logits[(0, 0)], model(ids)[0][0])
+    assert trained.generate("ROMEO:", 15, seed=3) != text  # another sub-model, another text
+    ids = torch.tensor([trained.tokenizer.encode("ROMEO:")])
+    logits = trained.sub_model_logits(ids)
+    assert sorted(logits) == trained.config.sub_models() and logits[(2, 3)].shape == (1, ids.shape[1], 128)
+    torch.testing.assert_close(logits[(0, 0)], trained.model(ids)[0][0])
     with pytest.raises(fractalformer.FractalError, match="temperature"):
-        model.generate("x", temperature=-1)
+        trained.generate("x", temperature=-1)
 
 
 def test_device_and_dtype_options(capsys, tiny_run: Path, excerpt: Path) -> None:

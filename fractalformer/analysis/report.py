@@ -39,7 +39,7 @@ from ..errors import FractalError
 from ..evaluate import evaluate_full
 from ..hierarchy import group_key, groups_to_labels, seed_groups, token_class, token_strings
 from ..io import write_text
-from ..loading import load
+from ..loading import TrainedModel, load
 from ..runs import run_data
 from .plots import plot_curves
 
@@ -55,9 +55,10 @@ def cosine_matrix(x: torch.Tensor) -> torch.Tensor:
     return x @ x.T
 
 
-def pair_cosines(model: torch.nn.Module, pairs: list[tuple[str, str]]) -> dict[str, dict[int, float]]:
+def pair_cosines(model: torch.nn.Module, tok: Tokenizer, pairs: list[tuple[str, str]]
+                 ) -> dict[str, dict[int, float]]:
     """cos(a, b) at every level width, for each pair whose tokens are in the vocabulary."""
-    index = {s: i for i, s in enumerate(token_strings(model.tokenizer))}
+    index = {s: i for i, s in enumerate(token_strings(tok))}
     out = {}
     for a, b in pairs:
         if a in index and b in index:
@@ -80,14 +81,13 @@ def consistency(model: torch.nn.Module, windows: torch.Tensor) -> dict[tuple[int
     return out
 
 
-def emergent_ari(run_dir: Path, model: torch.nn.Module) -> dict[int, float]:
+def emergent_ari(run_dir: Path, model: torch.nn.Module, tok: Tokenizer) -> dict[int, float]:
     """Adjusted Rand index of the last clustering at each width vs the seed's categories."""
     from sklearn.metrics import adjusted_rand_score
 
     path = run_dir / "clusters.json"
     if not path.is_file():
         return {}
-    tok = model.tokenizer
     widths = [model.level_width(lv) for lv in range(model.nest.levels)]
     imposed = seed_groups(tok, widths)
     v = tok.vocab_size
@@ -122,9 +122,9 @@ def token_labels(tok: Tokenizer) -> list[str]:
     return labels
 
 
-def _heatmaps(model: torch.nn.Module, out: Path) -> list[Path]:
+def _heatmaps(model: torch.nn.Module, tok: Tokenizer, out: Path) -> list[Path]:
     """One similarity heatmap per level: tokens ordered by class, classes boxed and named."""
-    strings, labels = token_strings(model.tokenizer), token_labels(model.tokenizer)
+    strings, labels = token_strings(tok), token_labels(tok)
     order = sorted(range(len(strings)), key=lambda i: (token_class(strings[i]), strings[i]))
     classes = [token_class(strings[i]) for i in order]
     edges = [k for k in range(1, len(order)) if classes[k] != classes[k - 1]]
@@ -154,11 +154,11 @@ def _heatmaps(model: torch.nn.Module, out: Path) -> list[Path]:
     return paths
 
 
-def _dendrogram(model: torch.nn.Module, seen: list[int], path: Path) -> None:
+def _dendrogram(model: torch.nn.Module, tok: Tokenizer, seen: list[int], path: Path) -> None:
     """Average-linkage clusters of the embeddings of the tokens the training text uses."""
     from scipy.cluster.hierarchy import dendrogram, linkage
 
-    labels = token_labels(model.tokenizer)
+    labels = token_labels(tok)
     emb = model.embed.weight.detach().float().cpu().numpy()[seen]
     z = linkage(emb, method="average", metric="cosine")
     tall = len(seen) > 100  # many leaves read better down the page than across it
@@ -214,12 +214,12 @@ def _table(rows: list[dict], numeric_from: int = 0) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _samples(model: torch.nn.Module, tokens: int = 120) -> list[tuple[str, str]]:
+def _samples(trained: TrainedModel, tokens: int = 120) -> list[tuple[str, str]]:
     """A short sample (seed 0, temperature 0.8) from every sub-model."""
     out = []
-    for lv, j in model.config.sub_models():
-        text = model.generate("\n", tokens, seed=0, level=lv, index=j, on_unknown="replace")
-        out.append((f"sub-model ({lv}, {j}), width {model.level_width(lv)}", text))
+    for lv, j in trained.config.sub_models():
+        text = trained.generate("\n", tokens, seed=0, level=lv, index=j, on_unknown="replace")
+        out.append((f"sub-model ({lv}, {j}), width {trained.model.level_width(lv)}", text))
     return out
 
 
@@ -273,9 +273,9 @@ def analyze(run_dir: str | Path, windows: int = 16, data: str | None = None, dev
     runs the model under bf16 autocast.
     """
     run_dir = Path(run_dir)
-    model = load(run_dir, device)
-    cfg = model.run_config
-    corpus = run_data(run_dir, model, data)
+    trained = load(run_dir, device)
+    model, tok, cfg = trained.model, trained.tokenizer, trained.run_config
+    corpus = run_data(run_dir, cfg, tok, data)
     out = _analysis_dir(run_dir)
     bf16 = dtype == "bfloat16" or (dtype == "auto" and device == "cuda")
     with torch.autocast(device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
@@ -285,14 +285,14 @@ def analyze(run_dir: str | Path, windows: int = 16, data: str | None = None, dev
         val_windows = as_tensor(corpus.val[: n * t]).view(n, t).to(device)
         cons = consistency(model, val_windows)
         usage = expert_usage(model, val_windows, out / "expert_usage.png")
-        samples = _samples(model)
-    heatmaps = _heatmaps(model, out)
-    counts = torch.bincount(as_tensor(corpus.train), minlength=model.tokenizer.vocab_size)
+        samples = _samples(trained)
+    heatmaps = _heatmaps(model, tok, out)
+    counts = torch.bincount(as_tensor(corpus.train), minlength=tok.vocab_size)
     seen = counts.nonzero().flatten().tolist()
-    _dendrogram(model, seen, out / "dendrogram.png")
+    _dendrogram(model, tok, seen, out / "dendrogram.png")
     curves = _curves(run_dir)
-    cos = pair_cosines(model, [("a", "A"), ("a", "i")])
-    ari = emergent_ari(run_dir, model)
+    cos = pair_cosines(model, tok, [("a", "A"), ("a", "i")])
+    ari = emergent_ari(run_dir, model, tok)
     unit = rows[0].unit
     table = [{"level": r.level, "index": r.index, "width": r.width, "parameters": f"{r.params:,}",
               "validation loss (nats/token)": f"{r.val_loss:.4f}",
@@ -304,29 +304,29 @@ def analyze(run_dir: str | Path, windows: int = 16, data: str | None = None, dev
     summary = {"rows": [r.to_json() for r in rows], "cosines": cos, "emergent_ari": ari,
                "consistency": {f"{lv}.{j}": v for (lv, j), v in cons.items()}, "expert_usage": usage}
     write_text(out / "summary.json", json.dumps(summary, indent=1))
-    page = _page(run_dir, model, rows[0].tokens, n, t, table, samples, usage, curves, heatmaps, cos, ari,
+    page = _page(run_dir, trained, rows[0].tokens, n, t, table, samples, usage, curves, heatmaps, cos, ari,
                  len(seen), _trained_steps(ckpt.current(run_dir).state_json))
     report = out / "report.html"
     write_text(report, page)
     return report
 
 
-def _page(run_dir: Path, model: torch.nn.Module, val_tokens: int, n: int, t: int, table: list[dict],
+def _page(run_dir: Path, trained: TrainedModel, val_tokens: int, n: int, t: int, table: list[dict],
           samples: list[tuple[str, str]], usage: dict | None, curves: Path | None, heatmaps: list[Path],
           cos: dict, ari: dict, seen: int, step: int | None) -> str:
     """The report as one self-contained HTML page, every section with a line on how to read it."""
-    cfg = model.run_config
+    model, tok, cfg = trained.model, trained.tokenizer, trained.run_config
     m, tr = cfg.model, cfg.train
     e = html.escape
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    unit = model.tokenizer.unit
+    unit = tok.unit
     run_rows = [{"setting": k, "value": v} for k, v in [
         ("family", m.family), ("levels x split", f"{m.nesting.levels} x {m.nesting.split}"
                                                  if m.nesting.levels > 1 else "1 (dense)"),
         ("width (d_model)", m.d_model), ("layers", m.n_layer), ("heads (query / key-value)",
                                                                  f"{m.n_head} / {m.n_kv_head}"),
         ("context (block_size)", m.block_size), ("parameters", f"{model.num_params():,}"),
-        ("tokenizer", f"{model.tokenizer.name} ({model.tokenizer.vocab_size} tokens)"),
+        ("tokenizer", f"{tok.name} ({tok.vocab_size} tokens)"),
         ("data", tr.data or "the shipped TinyShakespeare"),
         ("trained", f"{step if step is not None else '?'} of {tr.max_steps} steps, batch {tr.batch_size}, "
                     f"lr {tr.lr:g} -> {tr.min_lr:g}")]]

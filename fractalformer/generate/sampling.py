@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..data.tokenizers import Tokenizer
 from ..errors import FractalError
 from ..nn.decode import frozen_weights, memo
 
@@ -181,7 +182,8 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None,
         raise FractalError(f"seed must lie in 0 .. 2^63 - 1, got {seed}")
 
 
-def stream_text(model: torch.nn.Module, prompt: str, max_new_tokens: int = 200, *, temperature: float = 0.8,
+def stream_text(model: torch.nn.Module, tok: Tokenizer, prompt: str, max_new_tokens: int = 200, *,
+                temperature: float = 0.8,
                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                 level: int = 0, index: int | str = 0, on_unknown: str = "error",
                 use_cache: bool = True, compile: bool | str = False) -> Iterator[str]:
@@ -190,9 +192,6 @@ def stream_text(model: torch.nn.Module, prompt: str, max_new_tokens: int = 200, 
     Every argument is checked here, before the first piece, so a caller can print an error
     before echoing anything. The defaults are the command line's.
     """
-    tok = getattr(model, "tokenizer", None)
-    if tok is None:
-        raise FractalError("the model has no tokenizer: load it with fractalformer.load(run_dir)")
     check_sampling(temperature, top_k, top_p, seed)
     model.nest.check(level, 0 if index == "ensemble" else int(index))
     ids = tok.encode(prompt, on_unknown=on_unknown)

@@ -29,7 +29,6 @@ ancestors, so only level 0 does. Without residuals every sub-model does.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 
 import torch

@@ -20,8 +20,6 @@ loss is about ln(vocab_size) - unlike the seed, whose row-normalised output gave
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from typing import Any
 
 import torch
 from torch import nn
@@ -190,28 +188,6 @@ class GPT(nn.Module):
             for c in cache.values():
                 c.length = c.length + t  # a new object: per-row lengths may be shared
         return self.head(states)
-
-    # -- the Python API of a loaded model (fractalformer.load sets .tokenizer) --------------------
-    def stream(self, prompt: str, max_new_tokens: int = 200, **kwargs: Any) -> Iterator[str]:
-        """Text pieces continuing ``prompt``; keyword arguments and defaults as :meth:`generate`."""
-        from ..generate.sampling import stream_text
-
-        return stream_text(self, prompt, max_new_tokens, **kwargs)
-
-    def generate(self, prompt: str, max_new_tokens: int = 200, **kwargs: Any) -> str:
-        """The text continuing ``prompt`` (without it), with the ``sample`` command's defaults.
-
-        Keywords: ``temperature`` (0.8; 0 = greedy), ``top_k``, ``top_p``, ``seed``, ``level``
-        and ``index`` (the sub-model; ``index="ensemble"`` for a whole level), ``on_unknown``
-        (``"error"`` or ``"replace"``), ``use_cache`` and ``compile`` (torch.compile the decode step).
-        """
-        return "".join(self.stream(prompt, max_new_tokens, **kwargs))
-
-    @torch.no_grad()
-    def sub_model_logits(self, idx: torch.Tensor) -> dict[tuple[int, int], torch.Tensor]:
-        """Logits (B, T, vocab) of every sub-model on token ids ``idx`` (B, T), keyed (level, index)."""
-        return {(lv, j): lg[j] for lv, lg in self(idx).items()
-                for j in range(lg.shape[0])}
 
 
 def batch_rows(idx: torch.Tensor, n: int) -> torch.Tensor:

@@ -48,7 +48,7 @@ from ..errors import FractalError
 from ..evaluate import sub_model_params, to_bpc
 from ..generate.sampling import SEED_LIMIT
 from ..generate.speculative import check_speculation, parse_sub_model
-from ..loading import load
+from ..loading import TrainedModel, load
 from ..runs import prepare_data
 from .batcher import Batcher, Event, Failed, Finished, Job, QueueFull, Target, Token
 
@@ -190,9 +190,10 @@ def parse_target(spec: str, model: torch.nn.Module, param: str) -> Target:
         raise ApiError(status, str(e), param, code="model_not_found" if status == 404 else None) from None
 
 
-def model_cards(model: torch.nn.Module, run_dir: Path) -> list[dict[str, Any]]:
+def model_cards(trained: TrainedModel, run_dir: Path) -> list[dict[str, Any]]:
     """Every sub-model and level ensemble: width, parameters, last validation bits/char."""
-    step, losses, units = _last_validation(model, run_dir)
+    step, losses, units = _last_validation(trained, run_dir)
+    model = trained.model
     created = int(ckpt.current(run_dir).model.stat().st_mtime)
     cards = []
     for lv in range(model.nest.levels):
@@ -212,7 +213,7 @@ def model_cards(model: torch.nn.Module, run_dir: Path) -> list[dict[str, Any]]:
     return cards
 
 
-def _last_validation(model: torch.nn.Module, run_dir: Path) -> tuple[int | None, dict, float | None]:
+def _last_validation(trained: TrainedModel, run_dir: Path) -> tuple[int | None, dict, float | None]:
     """(step, {(level, index): nats/token}, characters per token) of the run's last
     validation in metrics.csv; empty when the run has none (or its data is gone)."""
     path = run_dir / "metrics.csv"
@@ -231,13 +232,13 @@ def _last_validation(model: torch.nn.Module, run_dir: Path) -> tuple[int | None,
     units = ckpt.load_val_units_per_token(run_dir)
     if units is None:  # a run saved before training recorded it: tokenise its validation text
         try:
-            units = prepare_data(model.run_config, model.tokenizer)[1].val_units_per_token
+            units = prepare_data(trained.run_config, trained.tokenizer)[1].val_units_per_token
         except FractalError:
             units = None
     return int(last["step"]), losses, units
 
 
-def create_app(model: torch.nn.Module, batcher: Batcher, name: str, limits: Limits,
+def create_app(trained: TrainedModel, batcher: Batcher, name: str, limits: Limits,
                cards: list[dict[str, Any]], hosts: frozenset[str] | None = None,
                api_key: str | None = None) -> FastAPI:
     """The FastAPI app; ``batcher`` is started and stopped by the caller (see ``serve``),
@@ -245,9 +246,9 @@ def create_app(model: torch.nn.Module, batcher: Batcher, name: str, limits: Limi
     (:func:`allowed_hosts`; None: any) and ``api_key`` the bearer token /v1/ needs (None: none)."""
     app = FastAPI(title="FractalFormer", summary=f"serving {name}", version="0.1.0")
     app.add_middleware(Guard, hosts=hosts, api_key=api_key)
+    model, tok = trained.model, trained.tokenizer
     ctx = model.config.block_size
     max_tokens = limits.max_tokens  # the window slides past the context, as fractalformer sample's does
-    tok = model.tokenizer
     page = resources.files("fractalformer.serve").joinpath("static", "index.html").read_text(encoding="utf-8")
     info = {"run": name, "context": ctx, "unit": tok.unit, "tokenizer": tok.name,
             "limits": {"max_tokens": max_tokens, "max_prompt_chars": limits.max_prompt_chars,
@@ -484,15 +485,15 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, limits: Li
     """Load the run, bind the port, print where it listens, and serve until interrupted (Ctrl-C)."""
     limits = limits or Limits()
     run = Path(run)
-    model = load(run)
-    if model.config.family == "concept":  # its caches advance concept levels per row position
+    trained = load(run)
+    if trained.config.family == "concept":  # its caches advance concept levels per row position
         raise FractalError("fractalformer serve cannot batch the concept family yet; use "
                            "fractalformer sample")
     if api_key is not None and not api_key.strip():
         raise FractalError("the API key is empty")
     sock = _bind(host, port)
-    batcher = Batcher(model, limits.max_batch, limits.queue_size)
-    app = create_app(model, batcher, run.name, limits, model_cards(model, run),
+    batcher = Batcher(trained.model, limits.max_batch, limits.queue_size)
+    app = create_app(trained, batcher, run.name, limits, model_cards(trained, run),
                      allowed_hosts(host, allow_hosts), api_key)
     if api_key is None and not _loopback(sock):
         warnings.warn(f"{host} is reachable beyond this machine and there is no --api-key: anyone who "

@@ -27,6 +27,7 @@ import torch
 import uvicorn
 
 import fractalformer
+from fractalformer.loading import TrainedModel
 from fractalformer.serve import Batcher, Job, Limits, create_app, model_cards
 from fractalformer.serve.app import allowed_hosts
 
@@ -38,7 +39,7 @@ KEY = "battery-key"
 @dataclass
 class Server:
     run: Path
-    model: torch.nn.Module
+    trained: TrainedModel
     batcher: Batcher
     base: str
 
@@ -68,9 +69,9 @@ def server() -> Server:
     """The live server over :func:`tiny_run`, with an API key, allowing its own address only."""
     run = tiny_run()
     torch.set_num_threads(1)
-    model = fractalformer.load(run)
-    batcher = Batcher(model, max_batch=4, queue_size=8)
-    app = create_app(model, batcher, run.name, Limits(max_tokens=256), model_cards(model, run),
+    trained = fractalformer.load(run)
+    batcher = Batcher(trained.model, max_batch=4, queue_size=8)
+    app = create_app(trained, batcher, run.name, Limits(max_tokens=256), model_cards(trained, run),
                      allowed_hosts("127.0.0.1"), KEY)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -83,7 +84,7 @@ def server() -> Server:
         if not thread.is_alive():
             raise RuntimeError("the battery's server did not start")
         started.wait(0.02)
-    return Server(run, model, batcher, f"http://127.0.0.1:{sock.getsockname()[1]}")
+    return Server(run, trained, batcher, f"http://127.0.0.1:{sock.getsockname()[1]}")
 
 
 def _json_error(r: httpx.Response, status: int, param: str | None = None) -> str | None:
@@ -148,7 +149,7 @@ def queued_client_leaves(_: Path) -> str | None:
             release.wait(30)
 
     before = dict(s.batcher.counts)
-    s.batcher.submit(Job(s.model.tokenizer.encode("O"), 2, (0, 0), hold))
+    s.batcher.submit(Job(s.trained.tokenizer.encode("O"), 2, (0, 0), hold))
     try:
         if not held.wait(30):
             return "the holding job never ran"
