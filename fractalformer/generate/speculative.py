@@ -83,7 +83,7 @@ class _Drafter:
         return self.run(idx, [self.level], {self.level: self.cache})[self.level][:, 0, -1]
 
 
-class _Session:
+class _Speculation:
     """State of one speculative generation: sequence, caches, drafters, sampling."""
 
     def __init__(self, model: torch.nn.Module, prompt: list[int], drafts: list[tuple[int, int]],
@@ -289,21 +289,21 @@ def speculate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int,
         return
     scope = frozen_weights()  # weight slices gathered once, entered around each round
     with scope:
-        sess = _Session(model, prompt, drafts, target, temperature, top_k, top_p, seed, confidence, stats,
-                        compile)
+        state = _Speculation(model, prompt, drafts, target, temperature, top_k, top_p, seed, confidence,
+                             stats, compile)
     emitted = 0
     while emitted < max_new_tokens:
-        room = min(ctx - len(sess.seq), max_new_tokens - emitted - 1)
+        room = min(ctx - len(state.seq), max_new_tokens - emitted - 1)
         g = min(policy.gamma(), room)
         # past the context (plain sliding-window decoding), or drafting ruled out for good:
         # plain decoding, without the rounds' bookkeeping
-        if g < 1 and (len(sess.seq) >= ctx or policy.ruled_out()):
-            seed2 = int(torch.randint(0, 2**31, (1,), generator=sess.gen))
+        if g < 1 and (len(state.seq) >= ctx or policy.ruled_out()):
+            seed2 = int(torch.randint(0, 2**31, (1,), generator=state.gen))
             left = max_new_tokens - emitted
-            yield from _plain(model, sess.seq, left, sampling, seed2, target, compile, stats)
+            yield from _plain(model, state.seq, left, sampling, seed2, target, compile, stats)
             return
         with scope:
-            new = _round(sess, policy, g, stats)
+            new = _round(state, policy, g, stats)
         for tok in new[: max_new_tokens - emitted]:
             emitted += 1
             stats.tokens += 1
@@ -320,22 +320,22 @@ def _plain(model: torch.nn.Module, seq: list[int], n: int, sampling: tuple, seed
         yield tok
 
 
-def _round(sess: _Session, policy: Policy, g: int, stats: SpecStats) -> list[int]:
+def _round(state: _Speculation, policy: Policy, g: int, stats: SpecStats) -> list[int]:
     """One plain step (``g`` = 0) or one propose-verify-accept round; the new tokens."""
     if g < 1:
         t0 = time.perf_counter()
-        new = [sess.plain_step()]
+        new = [state.plain_step()]
         policy.timed("plain", time.perf_counter() - t0)
         return new
     t0 = time.perf_counter()
-    cand, qs, steps = sess.propose(g)
+    cand, qs, steps = state.propose(g)
     stats.gammas.append(len(cand[0]))  # drafts may stop early
     t1 = time.perf_counter()
-    new = sess.verify(cand, qs)
+    new = state.verify(cand, qs)
     policy.timed("draft", t1 - t0, steps)
     policy.timed("verify", time.perf_counter() - t1)
     policy.accepted(min(len(new), len(cand[0])), len(new) - 1)
-    sess.seq += new
+    state.seq += new
     return new
 
 
