@@ -75,7 +75,7 @@ def step_flops(cfg: RunConfig, device: str, autocast_dtype: torch.dtype | None, 
     model = build_model(cfg.model).to(device)
     opt = make_optimizer(model, cfg)
     x, y = training_batch(ids, cfg.train.batch_size, cfg.model.block_size, batch_generator(0, 0),
-                          cfg.train.routing, model.nest)
+                          cfg.train.routing, model.nest.counts())
     counter = FlopCounterMode(display=False)
     ctx = torch.autocast(device, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     with counter, ctx:

@@ -22,7 +22,9 @@ from torch.func import functional_call
 
 from fractalformer.config import RunConfig, build_config
 from fractalformer.models import GPT, build_model
+from fractalformer.nn.nesting import nested_parameters
 from fractalformer.train import make_optimizer
+from fractalformer.train.losses import training_loss
 from harness import machine, script_parser, timeit
 
 
@@ -53,6 +55,10 @@ def main() -> None:
     y = torch.randint(0, 128, (a.batch, 256), generator=gen)
     times: dict[str, float] = {}
 
+    def train_loss(m: torch.nn.Module, fwd: torch.nn.Module | None = None):
+        """The training loss of ``m`` on the batch, its forward run through ``fwd`` (compiled)."""
+        return lambda: training_loss(m, (fwd or m)(x), y)[0]
+
     def measure(name: str, step) -> float:
         times[name] = timeit(step, a.repeat, warmup=2)
         print(f"  {name:<52} {times[name] * 1000:8.1f} ms/step", flush=True)
@@ -65,7 +71,7 @@ def main() -> None:
         torch.manual_seed(0)
         model = build_model(cfg.model)
         print(f"{mode} nesting ({model.num_params():,} parameters):")
-        measure(f"{mode}: all 7 sub-models, batched levels", stepper(model, lambda m=model: m(x, y)[1], cfg))
+        measure(f"{mode}: all 7 sub-models, batched levels", stepper(model, train_loss(model), cfg))
 
         def level0(m=model) -> torch.Tensor:
             lg = m(x, [0])[0][0]
@@ -77,28 +83,27 @@ def main() -> None:
         for lv in range(cfg.model.nesting.levels):
             dense_cfg = RunConfig(model.sub_model_config(lv), cfg.train)
             dense = GPT(dense_cfg.model)
-            t = timeit(stepper(dense, lambda d=dense: d(x, y)[1], dense_cfg), a.repeat, warmup=2)
+            t = timeit(stepper(dense, train_loss(dense), dense_cfg), a.repeat, warmup=2)
             total += t * model.nest.count(lv)
         times[f"{mode}: 7 separate dense models (sum)"] = total
         print(f"  {mode + ': 7 separate dense models (sum)':<52} {total * 1000:8.1f} ms/step")
 
-        nested = [(mod_name, pname, mod.nest_dims[pname]) for mod_name, mod in model.named_modules()
-                  if hasattr(mod, "nest_dims") for pname, _ in mod.named_parameters(recurse=False)]
+        nested = [(name, dims) for name, _, dims in nested_parameters(model)]
         shells = {lv: GPT(model.sub_model_config(lv)) for lv in range(cfg.model.nesting.levels)}
 
         def seed_loop(m=model, subs=subs, nested=nested, shells=shells) -> torch.Tensor:
             params = dict(m.named_parameters())
             loss = 0.0
             for lv, j in subs:
-                sliced = {f"{mn}.{pn}": m.nest.take(params[f"{mn}.{pn}"], lv, dims)[j]
-                          for mn, pn, dims in nested}
-                loss = loss + functional_call(shells[lv], sliced, (x, y))[1] / len(subs)
+                sliced = {name: m.nest.take(params[name], lv, dims)[j] for name, dims in nested}
+                logits = functional_call(shells[lv], sliced, (x,))
+                loss = loss + training_loss(shells[lv], logits, y)[0] / len(subs)
             return loss
 
         measure(f"{mode}: seed-style loop over sliced sub-models", stepper(model, seed_loop, cfg))
         if a.compile:
             compiled = torch.compile(model)
-            measure(f"{mode}: all 7, torch.compile", stepper(model, lambda c=compiled: c(x, y)[1], cfg))
+            measure(f"{mode}: all 7, torch.compile", stepper(model, train_loss(model, compiled), cfg))
             measure(f"{mode}: level 0 alone, torch.compile", stepper(model, torch.compile(level0), cfg))
 
     def ratio(n: str, d: str) -> str:

@@ -34,6 +34,7 @@ from fractalformer.data.corpus import get_batch
 from fractalformer.models import build_model
 from fractalformer.runs import prepare_data
 from fractalformer.train import make_optimizer
+from fractalformer.train.losses import training_loss
 from harness import machine, script_parser, timeit
 
 MATCHED = ["mlp_mult=2.6875", "mlp_bias=false"]  # GeGLU 128 -> 2 x 344 -> 128: the 4x GELU MLP's size
@@ -126,7 +127,7 @@ def train_all(cfg: RunConfig, steps: int) -> dict[str, tuple[float, float]]:
     for name, c in (("ours", cfg), ("ours, FLOP-matched", matched)):
         torch.manual_seed(0)
         m = build_model(c.model)
-        models[name] = (m, make_optimizer(m, c), lambda m, x, y: m(x, y)[1])
+        models[name] = (m, make_optimizer(m, c), lambda m, x, y: training_loss(m, m(x), y)[0])
     torch.manual_seed(0)
     ref = RefGPT(65, t, 4, 4, 128)
     models["nanoGPT-shaped"] = (ref, ref_optimizer(ref), lambda m, x, y: m(x, y))
@@ -168,7 +169,8 @@ def main() -> None:
     matched_cfg = build_config("dense", None, SHAPES + MATCHED)
     matched = build_model(matched_cfg.model)
     ref = RefGPT(65, t, 4, 4, 128)
-    losses = {"ours": lambda: ours(x, y)[1], "ours, FLOP-matched": lambda: matched(x, y)[1],
+    losses = {"ours": lambda: training_loss(ours, ours(x), y)[0],
+              "ours, FLOP-matched": lambda: training_loss(matched, matched(x), y)[0],
               "nanoGPT-shaped": lambda: ref(x, y)}
     models = {"ours": ours, "ours, FLOP-matched": matched, "nanoGPT-shaped": ref}
     steps = {"ours": stepper(ours, make_optimizer(ours, cfg), losses["ours"]),
@@ -178,7 +180,7 @@ def main() -> None:
     if a.compile:
         for k, m, c in (("ours", ours, cfg), ("ours, FLOP-matched", matched, matched_cfg)):
             fast = torch.compile(m)
-            losses[f"{k}, compiled"] = lambda fast=fast: fast(x, y)[1]
+            losses[f"{k}, compiled"] = lambda fast=fast, m=m: training_loss(m, fast(x), y)[0]
             models[f"{k}, compiled"] = m
             steps[f"{k}, compiled"] = stepper(m, make_optimizer(m, c), losses[f"{k}, compiled"])
             t0 = time.perf_counter()

@@ -16,6 +16,7 @@ import torch
 from fractalformer.config import build_config
 from fractalformer.models import build_model
 from fractalformer.train import make_optimizer
+from fractalformer.train.losses import training_loss
 from harness import machine, script_parser, timeit
 
 
@@ -48,7 +49,7 @@ def main() -> None:
 
         def step(fwd=fwd, opt=opt, model=model, bf16=bf16) -> None:
             with bf16:
-                loss = fwd(x, y)[1]
+                loss = training_loss(model, fwd(x), y)[0]
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()

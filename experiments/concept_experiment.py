@@ -45,8 +45,8 @@ BYTE4 = ["n_layer=4", "concept_layers=0", "concept_read=cross"]
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "dense": ("dense", []),
     "concept": ("concept", SEP),
-    # the read gate open at init (read_scale 1): the preset before the fix, which stalls
-    # on the unigram plateau under a short warmup
+    # the read gate open at init (read_scale 1), which stalls on the unigram plateau under a
+    # short warmup (experiments.concept_stability)
     "read_open": ("concept", [*SEP, "concept_read_init=1"]),
     "dense_byte": ("dense", BYTE),
     "concept_byte": ("concept-byte", [*BYTE4, *SEP]),
@@ -131,7 +131,7 @@ def run_one(name: str, steps: int, root: Path, warmup: int) -> dict:
         curve = [(int(r["step"]), float(r["elapsed_s"]), float(r["val_loss"]), float(r["val_bpc"]))
                  for r in metrics if r.get("val_loss")]
         return {"name": name, "preset": preset, "sets": sets, "steps": steps, "warmup": warmup,
-                "wall_s": wall, "params": fractalformer.load(folder).num_params(), "step_flops": flops,
+                "wall_s": wall, "params": fractalformer.load(folder).model.num_params(), "step_flops": flops,
                 "train_s_per_step": float(metrics[-1]["elapsed_s"]) / steps, "val_curve": curve,
                 "row": res.final[0].to_json()}
 

@@ -7,9 +7,9 @@ with a 10-step warmup, stops after ``--steps`` steps and prints the training los
 (nats/token) every 5 steps; same seed and batches for every variant. Variants patch the
 initialisation or the concept inputs of the model:
 
-* ``open``: the read gate ``read_scale`` starts at 1 (the preset before the fix, which
-  stalls on the unigram plateau at ~4.1-4.2 nats/token);
-* ``closed``: the gate starts at 0 (the fix, now the default);
+* ``open``: the read gate ``read_scale`` starts at 1, which stalls on the unigram plateau
+  at ~4.1-4.2 nats/token;
+* ``closed``: the gate starts at 0 (the preset's ``concept_read_init=0``);
 * ``o0``: the gate at 1 but every cross-attention output projection starts at 0;
 * ``detach``: the gate at 1, the concept levels built from detached token embeddings;
 * ``small_plans``: the gate at 1, plans scaled to the token stream's RMS (0.02) instead of 1;

@@ -50,7 +50,7 @@ def run_one(name: str, steps: int, root: Path) -> dict:
     def compute() -> dict:
         cfg = build_config(preset, None, [*sets, f"max_steps={steps}", "sample_tokens=0", "eval_every=100"])
         res, wall = timed_train(cfg, folder)
-        model = fractalformer.load(folder)
+        model = fractalformer.load(folder).model
         row = res.final[0].to_json()
         metrics = read_metrics(folder)
         return {"name": name, "preset": preset, "sets": sets, "steps": steps, "wall_s": wall,

@@ -14,19 +14,19 @@ from .errors import FractalError
 
 if TYPE_CHECKING:
     from .data.tokenizers import Tokenizer, get_tokenizer
-    from .loading import load
+    from .loading import TrainedModel, load
     from .models import GPT, build_model
 
-__all__ = ["GPT", "FractalError", "ModelConfig", "RunConfig", "Tokenizer", "TrainConfig",
+__all__ = ["GPT", "FractalError", "ModelConfig", "RunConfig", "Tokenizer", "TrainConfig", "TrainedModel",
            "build_model", "get_tokenizer", "load"]
 __version__ = "0.1.0"
 
 _LAZY = {"GPT": "models", "build_model": "models", "Tokenizer": "data.tokenizers",
-         "get_tokenizer": "data.tokenizers", "load": "loading"}
+         "get_tokenizer": "data.tokenizers", "load": "loading", "TrainedModel": "loading"}
 
 
 def __getattr__(name: str) -> Any:
-    """``GPT``, ``build_model``, ``Tokenizer``, ``get_tokenizer`` and ``load``, imported when asked for."""
+    """The names of ``_LAZY``, imported from their modules when first asked for."""
     if name in _LAZY:
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

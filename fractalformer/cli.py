@@ -105,7 +105,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="base configuration: " + ", ".join(PRESETS) + " (unset: the config file's "
                         "preset key, else default)")
     t.add_argument("--config", metavar="FILE.toml",
-                   help="TOML file of config keys (flat, or [model] / [train] tables), applied on the preset")
+                   help="TOML file of config keys (flat, or [model], [model.moe], ... and [train] tables), "
+                        "applied on the preset")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key, last (repeatable; fractalformer config lists the keys)")
     t.add_argument("--data", help="UTF-8 text file or a `fractalformer prepare` folder (unset: the shipped "
@@ -553,7 +554,8 @@ def cmd_analyze(a: argparse.Namespace) -> int:
 
 def cmd_extract(a: argparse.Namespace) -> int:
     from .config import RunConfig
-    from .runs import check_run_dir, claim_run_dir, write_new_run
+    from .growth import write_new_run
+    from .runs import check_run_dir, claim_run_dir
 
     out = Path(a.out)
     check_run_dir(out, resume=False)
@@ -576,7 +578,6 @@ def _with_threads(a: argparse.Namespace) -> list[str]:
 
 
 def cmd_merge(a: argparse.Namespace) -> int:
-    from .evaluate import sub_model_params
     from .growth import merge_runs
 
     model = merge_runs(a.runs, a.out, a.train_glue_steps, a.then_steps, a.attn_nesting, a.routing,
@@ -584,7 +585,7 @@ def cmd_merge(a: argparse.Namespace) -> int:
     c = model.config
     print(f"merged {len(a.runs)} runs -> {a.out}: FractalFormer d_model {c.d_model}, levels "
           f"{c.nesting.levels}, "
-          f"{model.num_params():,} parameters ({sub_model_params(model, 1):,} per child; "
+          f"{model.num_params():,} parameters ({model.num_params(1):,} per child; "
           f"glue steps {a.train_glue_steps}, full steps {a.then_steps})")
     return 0
 

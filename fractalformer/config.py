@@ -3,8 +3,8 @@
 A run folder's ``config.json`` is ``{"model": {...}, "train": {...}, "tokenizer": {...}}``;
 the model's sections (``nesting``, ``moe``, ``concept``) are tables inside ``model``. Every
 key can be set from a preset (presets.py), a TOML file and ``--set key=value``, in that
-order, by its dotted name (``moe.n_experts``, ``train.lr``) or by its flat name (``n_experts``:
-the name every key had before the sections, unambiguous). A key's help text lives in its
+order, by its dotted name (``moe.n_experts``, ``train.lr``) or by its flat name (``n_experts``,
+unambiguous; what flat config.json files of older run folders hold). A key's help text lives in its
 field's metadata, so ``fractalformer config`` and the code cannot drift apart.
 
 A section belongs to families (``FAMILIES``); under any other family it must keep its
@@ -277,7 +277,7 @@ class ModelConfig:
         A copy shares no section or list with ``self``."""
         run = RunConfig(copy.deepcopy(self))
         for name, value in values.items():
-            if name in SECTIONS:
+            if isinstance(value, Section):  # a whole section (the flat key moe is moe.kind)
                 setattr(run.model, name, copy.deepcopy(value))
             else:
                 apply_overrides(run, {f"model.{name}": value}, strict_types=True)
@@ -392,7 +392,7 @@ class TrainConfig:
                                                   "model) or fsdp (parameters, gradients and optimizer "
                                                   "state sharded with fully_shard)")
     routing: Literal["shared", "split", "shard"] = key("shared", "nested models: which rows each sub-model "
-                                                                 "reads (see data.training_batch)")
+                                                                 "reads (see data.corpus.training_batch)")
     data_shard: list[int] = field(default_factory=list, metadata=meta(
         "[J, N] (\"J/N\" with --set): train on contiguous shard J of N of the training tokens (empty: "
         "all of them)", form="'J/N' with 0 <= J < N", strings=True, sep="/"))
@@ -514,9 +514,9 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        """A config.json's config, sectioned or flat (as written before the sections: there every
-        key of every family was written, so flat keys of sections the family does not use are
-        dropped - they could hold only values without effect)."""
+        """A config.json's config, sectioned or flat (older run folders: every key of every family
+        written at the top level, so flat keys of sections the family does not use are dropped -
+        they could hold only values without effect)."""
         if not isinstance(d, dict) or not isinstance(d.get("model"), dict):
             raise FractalError("config must have a 'model' table")
         if not isinstance(d.get("train", {}), dict):
@@ -667,7 +667,8 @@ def check_tokenizer_name(name: str) -> None:
             raise FractalError(f"tokenizer bpe:N needs N from 256 (the byte alphabet) to 1000000, "
                                f"got {name!r}")
     elif name not in ("bpe128", "char", "byte", "gpt2"):
-        raise FractalError(f"tokenizer must be one of bpe128, char, byte, bpe:N, gpt2; got {name!r}")
+        raise FractalError(f"unknown tokenizer: tokenizer must be one of bpe128, char, byte, bpe:N, gpt2; "
+                           f"got {name!r}")
 
 
 def _list(k: Key, value: Any, given: str, strict_types: bool) -> list | str:

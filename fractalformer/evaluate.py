@@ -26,7 +26,6 @@ from .data.corpus import Corpus, batch_generator, encode_cached, get_batch, sequ
 from .data.tokenizers import Tokenizer
 from .errors import FractalError
 from .nn.decode import frozen_weights
-from .nn.nesting import nested_parameters
 
 Key = tuple[int, int | str]  # (level, index) or (level, "ensemble")
 
@@ -155,23 +154,9 @@ def evaluate_full(model: torch.nn.Module, corpus: Corpus, block_size: int,
     rows = []
     for (lv, j), loss in sorted(losses.items(), key=lambda kv: (kv[0][0], isinstance(kv[0][1], str))):
         cfg = model.sub_model_config(lv)
-        params = sub_model_params(model, lv) * (model.nest.count(lv) if j == "ensemble" else 1)
+        params = model.num_params(lv) * (model.nest.count(lv) if j == "ensemble" else 1)
         rows.append(EvalRow(lv, j, cfg.d_model, params, loss, to_bpc(loss, corpus.val_units_per_token),
                             n, corpus.unit, split_tokens=len(corpus.val) - 1))
     if usage is not None:
         rows[0].extra = usage.summary()
     return rows
-
-
-def sub_model_params(model: torch.nn.Module, level: int) -> int:
-    """Parameters one sub-model of ``level`` uses (the whole model at level 0).
-
-    An MRL size reads the whole body, the full tied embedding included (it embeds the
-    input), and only its prefix of the final norm's scale: so it uses every parameter but
-    the ``d - d_l`` scale entries past its width.
-    """
-    if level == 0:
-        return model.num_params()
-    if model.body_levels() == [0]:
-        return model.num_params() - (model.config.d_model - model.level_width(level))
-    return sum(model.nest.take(p, level, dims)[0].numel() for _, p, dims in nested_parameters(model))

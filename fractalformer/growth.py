@@ -17,6 +17,9 @@
   layers (attention and MLP output projections zero) after every layer. The grown model's
   loss equals the original's at the growth step (up to float rounding).
 
+Every run made from runs (merge, grow, and ``extract`` of one sub-model) is written by
+:func:`write_new_run`: an ordinary run folder at step 0 that ``train --resume`` trains on.
+
 Both work on the :class:`~fractalformer.nn.Nesting` primitive: ``put`` writes the
 children's weights into their blocks, exactly where ``take`` (and so ``extract``) reads
 them back.
@@ -26,20 +29,23 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from . import checkpoint as ckpt
 from .config import ModelConfig, RunConfig, TrainConfig, apply_overrides, parse_set
+from .data.tokenizers import Tokenizer
 from .errors import FractalError
 from .evaluate import fixed_val_batches, mean_losses, to_bpc
+from .io import write_json
 from .loading import load
 from .memory import check_training_fits
 from .models import GPT, FractalFormer
 from .models.concept import ConceptGPT, grow
 from .models.fractal import fold_glue
 from .nn.nesting import nested_parameters
-from .runs import check_run_dir, claim_run_dir, prepare_data, write_new_run
+from .runs import check_run_dir, claim_run_dir, prepare_data
 from .train.optim import make_optimizer
 from .train.trainer import train
 
@@ -149,6 +155,23 @@ def grow_model(model: GPT, width: int, depth: int = 1) -> FractalFormer:
 
 
 # -- run folders ---------------------------------------------------------------------------
+def write_new_run(out: Path, cfg: RunConfig, model: torch.nn.Module, tok: Tokenizer, data_sha256: str | None,
+                  provenance: dict[str, Any] | None = None) -> None:
+    """Write ``model`` as an ordinary run folder at step 0 with a fresh training state (what
+    extract, merge and grow make), so ``train --out DIR --resume`` trains it further.
+
+    ``data_sha256`` (the text the source runs trained on) lets that training notice a
+    changed data file; ``provenance`` (where the weights came from) goes to provenance.json.
+    """
+    cfg.validate()
+    check_training_fits(cfg)
+    ckpt.save_run_config(out, cfg, tok, data_sha256)
+    if provenance is not None:
+        write_json(out / "provenance.json", provenance)
+    ckpt.save_checkpoint(out, dict(model.state_dict()), make_optimizer(model, cfg),
+                         {"step": 0, "elapsed_s": 0.0})
+
+
 def train_overrides(train: TrainConfig, sets: list[str] | None) -> TrainConfig:
     """``train`` with ``key=value`` overrides of training keys (the model comes from the runs)."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}

@@ -187,7 +187,7 @@ def groups_to_labels(groups: list[list[int]], vocab: int) -> np.ndarray:
     return labels
 
 
-def recluster(model: torch.nn.Module, tok: Tokenizer, method: str, eps: float, min_samples: int
+def recluster(model: torch.nn.Module, method: str, eps: float, min_samples: int
               ) -> dict[int | str, list[list[int]]]:
     """Emergent groups: for every width but the largest, cluster the embedding columns each
     sub-model owns. A width with one sub-model is keyed ``W``; siblings own different

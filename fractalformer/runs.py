@@ -14,7 +14,6 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -24,9 +23,6 @@ from .data.corpus import SHIPPED, Corpus, read_text, text_sha256
 from .data.prepared import is_prepared
 from .data.tokenizers import Tokenizer, get_tokenizer
 from .errors import FractalError
-from .io import write_json
-from .memory import check_training_fits
-from .train.optim import make_optimizer
 
 
 def prepare_data(cfg: RunConfig, tok: Tokenizer | None = None,
@@ -180,20 +176,3 @@ def claim_run_dir(out: Path, resume: bool, lock: bool = True) -> Iterator[None]:
             if made and not ckpt.has_checkpoint(out):
                 shutil.rmtree(out, ignore_errors=True)
             raise
-
-
-def write_new_run(out: Path, cfg: RunConfig, model: torch.nn.Module, tok: Tokenizer, data_sha256: str | None,
-                  provenance: dict[str, Any] | None = None) -> None:
-    """Write ``model`` as an ordinary run folder at step 0 with a fresh training state (what
-    extract, merge and grow make), so ``train --out DIR --resume`` trains it further.
-
-    ``data_sha256`` (the text the source runs trained on) lets that training notice a
-    changed data file; ``provenance`` (where the weights came from) goes to provenance.json.
-    """
-    cfg.validate()
-    check_training_fits(cfg)
-    ckpt.save_run_config(out, cfg, tok, data_sha256)
-    if provenance is not None:
-        write_json(out / "provenance.json", provenance)
-    ckpt.save_checkpoint(out, dict(model.state_dict()), make_optimizer(model, cfg),
-                         {"step": 0, "elapsed_s": 0.0})

@@ -14,6 +14,7 @@ from fractalformer.config import (
     SECTIONS,
     ConceptConfig,
     ModelConfig,
+    MoEConfig,
     NestingConfig,
     RunConfig,
     TrainConfig,
@@ -257,3 +258,10 @@ def test_model_configs_from_keys_share_nothing() -> None:
     assert (a.nesting.glue_rank, a.nesting.level_weights[0], b.nesting.glue_rank) == (0, 1.0, 2)
     assert ModelConfig.of(**{"moe.n_experts": 16}).moe.n_experts == 16
     assert a.flat_values()["levels"] == 3 and len(a.flat_values()) == 45
+
+
+def test_of_and_replace_take_flat_names_and_whole_sections() -> None:
+    c = ModelConfig.of(family="moe", moe="peer", n_experts=64)  # the flat key moe is moe.kind
+    assert (c.moe.kind, c.moe.n_experts) == ("peer", 64)
+    d = c.replace(moe=MoEConfig(kind="pkm"))  # a whole section
+    assert (d.moe.kind, d.moe.n_experts, c.moe.kind) == ("pkm", MoEConfig().n_experts, "peer")

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 import fractalformer
 from fractalformer import FractalError
 from fractalformer.config import ModelConfig, build_config
-from fractalformer.evaluate import sub_model_params
 from fractalformer.models import GPT, build_model
 from fractalformer.train.losses import training_loss
 
@@ -69,7 +68,7 @@ def test_extraction_parity(name: str) -> None:
         for j in range(m.nest.count(lv)):
             sub = m.extract(lv, j)
             assert type(sub) is GPT and sub.config.nesting.levels == 1
-            assert sub.num_params() == sub_model_params(m, lv)
+            assert sub.num_params() == m.num_params(lv)
             assert sub.num_params() < m.num_params() or lv == 0
             torch.testing.assert_close(sub(x)[0][0], ref[j], rtol=1e-5, atol=1e-5)
 
@@ -87,7 +86,7 @@ def test_parameter_count_is_what_a_sub_model_reads(name: str) -> None:
         m.zero_grad(set_to_none=True)
         m(x, m.needed_levels(lv))[lv][0].pow(2).sum().backward()
         used = sum(int((p.grad != 0).sum()) for p in m.parameters() if p.grad is not None)
-        assert used == sub_model_params(m, lv), lv
+        assert used == m.num_params(lv), lv
         counts.append(used)
     assert counts == sorted(counts, reverse=True) and len(set(counts)) == len(counts)
 

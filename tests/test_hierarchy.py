@@ -56,7 +56,7 @@ def test_fractal_siblings_get_their_own_groups() -> None:
         m.embed.weight.normal_()
         m.embed.weight[:10, :8] = m.embed.weight[0, :8] + 0.01 * torch.randn(10, 8)
         m.embed.weight[10:, 8:] = m.embed.weight[10, 8:] + 0.01 * torch.randn(10, 8)
-    found = recluster(m, None, "dbscan", 0.1, 3)
+    found = recluster(m, "dbscan", 0.1, 3)
     assert set(found) == {"8.0", "8.1"}
     assert found["8.0"] == [list(range(10))] and found["8.1"] == [list(range(10, 20))]
     x, y = torch.randint(0, 20, (3, 8)), torch.randint(0, 20, (3, 8))

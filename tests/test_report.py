@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from fractalformer import FractalError
-from fractalformer.analysis.plots import plot_curves, read_metrics
 from fractalformer.analysis.report import _trained_steps, emergent_ari, token_labels
 from fractalformer.config import build_config
 from fractalformer.data.tokenizers import get_tokenizer
 from fractalformer.models import build_model
+from fractalformer.train.curves import plot_curves, read_metrics
 
 from .conftest import chromium, run_cli
 

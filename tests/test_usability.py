@@ -20,13 +20,13 @@ import torch
 import fractalformer
 from fractalformer import checkpoint as ckpt
 from fractalformer import runs
-from fractalformer.analysis.plots import _sub_colour, ema, plot_curves
 from fractalformer.cli import _parser, _warning_line
 from fractalformer.config import build_config, config_keys
 from fractalformer.data.corpus import Corpus, read_text
 from fractalformer.data.tokenizers import get_tokenizer
 from fractalformer.device import set_cpu_threads
 from fractalformer.io import write_json
+from fractalformer.train.curves import _sub_colour, ema, plot_curves
 
 from .conftest import TINY, run_cli
 from .test_cli import assert_one_line_error, snapshot

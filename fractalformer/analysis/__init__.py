@@ -1,1 +1,1 @@
-"""Looking at runs: plots of their metrics."""
+"""Looking at trained runs: the ``analyze`` report (embeddings, consistency, experts, samples)."""

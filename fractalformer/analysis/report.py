@@ -41,7 +41,7 @@ from ..hierarchy import group_key, groups_to_labels, seed_groups, token_class, t
 from ..io import write_text
 from ..loading import TrainedModel, load
 from ..runs import run_data
-from .plots import plot_curves
+from ..train.curves import plot_curves
 
 
 def embedding_slices(model: torch.nn.Module) -> dict[int, torch.Tensor]:

@@ -9,7 +9,6 @@ state around - resuming a run or sharding it over DDP ranks sees the same data.
 from __future__ import annotations
 
 import hashlib
-import os
 import warnings
 from dataclasses import dataclass
 from importlib import resources
@@ -19,10 +18,9 @@ import numpy as np
 import torch
 
 from ..errors import FractalError
-from ..io import cache_dir
-from ..nn.nesting import Nesting
+from ..io import atomic_write, cache_dir
 from .prepared import load_prepared
-from .tokenizers import Tokenizer
+from .tokenizers import TRAIN_FRACTION, Tokenizer
 
 SHIPPED = "tinyshakespeare"
 UNKNOWN_WARN = 0.01  # replacing more than this share of a training text's characters warns
@@ -57,17 +55,18 @@ def encode_cached(text: str, tok: Tokenizer, on_unknown: str = "error") -> np.nd
         except (ValueError, OSError):
             pass  # a damaged cache entry is rebuilt below
     ids = tok.encode_array(text, on_unknown).astype(np.int32 if tok.vocab_size > 65535 else np.uint16)
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as out:
+            np.save(out, ids, allow_pickle=False)
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-        np.save(tmp, ids, allow_pickle=False)
-        os.replace(tmp, path)
-    except OSError:
+        atomic_write(path, write)
+    except FractalError:
         pass  # caching is an optimisation; a read-only home must not stop training
     return ids
 
 
-Ids = torch.Tensor | np.ndarray  # in memory, or memory-mapped prepared data (``prepare.py``)
+Ids = torch.Tensor | np.ndarray  # in memory, or memory-mapped prepared data (``data/prepared.py``)
 
 
 def as_tensor(ids: Ids) -> torch.Tensor:
@@ -112,7 +111,7 @@ class Corpus:
                               f"{tok.name} vocabulary and become {tok.replacement!r}; the char or byte "
                               f"tokenizer fits this text", stacklevel=2)
         ids = torch.from_numpy(encode_cached(text, tok, on_unknown).astype(np.int64))
-        n = int(0.9 * len(ids))
+        n = int(TRAIN_FRACTION * len(ids))
         train, val = ids[:n], ids[n:]
         cls(train, val, 1.0).check(block_size)
         units = tok.units(tok.decode(val.tolist()))
@@ -148,8 +147,8 @@ def sequential_windows(ids: Ids, block_size: int) -> list[tuple[torch.Tensor, to
 
 
 def training_batch(ids: Ids, batch_size: int, block_size: int, gen: torch.Generator,
-                   routing: str, nest: Nesting) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step's batch under a data routing.
+                   routing: str, counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step's batch under a data routing, for a model with ``counts[l]`` sub-models at level ``l``.
 
     * ``shared``: (B, T); every sub-model reads every row (the seed).
     * ``split``: (levels, B, T), the same rows for every level; sub-model ``j`` of level ``l``
@@ -157,14 +156,13 @@ def training_batch(ids: Ids, batch_size: int, block_size: int, gen: torch.Genera
     * ``shard``: as ``split``, but the rows of sub-model ``j`` of level ``l`` come from its
       own contiguous shard ``j`` of the corpus (the seed's "fractal MoE" data idea).
     """
-    if routing == "shared" or nest.levels == 1:
+    if routing == "shared" or len(counts) == 1:
         return get_batch(ids, batch_size, block_size, gen)
     if routing == "split":
         x, y = get_batch(ids, batch_size, block_size, gen)
-        return x.expand(nest.levels, *x.shape), y.expand(nest.levels, *y.shape)
+        return x.expand(len(counts), *x.shape), y.expand(len(counts), *y.shape)
     xs, ys = [], []
-    for lv in range(nest.levels):
-        n = nest.count(lv)
+    for n in counts:
         shard = len(ids) // n
         parts = [get_batch(ids[j * shard:(j + 1) * shard], batch_size // n, block_size, gen)
                  for j in range(n)]

@@ -31,12 +31,19 @@ from tqdm import tqdm
 
 from ..errors import FractalError
 from ..io import read_json, write_json
-from .tokenizers import CharTokenizer, HFBPETokenizer, Tokenizer, bpe_size, get_tokenizer, tokenizer_from_dict
+from .tokenizers import (
+    TRAIN_FRACTION,
+    CharTokenizer,
+    HFBPETokenizer,
+    Tokenizer,
+    bpe_size,
+    get_tokenizer,
+    tokenizer_from_dict,
+)
 
 MANIFEST = "manifest.json"
 TOKENS = "tokens.bin"
 PIECE = 1 << 20  # bytes read and encoded at a time
-TRAIN_FRACTION = 0.9
 
 
 def input_files(paths: list[str]) -> list[Path]:

@@ -34,7 +34,7 @@ from ..config import check_tokenizer_name
 from ..errors import FractalError, UnknownCharacterError
 from ..io import cache_dir, write_text
 
-TOKENIZERS = ("bpe128", "char", "byte", "bpe:N", "gpt2")
+TRAIN_FRACTION = 0.9  # the share of a text (or of its tokens) that trains; the rest validates
 BPE_FILE = "tokenizer.json"
 
 
@@ -413,21 +413,20 @@ def train_bpe_cached(text: str, size: int) -> HFBPETokenizer:
 def get_tokenizer(name: str, text: str | None = None) -> Tokenizer:
     """Look a tokenizer up by name; ``char`` builds its vocabulary from ``text`` and
     ``bpe:N`` is trained on the first 90% of ``text`` (the training split)."""
+    check_tokenizer_name(name)
     if bpe_size(name) is not None:
         if text is None:
             raise FractalError(f"the {name} tokenizer is trained on the training text, which is missing")
-        return train_bpe_cached(text[: int(0.9 * len(text))] or text, bpe_size(name))
+        return train_bpe_cached(text[: int(TRAIN_FRACTION * len(text))] or text, bpe_size(name))
     if name == "gpt2":
         return gpt2_tokenizer()
     if name == "bpe128":
         return BPE128Tokenizer()
     if name == "byte":
         return ByteTokenizer()
-    if name == "char":
-        if text is None:
-            raise FractalError("the char tokenizer needs the training text to build its vocabulary")
-        return CharTokenizer(text)
-    raise FractalError(f"unknown tokenizer {name!r}; choose one of {', '.join(TOKENIZERS)}")
+    if text is None:  # char: the one name left
+        raise FractalError("the char tokenizer needs the training text to build its vocabulary")
+    return CharTokenizer(text)
 
 
 def tokenizer_from_dict(spec: dict[str, Any], folder: Path | None = None) -> Tokenizer:

@@ -31,7 +31,6 @@ from collections.abc import Iterator
 import torch
 
 from ..errors import FractalError
-from ..evaluate import sub_model_params
 from ..nn import KVCache
 from ..nn.decode import frozen_weights
 from .sampling import decode_fn, extracted, fresh_seed, generate, is_greedy, pick, probabilities
@@ -344,7 +343,7 @@ def shape_costs(model: torch.nn.Module, drafts: list[tuple[int, int]], target: t
     """Relative costs from the parameters each step reads: a plain step and a verification
     run the target's level, a draft step every draft level (a lone draft only its own)."""
     def level(lv: int, lone: bool) -> float:
-        return sub_model_params(model, lv) * (1 if lone else model.nest.count(lv))
+        return model.num_params(lv) * (1 if lone else model.nest.count(lv))
 
     full = level(target[0], model.nest.count(target[0]) == 1)
     by_level = Counter(lv for lv, _ in drafts)

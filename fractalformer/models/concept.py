@@ -1,7 +1,7 @@
 """The next-concept predictor: causal concept tiers above the tokens.
 
 "Tier" is this family's word for a step of the concept hierarchy (the config key
-``concept_levels`` counts the tiers above the tokens); "level" stays the nesting level
+``concept.levels`` counts the tiers above the tokens); "level" stays the nesting level
 of the other families, which here is always 0 (the family is not nested).
 
 Tier 0 is the tokens (or bytes). A concept of tier ``k`` is ``combo_k`` consecutive units
@@ -41,7 +41,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..errors import FractalError
 from ..nn import KVCache, Linear, RMSNorm, Rotary
-from ..nn.attention import _NATIVE_GQA
+from ..nn.attention import NATIVE_GQA
 from ..nn.decode import memo
 from .gpt import GPT, Block
 
@@ -77,10 +77,10 @@ class CrossAttention(nn.Module):
         # rotate query i by its own position group[i]: one rotary row per query
         q = rotary(q.permute(1, 0, 2, 3).reshape(t, b * self.hq, 1, self.hd), group)
         q = q.view(t, b, self.hq, self.hd).permute(1, 2, 0, 3)
-        if self.hkv != self.hq and not _NATIVE_GQA:
+        if self.hkv != self.hq and not NATIVE_GQA:
             k, v = (z.repeat_interleave(self.hq // self.hkv, dim=1) for z in (k, v))
         mask = torch.arange(k.shape[-2], device=x.device)[None, :] <= group[:, None]
-        gqa = {"enable_gqa": True} if self.hkv != self.hq and _NATIVE_GQA else {}
+        gqa = {"enable_gqa": True} if self.hkv != self.hq and NATIVE_GQA else {}
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
         return self.o(y.transpose(1, 2).reshape(1, b, t, self.hq * self.hd), 0)
 
@@ -160,7 +160,7 @@ class ConceptCache:
 
 
 class ConceptGPT(GPT):
-    """The dense GPT as tier 0 (the tokens), with ``concept_levels`` causal concept tiers above.
+    """The dense GPT as tier 0 (the tokens), with ``concept.levels`` causal concept tiers above.
 
     The family has one nesting level: ``forward`` returns the token logits as every family
     does ({0: (1, B, T, vocab)}). A training forward also leaves ``last_predictions``, the

@@ -5,7 +5,7 @@ RMSNorm -> GeGLU -> residual), a final RMSNorm and an output head tied to the to
 embedding. Every layer comes from ``fractalformer.nn`` and is sliced by one
 :class:`~fractalformer.nn.Nesting`:
 
-* ``levels = 1`` is the dense reference GPT;
+* ``nesting.levels = 1`` is the dense reference GPT;
 * ``family = "fractal"`` uses block nesting (FractalFormer, see ``fractal.py``);
 * ``family = "matformer"`` uses prefix nesting of every part (MatFormer+).
 
@@ -56,7 +56,7 @@ Caches = dict[int, KVCache]
 
 
 class GPT(nn.Module):
-    """Dense GPT when ``levels == 1``; otherwise every level of nested sub-models at once.
+    """Dense GPT when ``nesting.levels == 1``; otherwise every level of nested sub-models at once.
 
     ``forward(idx, levels, cache)`` returns the logits of every sub-model of ``levels``,
     level -> (count, B, T, vocab); every family keeps this contract. The training losses
@@ -96,8 +96,11 @@ class GPT(nn.Module):
             else:
                 nn.init.normal_(p, std=std)
 
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+    def num_params(self, level: int = 0) -> int:
+        """Parameters of the whole model, or those one sub-model of ``level`` uses (its slices)."""
+        if level == 0:
+            return sum(p.numel() for p in self.parameters())
+        return sum(self.nest.take(p, level, dims)[0].numel() for _, p, dims in nested_parameters(self))
 
     # -- the pieces subclasses change ----------------------------------------------------------
     def make_mlp(self, layer: int) -> nn.Module:

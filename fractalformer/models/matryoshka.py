@@ -24,6 +24,12 @@ class MRLGPT(GPT):
     def needed_levels(self, level: int) -> list[int]:
         return [0]
 
+    def num_params(self, level: int = 0) -> int:
+        """An MRL size reads the whole body, the full tied embedding included (it embeds the
+        input), and only its prefix of the final norm's scale: every parameter but the
+        ``d - d_l`` scale entries past its width."""
+        return super().num_params() - (self.config.d_model - self.level_width(level))
+
     def head(self, states: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         x = self.norm(states[0], 0)  # normalised once, over the full width
         d = x.shape[-1]

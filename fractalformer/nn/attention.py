@@ -11,7 +11,7 @@ from .nesting import Nesting
 from .rope import Rotary
 
 # scaled_dot_product_attention shares key/value heads among query heads itself from torch 2.5
-_NATIVE_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+NATIVE_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
 class KVCache:
@@ -140,7 +140,7 @@ class Attention(nn.Module):
         q, k, v = qk[:, :hq], qk[:, hq:], qkv[:, :, hq + hkv :].transpose(1, 2)
         if cache is not None:
             k, v = cache.update(layer, k, v, pos)
-        gqa = hkv != hq and _NATIVE_GQA  # no copy of the cached keys/values per step
+        gqa = hkv != hq and NATIVE_GQA  # no copy of the cached keys/values per step
         if hkv != hq and not gqa:
             k = k.repeat_interleave(hq // hkv, dim=1)
             v = v.repeat_interleave(hq // hkv, dim=1)

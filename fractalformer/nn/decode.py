@@ -60,11 +60,6 @@ class frozen_weights:
             self._outermost = False
 
 
-def open_block() -> frozen_weights | None:
-    """The :class:`frozen_weights` block open in this thread, if any."""
-    return _OPEN.block
-
-
 def memo(module: torch.nn.Module, key: object, params: tuple[torch.Tensor, ...],
          compute: Callable[[], Any]) -> Any:
     """``compute()``, something made from ``params`` of ``module``; inside a block, without

@@ -52,9 +52,9 @@ class Nesting:
         self.check(level)
         return self.split**level if self.kind == "block" else 1
 
-    def size(self, full: int, level: int) -> int:
-        """Size of a ``full``-sized dimension owned by one sub-model of ``level``."""
-        return full // self.split**level
+    def counts(self) -> list[int]:
+        """Number of sub-models at every level, level 0 first."""
+        return [self.count(lv) for lv in range(self.levels)]
 
     def check(self, level: int, index: int = 0) -> None:
         if not 0 <= level < self.levels:

@@ -45,7 +45,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import checkpoint as ckpt
 from ..errors import FractalError
-from ..evaluate import sub_model_params, to_bpc
+from ..evaluate import to_bpc
 from ..generate.sampling import SEED_LIMIT
 from ..generate.speculative import check_speculation, parse_sub_model
 from ..loading import TrainedModel, load
@@ -204,7 +204,7 @@ def model_cards(trained: TrainedModel, run_dir: Path) -> list[dict[str, Any]]:
             cards.append({
                 "id": target_id((lv, j)), "object": "model", "created": created, "owned_by": "fractalformer",
                 "level": lv, "index": j, "width": width,
-                "params": sub_model_params(model, lv) * (n if j == "ensemble" else 1),
+                "params": model.num_params(lv) * (n if j == "ensemble" else 1),
                 "standalone": model.needed_levels(lv) == [lv],
                 "val_loss": round(loss, 4) if loss is not None else None,
                 "val_bpc": round(to_bpc(loss, units), 4) if loss is not None and units else None,

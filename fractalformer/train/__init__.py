@@ -1,5 +1,6 @@
-"""Training: the loop (``trainer``), its optimizer and schedule (``optim``), process groups
-(``distributed``), the metrics log (``logs``) and the callbacks it runs (``callbacks``).
+"""Training: the loop (``trainer``), the losses (``losses``), its optimizer and schedule
+(``optim``), process groups (``distributed``), the metrics log and its curves (``logs``,
+``curves``) and the callbacks it runs (``callbacks``).
 
 ``train``, ``TrainResult``, ``lr_at`` and ``make_optimizer`` are imported from their modules
 when first asked for, so importing one module of this package does not import the loop.

@@ -41,8 +41,7 @@ class Recluster:
 
     def __call__(self, training: Training, step: int) -> None:
         t = self.train
-        groups = hierarchy.recluster(training.model, self.tok, t.cluster_method, t.cluster_eps,
-                                     t.cluster_min_samples)
+        groups = hierarchy.recluster(training.model, t.cluster_method, t.cluster_eps, t.cluster_min_samples)
         training.groups = group_targets(training.model, groups)
         if self.main:
             hierarchy.log_clustering(self.out, step, groups, self.tok, t.cluster_method)

@@ -11,8 +11,9 @@ Pieces, in the order a step uses them: :func:`setup` (checks, data, model, optim
 folder), :func:`set_lr`, :func:`train_step` (micro-batches, backward, clipping, optimizer),
 :func:`flush` (losses to the host every ``sync_every`` steps), :func:`evaluate`, the
 callbacks (re-clustering token groups), :func:`save`; :func:`train` is the loop that calls
-them. The optimizer lives in ``optim.py``, process groups in ``distributed.py``, the
-metrics log in ``logs.py`` and run folders in ``fractalformer.runs``.
+them. The losses live in ``losses.py``, the optimizer in ``optim.py``, process groups in
+``distributed.py``, the metrics log in ``logs.py`` (its picture in ``curves.py``) and run
+folders in ``fractalformer.runs``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from tqdm import tqdm
 
 from .. import checkpoint as ckpt
 from .. import hierarchy
-from ..analysis.plots import plot_curves
 from ..config import RunConfig
 from ..data.corpus import Corpus, Ids, batch_generator, training_batch
 from ..data.tokenizers import Tokenizer
@@ -46,6 +46,7 @@ from ..io import write_json
 from ..models import build_model
 from ..runs import absolute_data, check_run_dir, claim_run_dir, init_tokenizer, load_init, prepare_data
 from .callbacks import callbacks
+from .curves import plot_curves
 from .distributed import Dist, check_parallel, setup_distributed, shard_like, whole
 from .logs import MetricsLog, level_table, metric_fields, start_metrics, sub_name, tensorboard_writer
 from .losses import GroupTargets, group_targets, training_loss
@@ -268,7 +269,7 @@ def train_step(s: Training, step: int) -> torch.Tensor:
     micro-batches. Returns ``[loss, *sub_losses]`` on the device, unread (no host sync)."""
     t, dd = s.cfg.train, s.dd
     x, y = training_batch(s.train_ids, t.batch_size, s.cfg.model.block_size,
-                          batch_generator(t.seed, step), t.routing, s.model.nest)
+                          batch_generator(t.seed, step), t.routing, s.model.nest.counts())
     local_b = t.batch_size // dd.world
     micro = local_b // t.grad_accum
     total = None
