@@ -384,12 +384,9 @@ def _load(a: argparse.Namespace) -> TrainedModel:
 
 def _precision(a: argparse.Namespace, model: torch.nn.Module) -> contextlib.AbstractContextManager:
     """``--dtype``: bf16 autocast (auto: on CUDA only), or nothing."""
-    import torch
+    from .device import autocast
 
-    device = next(model.parameters()).device.type
-    if a.dtype == "bfloat16" or (a.dtype == "auto" and device == "cuda"):
-        return torch.autocast(device, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return autocast(next(model.parameters()).device.type, a.dtype)
 
 
 def cmd_eval(a: argparse.Namespace) -> int:

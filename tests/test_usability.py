@@ -317,3 +317,18 @@ def test_unknown_character_hint_names_what_train_has(capsys, tmp_path: Path) -> 
     assert_one_line_error(code, err, "(--set on_unknown=replace maps unknown characters to '?'; "
                                      "--tokenizer byte, char or bpe:N takes any text)")
     assert "--unknown" not in err  # a sample flag, which train does not have
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch) -> None:
+    from fractalformer import device
+
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="bfloat16 on this CPU is emulated"):
+        ctx = device.autocast("cpu", "bfloat16")
+    assert isinstance(ctx, torch.autocast)
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert isinstance(device.autocast("cpu", "bfloat16"), torch.autocast)
+        assert not isinstance(device.autocast("cpu", "auto"), torch.autocast)  # auto: fp32 on a CPU
+        assert not isinstance(device.autocast("cpu", "float32"), torch.autocast)

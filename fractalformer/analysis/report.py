@@ -17,7 +17,6 @@ Writes PNGs and one self-contained ``report.html`` (images inlined) into ``RUN/a
 from __future__ import annotations
 
 import base64
-import contextlib
 import datetime
 import html
 import json
@@ -35,6 +34,7 @@ from .. import __version__
 from .. import checkpoint as ckpt
 from ..data.corpus import as_tensor
 from ..data.tokenizers import Tokenizer
+from ..device import autocast
 from ..errors import FractalError
 from ..evaluate import evaluate_full
 from ..hierarchy import group_key, groups_to_labels, seed_groups, token_class, token_strings
@@ -277,8 +277,7 @@ def analyze(run_dir: str | Path, windows: int = 16, data: str | None = None, dev
     model, tok, cfg = trained.model, trained.tokenizer, trained.run_config
     corpus = run_data(run_dir, cfg, tok, data)
     out = _analysis_dir(run_dir)
-    bf16 = dtype == "bfloat16" or (dtype == "auto" and device == "cuda")
-    with torch.autocast(device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+    with autocast(device, dtype):
         rows = evaluate_full(model, corpus, cfg.model.block_size, device)
         t = cfg.model.block_size
         n = min(windows, (len(corpus.val) - 1) // t)

@@ -39,7 +39,7 @@ from .. import hierarchy
 from ..config import RunConfig
 from ..data.corpus import Corpus, Ids, batch_generator, training_batch
 from ..data.tokenizers import Tokenizer
-from ..device import pick_device, set_cpu_threads
+from ..device import autocast, pick_device, set_cpu_threads
 from ..errors import FractalError
 from ..evaluate import EvalRow, closing_windows, evaluate_full, fixed_val_batches, mean_losses, to_bpc
 from ..io import write_json
@@ -188,8 +188,7 @@ def setup(cfg: RunConfig, out: Path, resume: bool, progress: bool) -> Training:
         ckpt.save_run_config(out, cfg, tok, corpus.sha256, corpus.val_units_per_token)
         start_metrics(out / "metrics.csv", metric_fields(cfg))
 
-    use_bf16 = t.dtype == "bfloat16" or (device == "cuda" and t.dtype == "auto")
-    autocast = torch.autocast(device, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    precision = autocast(device, t.dtype)
     fwd = torch.compile(model) if t.compile else model
     if dd.world > 1 and t.parallel == "ddp":
         ids = [torch.cuda.current_device()] if device == "cuda" else None
@@ -204,7 +203,7 @@ def setup(cfg: RunConfig, out: Path, resume: bool, progress: bool) -> Training:
         print(f"model: {model.num_params():,} parameters | data: {len(train_ids):,} train / "
               f"{len(corpus.val):,} val {tok.name} tokens | device: {device} x{dd.world}"
               f"{' (fsdp)' if t.parallel == 'fsdp' and dd.world > 1 else ''} | run folder: {out}")
-    return Training(cfg, out, dd, device, tok, corpus, train_ids, model, fwd, optimizer, autocast,
+    return Training(cfg, out, dd, device, tok, corpus, train_ids, model, fwd, optimizer, precision,
                     val_batches, start, elapsed0, progress, groups)
 
 
