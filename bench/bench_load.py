@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from fractalformer import checkpoint as ckpt
+from fractalformer.runs import save_run_config
 from harness import script_parser
 
 CHILD = """
@@ -52,7 +53,7 @@ def make_run(folder: Path) -> Path:
 
     cfg = build_config("fractal-512")
     model = build_model(cfg.model)
-    ckpt.save_run_config(folder, cfg, get_tokenizer(cfg.train.tokenizer))
+    save_run_config(folder, cfg, get_tokenizer(cfg.train.tokenizer))
     ckpt.save_checkpoint(folder, dict(model.state_dict()), make_optimizer(model, cfg),
                          {"step": 0, "elapsed_s": 0.0})
     return folder

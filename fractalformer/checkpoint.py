@@ -1,7 +1,7 @@
-"""Run folders: safetensors + JSON, written atomically, loaded without unpickling.
+"""Checkpoints: safetensors + JSON, written atomically, loaded without unpickling.
 
-A run folder holds ``config.json`` (model, train and tokenizer sections), its checkpoint,
-``metrics.csv`` and plots. A checkpoint is three files, ``model.safetensors``,
+A run folder holds ``config.json`` (``fractalformer.runs``), its checkpoint, ``metrics.csv``
+and plots. A checkpoint is three files, ``model.safetensors``,
 ``train_state.safetensors`` + ``train_state.json`` (optimizer, scheduler step, RNG),
 written together into a new folder ``checkpoints/step-<step>-<tag>``, flushed to disk, and
 only then made current by replacing ``checkpoint.json`` (which names that folder) in one
@@ -33,8 +33,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .config import RunConfig
-from .data.tokenizers import Tokenizer, tokenizer_from_dict
 from .errors import FractalError
 from .io import WriteError, atomic_write, current_umask, fsync_dir, read_json, write_error, write_json
 from .nn.nesting import nested_parameters
@@ -95,47 +93,6 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def save_run_config(run_dir: Path, cfg: RunConfig, tok: Tokenizer, data_sha256: str | None = None,
-                    val_units_per_token: float | None = None) -> None:
-    """``config.json``; ``data_sha256`` identifies the text the run trains on and
-    ``val_units_per_token`` (characters or bytes per token of its validation split) turns
-    its losses into bits per character without tokenising the text again. The tokenizer's
-    own files (a bpe:N ``tokenizer.json``) are written first: config.json names them."""
-    tok.save(run_dir)
-    extra: dict[str, Any] = {"data_sha256": data_sha256} if data_sha256 else {}
-    if val_units_per_token is not None:
-        extra["val_units_per_token"] = val_units_per_token
-    write_json(run_dir / CONFIG, {**cfg.to_dict(), "tokenizer": tok.to_dict(), **extra})
-
-
-def load_data_sha256(run_dir: Path) -> str | None:
-    """The SHA-256 of the run's training text (None for runs saved before it was recorded)."""
-    value = read_json(Path(run_dir) / CONFIG).get("data_sha256")
-    return value if isinstance(value, str) else None
-
-
-def load_val_units_per_token(run_dir: Path) -> float | None:
-    """Characters (bytes) per token of the run's validation split, as training measured it
-    (None for runs saved before it was recorded)."""
-    value = read_json(Path(run_dir) / CONFIG).get("val_units_per_token")
-    return float(value) if isinstance(value, (int, float)) and value > 0 else None
-
-
-def load_run_config(run_dir: Path) -> tuple[RunConfig, Tokenizer]:
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FractalError(f"run folder not found: {run_dir}")
-    d = read_json(run_dir / CONFIG)
-    cfg = RunConfig.from_dict(d)
-    cfg.validate()
-    tok = tokenizer_from_dict(d.get("tokenizer") or {"name": cfg.train.tokenizer}, run_dir)
-    if tok.vocab_size != cfg.model.vocab_size:
-        raise FractalError(f"{run_dir / CONFIG}: vocab_size {cfg.model.vocab_size} does not match "
-                           f"the {tok.name} tokenizer's {tok.vocab_size}")
-    return cfg, tok
-
-
-# -- checkpoints ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Checkpoint:
     """Where one checkpoint's three files lie: a folder under ``checkpoints/``, or the run

@@ -305,11 +305,10 @@ SPEC_STATS_HELP = """statistics (printed after the text, on stderr; --json puts 
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from .checkpoint import load_run_config
     from .config import to_toml
     from .memory import check_training_fits
     from .resolve import resolve_run_config
-    from .runs import check_run_dir
+    from .runs import check_run_dir, load_run_config
     from .train import train
 
     if a.resume:
@@ -588,8 +587,8 @@ def cmd_merge(a: argparse.Namespace) -> int:
 
 
 def cmd_grow(a: argparse.Namespace) -> int:
-    from .checkpoint import load_run_config
     from .growth import grow_concept_run, grow_run
+    from .runs import load_run_config
 
     run = Path(a.run)
     family = load_run_config(run)[0].model.family
@@ -647,7 +646,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def _data_sha256(run: str) -> str | None:
-    from .checkpoint import load_data_sha256
+    from .runs import load_data_sha256
 
     return load_data_sha256(Path(run))
 

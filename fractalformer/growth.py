@@ -45,7 +45,7 @@ from .models import GPT, FractalFormer
 from .models.concept import ConceptGPT, grow
 from .models.fractal import fold_glue
 from .nn.nesting import nested_parameters
-from .runs import check_run_dir, claim_run_dir, prepare_data
+from .runs import check_run_dir, claim_run_dir, load_data_sha256, prepare_data, save_run_config
 from .train.optim import make_optimizer
 from .train.trainer import train
 
@@ -165,7 +165,7 @@ def write_new_run(out: Path, cfg: RunConfig, model: torch.nn.Module, tok: Tokeni
     """
     cfg.validate()
     check_training_fits(cfg)
-    ckpt.save_run_config(out, cfg, tok, data_sha256)
+    save_run_config(out, cfg, tok, data_sha256)
     if provenance is not None:
         write_json(out / "provenance.json", provenance)
     ckpt.save_checkpoint(out, dict(model.state_dict()), make_optimizer(model, cfg),
@@ -216,7 +216,7 @@ def merge_runs(runs: list[str | Path], out: str | Path, glue_steps: int = 0, the
                                     groups="", emergent_every=0)
     cfg = RunConfig(merged.config, train_cfg)
     cfg.validate()
-    data_sha256 = ckpt.load_data_sha256(Path(runs[0]))
+    data_sha256 = load_data_sha256(Path(runs[0]))
     with claim_run_dir(out, resume=False):
         write_new_run(out, cfg, merged, tok, data_sha256,
                       {"merged_from": [str(r) for r in runs], "glue_steps": glue_steps,
@@ -228,7 +228,7 @@ def merge_runs(runs: list[str | Path], out: str | Path, glue_steps: int = 0, the
             if cfg.model.nesting.glue_rank:  # fold: from here a plain FractalFormer (fresh optimizer state)
                 plain = fold_glue(load(out).model)
                 cfg.model = plain.config
-                ckpt.save_run_config(out, cfg, tok, ckpt.load_data_sha256(out))
+                save_run_config(out, cfg, tok, load_data_sha256(out))
                 elapsed = ckpt.read_train_info(out).get("elapsed_s", 0.0)
                 ckpt.save_checkpoint(out, dict(plain.state_dict()), make_optimizer(plain, cfg),
                                      {"step": glue_steps, "elapsed_s": elapsed})
@@ -259,7 +259,7 @@ def grow_run(run: str | Path, out: str | Path, width: int, depth: int = 1, steps
     cfg = RunConfig(grown.config, train_cfg)
     cfg.validate()
     check_training_fits(cfg)  # before the validation batches of batch_size rows are drawn
-    _, corpus = prepare_data(cfg, trained.tokenizer, ckpt.load_data_sha256(Path(run)))
+    _, corpus = prepare_data(cfg, trained.tokenizer, load_data_sha256(Path(run)))
     batches = fixed_val_batches(corpus, t.eval_batches, t.batch_size, cfg.model.block_size, t.seed)
     figures = {}
     for who, m in (("original", model), ("grown", grown)):
@@ -291,7 +291,7 @@ def grow_concept_run(run: str | Path, out: str | Path, combo: int = 4, steps: in
     t = train_overrides(trained.run_config.train, sets)
     cfg = RunConfig(grown.config, dataclasses.replace(t, max_steps=steps or t.max_steps, schedule_start=0))
     with claim_run_dir(out, resume=False):
-        write_new_run(out, cfg, grown, trained.tokenizer, ckpt.load_data_sha256(Path(run)),
+        write_new_run(out, cfg, grown, trained.tokenizer, load_data_sha256(Path(run)),
                       {"grown_from": str(run), "combo": combo})
         if steps:
             train(cfg, out, resume=True, progress=progress)

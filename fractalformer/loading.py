@@ -17,6 +17,7 @@ from .errors import FractalError
 from .generate.sampling import stream_text
 from .memory import check_weights_file
 from .models import GPT, build_model
+from .runs import load_run_config
 
 
 @dataclass
@@ -58,7 +59,7 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu", level: int | N
     With ``level`` and ``index``, only sub-model ``(level, index)`` as a dense GPT: its
     slices alone are read from disk, so loading it takes about its own size in memory.
     """
-    cfg, tok = ckpt.load_run_config(Path(run_dir))
+    cfg, tok = load_run_config(Path(run_dir))
     if (level is None) != (index is None):
         raise FractalError("load a sub-model with both level and index")
     check_weights_file(ckpt.current(run_dir).model, cfg.model)

@@ -12,11 +12,11 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import load_run_config
 from .config import RunConfig, apply_overrides, build_config, find_key, load_toml, parse_set
 from .data.corpus import read_text
 from .data.prepared import is_prepared, load_prepared
 from .data.tokenizers import get_tokenizer
+from .runs import load_run_config
 
 
 def resolve_run_config(preset: str | None = None, toml_path: str | None = None, sets: list[str] | None = None,

@@ -1,5 +1,6 @@
-"""Run folders: checked and held for writing, their data found again, their config and
-tokenizer carried into fine-tuning.
+"""Run folders: their config.json (model, training and tokenizer config, and what training
+measured of its text), checked and held for writing, their data found again, their config
+and tokenizer carried into fine-tuning. The checkpoint inside is ``checkpoint.py``'s.
 
 Every command that writes a run folder (train, resume, merge, grow, extract) holds it
 through :func:`claim_run_dir`; every command that scores a trained run reads its data
@@ -14,6 +15,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -21,8 +23,52 @@ from . import checkpoint as ckpt
 from .config import RunConfig
 from .data.corpus import SHIPPED, Corpus, read_text, text_sha256
 from .data.prepared import is_prepared
-from .data.tokenizers import Tokenizer, get_tokenizer
+from .data.tokenizers import Tokenizer, get_tokenizer, tokenizer_from_dict
 from .errors import FractalError
+from .io import read_json, write_json
+
+
+def save_run_config(run_dir: Path, cfg: RunConfig, tok: Tokenizer, data_sha256: str | None = None,
+                    val_units_per_token: float | None = None) -> None:
+    """``config.json``; ``data_sha256`` identifies the text the run trains on and
+    ``val_units_per_token`` (characters or bytes per token of its validation split) turns
+    its losses into bits per character without tokenising the text again. The tokenizer's
+    own files (a bpe:N ``tokenizer.json``) are written first: config.json names them."""
+    tok.save(run_dir)
+    extra: dict[str, Any] = {"data_sha256": data_sha256} if data_sha256 else {}
+    if val_units_per_token is not None:
+        extra["val_units_per_token"] = val_units_per_token
+    write_json(run_dir / ckpt.CONFIG, {**cfg.to_dict(), "tokenizer": tok.to_dict(), **extra})
+
+
+def load_data_sha256(run_dir: Path) -> str | None:
+    """The SHA-256 of the run's training text (None for runs saved before it was recorded)."""
+    value = read_json(Path(run_dir) / ckpt.CONFIG).get("data_sha256")
+    return value if isinstance(value, str) else None
+
+
+def load_val_units_per_token(run_dir: Path) -> float | None:
+    """Characters (bytes) per token of the run's validation split, as training measured it
+    (None for runs saved before it was recorded)."""
+    value = read_json(Path(run_dir) / ckpt.CONFIG).get("val_units_per_token")
+    return float(value) if isinstance(value, (int, float)) and value > 0 else None
+
+
+def load_run_config(run_dir: Path) -> tuple[RunConfig, Tokenizer]:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FractalError(f"run folder not found: {run_dir}")
+    d = read_json(run_dir / ckpt.CONFIG)
+    cfg = RunConfig.from_dict(d)
+    cfg.validate()
+    tok = tokenizer_from_dict(d.get("tokenizer") or {"name": cfg.train.tokenizer}, run_dir)
+    if tok.vocab_size != cfg.model.vocab_size:
+        raise FractalError(f"{run_dir / ckpt.CONFIG}: vocab_size {cfg.model.vocab_size} does not match "
+                           f"the {tok.name} tokenizer's {tok.vocab_size}")
+    return cfg, tok
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
 
 
 def prepare_data(cfg: RunConfig, tok: Tokenizer | None = None,
@@ -65,7 +111,7 @@ def init_tokenizer(cfg: RunConfig) -> Tokenizer | None:
     """Fine-tuning keeps the tokenizer of the run it starts from unless another is named."""
     if not cfg.train.init_from:
         return None
-    _, tok = ckpt.load_run_config(Path(cfg.train.init_from))
+    _, tok = load_run_config(Path(cfg.train.init_from))
     if cfg.train.tokenizer != tok.name:
         return None
     return tok
@@ -87,7 +133,7 @@ def run_data(run_dir: str | Path, cfg: RunConfig, tok: Tokenizer, data: str | No
     path = cfg.train.data
     if path not in (None, SHIPPED) and not Path(path).is_file() and not is_prepared(path):
         raise FractalError(f"the run's data file {path} is not found here; name the data file explicitly")
-    return prepare_data(cfg, tok, ckpt.load_data_sha256(Path(run_dir)))[1]
+    return prepare_data(cfg, tok, load_data_sha256(Path(run_dir)))[1]
 
 
 def absolute_data(cfg: RunConfig) -> RunConfig:

@@ -19,6 +19,7 @@ from fractalformer.data.tokenizers import get_tokenizer
 from fractalformer.growth import grow_model, merge_models
 from fractalformer.models import GPT, build_model
 from fractalformer.models.fractal import fold_glue
+from fractalformer.runs import load_run_config, save_run_config
 from fractalformer.train import make_optimizer
 from fractalformer.train.losses import training_loss
 from fractalformer.train.optim import frozen_masks, lr_at
@@ -108,7 +109,7 @@ def test_full_model_of_a_glued_model_keeps_its_glue(tmp_path: Path) -> None:
     tok = get_tokenizer(cfg.train.tokenizer, read_text(cfg.train.data))
     cfg.model.vocab_size = tok.vocab_size
     glued = random_glue(build_model(cfg.model)).eval()
-    ckpt.save_run_config(tmp_path, cfg, tok)
+    save_run_config(tmp_path, cfg, tok)
     ckpt.save_tensors(tmp_path / ckpt.MODEL, dict(glued.state_dict()))  # weights alone
     x = torch.randint(0, tok.vocab_size, (2, 16))
     loaded = fractalformer.load(tmp_path, level=0, index=0).model
@@ -246,7 +247,7 @@ def make_run(path: Path, seed: int, *sets: str) -> Path:
         for n, p in m.named_parameters():
             if "norm" in n or n.endswith("bias"):
                 p.normal_(0, 0.1)
-    ckpt.save_run_config(path, cfg, tok)
+    save_run_config(path, cfg, tok)
     ckpt.save_checkpoint(path, dict(m.state_dict()), make_optimizer(m, cfg), {"step": 0, "elapsed_s": 0.0})
     return path
 
@@ -281,7 +282,7 @@ def test_merge_cli_glue_then_full_on_shards(capsys, tmp_path: Path, excerpt: Pat
                                 "--then-steps", "3", "--glue-rank", "2", "--set", "lr=0.002", "--quiet")
     assert code == 0, err
     assert "merged 2 runs" in stdout
-    cfg, _ = ckpt.load_run_config(out)
+    cfg, _ = load_run_config(out)
     assert (cfg.model.nesting.glue_rank, cfg.train.freeze, cfg.train.routing) == (0, "none", "shard")
     assert (cfg.train.schedule_start, cfg.train.max_steps, cfg.train.lr) == (4, 7, 0.002)
     lines = (out / "metrics.csv").read_text().splitlines()

@@ -24,7 +24,7 @@ import uvicorn
 from fastapi.testclient import TestClient
 
 import fractalformer
-from fractalformer.checkpoint import MODEL, save_run_config, save_tensors
+from fractalformer.checkpoint import MODEL, save_tensors
 from fractalformer.cli import main
 from fractalformer.config import build_config
 from fractalformer.data.tokenizers import get_tokenizer
@@ -33,6 +33,7 @@ from fractalformer.generate import generate, probabilities, sample_next
 from fractalformer.generate.speculative import parse_sub_model
 from fractalformer.loading import TrainedModel
 from fractalformer.models import build_model
+from fractalformer.runs import save_run_config
 from fractalformer.serve import Batcher, Job, Limits, create_app, model_cards
 from fractalformer.serve.app import allowed_hosts, chat_prompt
 from fractalformer.serve.batcher import Finished, Token

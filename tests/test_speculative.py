@@ -324,9 +324,10 @@ def test_seeded_adaptive_sampling_does_not_depend_on_timings(monkeypatch) -> Non
 def test_compare_times_both_passes_warm(capsys, monkeypatch, tmp_path) -> None:
     """Each timed pass of --compare follows an untimed pass of the same kind."""
     from fractalformer import generate as gen
-    from fractalformer.checkpoint import save_checkpoint, save_run_config
+    from fractalformer.checkpoint import save_checkpoint
     from fractalformer.config import build_config
     from fractalformer.data.tokenizers import get_tokenizer
+    from fractalformer.runs import save_run_config
     from fractalformer.train import make_optimizer
 
     from .conftest import run_cli

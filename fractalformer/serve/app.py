@@ -49,7 +49,7 @@ from ..evaluate import to_bpc
 from ..generate.sampling import SEED_LIMIT
 from ..generate.speculative import check_speculation, parse_sub_model
 from ..loading import TrainedModel, load
-from ..runs import prepare_data
+from ..runs import load_val_units_per_token, prepare_data
 from .batcher import Batcher, Event, Failed, Finished, Job, QueueFull, Target, Token
 
 
@@ -229,7 +229,7 @@ def _last_validation(trained: TrainedModel, run_dir: Path) -> tuple[int | None, 
         head, _, idx = (key or "").removeprefix("val_").partition(".")
         if key and key.startswith("val_") and head.isdigit() and value:
             losses[(int(head), "ensemble" if idx == "ens" else int(idx))] = float(value)
-    units = ckpt.load_val_units_per_token(run_dir)
+    units = load_val_units_per_token(run_dir)
     if units is None:  # a run saved before training recorded it: tokenise its validation text
         try:
             units = prepare_data(trained.run_config, trained.tokenizer)[1].val_units_per_token

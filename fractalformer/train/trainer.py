@@ -44,7 +44,17 @@ from ..errors import FractalError
 from ..evaluate import EvalRow, closing_windows, evaluate_full, fixed_val_batches, mean_losses, to_bpc
 from ..io import write_json
 from ..models import build_model
-from ..runs import absolute_data, check_run_dir, claim_run_dir, init_tokenizer, load_init, prepare_data
+from ..runs import (
+    absolute_data,
+    check_run_dir,
+    claim_run_dir,
+    init_tokenizer,
+    load_data_sha256,
+    load_init,
+    load_run_config,
+    prepare_data,
+    save_run_config,
+)
 from .callbacks import callbacks
 from .curves import plot_curves
 from .distributed import Dist, check_parallel, setup_distributed, shard_like, whole
@@ -149,9 +159,9 @@ def setup(cfg: RunConfig, out: Path, resume: bool, progress: bool) -> Training:
                       f"rate never reaches lr", stacklevel=3)
     check_parallel(cfg, dd)
 
-    saved = ckpt.load_run_config(out) if resume else None
+    saved = load_run_config(out) if resume else None
     tok, corpus = prepare_data(cfg, saved[1] if saved else init_tokenizer(cfg),
-                               ckpt.load_data_sha256(out) if resume else None)
+                               load_data_sha256(out) if resume else None)
     train_ids = shard_ids(corpus, cfg)
     torch.manual_seed(t.seed)
     model = build_model(cfg.model).to(device)  # every rank builds the same initial weights
@@ -182,10 +192,10 @@ def setup(cfg: RunConfig, out: Path, resume: bool, progress: bool) -> Training:
                 print(note)
             start_metrics(out / "metrics.csv", metric_fields(cfg), keep_until=start)
             # a changed max_steps is the new horizon
-            ckpt.save_run_config(out, cfg, tok, corpus.sha256, corpus.val_units_per_token)
+            save_run_config(out, cfg, tok, corpus.sha256, corpus.val_units_per_token)
     elif dd.main:
         out.mkdir(parents=True, exist_ok=True)
-        ckpt.save_run_config(out, cfg, tok, corpus.sha256, corpus.val_units_per_token)
+        save_run_config(out, cfg, tok, corpus.sha256, corpus.val_units_per_token)
         start_metrics(out / "metrics.csv", metric_fields(cfg))
 
     precision = autocast(device, t.dtype)
