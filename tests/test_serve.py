@@ -33,8 +33,9 @@ from fractalformer.generate import generate, probabilities, sample_next
 from fractalformer.generate.speculative import parse_sub_model
 from fractalformer.loading import TrainedModel
 from fractalformer.models import build_model
-from fractalformer.runs import save_run_config
+from fractalformer.runs import prepare_data, save_run_config
 from fractalformer.serve import Batcher, Job, Limits, create_app, model_cards
+from fractalformer.serve import app as serve_app
 from fractalformer.serve.app import allowed_hosts, chat_prompt
 from fractalformer.serve.batcher import Finished, Token
 
@@ -246,6 +247,21 @@ def test_models_report_the_runs_last_validation(tmp_path: Path) -> None:
     assert cards["1:ensemble"]["val_loss"] == round(float(row["val_1.ens"]), 4)
     assert cards["0:0"]["val_bpc"] == round(float(row["val_bpc"]), 4)
     assert all(c["val_step"] == 1 and 0 < c["val_bpc"] < 10 for c in cards.values())
+
+
+
+def test_models_read_characters_per_token_from_the_run_not_the_text(tmp_path: Path, monkeypatch) -> None:
+    run = tmp_path / "run"  # training records its validation text's characters per token
+    assert main(["train", "--preset", "tiny-fractal", "--quiet", "--max-steps", "2", "--set", "eval_every=1",
+                 "--set", "sample_tokens=0", "--set", "final_eval=0", "--out", str(run)]) == 0
+    trained = fractalformer.load(run)
+    units = json.loads((run / "config.json").read_text())["val_units_per_token"]
+    assert units == prepare_data(trained.run_config, trained.tokenizer)[1].val_units_per_token
+    monkeypatch.setattr(serve_app, "prepare_data", lambda *a, **k: pytest.fail("re-tokenised the text"))
+    cards = {c["id"]: c for c in model_cards(trained, run)}
+    with (run / "metrics.csv").open() as f:
+        row = list(csv.DictReader(f))[-1]
+    assert cards["0:0"]["val_bpc"] == round(float(row["val_bpc"]), 4)
 
 
 BAD = [
