@@ -72,8 +72,7 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu", level: int | N
         with torch.device("meta"):  # the nesting of every parameter, no memory
             full = build_model(cfg.model)
         full.nest.check(level, index)
-        family = cfg.model.family
-        if family in ("moe", "concept") or not full.extractable(level) or (family == "mrl" and level):
+        if not full.extractable(level):
             raise FractalError(f"sub-model ({level}, {index}) is not a standalone model in family "
                                f"{cfg.model.family} (residual={cfg.model.nesting.residual})")
         model = GPT(full.sub_model_config(level))

@@ -243,6 +243,9 @@ class ConceptGPT(GPT):
         self.nest.check(level)
         return self.config
 
+    def extractable(self, level: int) -> bool:
+        return False  # not nested: the run folder already holds the only model
+
     def extract(self, level: int, index: int) -> GPT:
         raise FractalError("family concept is not nested: its run folder already holds the only model")
 

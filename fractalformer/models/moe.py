@@ -247,5 +247,8 @@ class MoEGPT(GPT):
         self.nest.check(level)
         return self.config
 
+    def extractable(self, level: int) -> bool:
+        return False  # not nested: the run folder already holds the only model
+
     def extract(self, level: int, index: int) -> GPT:
         raise FractalError("family moe is not nested: its run folder already holds the only model")
