@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
-from .config import ModelConfig, RunConfig, TrainConfig, apply_overrides, parse_set
+from .config import ModelConfig, RunConfig, TrainConfig, apply_overrides, find_key, parse_set
 from .data.tokenizers import Tokenizer
 from .errors import FractalError
 from .evaluate import fixed_val_batches, mean_losses, to_bpc
@@ -174,10 +174,9 @@ def write_new_run(out: Path, cfg: RunConfig, model: torch.nn.Module, tok: Tokeni
 
 def train_overrides(train: TrainConfig, sets: list[str] | None) -> TrainConfig:
     """``train`` with ``key=value`` overrides of training keys (the model comes from the runs)."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
     values = parse_set(sets or [])
     for key in values:
-        if key.removeprefix("train.") not in names:
+        if find_key(key).part != "train":
             raise FractalError(f"--set {key}: merge and grow take training keys only (the model's shape "
                                "comes from the runs)")
     cfg = RunConfig(train=dataclasses.replace(train))
