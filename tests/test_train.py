@@ -125,3 +125,14 @@ def test_ddp_two_processes_match_single_process(tmp_path: Path) -> None:
     single, state = (load_file(str(ckpt.current(r).state)) for r in runs)
     assert not torch.equal(state["rng.torch.0"], state["rng.torch.1"])
     assert torch.equal(state["rng.torch.0"], single["rng.torch.0"])  # rank 0: the single-process stream
+
+
+def test_metrics_column_names_read_back() -> None:
+    from fractalformer.train.logs import metric_fields, parse_sub_name, sub_name
+
+    cfg = build_config("tiny-fractal")
+    subs = [*cfg.model.sub_models(), (1, "ensemble"), (2, "ensemble")]
+    assert [parse_sub_name(sub_name(lv, j)) for lv, j in subs] == subs
+    val = [parse_sub_name(f[len("val_"):]) for f in metric_fields(cfg) if f.startswith("val_")]
+    assert [v for v in val if v is not None] == subs  # val_loss and val_bpc are not sub-models
+    assert all(parse_sub_name(x) is None for x in ("loss", "\u00b2.1", "1.x", "", "1."))

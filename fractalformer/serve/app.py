@@ -50,6 +50,7 @@ from ..generate.sampling import SEED_LIMIT
 from ..generate.speculative import check_speculation, parse_sub_model
 from ..loading import TrainedModel, load
 from ..runs import load_val_units_per_token, prepare_data
+from ..train.logs import parse_sub_name
 from .batcher import Batcher, Event, Failed, Finished, Job, QueueFull, Target, Token
 
 
@@ -226,9 +227,9 @@ def _last_validation(trained: TrainedModel, run_dir: Path) -> tuple[int | None, 
     last = rows[-1]
     losses: dict[tuple[int, int | str], float] = {(0, 0): float(last["val_loss"])}
     for key, value in last.items():
-        head, _, idx = (key or "").removeprefix("val_").partition(".")
-        if key and key.startswith("val_") and head.isdigit() and value:
-            losses[(int(head), "ensemble" if idx == "ens" else int(idx))] = float(value)
+        sub = parse_sub_name(key.removeprefix("val_")) if key and key.startswith("val_") else None
+        if sub is not None and value:
+            losses[sub] = float(value)
     units = load_val_units_per_token(run_dir)
     if units is None:  # a run saved before training recorded it: tokenise its validation text
         try:

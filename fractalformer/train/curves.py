@@ -13,6 +13,7 @@ from matplotlib.ticker import MaxNLocator
 
 from ..errors import FractalError
 from ..io import atomic_write
+from .logs import FULL_TRAIN, parse_sub_name
 
 LEVEL_COLOURS = ["Greys", "Blues", "Oranges", "Greens", "Purples", "Reds"]
 
@@ -42,7 +43,7 @@ def read_metrics(path: Path) -> tuple[list[str], list[dict[str, str]]]:
             rows, header = list(reader), reader.fieldnames or []
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise FractalError(f"{path} cannot be read as a metrics table ({e})") from None
-    train = "train_0.0" if "train_0.0" in header else "train_loss"
+    train = FULL_TRAIN if FULL_TRAIN in header else "train_loss"
     if "step" not in header or train not in header:
         raise FractalError(f"{path} is not a metrics table: its header has no step and {train} columns")
     for line, row in enumerate(rows, 2):
@@ -68,11 +69,11 @@ def plot_curves(run_dir: str | Path, name: str = "curves.png") -> Path:
     """
     run_dir = Path(run_dir)
     header, rows = read_metrics(run_dir / "metrics.csv")
-    nested = "train_0.0" in header
+    nested = FULL_TRAIN in header
     fig, axes = plt.subplots(1, 2 if nested else 1, figsize=(12 if nested else 7, 4.4), squeeze=False)
     ax = axes[0][0]
     steps = [int(r["step"]) for r in rows]
-    train = [float(r["train_0.0" if nested else "train_loss"]) for r in rows]
+    train = [float(r[FULL_TRAIN if nested else "train_loss"]) for r in rows]
     if train:
         ax.plot(steps, train, color="tab:blue", alpha=0.25, lw=0.8, label="train, each step's batch")
         span = min(0.3, max(0.02, 20 / len(train)))  # about a twentieth of the run: short runs lag less
@@ -102,21 +103,19 @@ def plot_curves(run_dir: str | Path, name: str = "curves.png") -> Path:
 
 
 def _sub_model_panel(ax: plt.Axes, rows: list[dict[str, str]], header: list[str]) -> None:
-    keys = [k[len("val_"):] for k in header if k.startswith("val_") and k[4:5].isdigit()]
+    subs = {k: s for k in header if k.startswith("val_") and (s := parse_sub_name(k[len("val_"):]))}
     counts: dict[int, int] = {}
-    for key in keys:
-        level, index = key.split(".")
-        if index != "ens":
-            counts[int(level)] = counts.get(int(level), 0) + 1
-    for key in keys:
-        level, index = key.split(".")
-        pts = [(int(r["step"]), float(r[f"val_{key}"])) for r in rows if r.get(f"val_{key}")]
+    for level, index in subs.values():
+        if index != "ensemble":
+            counts[level] = counts.get(level, 0) + 1
+    for key, (level, index) in subs.items():
+        pts = [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
         if not pts:
             continue
-        if index == "ens":
-            ax.plot(*zip(*pts, strict=True), "--", color=_sub_colour(int(level), 0, 1), lw=1.4,
+        if index == "ensemble":
+            ax.plot(*zip(*pts, strict=True), "--", color=_sub_colour(level, 0, 1), lw=1.4,
                     label=f"level {level} ensemble")
         else:
-            colour = _sub_colour(int(level), int(index), counts[int(level)])
+            colour = _sub_colour(level, int(index), counts[level])
             ax.plot(*zip(*pts, strict=True), "-o", color=colour, lw=1.2, ms=2.5, label=f"({level}, {index})")
     ax.set_title("validation loss of every sub-model (level, index)")

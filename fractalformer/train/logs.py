@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,21 @@ BASE_FIELDS = ["step", "tokens", "lr", "train_loss", "val_loss", "val_bpc", "ela
 
 
 def sub_name(level: int, index: int | str) -> str:
+    """A sub-model (or level ensemble) in metrics.csv column names: ``2.3``, ``1.ens``."""
     return f"{level}.{'ens' if index == 'ensemble' else index}"
+
+
+def parse_sub_name(name: str) -> tuple[int, int | str] | None:
+    """``(level, index)`` of a :func:`sub_name` (index ``"ensemble"`` for ``L.ens``); None for
+    any other text, so readers of metrics.csv skip columns they do not know."""
+    head, dot, index = name.partition(".")
+    number = re.compile("[0-9]+")
+    if not (dot and number.fullmatch(head) and (index == "ens" or number.fullmatch(index))):
+        return None
+    return int(head), "ensemble" if index == "ens" else int(index)
+
+
+FULL_TRAIN = f"train_{sub_name(0, 0)}"  # the full model's own training loss in a nested run
 
 
 def metric_fields(cfg: RunConfig) -> list[str]:

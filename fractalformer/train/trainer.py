@@ -58,7 +58,15 @@ from ..runs import (
 from .callbacks import callbacks
 from .curves import plot_curves
 from .distributed import Dist, check_parallel, setup_distributed, shard_like, whole
-from .logs import MetricsLog, level_table, metric_fields, start_metrics, sub_name, tensorboard_writer
+from .logs import (
+    FULL_TRAIN,
+    MetricsLog,
+    level_table,
+    metric_fields,
+    start_metrics,
+    sub_name,
+    tensorboard_writer,
+)
 from .losses import GroupTargets, group_targets, training_loss
 from .optim import Optimizers, clipped_params, lr_at, make_optimizer
 
@@ -339,7 +347,7 @@ def evaluate(s: Training, row: dict[str, Any], bar: tqdm) -> None:
     if len(subs) > 1:
         row |= {f"val_{sub_name(*k)}": f"{v:.6f}" for k, v in val.items()}
     if s.dd.main and s.progress:
-        full = float(row["train_0.0"]) if len(subs) > 1 else float(row["train_loss"])  # like with like
+        full = float(row[FULL_TRAIN]) if len(subs) > 1 else float(row["train_loss"])  # like with like
         bar.write(f"step {row['step']}: full model train {full:.4f} | val {vl:.4f} nats/token, "
                   f"{to_bpc(vl, units):.3f} bits/{s.tok.unit}")
         if len(subs) > 1:
