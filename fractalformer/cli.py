@@ -134,6 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--windows", type=_windows, metavar="N|all",
                    help="score the first N windows of block_size tokens, or all (unset: with --data all; "
                         "else the windows train scored at the end, by default as many as it trained on)")
+    e.add_argument("--mix", metavar="LEVELS", help=MIX_HELP)
 
     s = command("sample", "generate text from a run", 'fractalformer sample runs/x --prompt "ROMEO:"',
                 "fractalformer sample runs/x --level 2 --index 3 --temperature 0 --seed 1",
@@ -150,6 +151,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--index", type=int, help="sub-model index within the level (unset: 0)")
     s.add_argument("--ensemble", action="store_true",
                    help="sample the whole level as one ensemble (mean of log-probabilities)")
+    s.add_argument("--mix", metavar="LEVELS", help=MIX_HELP)
 
     sp = command("speculate", "speculative decoding with nested sub-models as drafts",
                  'fractalformer speculate runs/x --draft 2:0 --prompt "ROMEO:" --compare',
@@ -179,9 +181,11 @@ def _parser() -> argparse.ArgumentParser:
     an.add_argument("--data", help="score this text instead of the run's own (which must be unchanged)")
 
     x = command("extract", "save one sub-model as a standalone dense run folder",
-                "fractalformer extract runs/x --level 1 --index 0 --out runs/half")
-    x.add_argument("--level", type=int, required=True, help="level of the sub-model")
-    x.add_argument("--index", type=int, required=True, help="index of the sub-model within its level")
+                "fractalformer extract runs/x --level 1 --index 0 --out runs/half",
+                "fractalformer extract runs/x --mix 0,1,1,2 --out runs/mix")
+    x.add_argument("--level", type=int, help="level of the sub-model")
+    x.add_argument("--index", type=int, help="index of the sub-model within its level")
+    x.add_argument("--mix", metavar="LEVELS", help=MIX_HELP)
     x.add_argument("--out", required=True, help="new run folder (resumable with train --resume)")
 
     pr = command("prepare", "tokenize text files into a memory-mapped corpus for train --data DIR",
@@ -201,6 +205,7 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("run", metavar="RUN", help="run folder written by fractalformer train")
     ex.add_argument("--level", type=int, help="export sub-model (level, index) instead of the full model")
     ex.add_argument("--index", type=int, help="index of the sub-model within its level")
+    ex.add_argument("--mix", metavar="LEVELS", help=MIX_HELP)
     ex.add_argument("--out", required=True, help="new folder for AutoModelForCausalLM.from_pretrained")
 
     mg = command("merge", "glue trained runs into a wider FractalFormer (frozen children, then all)",
@@ -259,12 +264,17 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--api-key", metavar="KEY",
                     help="require 'Authorization: Bearer KEY' on /v1/ (unset: FRACTALFORMER_API_KEY, else "
                          "none); for a server reachable beyond this machine")
+    sv.add_argument("--mix", metavar="LEVELS", help=MIX_HELP)
 
     c = command("config", "list every config key with its value in a preset and what it means",
                 "fractalformer config", "fractalformer config --preset dense", parent=common)
     c.add_argument("--preset", choices=list(PRESETS), default="default", metavar="NAME",
                    help="whose values to show: " + ", ".join(PRESETS))
     return p
+
+
+MIX_HELP = ("a Mix'n'Match model of a FractalFormer: a level per layer (0,1,1,2) or per part "
+            "(attention:MLP, 0:1,...), each part keeping its level's block diagonal")
 
 
 def _train_on_args(p: argparse.ArgumentParser, made: str) -> None:
@@ -378,7 +388,7 @@ def _load(a: argparse.Namespace) -> TrainedModel:
 
     from .device import pick_device
 
-    return fractalformer.load(a.run, pick_device(a.device))
+    return fractalformer.load(a.run, pick_device(a.device), mix=getattr(a, "mix", None))
 
 
 def _precision(a: argparse.Namespace, model: torch.nn.Module) -> contextlib.AbstractContextManager:
@@ -467,6 +477,8 @@ def cmd_sample(a: argparse.Namespace) -> int:
 
     if a.ensemble and a.index is not None:
         raise FractalError("--ensemble samples the whole level, --index one sub-model: give one of them")
+    if a.mix is not None and (a.ensemble or a.index is not None or a.level):
+        raise FractalError("--mix is a model of its own: give it without --level, --index or --ensemble")
     if a.num_samples < 1:
         raise FractalError("--num-samples must be at least 1")
     check_sampling(a.temperature, a.top_k, a.top_p, a.seed)  # before the model loads
@@ -554,17 +566,20 @@ def cmd_extract(a: argparse.Namespace) -> int:
     from .runs import check_run_dir, claim_run_dir
 
     out = Path(a.out)
+    if (a.mix is None) == (a.level is None or a.index is None) or (a.mix is not None and a.level is not None):
+        raise FractalError("extract one sub-model (--level L --index J) or one mix (--mix LEVELS)")
     check_run_dir(out, resume=False)
     trained = _load(a)
-    sub = trained.model.extract(a.level, a.index).cpu()
+    sub = (trained.model if a.mix is not None else trained.model.extract(a.level, a.index)).cpu()
     train = dataclasses.replace(trained.run_config.train, groups="", emergent_every=0, routing="shared",
                                 freeze="none", schedule_start=0)
     cfg = RunConfig(sub.config, train)
     cfg.validate()
     with claim_run_dir(out, resume=False):
         write_new_run(out, cfg, sub, trained.tokenizer, _data_sha256(a.run))
-    print(f"extracted sub-model ({a.level}, {a.index}): {sub.num_params():,} parameters, width "
-          f"{sub.config.d_model} -> {out}")
+    used = f"{trained.mix_params:,} of " if a.mix else ""
+    what = f"mix {a.mix}" if a.mix else f"sub-model ({a.level}, {a.index})"
+    print(f"extracted {what}: {used}{sub.num_params():,} parameters, width {sub.config.d_model} -> {out}")
     return 0
 
 
@@ -637,9 +652,13 @@ def cmd_export(a: argparse.Namespace) -> int:
     out = Path(a.out)
     if out.exists():
         raise FractalError(f"{out} already exists; choose another --out")
-    trained = fractalformer.load(a.run)
+    if a.mix is not None and (a.level is not None or a.index is not None):
+        raise FractalError("export either a sub-model (--level, --index) or a mix (--mix), not both")
+    trained = fractalformer.load(a.run, mix=a.mix)
     dense = export(trained.model, trained.tokenizer, out, a.level, a.index)
-    print(f"exported {'the model' if a.level is None else f'sub-model ({a.level}, {a.index})'}: "
+    what = (f"mix {a.mix}" if a.mix else "the model" if a.level is None
+            else f"sub-model ({a.level}, {a.index})")
+    print(f"exported {what}: "
           f"{dense.num_params():,} parameters, width {dense.config.d_model} -> {out} "
           f"(transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))")
     return 0
@@ -661,7 +680,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         raise FractalError("--max-batch, --queue-size, --max-tokens and --max-prompt-chars must be "
                            "at least 1")
     serve(a.run, a.host, a.port, Limits(a.max_tokens, a.max_prompt_chars, a.max_batch, a.queue_size),
-          allow_hosts=a.allow_host,
+          allow_hosts=a.allow_host, mix=a.mix,
           api_key=a.api_key if a.api_key is not None else os.environ.get("FRACTALFORMER_API_KEY") or None)
     return 0
 

@@ -393,6 +393,14 @@ class TrainConfig:
                                                   "state sharded with fully_shard)")
     routing: Literal["shared", "split", "shard"] = key("shared", "nested models: which rows each sub-model "
                                                                  "reads (see data.corpus.training_batch)")
+    sampling: Literal["all", "level", "sandwich"] = key(
+        "all", "nested models: which sub-models train each step - all, one level (level_probs), or "
+               "sandwich: the full model, one smallest and one random sub-model")
+    level_probs: list[float] = field(default_factory=list, metadata=meta(
+        "sampling=level: the probability of each level (empty: uniform)", form="comma-separated numbers"))
+    level_grads: Literal["sum", "pcgrad"] = key(
+        "sum", "nested models: add the levels' gradients, or pcgrad: project each off the others' where "
+               "they conflict (gradient surgery)")
     data_shard: list[int] = field(default_factory=list, metadata=meta(
         "[J, N] (\"J/N\" with --set): train on contiguous shard J of N of the training tokens (empty: "
         "all of them)", form="'J/N' with 0 <= J < N", strings=True, sep="/"))
@@ -485,6 +493,18 @@ class RunConfig:
         if t.freeze != "none" and (m.family != "fractal" or m.nesting.residual != "none"):
             raise FractalError("freeze=children needs a FractalFormer without cross-level residuals "
                                "(family=fractal, residual=none): its level-1 sub-models are the children")
+        nested = m.family in NESTED and m.nesting.levels > 1
+        if (t.sampling != "all" or t.level_grads != "sum") and not nested:
+            raise FractalError("sampling and level_grads choose among sub-models: they need a nested model "
+                               "(family fractal, matformer or mrl)")
+        p = t.level_probs
+        if p and (len(p) != m.nesting.levels or any(x < 0 for x in p) or sum(p) <= 0):
+            raise FractalError(f"level_probs needs {m.nesting.levels} non-negative numbers with a positive "
+                               f"sum, got {p!r}")
+        if p and t.sampling != "level":
+            raise FractalError("level_probs is read only with sampling=level")
+        if t.sampling != "all" and m.family == "mrl":
+            raise FractalError("sampling must be all for family=mrl: its sizes share one body")
         if t.routing != "shared":
             if t.grad_accum > 1:
                 raise FractalError(f"routing={t.routing} cannot combine with grad_accum: a micro-batch would "

@@ -3,7 +3,7 @@ with the tokenizer and config it was trained with and a text API on top."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from .errors import FractalError
 from .generate.sampling import stream_text
 from .memory import check_weights_file
 from .models import GPT, build_model
+from .models.fractal import Mix
 from .runs import load_run_config
 
 
@@ -28,6 +29,8 @@ class TrainedModel:
     model: GPT
     tokenizer: Tokenizer
     run_config: RunConfig
+    mix: Mix | None = None  # the Mix'n'Match model loaded (its levels per layer), if one was
+    mix_params: int | None = None  # the parameters that mix uses (the model holds zeros besides)
 
     @property
     def config(self) -> ModelConfig:
@@ -53,17 +56,32 @@ class TrainedModel:
 
 
 def load(run_dir: str | Path, device: str | torch.device = "cpu", level: int | None = None,
-         index: int | None = None) -> TrainedModel:
+         index: int | None = None, mix: str | Sequence[int | tuple[int, int]] | None = None) -> TrainedModel:
     """The trained model of a run folder (any family), in eval mode, with its tokenizer and config.
 
     With ``level`` and ``index``, only sub-model ``(level, index)`` as a dense GPT: its
     slices alone are read from disk, so loading it takes about its own size in memory.
+    With ``mix`` (a FractalFormer: ``"0,1,1,2"``, a level per layer, or ``A:M`` for attention
+    and MLP), the Mix'n'Match model: a dense GPT of the full shape whose parts keep only
+    their level's block diagonal (``FractalFormer.extract_mix``).
     """
     cfg, tok = load_run_config(Path(run_dir))
     if (level is None) != (index is None):
         raise FractalError("load a sub-model with both level and index")
+    if mix is not None and level is not None:
+        raise FractalError("load either a sub-model (level, index) or a mix, not both")
     check_weights_file(ckpt.current(run_dir).model, cfg.model)
-    if level == 0 and cfg.model.nesting.glue_rank:  # the full model's glue maps lie outside its slices
+    if mix is not None:
+        if cfg.model.family != "fractal":
+            raise FractalError(f"--mix needs a FractalFormer run (family fractal), not family "
+                               f"{cfg.model.family}")
+        full = build_model(cfg.model)
+        ckpt.load_model_state(Path(run_dir), full)
+        parsed = full.parse_mix(mix)
+        model = full.extract_mix(parsed)
+        return TrainedModel(model.to(device).eval(), tok, RunConfig(model.config, cfg.train), parsed,
+                            full.mix_params(parsed))
+    elif level == 0 and cfg.model.nesting.glue_rank:  # the full model's glue maps lie outside its slices
         model = build_model(cfg.model)
         ckpt.load_model_state(Path(run_dir), model)
         model = model.extract(level, index)

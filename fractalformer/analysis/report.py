@@ -10,6 +10,8 @@ Writes PNGs and one self-contained ``report.html`` (images inlined) into ``RUN/a
 * the consistency of every sub-model with the full model on validation windows: greedy
   top-1 agreement and mean ``sum(min(p, q))`` - the expected acceptance rate of
   speculative decoding with that sub-model as the draft;
+* for a FractalFormer, every Mix'n'Match model (a level per layer, ``analysis/mixes.py``)
+  scored beside the trained sub-models: bits/char against parameters and its Pareto front;
 * for runs with token groups: cos('a','A') and cos('a','i') per width, and the adjusted
   Rand index of the last emergent clustering against the seed's imposed categories.
 """
@@ -42,6 +44,9 @@ from ..io import write_text
 from ..loading import TrainedModel, load
 from ..runs import run_data
 from ..train.curves import plot_curves
+from .mixes import mix_scores, mixable, plot_mixes
+
+MIX_WINDOWS = 64  # validation windows every mix is scored on
 
 
 def embedding_slices(model: torch.nn.Module) -> dict[int, torch.Tensor]:
@@ -285,6 +290,12 @@ def analyze(run_dir: str | Path, windows: int = 16, data: str | None = None, dev
         cons = consistency(model, val_windows)
         usage = expert_usage(model, val_windows, out / "expert_usage.png")
         samples = _samples(trained)
+        mixes = None
+        if mixable(model):
+            k = min(MIX_WINDOWS, (len(corpus.val) - 1) // t)
+            mixes = mix_scores(model, as_tensor(corpus.val[: k * t]).view(k, t).to(device),
+                               corpus.val_units_per_token)
+            plot_mixes(mixes, out / "mixes.png", rows[0].unit)
     heatmaps = _heatmaps(model, tok, out)
     counts = torch.bincount(as_tensor(corpus.train), minlength=tok.vocab_size)
     seen = counts.nonzero().flatten().tolist()
@@ -301,10 +312,11 @@ def analyze(run_dir: str | Path, windows: int = 16, data: str | None = None, dev
                  if (r.level, r.index) in cons else {"top-1 agreement": "-", "expected acceptance": "-"})}
              for r in rows]
     summary = {"rows": [r.to_json() for r in rows], "cosines": cos, "emergent_ari": ari,
-               "consistency": {f"{lv}.{j}": v for (lv, j), v in cons.items()}, "expert_usage": usage}
+               "consistency": {f"{lv}.{j}": v for (lv, j), v in cons.items()}, "expert_usage": usage,
+               "mixes": mixes}
     write_text(out / "summary.json", json.dumps(summary, indent=1))
     page = _page(run_dir, trained, rows[0].tokens, n, t, table, samples, usage, curves, heatmaps, cos, ari,
-                 len(seen), _trained_steps(ckpt.current(run_dir).state_json))
+                 len(seen), _trained_steps(ckpt.current(run_dir).state_json), mixes)
     report = out / "report.html"
     write_text(report, page)
     return report
@@ -312,7 +324,7 @@ def analyze(run_dir: str | Path, windows: int = 16, data: str | None = None, dev
 
 def _page(run_dir: Path, trained: TrainedModel, val_tokens: int, n: int, t: int, table: list[dict],
           samples: list[tuple[str, str]], usage: dict | None, curves: Path | None, heatmaps: list[Path],
-          cos: dict, ari: dict, seen: int, step: int | None) -> str:
+          cos: dict, ari: dict, seen: int, step: int | None, mixes: dict | None) -> str:
     """The report as one self-contained HTML page, every section with a line on how to read it."""
     model, tok, cfg = trained.model, trained.tokenizer, trained.run_config
     m, tr = cfg.model, cfg.train
@@ -346,6 +358,19 @@ def _page(run_dir: Path, trained: TrainedModel, val_tokens: int, n: int, t: int,
                    "step's batch, and a moving average) and validation loss. Right, for nested models: the "
                    "validation loss of every sub-model, one colour family per level, dashed for level "
                    f"ensembles.</p>{_img(curves, 'loss curves')}" if curves else "")
+    mix_part = ""
+    if mixes:
+        chosen = set(mixes["front"])
+        front = sorted((m for m in mixes["mixes"] if m["mix"] in chosen), key=lambda m: m["params"])
+        front_rows = [{"mix (level per layer)": m["mix"], "parameters": f"{m['params']:,}",
+                       f"bits/{unit}": f"{m['bpc']:.4f}"} for m in front]
+        mix_part = (f"<h2 id=mixes>Mix'n'Match</h2><p class=about>Every model that runs each layer at a "
+                    f"level of its own ({len(mixes['mixes'])} mixes; <code>--mix 0,1,1,2</code> for sample, "
+                    "eval, extract, export and serve): a layer at level l keeps its level-l block diagonal, "
+                    f"on the full-width stream. Scored on the first {mixes['windows'][0]} validation "
+                    "windows, as are the trained sub-models (diamonds). The table is the Pareto front: no "
+                    f"mix is both smaller and better.</p>{_img(run_dir / 'analysis' / 'mixes.png', 'mixes')}"
+                    f"{_table(front_rows, 1)}")
     sample_html = "".join(f"<h3>{e(who)}</h3><pre>{e(text)}</pre>" for who, text in samples)
     figures = "".join(f"<figure>{_img(p, p.stem)}</figure>" for p in heatmaps)
     return f"""<!doctype html><html lang=en><head><meta charset="utf-8">
@@ -354,7 +379,8 @@ def _page(run_dir: Path, trained: TrainedModel, val_tokens: int, n: int, t: int,
 <h1>Analysis of {e(run_dir.name)}</h1>
 <p class=meta>{e(str(run_dir.resolve()))} &middot; generated {when} by fractalformer {__version__}</p>
 <nav><a href="#run">Run</a><a href="#subs">Sub-models</a><a href="#samples">Samples</a>{
-'<a href="#experts">Experts</a>' if experts else ''}{'<a href="#curves">Loss curves</a>' if curves else ''}
+'<a href="#experts">Experts</a>' if experts else ''}{'<a href="#curves">Loss curves</a>' if curves else ''}{
+'<a href="#mixes">Mix&#39;n&#39;Match</a>' if mix_part else ''}
 <a href="#similarity">Embedding similarity</a><a href="#clusters">Clusters</a></nav>
 <h2 id=run>The run</h2>{_table(run_rows, 2)}
 <h2 id=subs>Sub-models</h2>
@@ -369,6 +395,7 @@ the full model as target would accept.</p>
 seed 0.</p>{sample_html}
 {experts}
 {curves_part}
+{mix_part}
 <h2 id=similarity>Embedding similarity per width</h2><p class=about>Cosine similarity between the
 embeddings of every pair of tokens, using only the embedding columns that level's first sub-model owns.
 Tokens are grouped by class (black lines; names on top); red blocks on the diagonal mean a width keeps

@@ -22,6 +22,14 @@ the full model also adds rank-r maps between its level-1 blocks: output block ``
 children; the sub-models never see them, and ``fold_glue`` adds ``up_ij @ down_ij`` into
 the off-diagonal blocks of the weight afterwards, leaving a plain FractalFormer.
 
+**Mix'n'Match** (:meth:`FractalFormer.mix_forward`, :meth:`FractalFormer.extract_mix`): a
+model between the trained sizes that runs each layer's attention and MLP at a level of its
+own on the full-width residual stream. A part at level ``l`` keeps only its level-``l``
+block diagonal: the stream is cut into the level's ``split**l`` blocks and each block goes
+through its sub-model's slice of the part (one batched computation), so the part costs
+``1 / split**l`` of the full one. Embedding, norms and output stay the full model's, so a
+mix is a dense GPT of the full shape whose off-diagonal blocks are zero (its extraction).
+
 Extractability: with ``upstream`` a sub-model depends on its descendants, so only the
 deepest level stays a standalone dense model; with ``downstream`` it depends on its
 ancestors, so only level 0 does. Without residuals every sub-model does.
@@ -29,14 +37,18 @@ ancestors, so only level 0 does. Without residuals every sub-model does.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import ModelConfig, NestingConfig
+from ..errors import FractalError
 from ..nn import Linear, Nesting
+from ..nn.nesting import nested_parameters
 from .gpt import GPT
+
+Mix = tuple[tuple[int, int], ...]  # per layer: (attention level, MLP level)
 
 
 class LowRank(nn.Module):
@@ -117,6 +129,89 @@ class FractalFormer(GPT):
         if self.glue is not None and level == 0:
             return fold_glue(self).extract(level, index)
         return super().extract(level, index)
+
+    # -- Mix'n'Match ----------------------------------------------------------------------------
+    def parse_mix(self, spec: str | Sequence[int | tuple[int, int]]) -> Mix:
+        """``"0,1,1,2"`` (one level per layer, both parts) or ``"0,1:2,..."`` (attention:MLP per
+        layer), or the same as a sequence; checked against this model."""
+        c = self.config
+        if c.nesting.residual != "none":
+            raise FractalError(f"--mix needs a FractalFormer without cross-level residuals (this one has "
+                               f"residual={c.nesting.residual}: a level reads the others' states)")
+        items = spec.split(",") if isinstance(spec, str) else list(spec)
+        if len(items) != c.n_layer:
+            raise FractalError(f"--mix needs one level per layer ({c.n_layer} layers), got {len(items)}: "
+                               f"{spec!r}")
+        mix = []
+        for item in items:
+            try:
+                parts = tuple(int(v) for v in item.split(":")) if isinstance(item, str) else \
+                    (tuple(item) if isinstance(item, tuple) else (int(item),))
+            except ValueError:
+                raise FractalError(f"--mix entries are levels (A or A:M), got {item!r}") from None
+            if len(parts) not in (1, 2) or any(not 0 <= v < self.nest.levels for v in parts):
+                raise FractalError(f"--mix entries are levels 0..{self.nest.levels - 1} (A or A:M), "
+                                   f"got {item!r}")
+            mix.append((parts[0], parts[-1]))
+        if c.nesting.attn_nesting != "heads" and any(a for a, _ in mix):
+            raise FractalError("mixing attention levels needs attn_nesting=heads (with head_dim nesting a "
+                               "level's heads are narrower heads, not blocks of the full model's)")
+        return tuple(mix)
+
+    def _part_level(self, name: str, mix: Mix) -> int:
+        """The level of the part a parameter belongs to under ``mix`` (0 outside the blocks' parts)."""
+        parts = name.split(".")
+        if parts[0] != "blocks" or parts[2] not in ("attn", "mlp"):
+            return 0
+        return mix[int(parts[1])][0 if parts[2] == "attn" else 1]
+
+    def mix_params(self, mix: Mix) -> int:
+        """Parameters the mix uses: each part's level-``l`` block diagonal, the rest whole."""
+        total = 0
+        for name, p, dims in nested_parameters(self):
+            lv = self._part_level(name, mix)
+            total += self.nest.count(lv) * self.nest.take(p.detach(), lv, dims)[0].numel()
+        return total
+
+    def _blockwise(self, fn: Callable[[torch.Tensor, int], torch.Tensor], h: torch.Tensor, level: int
+                   ) -> torch.Tensor:
+        """``fn`` at ``level`` on the full-width state ``h`` (1, B, T, D): the level's blocks of
+        the stream, each through its sub-model, concatenated back."""
+        if level == 0:
+            return fn(h, 0)
+        n = self.nest.count(level)
+        _, b, t, d = h.shape
+        out = fn(h[0].view(b, t, n, d // n).permute(2, 0, 1, 3), level)
+        return out.permute(1, 2, 0, 3).reshape(1, b, t, d)
+
+    def mix_forward(self, idx: torch.Tensor, mix: Mix) -> dict[int, torch.Tensor]:
+        """Logits of the Mix'n'Match model ``mix`` on ``idx`` (B, T): {0: (1, B, T, vocab)}."""
+        if idx.shape[-1] > self.config.block_size:
+            raise ValueError(f"sequence of {idx.shape[-1]} tokens exceeds block_size "
+                             f"{self.config.block_size}")
+        x = self.drop(self.embed(idx, 0))
+        for i, ((a, m), block) in enumerate(zip(mix, self.blocks, strict=True)):
+            attn = self._blockwise(lambda h, lv, blk=block, i=i: blk.attn(h, lv, None, i),
+                                   block.attn_norm(x, 0), a)
+            x = x + block.drop(attn)
+            x = x + block.drop(self._blockwise(block.mlp, block.mlp_norm(x, 0), m))
+        return self.head({0: x})
+
+    def extract_mix(self, mix: Mix) -> GPT:
+        """The mix as a dense GPT of the full shape: every part at level ``l`` keeps its
+        level-``l`` block diagonal, the other entries zero."""
+        model = fold_glue(self)
+        dense = GPT(self.config.replace(family="gpt", nesting=NestingConfig())).to(self.embed.weight.dtype)
+        state = {}
+        for name, p, dims in nested_parameters(model):
+            lv = self._part_level(name, mix)
+            w = p.detach().clone()
+            if lv:
+                w.zero_()
+                self.nest.put(w, lv, dims, self.nest.take(p.detach(), lv, dims))
+            state[name] = w
+        dense.load_state_dict(state)
+        return dense.to(self.embed.weight.device).train(self.training)
 
     def extractable(self, level: int) -> bool:
         r = self.config.nesting.residual

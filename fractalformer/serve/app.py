@@ -193,7 +193,7 @@ def parse_target(spec: str, model: torch.nn.Module, param: str) -> Target:
 
 def model_cards(trained: TrainedModel, run_dir: Path) -> list[dict[str, Any]]:
     """Every sub-model and level ensemble: width, parameters, last validation bits/char."""
-    step, losses, units = _last_validation(trained, run_dir)
+    step, losses, units = _last_validation(trained, run_dir) if trained.mix is None else (None, {}, None)
     model = trained.model
     created = int(ckpt.current(run_dir).model.stat().st_mtime)
     cards = []
@@ -205,7 +205,7 @@ def model_cards(trained: TrainedModel, run_dir: Path) -> list[dict[str, Any]]:
             cards.append({
                 "id": target_id((lv, j)), "object": "model", "created": created, "owned_by": "fractalformer",
                 "level": lv, "index": j, "width": width,
-                "params": model.num_params(lv) * (n if j == "ensemble" else 1),
+                "params": trained.mix_params or model.num_params(lv) * (n if j == "ensemble" else 1),
                 "standalone": model.needed_levels(lv) == [lv],
                 "val_loss": round(loss, 4) if loss is not None else None,
                 "val_bpc": round(to_bpc(loss, units), 4) if loss is not None and units else None,
@@ -482,11 +482,12 @@ def _error_body(ev: Failed) -> dict:
 
 def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None,
           log_level: str = "info", allow_hosts: list[str] | tuple[str, ...] = (),
-          api_key: str | None = None) -> None:
-    """Load the run, bind the port, print where it listens, and serve until interrupted (Ctrl-C)."""
+          api_key: str | None = None, mix: str | None = None) -> None:
+    """Load the run (or its Mix'n'Match model ``mix``), bind the port, print where it listens,
+    and serve until interrupted (Ctrl-C)."""
     limits = limits or Limits()
     run = Path(run)
-    trained = load(run)
+    trained = load(run, mix=mix)
     if trained.config.family == "concept":  # its caches advance concept levels per row position
         raise FractalError("fractalformer serve cannot batch the concept family yet; use "
                            "fractalformer sample")

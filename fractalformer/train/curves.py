@@ -51,7 +51,8 @@ def read_metrics(path: Path) -> tuple[list[str], list[dict[str, str]]]:
             if None in row:  # more values than columns
                 raise ValueError(f"{len(row[None])} values too many")
             int(row["step"])
-            float(row[train])
+            if not row[train] and train != FULL_TRAIN:  # empty: the step's sample (sampling) left it out
+                raise ValueError(f"no {train}")
             for value in row.values():
                 if value:
                     float(value)
@@ -72,8 +73,9 @@ def plot_curves(run_dir: str | Path, name: str = "curves.png") -> Path:
     nested = FULL_TRAIN in header
     fig, axes = plt.subplots(1, 2 if nested else 1, figsize=(12 if nested else 7, 4.4), squeeze=False)
     ax = axes[0][0]
-    steps = [int(r["step"]) for r in rows]
-    train = [float(r[FULL_TRAIN if nested else "train_loss"]) for r in rows]
+    key = FULL_TRAIN if nested else "train_loss"
+    steps = [int(r["step"]) for r in rows if r[key]]  # sampling: steps that trained the full model
+    train = [float(r[key]) for r in rows if r[key]]
     if train:
         ax.plot(steps, train, color="tab:blue", alpha=0.25, lw=0.8, label="train, each step's batch")
         span = min(0.3, max(0.02, 20 / len(train)))  # about a twentieth of the run: short runs lag less

@@ -4,7 +4,8 @@ Models compute logits (and what a loss reads besides, left by the same forward);
 recipes live here, so the trainer, DDP / FSDP (which see one forward) and the scripts
 all train on the same objective:
 
-* the cross-entropy of every sub-model, weighted by ``model.weights`` (``level_weights``);
+* the cross-entropy of every sub-model, weighted by ``model.weights`` (``level_weights``),
+  or of the step's sample of them (``sampling``: :func:`step_weights`);
 * soft group targets (``groups``, ``fractalformer.hierarchy``): a sub-model learns the mean
   log-probability of the target's token group instead of the token itself;
 * self-distillation (``distill``): each smaller sub-model also moves towards the full
@@ -18,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..config import RunConfig
 from ..hierarchy import group_key, target_matrix
 from ..models import GPT, ConceptGPT, MoEGPT
 from ..models.concept import Prediction
@@ -45,24 +47,36 @@ def group_targets(model: GPT, groups: dict[int | str, list[list[int]]]) -> Group
 
 
 def training_loss(model: GPT, logits: dict[int, torch.Tensor], targets: torch.Tensor,
-                  groups: GroupTargets | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  groups: GroupTargets | None = None, weights: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss, sub_losses)``: the weighted objective over every sub-model in ``logits`` plus
     the family's term, and each sub-model's own mean cross-entropy (level by level, index by
-    index; detached).
+    index; detached; NaN for the sub-models of levels not in ``logits``).
 
     ``targets`` is (B, T), or (levels, B, T) for routed data (as the forward's ``idx``).
+    ``weights`` (one per sub-model, summing to 1 over those in ``logits``) replaces
+    ``model.weights``: the step's sample of sub-models (``sampling``, :func:`step_weights`).
     """
-    loss, sub = token_loss(model, logits, targets, groups or {})
+    per_level, sub = level_losses(model, logits, targets, groups or {}, weights)
+    loss = torch.stack(list(per_level.values())).sum()
     aux = family_loss(model)
     return (loss if aux is None else loss + aux), sub
 
 
-def token_loss(model: GPT, logits: dict[int, torch.Tensor], targets: torch.Tensor,
-               groups: GroupTargets) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weighted cross-entropy (soft over ``groups``, with distillation) of every sub-model."""
-    losses, trained = [], []
+def level_losses(model: GPT, logits: dict[int, torch.Tensor], targets: torch.Tensor,
+                 groups: GroupTargets, weights: torch.Tensor | None = None
+                 ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """Each level's weighted cross-entropy (soft over ``groups``, with distillation) - the
+    parts whose gradients ``level_grads=pcgrad`` reconciles - and every sub-model's plain
+    cross-entropy (NaN where its level did not run)."""
     d = model.config.nesting.distill
-    teacher = F.log_softmax(widen(logits[0][0].detach()), -1) if d else None  # (B, T, V)
+    teacher = F.log_softmax(widen(logits[0][0].detach()), -1) if d and 0 in logits else None  # (B, T, V)
+    w = model.weights if weights is None else weights
+    offsets = [0]
+    for lv in range(model.nest.levels):
+        offsets.append(offsets[-1] + model.nest.count(lv))
+    sub = torch.full((offsets[-1],), float("nan"), device=w.device)
+    per_level = {}
     for lv, lg in sorted(logits.items()):
         y = targets if targets.dim() == 2 else batch_rows(targets[lv], lg.shape[0])
         y = y.expand(lg.shape[0], *y.shape[-2:]).flatten()
@@ -74,13 +88,46 @@ def token_loss(model: GPT, logits: dict[int, torch.Tensor], targets: torch.Tenso
         else:
             ce = F.nll_loss(logp.flatten(0, 2), y, reduction="none")
         ce = ce.view(lg.shape[0], -1).mean(1)
-        losses.append(ce)
+        sub[offsets[lv]:offsets[lv + 1]] = ce.detach()
         if teacher is not None and lv > 0:  # self-distillation: agree with the full model
             kl = (teacher.exp() * (teacher - logp)).sum(-1).flatten(1).mean(1)
             ce = (1 - d) * ce + d * kl
-        trained.append(ce)
-    sub = torch.cat(losses)
-    return (torch.cat(trained) * model.weights).sum(), sub.detach()
+        per_level[lv] = (ce * w[offsets[lv]:offsets[lv + 1]]).sum()
+    return per_level, sub
+
+
+def step_weights(cfg: RunConfig, step: int) -> tuple[list[int] | None, torch.Tensor | None]:
+    """The levels to run and every sub-model's loss weight at ``step`` under ``sampling``;
+    ``(None, None)`` for ``all`` (every level, ``model.weights``).
+
+    A pure function of ``(seed, step)``, so every process, a resumed run and a re-run draw the
+    same sub-models. ``level`` (MatFormer): one level, drawn with ``level_probs``, its
+    sub-models weighted as usual among themselves. ``sandwich`` (slimmable networks): the
+    full model, one sub-model of the smallest level and one of any other nested level,
+    weighted alike (in-place distillation is ``distill``); a level none of them is in does
+    not run, but the others run whole (a level's sub-models are one batched computation).
+    """
+    t, m = cfg.train, cfg.model
+    if t.sampling == "all":
+        return None, None
+    levels = m.nesting.levels
+    subs = m.sub_models()
+    gen = torch.Generator().manual_seed(t.seed * 7_919 + step)
+    base = torch.tensor(m.sub_model_weights())
+    if t.sampling == "level":
+        probs = torch.tensor(t.level_probs or [1.0] * levels, dtype=torch.float64)
+        lv = int(torch.multinomial(probs, 1, generator=gen))
+        keep = torch.tensor([s[0] == lv for s in subs])
+        w = torch.where(keep, base, 0.0)
+        return [lv], w / w.sum()
+    pick = [0]
+    last = [i for i, s in enumerate(subs) if s[0] == levels - 1]
+    pick.append(last[int(torch.randint(len(last), (1,), generator=gen))])
+    rest = [i for i, s in enumerate(subs) if s[0] > 0 and i != pick[1]]
+    pick.append(rest[int(torch.randint(len(rest), (1,), generator=gen))])
+    w = torch.zeros(len(subs))
+    w[pick] = 1.0 / len(pick)
+    return sorted({subs[i][0] for i in pick}), w
 
 
 def family_loss(model: GPT) -> torch.Tensor | None:

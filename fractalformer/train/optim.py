@@ -188,3 +188,36 @@ def frozen_masks(model: torch.nn.Module) -> list[tuple[torch.nn.Parameter, torch
         mask[model.nest.index(p.shape, 1, dims, p.device)] = True
         masks.append((p, mask))
     return masks
+
+
+def pcgrad(grads: list[list[torch.Tensor | None]], gen: torch.Generator) -> list[torch.Tensor | None]:
+    """Gradient surgery (PCGrad, Yu et al. 2020) over the levels' gradients of the same
+    parameters: each level's gradient, where it conflicts with another's (negative dot
+    product), loses its component along that one (the others in random order); the
+    projected gradients are summed. Parameters no level reaches keep ``None``."""
+    flat = []
+    for g in grads:
+        flat.append(torch.cat([x.flatten() for x in g if x is not None]))
+    shapes = [next((g[i] for g in grads if g[i] is not None), None) for i in range(len(grads[0]))]
+    masks = [[x is not None for x in g] for g in grads]
+    if any(m != masks[0] for m in masks):  # align: a level that does not reach a parameter gives zeros
+        flat = [torch.cat([(x if x is not None else torch.zeros_like(ref)).flatten()
+                           for x, ref in zip(g, shapes, strict=True) if ref is not None]) for g in grads]
+    out = []
+    for i, g in enumerate(flat):
+        g = g.clone()
+        others = [j for j in range(len(flat)) if j != i]
+        for k in torch.randperm(len(others), generator=gen).tolist():
+            h = flat[others[k]]
+            dot = torch.dot(g, h)
+            if dot < 0:
+                g -= dot / h.dot(h).clamp_min(1e-30) * h
+        out.append(g)
+    total, result, at = torch.stack(out).sum(0), [], 0
+    for ref in shapes:
+        if ref is None:
+            result.append(None)
+            continue
+        result.append(total[at:at + ref.numel()].view_as(ref))
+        at += ref.numel()
+    return result

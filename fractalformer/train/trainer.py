@@ -67,8 +67,8 @@ from .logs import (
     sub_name,
     tensorboard_writer,
 )
-from .losses import GroupTargets, group_targets, training_loss
-from .optim import Optimizers, clipped_params, lr_at, make_optimizer
+from .losses import GroupTargets, group_targets, level_losses, step_weights, training_loss
+from .optim import Optimizers, clipped_params, lr_at, make_optimizer, pcgrad
 
 
 class _StopFlag:
@@ -287,6 +287,9 @@ def train_step(s: Training, step: int) -> torch.Tensor:
     t, dd = s.cfg.train, s.dd
     x, y = training_batch(s.train_ids, t.batch_size, s.cfg.model.block_size,
                           batch_generator(t.seed, step), t.routing, s.model.nest.counts())
+    levels, weights = step_weights(s.cfg, step)
+    if weights is not None:
+        weights = weights.to(s.device)
     local_b = t.batch_size // dd.world
     micro = local_b // t.grad_accum
     total = None
@@ -298,9 +301,17 @@ def train_step(s: Training, step: int) -> torch.Tensor:
         quiet = s.fwd.no_sync() if not last and isinstance(s.fwd, DDP) else contextlib.nullcontext()
         with quiet:
             with s.autocast:
-                logits = s.fwd(x[..., rows, :].to(s.device))
-                loss, sub_losses = training_loss(s.model, logits, y[..., rows, :].to(s.device), s.groups)
-            (loss / t.grad_accum).backward()
+                xb, yb = x[..., rows, :].to(s.device), y[..., rows, :].to(s.device)
+                logits = s.fwd(xb) if levels is None else s.fwd(xb, levels)
+                if t.level_grads == "pcgrad":
+                    per_level, sub_losses = level_losses(s.model, logits, yb, s.groups, weights)
+                    loss = torch.stack(list(per_level.values())).sum()
+                else:
+                    loss, sub_losses = training_loss(s.model, logits, yb, s.groups, weights)
+            if t.level_grads == "pcgrad":
+                surgery(s.model, list(per_level.values()), t.grad_accum, step)
+            else:
+                (loss / t.grad_accum).backward()
         part = torch.cat([loss.detach().float().view(1), sub_losses.float()]) / t.grad_accum
         total = part if total is None else total + part
     if t.grad_clip > 0:
@@ -308,6 +319,23 @@ def train_step(s: Training, step: int) -> torch.Tensor:
     s.optimizer.step()
     s.optimizer.zero_grad(set_to_none=True)
     return total
+
+
+def surgery(model: torch.nn.Module, per_level: list[torch.Tensor], accum: int, step: int) -> None:
+    """``level_grads=pcgrad``: each level's gradient separately, combined by :func:`optim.pcgrad`
+    and added to ``.grad`` (as a backward would). The levels' graphs share only the
+    parameters, so the separate backward passes cost about what one would."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [torch.autograd.grad(loss / accum, params, retain_graph=i < len(per_level) - 1, allow_unused=True)
+             for i, loss in enumerate(per_level)]
+    combined = pcgrad([list(g) for g in grads], torch.Generator().manual_seed(step))
+    for p, g in zip(params, combined, strict=True):
+        if g is None:
+            continue
+        if p.grad is None:
+            p.grad = g.clone()
+        else:
+            p.grad += g
 
 
 def flush(s: Training, pending: list[tuple[int, float, float, torch.Tensor]], stop: bool
@@ -332,7 +360,8 @@ def flush(s: Training, pending: list[tuple[int, float, float, torch.Tensor]], st
         row: dict[str, Any] = {"step": step, "tokens": step * s.cfg.train.batch_size * s.cfg.model.block_size,
                                "lr": f"{lr:.6g}", "train_loss": f"{loss:.6f}", "elapsed_s": f"{elapsed:.2f}"}
         if len(subs) > 1:
-            row |= {f"train_{sub_name(*k)}": f"{float(v):.6f}" for k, v in zip(subs, st[1:], strict=True)}
+            row |= {f"train_{sub_name(*k)}": f"{float(v):.6f}" if math.isfinite(v) else ""
+                    for k, v in zip(subs, st[1:].tolist(), strict=True)}  # empty: its level did not run
         rows.append(row)
     return rows, bool(flag.item() > 0)
 
@@ -347,8 +376,9 @@ def evaluate(s: Training, row: dict[str, Any], bar: tqdm) -> None:
     if len(subs) > 1:
         row |= {f"val_{sub_name(*k)}": f"{v:.6f}" for k, v in val.items()}
     if s.dd.main and s.progress:
-        full = float(row[FULL_TRAIN]) if len(subs) > 1 else float(row["train_loss"])  # like with like
-        bar.write(f"step {row['step']}: full model train {full:.4f} | val {vl:.4f} nats/token, "
+        full = row[FULL_TRAIN] if len(subs) > 1 else row["train_loss"]  # like with like
+        full = f"{float(full):.4f}" if full else "-"  # "-": the step's sample left the full model out
+        bar.write(f"step {row['step']}: full model train {full} | val {vl:.4f} nats/token, "
                   f"{to_bpc(vl, units):.3f} bits/{s.tok.unit}")
         if len(subs) > 1:
             widths = [s.model.level_width(lv) for lv in range(s.model.nest.levels)]
