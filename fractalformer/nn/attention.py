@@ -136,8 +136,11 @@ class Attention(nn.Module):
         pos, mask = cache.where(t) if cache is not None else (0, None)
         start = cache.length if cache is not None else 0
         at = start if isinstance(start, int) else pos  # an int: the tables are sliced, not gathered
-        qk = self.rotaries[level].at(qkv[:, :, : hq + hkv], at).transpose(1, 2)  # q and k in one pass
-        q, k, v = qk[:, :hq], qk[:, hq:], qkv[:, :, hq + hkv :].transpose(1, 2)
+        # split, not sliced: the backward of a split is one concatenation, that of a slice a
+        # zero-filled copy per piece
+        qk, v = qkv.split((hq + hkv, hkv), dim=2)
+        q, k = self.rotaries[level].at(qk, at).transpose(1, 2).split((hq, hkv), dim=1)  # q, k in one pass
+        v = v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(layer, k, v, pos)
         gqa = hkv != hq and NATIVE_GQA  # no copy of the cached keys/values per step

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .decode import linear
 from .linear import Linear
 from .nesting import Nesting
 
@@ -19,5 +20,11 @@ class GeGLU(nn.Module):
         self.down = Linear(nest, hidden, d_model, bias)
 
     def forward(self, x: torch.Tensor, level: int) -> torch.Tensor:
-        gate, up = self.gate_up(x, level).chunk(2, dim=-1)
+        if level == 0 and not self.gate_up._forward_hooks:  # (a merged model's glue hooks the layer)
+            # two products with the weight's halves: no activation-sized split and concatenation
+            w, b, h = self.gate_up.weight, self.gate_up.bias, self.down.weight.shape[1]
+            gate = linear(x, w[:h], None if b is None else b[:h])
+            up = linear(x, w[h:], None if b is None else b[h:])
+        else:
+            gate, up = self.gate_up(x, level).chunk(2, dim=-1)
         return self.down(F.gelu(gate, approximate="tanh") * up, level)

@@ -5,6 +5,8 @@ Each sub-model normalises over its own dims and uses its own slice of the scale.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,6 +30,26 @@ def rms_norm(x: torch.Tensor, scale: torch.Tensor | None, eps: float) -> torch.T
     return y if scale is None else y * scale
 
 
+class _TrainingRMSNorm(torch.autograd.Function):
+    """``x / rms(x) * (1 + w)`` with the backward written out: a handful of ops each way where
+    autograd records about twenty per norm (an eager training step pays per op).
+    ``w`` broadcasts against ``x``: (width,), or (count, 1, 1, width) for a level."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        r = torch.rsqrt((x * x).mean(-1, keepdim=True) + eps)
+        xhat, scale = x * r, 1.0 + w
+        ctx.save_for_backward(xhat, r, scale)
+        return xhat * scale
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        xhat, r, scale = ctx.saved_tensors
+        gs = g * scale
+        dx = (gs - xhat * (gs * xhat).mean(-1, keepdim=True)) * r
+        return dx, (g * xhat).sum_to_size(scale.shape), None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, nest: Nesting, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -38,7 +60,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, level: int) -> torch.Tensor:
         """x: (count, B, T, width); statistics in at least float32 for bf16 safety."""
         xf = widen(x)
-        if level == 0:
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            w = widen(self.weight) if level == 0 else widen(sliced(self, "weight", level))[:, None, None, :]
+            y = _TrainingRMSNorm.apply(xf, w, self.eps)
+        elif level == 0:
             y = rms_norm(xf, self.scale(0), self.eps)
         else:  # one scale per sub-model: the fused op takes a single one
             y = rms_norm(xf, None, self.eps) * self.scale(level)[:, None, None, :]

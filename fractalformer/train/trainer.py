@@ -39,7 +39,7 @@ from .. import hierarchy
 from ..config import RunConfig
 from ..data.corpus import Corpus, Ids, batch_generator, training_batch
 from ..data.tokenizers import Tokenizer
-from ..device import autocast, pick_device, set_cpu_threads
+from ..device import autocast, keep_freed_memory, pick_device, set_cpu_threads
 from ..errors import FractalError
 from ..evaluate import EvalRow, closing_windows, evaluate_full, fixed_val_batches, mean_losses, to_bpc
 from ..io import write_json
@@ -162,6 +162,7 @@ def setup(cfg: RunConfig, out: Path, resume: bool, progress: bool) -> Training:
         dist.barrier()  # every rank has checked the folder before rank 0 writes to it
     if device == "cpu":
         set_cpu_threads(dd.local_world, t.threads)
+        keep_freed_memory()
     if t.max_steps < t.warmup_steps and dd.main:
         warnings.warn(f"max_steps ({t.max_steps}) is below warmup_steps ({t.warmup_steps}): the learning "
                       f"rate never reaches lr", stacklevel=3)
