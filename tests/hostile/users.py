@@ -12,6 +12,7 @@ from fractalformer.data.tokenizers import get_tokenizer
 from .common import Case, cli, one_line_error
 
 _RUNS: list[Path] = []  # one tiny run, trained by the first case that needs it
+_FRACTAL: list[Path] = []  # one tiny FractalFormer (2 layers), likewise
 
 
 def _run(work: Path) -> Path:
@@ -67,6 +68,27 @@ def eval_data_missing(work: Path) -> str | None:
     return one_line_error(cli("eval", _run(work), "--data", work / "no-such.txt"))
 
 
+def _fractal_run(work: Path) -> Path:
+    if not _FRACTAL:
+        out = work / "fractal"
+        proc = cli("train", "--preset", "tiny-fractal", "--quiet", "--max-steps", "2", "--set",
+                   "sample_tokens=0", "--out", out)
+        if proc.returncode:
+            raise RuntimeError(f"training the shared FractalFormer failed: {proc.stderr.strip()[-200:]}")
+        _FRACTAL.append(out)
+    return _FRACTAL[0]
+
+
+def bad_mix(value: str) -> Case:
+    def check(work: Path) -> str | None:
+        return one_line_error(cli("sample", _fractal_run(work), "--mix", value, "--max-new-tokens", "2"))
+    return Case("users", f"sample --mix {value[:20]!r}", check)
+
+
+def mix_of_a_dense_run(work: Path) -> str | None:
+    return one_line_error(cli("eval", _run(work), "--mix", "0,0"))
+
+
 CASES: list[Case] = [
     Case("users", "--help without importing torch", help_without_torch),
     eval_windows("0"),
@@ -74,4 +96,6 @@ CASES: list[Case] = [
     Case("users", "eval --data scores the whole file", eval_whole_file),
     Case("users", "eval --data a one-character file", eval_data_too_short),
     Case("users", "eval --data a missing file", eval_data_missing),
+    *(bad_mix(v) for v in ("", "9" * 5000, "0,0,0", "-1,0", "0:0:0,0", "a,b", " , ")),
+    Case("users", "eval --mix of a dense run", mix_of_a_dense_run),
 ]
