@@ -22,9 +22,9 @@ class GeGLU(nn.Module):
     def forward(self, x: torch.Tensor, level: int) -> torch.Tensor:
         if level == 0 and not self.gate_up._forward_hooks:  # (a merged model's glue hooks the layer)
             # two products with the weight's halves: no activation-sized split and concatenation
-            w, b, h = self.gate_up.weight, self.gate_up.bias, self.down.weight.shape[1]
-            gate = linear(x, w[:h], None if b is None else b[:h])
-            up = linear(x, w[h:], None if b is None else b[h:])
+            w, b = self.gate_up.weight.chunk(2), self.gate_up.bias  # chunked: a slice's backward zero-fills
+            bias = (None, None) if b is None else b.chunk(2)
+            gate, up = linear(x, w[0], bias[0]), linear(x, w[1], bias[1])
         else:
             gate, up = self.gate_up(x, level).chunk(2, dim=-1)
         return self.down(F.gelu(gate, approximate="tanh") * up, level)

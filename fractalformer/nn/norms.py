@@ -46,7 +46,7 @@ class _TrainingRMSNorm(torch.autograd.Function):
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
         xhat, r, scale = ctx.saved_tensors
         gs = g * scale
-        dx = (gs - xhat * (gs * xhat).mean(-1, keepdim=True)) * r
+        dx = torch.addcmul(gs, xhat, (gs * xhat).mean(-1, keepdim=True), value=-1).mul_(r)
         return dx, (g * xhat).sum_to_size(scale.shape), None
 
 
