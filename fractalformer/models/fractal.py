@@ -27,8 +27,12 @@ model between the trained sizes that runs each layer's attention and MLP at a le
 own on the full-width residual stream. A part at level ``l`` keeps only its level-``l``
 block diagonal: the stream is cut into the level's ``split**l`` blocks and each block goes
 through its sub-model's slice of the part (one batched computation), so the part costs
-``1 / split**l`` of the full one. Embedding, norms and output stay the full model's, so a
-mix is a dense GPT of the full shape whose off-diagonal blocks are zero (its extraction).
+``1 / split**l`` of the full one. Embedding and norms stay the full model's; the output
+reads the stream as the level ``L`` of the last layer's MLP does, as the mean of that
+level's ``split**L`` sub-models' logits (their ensemble, a renormalised product of
+experts): the tied output divided by ``split**L``. So a mix is a dense GPT of the full shape
+whose off-diagonal blocks are zero and whose final norm scale is divided by ``split**L``
+(its extraction).
 
 Extractability: with ``upstream`` a sub-model depends on its descendants, so only the
 deepest level stays a standalone dense model; with ``downstream`` it depends on its
@@ -195,7 +199,7 @@ class FractalFormer(GPT):
                                    block.attn_norm(x, 0), a)
             x = x + block.drop(attn)
             x = x + block.drop(self._blockwise(block.mlp, block.mlp_norm(x, 0), m))
-        return self.head({0: x})
+        return {0: self.head({0: x})[0] / self.nest.count(mix[-1][1])}
 
     def extract_mix(self, mix: Mix) -> GPT:
         """The mix as a dense GPT of the full shape: every part at level ``l`` keeps its
@@ -210,6 +214,8 @@ class FractalFormer(GPT):
                 w.zero_()
                 self.nest.put(w, lv, dims, self.nest.take(p.detach(), lv, dims))
             state[name] = w
+        with torch.no_grad():  # the output as the mean of the last level's sub-models' logits
+            state["norm.weight"] = (1.0 + state["norm.weight"]) / self.nest.count(mix[-1][1]) - 1.0
         dense.load_state_dict(state)
         return dense.to(self.embed.weight.device).train(self.training)
 
