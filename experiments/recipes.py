@@ -49,6 +49,8 @@ RECIPES: dict[str, list[str]] = {
     "sandwich_distill": ["sampling=sandwich", "distill=0.5"],
     # gradient surgery between the levels
     "all_w211_pcgrad": ["level_weights=2,1,1", "level_grads=pcgrad"],
+    # every step also a random Mix'n'Match model (a level per layer), a quarter of the loss
+    "all_w211_mix": ["level_weights=2,1,1", "mix_weight=0.25"],
 }
 TWINS = {lv: f"dense_heads_L{lv}" for lv in range(3)}
 

@@ -398,6 +398,8 @@ class TrainConfig:
                "sandwich: the full model, one smallest and one random sub-model")
     level_probs: list[float] = field(default_factory=list, metadata=meta(
         "sampling=level: the probability of each level (empty: uniform)", form="comma-separated numbers"))
+    mix_weight: float = key(0.0, "family fractal: each step also trains one random Mix'n'Match model (a "
+                                 "level per layer) with this share of the loss (0: none)")
     level_grads: Literal["sum", "pcgrad"] = key(
         "sum", "nested models: add the levels' gradients, or pcgrad: project each off the others' where "
                "they conflict (gradient surgery)")
@@ -503,6 +505,14 @@ class RunConfig:
                                f"sum, got {p!r}")
         if p and t.sampling != "level":
             raise FractalError("level_probs is read only with sampling=level")
+        if t.mix_weight:
+            if not 0.0 < t.mix_weight < 1.0:
+                raise FractalError(f"mix_weight must lie in [0, 1), got {t.mix_weight}")
+            if m.family != "fractal" or m.nesting.residual != "none" or t.routing != "shared":
+                raise FractalError("mix_weight trains Mix'n'Match models: it needs family=fractal without "
+                                   "cross-level residuals, on shared routing")
+            if t.level_grads != "sum":
+                raise FractalError("mix_weight cannot combine with level_grads=pcgrad (a mix is no level)")
         if t.sampling != "all" and m.family == "mrl":
             raise FractalError("sampling must be all for family=mrl: its sizes share one body")
         if t.routing != "shared":

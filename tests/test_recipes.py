@@ -12,7 +12,7 @@ import torch
 from fractalformer import FractalError
 from fractalformer.config import build_config
 from fractalformer.models import build_model
-from fractalformer.train.losses import level_losses, step_weights, training_loss
+from fractalformer.train.losses import level_losses, step_mix, step_weights, training_loss
 from fractalformer.train.optim import pcgrad
 from fractalformer.train.trainer import surgery
 
@@ -49,6 +49,15 @@ def test_the_sandwich_is_the_full_model_a_smallest_and_one_more() -> None:
         assert levels == sorted({s[0] for s in picked})
         seen.add(tuple(levels))
     assert seen == {(0, 1, 2), (0, 2)}  # level 1 runs only when drawn
+
+
+def test_each_step_draws_its_own_mix() -> None:
+    c = cfg("mix_weight=0.25")
+    m = build_model(c.model)
+    mixes = {step_mix(m, c, step) for step in range(40)}
+    assert len(mixes) > 5 and step_mix(m, c, 3) == step_mix(m, c, 3)
+    assert all(len(mix) == c.model.n_layer for mix in mixes)
+    assert step_mix(m, cfg(), 3) is None
 
 
 def test_all_is_every_sub_model_with_the_model_weights() -> None:
@@ -97,7 +106,8 @@ def test_sub_models_of_levels_that_did_not_run_log_nothing(tmp_path: Path, capsy
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", [["sampling=sandwich", "distill=0.5"], ["level_grads=pcgrad"]])
+@pytest.mark.parametrize("recipe", [["sampling=sandwich", "distill=0.5"], ["level_grads=pcgrad"],
+                                    ["mix_weight=0.25"]])
 def test_a_recipe_resumes_exactly(tmp_path: Path, capsys, recipe: list[str]) -> None:
     sets = [a for r in recipe for a in ("--set", r)]
     assert_resume_is_exact(capsys, tmp_path, "--preset", "tiny-fractal", "--quiet", "--max-steps", "6",
@@ -110,6 +120,9 @@ def test_a_recipe_resumes_exactly(tmp_path: Path, capsys, recipe: list[str]) -> 
     (["sampling=level", "level_probs=1,1"], "3 non-negative numbers"),
     (["level_probs=1,1,1"], "only with sampling=level"),
     (["family=mrl", "sampling=level"], "family=mrl"),
+    (["mix_weight=1.5"], "mix_weight must lie"),
+    (["mix_weight=0.5", "residual=upstream"], "without cross-level residuals"),
+    (["mix_weight=0.5", "level_grads=pcgrad"], "pcgrad"),
 ])
 def test_bad_recipes_are_config_errors(sets: list[str], message: str) -> None:
     preset = "tiny" if message == "nested model" else "tiny-fractal"  # tiny: the dense model

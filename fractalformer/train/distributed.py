@@ -50,6 +50,9 @@ def check_parallel(cfg: RunConfig, dd: Dist) -> None:
     if dd.world > 1 and t.routing != "shared":
         raise FractalError(f"routing={t.routing} is single-process for now: under DDP each rank would "
                            "re-split its share of the rows (use routing=shared)")
+    if dd.world > 1 and t.mix_weight:
+        raise FractalError("mix_weight is single-process for now: a Mix'n'Match forward bypasses DDP's "
+                           "wrapper (use mix_weight=0 under torchrun)")
     if dd.world > 1 and t.level_grads != "sum":
         raise FractalError(f"level_grads={t.level_grads} is single-process for now: it combines the levels' "
                            "gradients before DDP's all-reduce could see them (use level_grads=sum)")

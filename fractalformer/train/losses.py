@@ -23,6 +23,7 @@ from ..config import RunConfig
 from ..hierarchy import group_key, target_matrix
 from ..models import GPT, ConceptGPT, MoEGPT
 from ..models.concept import Prediction
+from ..models.fractal import Mix
 from ..models.gpt import batch_rows
 from ..nn.norms import widen
 
@@ -94,6 +95,24 @@ def level_losses(model: GPT, logits: dict[int, torch.Tensor], targets: torch.Ten
             ce = (1 - d) * ce + d * kl
         per_level[lv] = (ce * w[offsets[lv]:offsets[lv + 1]]).sum()
     return per_level, sub
+
+
+def step_mix(model: GPT, cfg: RunConfig, step: int) -> Mix | None:
+    """The Mix'n'Match model step ``step`` also trains (``mix_weight``): a level per layer for
+    attention and MLP alike (the MLP alone with ``head_dim`` nesting), drawn from
+    ``(seed, step)``; None without ``mix_weight``."""
+    if not cfg.train.mix_weight:
+        return None
+    c = model.config
+    gen = torch.Generator().manual_seed(cfg.train.seed * 104_729 + step)
+    levels = torch.randint(model.nest.levels, (c.n_layer,), generator=gen).tolist()
+    heads = c.nesting.attn_nesting == "heads"
+    return model.parse_mix([(lv if heads else 0, lv) for lv in levels])
+
+
+def mix_loss(logits: dict[int, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of a Mix'n'Match model's logits ({0: (1, B, T, V)})."""
+    return F.cross_entropy(widen(logits[0][0]).flatten(0, 1), targets.flatten())
 
 
 def step_weights(cfg: RunConfig, step: int) -> tuple[list[int] | None, torch.Tensor | None]:

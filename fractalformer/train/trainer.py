@@ -67,7 +67,15 @@ from .logs import (
     sub_name,
     tensorboard_writer,
 )
-from .losses import GroupTargets, group_targets, level_losses, step_weights, training_loss
+from .losses import (
+    GroupTargets,
+    group_targets,
+    level_losses,
+    mix_loss,
+    step_mix,
+    step_weights,
+    training_loss,
+)
 from .optim import Optimizers, clipped_params, lr_at, make_optimizer, pcgrad
 
 
@@ -289,6 +297,7 @@ def train_step(s: Training, step: int) -> torch.Tensor:
     x, y = training_batch(s.train_ids, t.batch_size, s.cfg.model.block_size,
                           batch_generator(t.seed, step), t.routing, s.model.nest.counts())
     levels, weights = step_weights(s.cfg, step)
+    mix = step_mix(s.model, s.cfg, step)
     if weights is not None:
         weights = weights.to(s.device)
     local_b = t.batch_size // dd.world
@@ -309,6 +318,9 @@ def train_step(s: Training, step: int) -> torch.Tensor:
                     loss = torch.stack(list(per_level.values())).sum()
                 else:
                     loss, sub_losses = training_loss(s.model, logits, yb, s.groups, weights)
+                if mix is not None:  # the step's Mix'n'Match model takes its share of the objective
+                    mixed = mix_loss(s.model.mix_forward(xb, mix), yb)
+                    loss = (1 - t.mix_weight) * loss + t.mix_weight * mixed
             if t.level_grads == "pcgrad":
                 surgery(s.model, list(per_level.values()), t.grad_accum, step)
             else:
