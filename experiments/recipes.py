@@ -5,13 +5,14 @@
 Every run is the default preset's model and schedule (``fractalformer train``: 3 levels,
 split 2, ``heads`` nesting, batch 16 x 256, the same seed and batches) with one recipe of
 which sub-models train each step and how their gradients combine (``sampling``,
-``level_probs``, ``level_grads``, ``level_weights``, ``distill``). Twins: one dense GPT per
+``level_probs``, ``level_grads``, ``level_weights``, ``distill``, ``mix_weight``). Twins: one dense GPT per
 sub-model shape (``experiments.fractal_experiment``'s ``dense_heads_L*``), same steps.
 
 **Equal FLOPs.** The training FLOPs of a step (forward + backward, counted by
 ``torch.utils.flop_counter`` on the model at batch 16 x 256) are summed over the run's
-actual sample of levels; the seven twins a FractalFormer replaces (1 full, 2 half, 4
-quarter) together cost the sum of theirs a step. At equal FLOPs each twin trains
+actual sample of levels (and, with ``mix_weight``, its Mix'n'Match models); the seven
+twins a FractalFormer replaces (1 full, 2 half, 4 quarter) together cost the sum of theirs
+a step. At equal FLOPs each twin trains
 ``recipe FLOPs / twin-set FLOPs per step`` steps (its own schedule; rounded to 10).
 
 Writes ``docs/results/recipes.md`` / ``.json`` and ``docs/fractal_recipes.png`` (bits/char
@@ -33,7 +34,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from experiments.fractal_experiment import run_one, twin_sets
 from fractalformer.config import build_config
 from fractalformer.models import build_model
-from fractalformer.train.losses import step_weights, training_loss
+from fractalformer.models.fractal import Mix
+from fractalformer.train.losses import mix_loss, step_mix, step_weights, training_loss
 from harness import experiment_parser, finished, machine, write_tables
 
 DEFAULT = ["family=fractal", "levels=3", "split=2", "attn_nesting=heads", "n_kv_head=4"]
@@ -71,14 +73,29 @@ def level_flops(sets: tuple[str, ...]) -> tuple[int, ...]:
     return tuple(out)
 
 
+@functools.cache
+def mix_flops(mix: Mix) -> int:
+    """Training FLOPs (forward + backward) of one step of a Mix'n'Match model of the default."""
+    cfg = build_config("dense", None, DEFAULT)
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    x = torch.randint(cfg.model.vocab_size, (cfg.train.batch_size, cfg.model.block_size))
+    with FlopCounterMode(display=False) as fc:
+        mix_loss(model.mix_forward(x, mix), x).backward()
+    return fc.get_total_flops()
+
+
 def recipe_flops(sets: list[str], steps: int) -> int:
-    """Training FLOPs of the whole run: every step's sampled levels."""
+    """Training FLOPs of the whole run: every step's sampled levels (and its mix)."""
     cfg = build_config("dense", None, [*sets, f"max_steps={steps}"])
     per = level_flops(tuple(DEFAULT))
+    model = build_model(cfg.model) if cfg.train.mix_weight else None
     total = 0
     for step in range(steps):
         levels, _ = step_weights(cfg, step)
         total += sum(per[lv] for lv in (levels if levels is not None else range(len(per))))
+        if model is not None:
+            total += mix_flops(step_mix(model, cfg, step))
     return total
 
 
