@@ -63,4 +63,22 @@ class Rotary(nn.Module):
     def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         if cos.dtype != x.dtype:
             cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _Rotation.apply(x, cos, sin)
         return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
+
+
+class _Rotation(torch.autograd.Function):
+    """``x * cos + roll(x, h/2) * sin`` with its backward written out (``g * cos`` plus
+    ``g * sin`` rolled back): one autograd node and three ops each way, where autograd records
+    three nodes and four ops backward (an eager training step pays per op)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        cos, sin = ctx.saved_tensors
+        return torch.addcmul((g * sin).roll(-(g.shape[-1] // 2), -1), g, cos), None, None
