@@ -42,8 +42,6 @@ DEFAULT = ["family=fractal", "levels=3", "split=2", "attn_nesting=heads", "n_kv_
 RECIPES: dict[str, list[str]] = {
     # every sub-model every step, half the loss on the full model (the preset before this study)
     "all_w211": ["level_weights=2,1,1"],
-    # a third of the loss on each level
-    "all_w111": ["level_weights=1,1,1"],
     # MatFormer: one level per step, uniform; and tuned towards the full model
     "level_uniform": ["sampling=level"],
     "level_tuned": ["sampling=level", "level_probs=2,1,1"],
