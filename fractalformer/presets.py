@@ -14,8 +14,9 @@ _TINY = dict(block_size=32, n_layer=2, d_model=32, n_head=4, n_kv_head=2, head_d
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The FractalFormer: the seed's dims, 3 levels of block nesting (1 + 2 + 4 sub-models).
-    # Whole-head nesting with 4 KV heads; half the loss on the full model (the rest shared
-    # by the levels below): see docs/fractalformer.md for why.
+    # Whole-head nesting with 4 KV heads; every sub-model every step, half the loss on the
+    # full model (the rest shared by the levels below): the best of the recipes measured
+    # against dense twins (python -m experiments.recipes; docs/fractalformer.md).
     "default": dict(family="fractal", levels=3, split=2, attn_nesting="heads", n_kv_head=4,
                     level_weights=[2.0, 1.0, 1.0],
                     max_steps=700, eval_every=175, ckpt_every=175),
