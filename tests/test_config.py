@@ -188,7 +188,7 @@ def test_a_flat_old_config_json_loads_as_the_same_config(name: str, preset: str,
     assert set(old["model"]) == {k.flat for k in config_keys() if k.part == "model"}  # flat names kept
     train_keys = {k.flat for k in config_keys() if k.part == "train"}
     assert set(old["train"]) <= train_keys
-    assert train_keys - set(old["train"]) == {"sampling", "level_probs", "level_grads"}  # newer: defaults
+    assert train_keys - set(old["train"]) == {"sampling", "level_probs", "level_grads", "mix_weight"}  # newer
     cfg = RunConfig.from_dict(old)
     cfg.validate()
     assert cfg == build_config(preset, None, sets)

@@ -16,8 +16,8 @@ from fractalformer.train.curves import plot_curves, read_metrics
 
 from .conftest import chromium, run_cli
 
-SECTIONS = ["The run", "Sub-models", "Samples", "Loss curves", "Embedding similarity per width",
-            "Clusters of the embedding"]
+SECTIONS = ["The run", "Sub-models", "Samples", "Loss curves", "Mix'n'Match",
+            "Embedding similarity per width", "Clusters of the embedding"]
 
 
 def test_token_labels_are_printable() -> None:
@@ -43,7 +43,7 @@ def test_report_renders_in_a_browser(capsys, excerpt: Path, tmp_path: Path) -> N
         script = browser.execute_script
         assert script("return document.readyState") == "complete"
         assert script("return [...document.images].every(i => i.complete && i.naturalWidth > 0)")
-        assert script("return document.images.length") == 5  # curves, a heatmap per level, dendrogram
+        assert script("return document.images.length") == 6  # curves, mixes, a heatmap per level, dendrogram
         assert script("return document.documentElement.scrollWidth <= window.innerWidth")  # no side scroll
         h2 = script("return [...document.querySelectorAll('h2')].map(h => h.textContent)")
         assert h2 == SECTIONS
