@@ -195,14 +195,9 @@ def pcgrad(grads: list[list[torch.Tensor | None]], gen: torch.Generator) -> list
     parameters: each level's gradient, where it conflicts with another's (negative dot
     product), loses its component along that one (the others in random order); the
     projected gradients are summed. Parameters no level reaches keep ``None``."""
-    flat = []
-    for g in grads:
-        flat.append(torch.cat([x.flatten() for x in g if x is not None]))
     shapes = [next((g[i] for g in grads if g[i] is not None), None) for i in range(len(grads[0]))]
-    masks = [[x is not None for x in g] for g in grads]
-    if any(m != masks[0] for m in masks):  # align: a level that does not reach a parameter gives zeros
-        flat = [torch.cat([(x if x is not None else torch.zeros_like(ref)).flatten()
-                           for x, ref in zip(g, shapes, strict=True) if ref is not None]) for g in grads]
+    flat = [torch.cat([(x if x is not None else torch.zeros_like(ref)).flatten()  # not reached: zeros
+                       for x, ref in zip(g, shapes, strict=True) if ref is not None]) for g in grads]
     out = []
     for i, g in enumerate(flat):
         g = g.clone()
