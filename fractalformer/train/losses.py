@@ -16,6 +16,8 @@ all train on the same objective:
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -73,9 +75,7 @@ def level_losses(model: GPT, logits: dict[int, torch.Tensor], targets: torch.Ten
     d = model.config.nesting.distill
     teacher = F.log_softmax(widen(logits[0][0].detach()), -1) if d and 0 in logits else None  # (B, T, V)
     w = model.weights if weights is None else weights
-    offsets = [0]
-    for lv in range(model.nest.levels):
-        offsets.append(offsets[-1] + model.nest.count(lv))
+    offsets = [0, *itertools.accumulate(model.nest.counts())]  # level lv's sub-models: offsets[lv:lv + 2]
     sub = torch.full((offsets[-1],), float("nan"), device=w.device)
     per_level = {}
     for lv, lg in sorted(logits.items()):
