@@ -82,7 +82,7 @@ def logits_and_aux(model: torch.nn.Module, x: torch.Tensor, reach: bool) -> tupl
         lg, aux = reach_forward(model, x)
         return lg[0], aux
     lg = model(x, [0])[0][0][:, -CHUNK:]
-    aux = family_loss(model)
+    aux = family_loss(model, x)
     return lg, aux if aux is not None else torch.zeros(())
 
 

@@ -201,6 +201,28 @@ class ConceptConfig(Section):
                                 "stably under a short warmup; 1 stalled on the unigram plateau)",
                            flat="concept_read_init")
 
+    chunking: Literal["fixed", "space", "entropy", "learned"] = key(
+        "fixed", "family concept: where a level-1 concept ends - every combo units (fixed), after a space-like "
+                 "byte (space, SpaceByte), where the byte encoder's next-byte entropy is high (entropy, BLT), "
+                 "or where a learned router sees adjacent states differ (learned, H-Net)")
+    encoder: int = key(-1, "family concept: unit-level blocks below the plan read, whose states the chunker "
+                           "and the level-1 concepts read (-1: 1 for chunking entropy or learned, else 0)",
+                       flat="concept_encoder")
+    chunk_size: float = key(4.0, "family concept: target mean length of a level-1 chunk in units (chunking "
+                                 "entropy and learned)")
+    chunk_weight: float = key(0.03, "family concept: weight of the chunker's own loss (learned: the ratio "
+                                    "loss that holds chunk_size; entropy: the encoder's next-byte loss)")
+
+    def variable(self) -> bool:
+        """Whether level-1 concepts have data-dependent lengths (every chunking but fixed)."""
+        return self.chunking != "fixed"
+
+    def encoder_blocks(self) -> int:
+        """Unit-level blocks below the plan read."""
+        if self.encoder >= 0:
+            return self.encoder
+        return 1 if self.chunking in ("entropy", "learned") else 0
+
     def combos(self) -> list[int]:
         """Units per concept at each concept level (level 1 first)."""
         return self.combo * self.levels if len(self.combo) == 1 else list(self.combo)
@@ -221,6 +243,19 @@ class ConceptConfig(Section):
             if len(vals) not in (1, self.levels) or any(bad(v) for v in vals):
                 raise FractalError(f"{_label(self, name)} needs one value, or {self.levels}{each}; "
                                    f"got {vals!r}")
+        if self.variable():
+            if self.read != "add":
+                raise FractalError(f"chunking {self.chunking} reads the plans by addition: set concept_read=add")
+            if self.chunking == "space" and m.vocab_size != 256:
+                raise FractalError("chunking space reads UTF-8 bytes: set tokenizer=byte (vocab_size 256)")
+            if self.encoder_blocks() >= m.n_layer:
+                raise FractalError(f"concept_encoder {self.encoder_blocks()} leaves no unit-level block above "
+                                   f"the plan read (n_layer {m.n_layer})")
+            if self.chunk_size < 1 or self.chunk_weight < 0:
+                raise FractalError(f"chunk_size needs >= 1 and chunk_weight >= 0; got {self.chunk_size}, "
+                                   f"{self.chunk_weight}")
+        elif self.encoder > 0:
+            raise FractalError("concept_encoder needs a variable chunking (space, entropy or learned)")
         span = math.prod(self.combos())
         if m.block_size < span:
             raise FractalError(f"block_size {m.block_size} does not cover one top-level concept of "

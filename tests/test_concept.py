@@ -343,7 +343,7 @@ def test_cli_train_eval_sample_analyze_load(concept_run: Path, excerpt: Path, tm
     assert isinstance(model, ConceptGPT) and not model.training
     idx = torch.tensor([trained.tokenizer.encode("ROMEO:")])
     logits = model(idx)[0][0]
-    loss = family_loss(model)  # an evaluating model leaves no training term
+    loss = family_loss(model, idx)  # an evaluating model leaves no training term
     assert logits.shape == (1, idx.shape[1], 128) and loss is None
     assert trained.generate("ROMEO:", 20, temperature=0, seed=1) == trained.generate(
         "ROMEO:", 20, temperature=0, seed=1, use_cache=False)

@@ -42,6 +42,7 @@ from ..config import ModelConfig
 from ..errors import FractalError
 from ..nn import KVCache, Linear, RMSNorm, Rotary
 from ..nn.attention import NATIVE_GQA
+from ..nn.chunking import Router, entropy, entropy_starts, space_starts
 from ..nn.decode import memo
 from .gpt import GPT, Block
 
@@ -124,6 +125,32 @@ class Prediction(NamedTuple):
     tier: int
     predicted: State  # the regression head of the tier's plans 0 .. n - 1
     concept: State  # the complete concepts 0 .. n - 1 they plan, detached
+    mask: torch.Tensor | None = None  # (B, n): which concepts are complete (variable chunks)
+
+
+class Chunks(NamedTuple):
+    """The level-1 chunks of a training forward with a variable chunking: what the chunker's
+    own loss reads (fractalformer.train.losses.chunking_loss)."""
+
+    starts: torch.Tensor  # (B, T) bool: unit t opens a chunk
+    probs: torch.Tensor | None  # learned: the router's probabilities (B, T)
+    logits: torch.Tensor | None  # entropy: the encoder's next-unit logits (1, B, T, vocab)
+
+
+class Chunked:
+    """Per-row generation state of a variable chunking: each row's tiers advance when its own
+    chunks close, in preallocated buffers addressed by position (rows that do not advance
+    compute into a free slot that a later step overwrites)."""
+
+    def __init__(self, model: ConceptGPT, batch: int, device: torch.device | str, dtype: torch.dtype) -> None:
+        top, d = model.config.concept.levels, model.config.d_model
+        z = dict(device=device, dtype=dtype)
+        self.count = [torch.zeros(batch, dtype=torch.long, device=device) for _ in range(top + 1)]
+        self.sums = torch.zeros(batch, model.capacity(1), d, **z)  # running sums of level-1 chunks
+        # concepts[k]: the complete concepts of tier k; added[k]: tier k's plans as tier k - 1 reads them
+        self.concepts = [None, *(torch.zeros(batch, model.capacity(k), d, **z) for k in range(1, top + 1))]
+        self.added = [None, *(torch.zeros(batch, model.capacity(k), d, **z) for k in range(1, top + 1))]
+        self.prev: torch.Tensor | None = None  # the chunker's memory of the last unit
 
 
 class ConceptCache:
@@ -138,8 +165,10 @@ class ConceptCache:
                  dtype: torch.dtype | None = None) -> None:
         c, w = model.config, model.embed.weight
         self.tiers = c.concept.levels + 1
-        self.kv = ([KVCache(model.depth(k), batch, c.n_kv_head, model.positions(c.block_size, k), c.head_dim,
+        self.kv = ([KVCache(model.depth(k), batch, c.n_kv_head, model.capacity(k), c.head_dim,
                             device or w.device, dtype or w.dtype) for k in range(self.tiers)] if kv else None)
+        self._make = (lambda: Chunked(model, batch, device or w.device, dtype or w.dtype)
+                      ) if kv and c.concept.variable() else None
         self.reset()
 
     def reset(self) -> None:
@@ -149,6 +178,7 @@ class ConceptCache:
         self.units: list[State | None] = [None] * self.tiers  # complete concepts of each tier
         self.done = [0] * self.tiers  # positions computed at each tier
         self.memory = [Memory() for _ in range(self.tiers - 1)]  # memory[k]: tier k reads tier k + 1
+        self.chunks = self._make() if self._make else None
         self._length = 0
 
     @property
@@ -186,8 +216,16 @@ class ConceptGPT(GPT):
                                      for k in range(1 if c.concept.share else n_tiers))
         self.read_scale = nn.ParameterList(nn.Parameter(torch.empty(c.d_model)) for _ in range(n_tiers))
         self.start = nn.ParameterList(nn.Parameter(torch.empty(c.d_model)) for _ in range(n_tiers))
-        self.combiners = nn.ModuleList(Linear(self.nest, k * c.d_model, c.d_model, False) for k in self.combo
-                                       ) if c.concept.combiner == "linear" else nn.ModuleList()
+        cc = c.concept
+        # with variable chunks a level-1 concept is RMSNorm of its units' sum: no combiner there
+        self.combiners = nn.ModuleList(
+            nn.Identity() if cc.variable() and i == 0 else Linear(self.nest, k * c.d_model, c.d_model, False)
+            for i, k in enumerate(self.combo)) if cc.combiner == "linear" else nn.ModuleList()
+        self.encoder = cc.encoder_blocks()  # unit-level blocks below the plan read (variable chunks)
+        self.router = Router(self.nest, c.d_model) if cc.chunking == "learned" else None
+        if cc.chunking == "entropy":  # a running quantile of the encoder's entropies (NaN: none seen yet)
+            self.register_buffer("entropy_threshold", torch.tensor(float("nan")))
+        self.last_chunks: Chunks | None = None
         self.concept_norms = nn.ModuleList(RMSNorm(self.nest, c.d_model, c.norm_eps) for _ in range(n_tiers))
         self.plan_norms = nn.ModuleList(RMSNorm(self.nest, c.d_model, c.norm_eps) for _ in range(n_tiers))
         # a head only where the regression loss is on: every parameter takes part in the loss (DDP)
@@ -208,6 +246,8 @@ class ConceptGPT(GPT):
         # path opens at the pace Adam moves this gate (a zeroed projection would open at once)
         for s in self.read_scale:
             nn.init.constant_(s, self.config.concept.read_init)
+        if self.router is not None:
+            self.router.reset_parameters()
 
     # -- shapes ---------------------------------------------------------------------------
     def depth(self, tier: int) -> int:
@@ -217,6 +257,14 @@ class ConceptGPT(GPT):
     def positions(self, tokens: int, tier: int) -> int:
         """Positions tier ``tier`` runs for ``tokens`` tokens: every concept they touch."""
         return (tokens - 1) // self.span[tier] + 1
+
+    def capacity(self, tier: int) -> int:
+        """Slots of tier ``tier``'s generation buffers: its most positions in one block, and,
+        with variable chunks (a chunk may be one unit long), a free slot for a row that does
+        not advance."""
+        if not self.config.concept.variable() or tier == 0:
+            return self.positions(self.config.block_size, tier)
+        return (self.capacity(tier - 1) - 1) // (self.combo[tier - 1] if tier > 1 else 1) + 2
 
     def blocks_of(self, tier: int) -> list[Block]:
         if tier == 0:
@@ -258,6 +306,10 @@ class ConceptGPT(GPT):
         total = state.length + t
         if total > self.config.block_size:
             raise ValueError(f"sequence of {total} tokens exceeds block_size {self.config.block_size}")
+        if self.config.concept.variable():
+            if cache:  # boundaries decided online, one unit at a time
+                return {0: torch.cat([self.step(idx[:, i : i + 1], state)[0] for i in range(t)], 2)}
+            return self.forward_chunked(idx, state)
         emb = self.embed(idx, 0)  # (1, B, t, d)
         self.add_units(state, emb, total)
         top = self.config.concept.levels
@@ -292,13 +344,143 @@ class ConceptGPT(GPT):
                 break
             c = self.combo[k - 1]
             parts = state.units[k - 1][:, :, have * c : complete * c]
-            parts = parts.unflatten(2, (complete - have, c))  # (1, B, n, c, d)
-            if self.config.concept.combiner == "linear":
-                v = self.combiners[k - 1](parts.flatten(-2), 0)
-            else:
-                v = parts.sum(3)
-            v = self.concept_norms[k - 1](v, 0)
+            v = self.combine(k, parts.unflatten(2, (complete - have, c)))
             state.units[k] = v if state.units[k] is None else torch.cat([state.units[k], v], 2)
+
+    def combine(self, k: int, parts: torch.Tensor) -> State:
+        """Concepts of tier ``k`` from groups of units (1, B, n, c, d) of the tier below."""
+        if self.config.concept.combiner == "linear":
+            v = self.combiners[k - 1](parts.flatten(-2), 0)
+        else:
+            v = parts.sum(3)
+        return self.concept_norms[k - 1](v, 0)
+
+    # -- variable chunks ---------------------------------------------------------------------
+    def run_units(self, x: State, kv: KVCache | None, lo: int, hi: int, tier: int = 0) -> State:
+        """Tier ``tier``'s blocks ``lo .. hi - 1`` on ``x`` (plans are added by the caller)."""
+        if lo == 0 and self.level_emb is not None:
+            x = x + memo(self, ("level_emb", tier), (self.level_emb,), lambda: self.level_emb[tier])
+        blocks = self.blocks_of(tier)
+        for i in range(lo, hi):
+            x = blocks[i](x, 0, kv, i)
+        return x
+
+    def chunk(self, idx: torch.Tensor, u: State) -> Chunks:
+        """Where level-1 chunks start in ``idx`` (B, T), from its units' states ``u`` below the read."""
+        kind = self.config.concept.chunking
+        if kind == "space":
+            return Chunks(space_starts(idx), None, None)
+        if kind == "learned":
+            p = self.router(u)
+            return Chunks(p >= 0.5, p, None)
+        logits = self.head({0: u})[0]
+        ent = entropy(logits[0]).detach()
+        starts = entropy_starts(ent, self.entropy_threshold)  # the threshold of earlier batches only
+        if self.training and torch.is_grad_enabled():
+            with torch.no_grad():  # a running quantile: the share of starts 1 / chunk_size
+                q = torch.quantile(ent[:, :-1].flatten(), 1 - 1 / self.config.concept.chunk_size)
+                thr = self.entropy_threshold
+                thr.copy_(torch.where(thr.isnan(), q, 0.9 * thr + 0.1 * q))
+        return Chunks(starts, None, logits)
+
+    def chunk_step(self, idx: torch.Tensor, u: State, prev: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """:meth:`chunk` for one unit (B, 1) after units the chunker kept ``prev`` of: whether it
+        starts a chunk (B,), the router's probability, and what to keep of it."""
+        kind = self.config.concept.chunking
+        if kind == "space":
+            return space_starts(idx, prev)[:, 0], None, idx[:, 0]
+        if kind == "learned":
+            p = self.router(u, prev)[:, 0]
+            return p >= 0.5, p, self.router.keys(u)[:, 0]
+        ent = entropy(self.head({0: u})[0][0, :, 0])
+        return entropy_starts(ent[:, None], self.entropy_threshold, prev)[:, 0], None, ent
+
+    def forward_chunked(self, idx: torch.Tensor, state: ConceptCache) -> dict[int, torch.Tensor]:
+        """The full forward with variable level-1 chunks: every row's chunks gathered by index
+        (no loop over chunks), the tiers run on rows padded to the longest."""
+        c, top = self.config, self.config.concept.levels
+        b, d = idx.shape[0], c.d_model
+        u = self.run_units(self.embed(idx, 0), None, 0, self.encoder)
+        chunks = self.chunk(idx, u)
+        g = chunks.starts.long().cumsum(1) - 1  # (B, T): the chunk of each unit
+        counts = [None, g[:, -1] + 1]  # positions each row runs at each tier
+        sums = u.new_zeros(b, int(counts[1].max()), d).scatter_add_(1, g[..., None].expand(-1, -1, d), u[0])
+        concepts = [None, self.concept_norms[0](sums[None], 0)]
+        for k in range(2, top + 1):
+            ck, below = self.combo[k - 1], concepts[k - 1]
+            n = (below.shape[2] - 1) // ck + 1
+            parts = F.pad(below, (0, 0, 0, n * ck - below.shape[2])).unflatten(2, (n, ck))
+            concepts.append(self.combine(k, parts))
+            counts.append((counts[k - 1] - 1) // ck + 1)
+        state.units[1:] = concepts[1:]
+        for k in range(top, 0, -1):
+            start = self.start[k - 1].view(1, 1, 1, -1).expand(1, b, 1, -1)
+            plans = self.run_tier(k, torch.cat([start, concepts[k][:, :, :-1]], 2), 0, state)
+            state.memory[k - 1].extend(plans, self.reader(k - 1), self.read_scale[k - 1], 0, self.rotary[0])
+        added = state.memory[0].added
+        if chunks.probs is not None:  # H-Net's smoothing: a plan is mixed with the one before it
+            share = chunks.probs.new_zeros(g.shape[0], added.shape[2]).scatter_add_(
+                1, g, chunks.probs * chunks.starts)  # each chunk's probability at its start
+            added = smooth(added, share)
+        read = added[0].gather(1, g[..., None].expand(-1, -1, d))[None]
+        if chunks.probs is not None:  # straight-through: a value of 1 whose gradient reaches the router
+            conf = torch.where(chunks.starts, chunks.probs, 1 - chunks.probs)
+            read = read * (conf + (1 - conf).detach())[None, ..., None]
+        x = self.run_units(u + read, None, self.encoder, c.n_layer)
+        state._length = idx.shape[1]
+        training = self.training
+        self.last_predictions = self.predict(state, counts=counts) if training else []
+        self.last_chunks = chunks if training else None
+        return self.head({0: x})
+
+    @torch.no_grad()
+    def step(self, idx: torch.Tensor, state: ConceptCache) -> dict[int, torch.Tensor]:
+        """One unit (B, 1) of cached generation with variable chunks: the chunker decides
+        online, and each row's tiers advance where its own chunks close."""
+        cs, top, b = state.chunks, self.config.concept.levels, idx.shape[0]
+        rows = torch.arange(b, device=idx.device)
+        u = self.run_units(self.embed(idx, 0), state.kv[0], 0, self.encoder)
+        starts, probs, cs.prev = self.chunk_step(idx, u, cs.prev if state.length else None)
+        grew = [None, starts]  # which rows' tier k runs a new position
+        cs.count[1] = cs.count[1] + starts
+        g = cs.count[1] - 1
+        cs.sums[rows, g] += u[0, :, 0]
+        closed = starts & (g >= 1)  # the chunk before this one is complete: a level-1 concept
+        last = (g - 1).clamp(min=0)
+        v = self.concept_norms[0](cs.sums[rows, last][None, :, None], 0)[0, :, 0]
+        cs.concepts[1][rows, last] = torch.where(closed[:, None], v, cs.concepts[1][rows, last])
+        for k in range(2, top + 1):
+            ck = self.combo[k - 1]
+            grew.append(grew[k - 1] & ((cs.count[k - 1] - 1) % ck == 0))
+            cs.count[k] = cs.count[k] + grew[k]
+            last = (cs.count[k] - 2).clamp(min=0)
+            parts = cs.concepts[k - 1][rows[:, None], last[:, None] * ck + torch.arange(ck, device=idx.device)]
+            v = self.combine(k, parts[None, :, None])[0, :, 0]
+            done = grew[k] & (cs.count[k] >= 2)
+            cs.concepts[k][rows, last] = torch.where(done[:, None], v, cs.concepts[k][rows, last])
+        for k in range(top, 0, -1):
+            if not bool(grew[k].any()):
+                continue
+            pos = cs.count[k] - grew[k].long()  # a new position, or a free slot for rows that wait
+            x = torch.where((pos == 0)[:, None], self.start[k - 1], cs.concepts[k][rows, (pos - 1).clamp(min=0)])
+            x = x[None, :, None]
+            if k < top:
+                x = x + cs.added[k + 1][rows, pos // self.combo[k]][None, :, None]
+            kv = state.kv[k]
+            kv.length = pos
+            x = self.run_units(x, kv, 0, self.depth(k), k)
+            kv.length = cs.count[k]
+            added = (self.read_scale[k - 1] * self.reader(k - 1).plan(self.plan_norms[k - 1](x, 0), 0))[0, :, 0]
+            if k == 1 and probs is not None:
+                before = torch.where((pos > 0)[:, None], cs.added[1][rows, (pos - 1).clamp(min=0)], 0.0)
+                added = smooth_step(added, before, probs)
+            cs.added[k][rows, pos] = torch.where(grew[k][:, None], added, cs.added[k][rows, pos])
+        x = u + cs.added[1][rows, cs.count[1] - 1][None, :, None]
+        x = self.run_units(x, state.kv[0], self.encoder, self.config.n_layer)
+        state.kv[0].length += 1
+        state._length += 1
+        return self.head({0: x})
 
     def run_tier(self, k: int, x: State, first: int, state: ConceptCache, group: torch.Tensor | None = None
                  ) -> State:
@@ -327,10 +509,12 @@ class ConceptGPT(GPT):
         state.done[k] = first + t
         return x if k == 0 else self.plan_norms[k - 1](x, 0)
 
-    def predict(self, state: ConceptCache, first: list[int] | None = None) -> list[Prediction]:
+    def predict(self, state: ConceptCache, first: list[int] | None = None,
+                counts: list[torch.Tensor | None] | None = None) -> list[Prediction]:
         """Every tier's next-concept prediction: plan j's head against concept j, for the tiers
         with a head. ``first``: the position each tier's plans start at (default 0: every tier
-        ran from the start)."""
+        ran from the start); ``counts`` (variable chunks): each row's positions at each tier,
+        of which all but the last plan a complete concept."""
         out = []
         for k in range(1, self.config.concept.levels + 1):
             head = self.heads[str(k)] if str(k) in self.heads else None
@@ -339,8 +523,27 @@ class ConceptGPT(GPT):
                 continue
             concepts = concepts[:, :, first[k]:] if first else concepts
             n = concepts.shape[2]
-            out.append(Prediction(k, head(state.memory[k - 1].plans[:, :, :n], 0), concepts.detach()))
+            mask = (torch.arange(n, device=concepts.device) < counts[k][:, None] - 1) if counts else None
+            out.append(Prediction(k, head(state.memory[k - 1].plans[:, :, :n], 0), concepts.detach(), mask))
         return out
+
+
+def smooth(added: State, share: torch.Tensor) -> State:
+    """H-Net's smoothing of chunk outputs ``added`` (1, B, n, d) with each chunk's boundary
+    probability ``share`` (B, n): ``y_j = p_j x_j + (1 - p_j) y_{j-1}``, as one matrix product
+    (weights ``p_i prod_{i < m <= j} (1 - p_m)``) rather than a loop over chunks."""
+    n = share.shape[1]
+    keep = torch.log1p(-share.clamp(max=1 - 1e-6))  # log(1 - p)
+    later = torch.ones(n, n, dtype=torch.bool, device=share.device).tril(-1)  # m > i
+    segment = (keep[:, :, None] * later).cumsum(1)  # [b, j, i] = sum of log(1 - p_m), i < m <= j
+    w = (share.clamp(max=1 - 1e-6)[:, None, :] * segment.exp()).tril()
+    return (w @ added[0])[None]
+
+
+def smooth_step(added: torch.Tensor, before: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """One step of :func:`smooth`: chunk output ``added`` (B, d) after smoothed ``before``."""
+    p = p.clamp(max=1 - 1e-6)[:, None]
+    return p * added + (1 - p) * before
 
 
 def grow(model: ConceptGPT, combo: int = 4, weight: float | None = None) -> ConceptGPT:

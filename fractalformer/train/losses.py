@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..config import RunConfig
 from ..hierarchy import group_key, target_matrix
 from ..models import GPT, ConceptGPT, MoEGPT
-from ..models.concept import Prediction
+from ..models.concept import Chunks, Prediction
 from ..models.fractal import Mix
 from ..models.gpt import batch_rows
 from ..nn.norms import widen
@@ -62,7 +62,7 @@ def training_loss(model: GPT, logits: dict[int, torch.Tensor], targets: torch.Te
     """
     per_level, sub = level_losses(model, logits, targets, groups or {}, weights)
     loss = torch.stack(list(per_level.values())).sum()
-    aux = family_loss(model)
+    aux = family_loss(model, targets)
     return (loss if aux is None else loss + aux), sub
 
 
@@ -149,14 +149,35 @@ def step_weights(cfg: RunConfig, step: int) -> tuple[list[int] | None, torch.Ten
     return sorted({subs[i][0] for i in pick}), w
 
 
-def family_loss(model: GPT) -> torch.Tensor | None:
-    """The family's term of the last training forward, if it has one."""
+def family_loss(model: GPT, targets: torch.Tensor) -> torch.Tensor | None:
+    """The family's term of the last training forward, if it has one (``targets``: its next
+    tokens, for a term that predicts them)."""
     if not model.training:
         return None
     if isinstance(model, MoEGPT):
         return ponder_cost(model)
     if isinstance(model, ConceptGPT):
-        return concept_regression(model, model.last_predictions)
+        terms = [t for t in (concept_regression(model, model.last_predictions),
+                             chunking_loss(model, model.last_chunks, targets)) if t is not None]
+        return sum(terms[1:], terms[0]) if terms else None
+    return None
+
+
+def chunking_loss(model: ConceptGPT, chunks: Chunks | None, targets: torch.Tensor) -> torch.Tensor | None:
+    """``chunk_weight`` times the chunker's own loss: for ``learned``, H-Net's ratio loss, least
+    when a share ``1 / chunk_size`` of the units start chunks, both as decided and as scored;
+    for ``entropy``, the encoder's next-unit cross-entropy, which teaches it the entropies
+    its boundaries read."""
+    c = model.config.concept
+    if chunks is None or not c.chunk_weight:
+        return None
+    if chunks.probs is not None:
+        n = c.chunk_size
+        f, g = chunks.starts.float().mean(), chunks.probs.float().mean()
+        return c.chunk_weight * n / max(n - 1, 1e-6) * ((n - 1) * f * g + (1 - f) * (1 - g))
+    if chunks.logits is not None:
+        logits = chunks.logits[0]
+        return c.chunk_weight * F.cross_entropy(widen(logits).flatten(0, 1), targets.flatten())
     return None
 
 
@@ -175,14 +196,18 @@ def concept_regression(model: ConceptGPT, predictions: list[Prediction]) -> torc
     concept against the (detached) concept it plans, by ``concept_loss``."""
     weights, kind = model.config.concept.weights(), model.config.concept.loss
     total = None
-    for tier, pred, target in predictions:
+    for tier, pred, target, mask in predictions:
         pred, y = widen(pred), widen(target)
         if kind == "cosine":
-            loss = (1 - F.cosine_similarity(pred, y, dim=-1)).mean()
+            each = 1 - F.cosine_similarity(pred, y, dim=-1)
         elif kind == "mse":
-            loss = F.mse_loss(pred, y)
+            each = (pred - y).square().mean(-1)
         else:
-            loss = F.l1_loss(pred, y)
+            each = (pred - y).abs().mean(-1)
+        if mask is None:
+            loss = each.mean()
+        else:  # variable chunks: the complete concepts only
+            loss = (each[0] * mask).sum() / mask.sum().clamp(min=1)
         loss = weights[tier - 1] * loss
         total = loss if total is None else total + loss
     return total
