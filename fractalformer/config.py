@@ -202,9 +202,9 @@ class ConceptConfig(Section):
                            flat="concept_read_init")
 
     chunking: Literal["fixed", "space", "entropy", "learned"] = key(
-        "fixed", "family concept: where a level-1 concept ends - every combo units (fixed), after a space-like "
-                 "byte (space, SpaceByte), where the byte encoder's next-byte entropy is high (entropy, BLT), "
-                 "or where a learned router sees adjacent states differ (learned, H-Net)")
+        "fixed", "family concept: where a level-1 concept ends - every combo units (fixed), after a "
+                 "space-like byte (space, SpaceByte), where the byte encoder's next-byte entropy is high "
+                 "(entropy, BLT), or where a learned router sees adjacent states differ (learned, H-Net)")
     encoder: int = key(-1, "family concept: unit-level blocks below the plan read, whose states the chunker "
                            "and the level-1 concepts read (-1: 1 for chunking entropy or learned, else 0)",
                        flat="concept_encoder")
@@ -245,12 +245,13 @@ class ConceptConfig(Section):
                                    f"got {vals!r}")
         if self.variable():
             if self.read != "add":
-                raise FractalError(f"chunking {self.chunking} reads the plans by addition: set concept_read=add")
+                raise FractalError(f"chunking {self.chunking} reads the plans by addition: "
+                                   "set concept_read=add")
             if self.chunking == "space" and m.vocab_size != 256:
                 raise FractalError("chunking space reads UTF-8 bytes: set tokenizer=byte (vocab_size 256)")
             if self.encoder_blocks() >= m.n_layer:
-                raise FractalError(f"concept_encoder {self.encoder_blocks()} leaves no unit-level block above "
-                                   f"the plan read (n_layer {m.n_layer})")
+                raise FractalError(f"concept_encoder {self.encoder_blocks()} leaves no unit-level block "
+                                   f"above the plan read (n_layer {m.n_layer})")
             if self.chunk_size < 1 or self.chunk_weight < 0:
                 raise FractalError(f"chunk_size needs >= 1 and chunk_weight >= 0; got {self.chunk_size}, "
                                    f"{self.chunk_weight}")

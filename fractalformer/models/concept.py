@@ -365,6 +365,13 @@ class ConceptGPT(GPT):
             x = blocks[i](x, 0, kv, i)
         return x
 
+    @torch.no_grad()
+    def boundaries(self, idx: torch.Tensor) -> torch.Tensor:
+        """(B, T) bool: where the level-1 chunks of ``idx`` (B, T) start, as the forward decides."""
+        if not self.config.concept.variable():
+            return (torch.arange(idx.shape[1], device=idx.device) % self.combo[0] == 0).expand(idx.shape)
+        return self.chunk(idx, self.run_units(self.embed(idx, 0), None, 0, self.encoder)).starts
+
     def chunk(self, idx: torch.Tensor, u: State) -> Chunks:
         """Where level-1 chunks start in ``idx`` (B, T), from its units' states ``u`` below the read."""
         kind = self.config.concept.chunking
@@ -455,7 +462,8 @@ class ConceptGPT(GPT):
             grew.append(grew[k - 1] & ((cs.count[k - 1] - 1) % ck == 0))
             cs.count[k] = cs.count[k] + grew[k]
             last = (cs.count[k] - 2).clamp(min=0)
-            parts = cs.concepts[k - 1][rows[:, None], last[:, None] * ck + torch.arange(ck, device=idx.device)]
+            members = last[:, None] * ck + torch.arange(ck, device=idx.device)
+            parts = cs.concepts[k - 1][rows[:, None], members]
             v = self.combine(k, parts[None, :, None])[0, :, 0]
             done = grew[k] & (cs.count[k] >= 2)
             cs.concepts[k][rows, last] = torch.where(done[:, None], v, cs.concepts[k][rows, last])
@@ -463,15 +471,16 @@ class ConceptGPT(GPT):
             if not bool(grew[k].any()):
                 continue
             pos = cs.count[k] - grew[k].long()  # a new position, or a free slot for rows that wait
-            x = torch.where((pos == 0)[:, None], self.start[k - 1], cs.concepts[k][rows, (pos - 1).clamp(min=0)])
-            x = x[None, :, None]
+            x = torch.where((pos == 0)[:, None], self.start[k - 1],
+                            cs.concepts[k][rows, (pos - 1).clamp(min=0)])[None, :, None]
             if k < top:
                 x = x + cs.added[k + 1][rows, pos // self.combo[k]][None, :, None]
             kv = state.kv[k]
             kv.length = pos
             x = self.run_units(x, kv, 0, self.depth(k), k)
             kv.length = cs.count[k]
-            added = (self.read_scale[k - 1] * self.reader(k - 1).plan(self.plan_norms[k - 1](x, 0), 0))[0, :, 0]
+            plans = self.plan_norms[k - 1](x, 0)
+            added = (self.read_scale[k - 1] * self.reader(k - 1).plan(plans, 0))[0, :, 0]
             if k == 1 and probs is not None:
                 before = torch.where((pos > 0)[:, None], cs.added[1][rows, (pos - 1).clamp(min=0)], 0.0)
                 added = smooth_step(added, before, probs)

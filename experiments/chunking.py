@@ -1,0 +1,166 @@
+"""Byte models that make their own tokens: ``concept-byte`` with each chunking, at equal FLOPs.
+
+    python -m experiments.chunking [--steps 1400] [--out runs/chunking] [--only NAME ...]
+
+Every row trains on the shipped TinyShakespeare with the dense reference's schedule (AdamW
+3e-3 -> 3e-4 cosine, warmup 100) and units per step (16 x 256 bpe128 tokens or 8 x 512
+bytes). ``dense`` (the bpe128 reference) and ``dense_byte`` (the same model on bytes) train
+``--steps`` steps; every other row trains, on its own full schedule, as many steps as spend
+``dense``'s training FLOPs at the cost of its preset with fixed chunks (FLOPs of one step -
+forward and backward - counted by torch's FlopCounterMode on a real training batch). A new
+model's variable chunks are not those it learns, so the table gives the FLOPs of the
+*trained* model's step and the total they make. The text is ASCII: bits per character =
+bits per byte for every row.
+
+For each chunking the table gives the mean chunk length and the share of one-byte chunks
+on the first 64 validation windows (``ConceptGPT.boundaries``). Wall time is the trainer's
+own; training steps per second are measured apart on a quiet machine
+(``python -m bench.bench_concept``), so only the FLOPs columns are exact here.
+Results: ``<out>/steps<N>/<name>/eval.json``; table ``docs/results/chunking_<N>.md`` and ``.json``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import fractalformer
+from fractalformer.config import RunConfig, build_config
+from fractalformer.data.corpus import batch_generator, get_batch
+from fractalformer.models import build_model
+from fractalformer.models.concept import ConceptGPT
+from fractalformer.runs import prepare_data
+from fractalformer.train.losses import training_loss
+from harness import (
+    cached_result,
+    experiment_parser,
+    finished,
+    machine,
+    read_metrics,
+    timed_train,
+    write_tables,
+)
+
+BYTE = ["tokenizer=byte", "vocab_size=256", "block_size=512", "batch_size=8"]
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "dense": ("dense", []),  # bpe128 tokens: the reference every other row spends the FLOPs of
+    "dense_byte": ("dense", BYTE),  # the same 4 blocks on bytes
+    "dense_byte_l2": ("dense", [*BYTE, "n_layer=2"]),  # as shallow as concept-byte
+    "fixed": ("concept-byte", []),  # concepts of 4, 16, 64 bytes
+    "space": ("concept-byte", ["chunking=space"]),  # SpaceByte's rule
+    "entropy": ("concept-byte", ["chunking=entropy"]),  # BLT's entropy patches
+    "learned": ("concept-byte", ["chunking=learned"]),  # H-Net's dynamic chunking
+}
+FULL = ("dense", "dense_byte")  # the rows that train --steps steps
+WINDOWS = 64  # validation windows the chunk statistics are taken on
+
+
+def config(name: str, steps: int) -> RunConfig:
+    preset, sets = VARIANTS[name]
+    return build_config(preset, None, [*sets, f"max_steps={steps}", "warmup_steps=100", "sample_tokens=0",
+                                       "eval_every=100", f"ckpt_every={steps}"])
+
+
+def step_flops(cfg: RunConfig, folder: Path | None = None) -> int:
+    """FLOPs of one training step (forward + backward) on the first batch of ``cfg``'s model:
+    new, or trained in ``folder`` (where the chunks it makes set the cost)."""
+    _, corpus = prepare_data(cfg)
+    t = cfg.train
+    x, y = get_batch(corpus.train, t.batch_size, cfg.model.block_size, batch_generator(t.seed, 0))
+    torch.manual_seed(0)
+    model = (build_model(cfg.model) if folder is None else fractalformer.load(folder).model).train()
+    with FlopCounterMode(display=False) as counter:
+        loss, _ = training_loss(model, model(x), y)
+        loss.backward()
+    return int(counter.get_total_flops())
+
+
+def chunk_stats(folder: Path) -> dict:
+    """Mean chunk length and the share of one-unit chunks on the first validation windows."""
+    trained = fractalformer.load(folder)
+    model, cfg = trained.model, trained.config
+    if not isinstance(model, ConceptGPT):
+        return {}
+    _, corpus = prepare_data(cfg)
+    t = cfg.model.block_size
+    val = torch.as_tensor(corpus.val[: WINDOWS * t].astype("int64")).view(-1, t)
+    starts = model.boundaries(val)
+    pos = torch.arange(t)
+    lengths = []
+    for row in starts:
+        lengths += [b - a for a, b in itertools.pairwise([*pos[row].tolist(), t])]
+    lengths_t = torch.tensor(lengths, dtype=torch.float)
+    return {"mean_chunk": float(lengths_t.mean()), "one_unit": float((lengths_t == 1).float().mean())}
+
+
+def run_one(name: str, steps: int, root: Path, budget: float | None) -> dict:
+    """Train ``name`` for ``steps`` steps, or for the steps that spend ``budget`` FLOPs at the
+    cost of a new model of its preset with fixed chunks (a new model's variable chunks are
+    not yet those it learns); the table gives the FLOPs of the trained model's step."""
+    folder = root / name
+    probe = config("fixed" if VARIANTS[name][0] == "concept-byte" else name, steps)
+    n = steps if budget is None else max(100, round(budget / step_flops(probe)))
+
+    def compute() -> dict:
+        cfg = config(name, n)
+        res, wall = timed_train(cfg, folder)
+        flops = step_flops(cfg, folder)
+        metrics = read_metrics(folder)
+        curve = [(int(r["step"]), float(r["elapsed_s"]), float(r["val_loss"]), float(r["val_bpc"]))
+                 for r in metrics if r.get("val_loss")]
+        return {"name": name, "sets": VARIANTS[name][1], "steps": n, "wall_s": wall, "step_flops": flops,
+                "params": fractalformer.load(folder).model.num_params(), "val_curve": curve,
+                "row": res.final[0].to_json(), **chunk_stats(folder)}
+
+    return cached_result(folder, compute)
+
+
+def report(results: dict[str, dict], steps: int) -> str:
+    ref = results.get("dense")
+    lines = [f"# Chunkings of concept-byte at the FLOPs of {steps} dense bpe128 steps", "",
+             f"Machine: {machine()}. Command: `python -m experiments.chunking --steps {steps}`. "
+             "Bits/byte on the full validation split (= bits/char: the text is ASCII). Each row but "
+             "`dense` and `dense_byte` trains on its own full schedule for as many steps as spend "
+             "`dense`'s training FLOPs at the step cost of fixed chunks; FLOPs/step is the trained "
+             "model's (its own chunks), total = FLOPs/step x steps. Mean chunk: bytes per level-1 "
+             "concept on the first "
+             f"{WINDOWS} validation windows; 1-byte: the share of chunks one byte long.", "",
+             "| run | config | params | FLOPs/step | steps | total FLOPs | val nats/unit | bits/byte | "
+             "vs dense bpe128 | mean chunk | 1-byte |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name in VARIANTS:
+        r = results.get(name)
+        if r is None:
+            continue
+        row = r["row"]
+        vs = (f"{100 * (row['val_bpc'] / ref['row']['val_bpc'] - 1):+.1f}%"
+              if ref is not None and r is not ref else "-")
+        chunk = f"{r['mean_chunk']:.2f}" if "mean_chunk" in r else "-"
+        one = f"{100 * r['one_unit']:.0f}%" if "one_unit" in r else "-"
+        lines.append(f"| {name} | {VARIANTS[name][0]} {' '.join(r['sets'])} | {r['params']:,} | "
+                     f"{r['step_flops'] / 1e9:.1f} G | {r['steps']} | "
+                     f"{r['step_flops'] * r['steps'] / 1e12:.1f} T | "
+                     f"{row['val_loss']:.4f} | {row['val_bpc']:.4f} | {vs} | {chunk} | {one} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = experiment_parser(__doc__, 1400, "runs/chunking", list(VARIANTS))
+    a = ap.parse_args()
+    root = Path(a.out) / f"steps{a.steps}"
+    budget = None
+    for name in [] if a.report else a.only or VARIANTS:
+        if name not in FULL and budget is None:
+            budget = step_flops(config("dense", a.steps)) * a.steps
+        print(f"== {name}", flush=True)
+        r = run_one(name, a.steps, root, None if name in FULL else budget)
+        print(f"   {r['steps']} steps, {r['wall_s']:.0f} s; bits/byte {r['row']['val_bpc']:.4f}", flush=True)
+    results = finished(root, VARIANTS)
+    write_tables(Path(a.docs) / f"chunking_{a.steps}", results, report(results, a.steps))
+
+
+if __name__ == "__main__":
+    main()
