@@ -15,7 +15,7 @@ from fractalformer.config import build_config
 from fractalformer.generate import generate
 from fractalformer.models import build_model
 from fractalformer.models import concept as concept_module
-from fractalformer.models.concept import ConceptGPT, Chunks, grow, smooth, smooth_step
+from fractalformer.models.concept import Chunks, ConceptGPT, grow, smooth, smooth_step
 from fractalformer.nn import chunking
 from fractalformer.train import train
 from fractalformer.train.losses import chunking_loss, training_loss
@@ -168,7 +168,8 @@ def test_the_ratio_loss_is_least_at_the_target_chunk_size() -> None:
     def loss(share: float) -> float:
         starts = torch.rand(4, 1000, generator=torch.Generator().manual_seed(0)) < share
         probs = torch.full((4, 1000), share, requires_grad=True)
-        return float(chunking_loss(model, Chunks(starts, probs, None), torch.zeros(4, 1000, dtype=torch.long)))
+        targets = torch.zeros(4, 1000, dtype=torch.long)
+        return float(chunking_loss(model, Chunks(starts, probs, None), targets))
 
     target = loss(1 / n)
     assert target < loss(0.5 / n) and target < loss(2 / n)
@@ -255,7 +256,8 @@ def test_cli_trains_and_analyzes_a_learned_chunking(tmp_path: Path, excerpt: Pat
                                                    capsys: pytest.CaptureFixture) -> None:
     """The README's command at the tiny scale: train, then analyze draws the boundaries."""
     out = tmp_path / "run"
-    code, _, err = run_cli(capsys, "train", "--preset", "concept-byte", "--quiet", "--set", "chunking=learned",
+    code, _, err = run_cli(capsys, "train", "--preset", "concept-byte", "--quiet",
+                           "--set", "chunking=learned",
                            "--set", "max_steps=4", "--set", "eval_every=4", "--set", "ckpt_every=4",
                            "--set", "eval_batches=1", "--set", "sample_tokens=0", "--data", excerpt,
                            "--out", out)

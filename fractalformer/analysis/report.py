@@ -44,6 +44,7 @@ from ..io import write_text
 from ..loading import TrainedModel, load
 from ..runs import run_data
 from ..train.curves import plot_curves
+from .chunks import chunk_summary
 from .mixes import mix_scores, mixable, plot_mixes
 
 MIX_WINDOWS = 64  # validation windows every mix is scored on
@@ -234,7 +235,7 @@ line-height:1.45}h1{margin-bottom:.2em}h2{margin-top:2em;border-bottom:1px solid
 td,th{border:1px solid #ccc;padding:3px 9px;text-align:left}th{background:#f3f3f3}td.num{text-align:right;
 font-variant-numeric:tabular-nums}tbody tr:nth-child(even){background:#fafafa}img{max-width:100%;height:auto}
 pre{background:#f7f7f7;padding:.6em;white-space:pre-wrap;max-height:14em;overflow:auto}nav a{margin-right:1em}
-figure{margin:1em 0}"""
+figure{margin:1em 0}pre.chunks .c0{background:#dbe9f7}pre.chunks .c1{background:#f7e3c8}"""
 
 
 def _analysis_dir(run_dir: Path) -> Path:
@@ -289,6 +290,7 @@ def analyze(run_dir: str | Path, windows: int = 16, data: str | None = None, dev
         val_windows = as_tensor(corpus.val[: n * t]).view(n, t).to(device)
         cons = consistency(model, val_windows)
         usage = expert_usage(model, val_windows, out / "expert_usage.png")
+        chunks = chunk_summary(model, tok, val_windows, out / "chunk_lengths.png")
         samples = _samples(trained)
         mixes = None
         if mixable(model):
@@ -313,10 +315,10 @@ def analyze(run_dir: str | Path, windows: int = 16, data: str | None = None, dev
              for r in rows]
     summary = {"rows": [r.to_json() for r in rows], "cosines": cos, "emergent_ari": ari,
                "consistency": {f"{lv}.{j}": v for (lv, j), v in cons.items()}, "expert_usage": usage,
-               "mixes": mixes}
+               "mixes": mixes, "chunks": chunks}
     write_text(out / "summary.json", json.dumps(summary, indent=1))
     page = _page(run_dir, trained, rows[0].tokens, n, t, table, samples, usage, curves, heatmaps, cos, ari,
-                 len(seen), _trained_steps(ckpt.current(run_dir).state_json), mixes)
+                 len(seen), _trained_steps(ckpt.current(run_dir).state_json), mixes, chunks)
     report = out / "report.html"
     write_text(report, page)
     return report
@@ -324,7 +326,8 @@ def analyze(run_dir: str | Path, windows: int = 16, data: str | None = None, dev
 
 def _page(run_dir: Path, trained: TrainedModel, val_tokens: int, n: int, t: int, table: list[dict],
           samples: list[tuple[str, str]], usage: dict | None, curves: Path | None, heatmaps: list[Path],
-          cos: dict, ari: dict, seen: int, step: int | None, mixes: dict | None) -> str:
+          cos: dict, ari: dict, seen: int, step: int | None, mixes: dict | None,
+          chunks: dict | None) -> str:
     """The report as one self-contained HTML page, every section with a line on how to read it."""
     model, tok, cfg = trained.model, trained.tokenizer, trained.run_config
     m, tr = cfg.model, cfg.train
@@ -371,6 +374,7 @@ def _page(run_dir: Path, trained: TrainedModel, val_tokens: int, n: int, t: int,
                     "windows, as are the trained sub-models (diamonds). The table is the Pareto front: no "
                     f"mix is both smaller and better.</p>{_img(run_dir / 'analysis' / 'mixes.png', 'mixes')}"
                     f"{_table(front_rows, 1)}")
+    chunk_part = _chunk_part(run_dir, chunks, n, unit) if chunks else ""
     sample_html = "".join(f"<h3>{e(who)}</h3><pre>{e(text)}</pre>" for who, text in samples)
     figures = "".join(f"<figure>{_img(p, p.stem)}</figure>" for p in heatmaps)
     return f"""<!doctype html><html lang=en><head><meta charset="utf-8">
@@ -380,7 +384,8 @@ def _page(run_dir: Path, trained: TrainedModel, val_tokens: int, n: int, t: int,
 <p class=meta>{e(str(run_dir.resolve()))} &middot; generated {when} by fractalformer {__version__}</p>
 <nav><a href="#run">Run</a><a href="#subs">Sub-models</a><a href="#samples">Samples</a>{
 '<a href="#experts">Experts</a>' if experts else ''}{'<a href="#curves">Loss curves</a>' if curves else ''}{
-'<a href="#mixes">Mix&#39;n&#39;Match</a>' if mix_part else ''}
+'<a href="#mixes">Mix&#39;n&#39;Match</a>' if mix_part else ''}{
+'<a href="#chunks">Chunks</a>' if chunk_part else ''}
 <a href="#similarity">Embedding similarity</a><a href="#clusters">Clusters</a></nav>
 <h2 id=run>The run</h2>{_table(run_rows, 2)}
 <h2 id=subs>Sub-models</h2>
@@ -396,6 +401,7 @@ seed 0.</p>{sample_html}
 {experts}
 {curves_part}
 {mix_part}
+{chunk_part}
 <h2 id=similarity>Embedding similarity per width</h2><p class=about>Cosine similarity between the
 embeddings of every pair of tokens, using only the embedding columns that level's first sub-model owns.
 Tokens are grouped by class (black lines; names on top); red blocks on the diagonal mean a width keeps
@@ -409,6 +415,26 @@ left out); tokens joined low down are embedded alike.</p>
 {ari_part}
 </body></html>
 """
+
+
+def _chunk_part(run_dir: Path, chunks: dict, n: int, unit: str) -> str:
+    """The concept model's own tokens: boundaries drawn on text, lengths, its commonest chunks."""
+    e = html.escape
+    stretch = "".join(f"<span class=c{i % 2}>{e(c)}</span>" for i, c in enumerate(chunks["stretch"]))
+    bpe = chunks["bpe128_top"]
+    rows = [{"rank": i + 1, "chunk": repr(c)[1:-1], "count": k,
+             "bpe128 token": repr(bpe[i][0])[1:-1] if i < len(bpe) else "",
+             "bpe128 count": bpe[i][1] if i < len(bpe) else ""}
+            for i, (c, k) in enumerate(chunks["top"])]
+    return (f"<h2 id=chunks>Chunks ({chunks['chunking']})</h2><p class=about>Where the model's level-1 "
+            f"concepts start (chunking <code>{chunks['chunking']}</code>) on {n} validation windows: "
+            f"{chunks['chunks']:,} chunks, mean {chunks['mean']:.2f} {unit}s (median "
+            f"{chunks['median']:.0f}), {100 * chunks['one_unit']:.0f}% one {unit} long, "
+            f"{chunks['distinct']:,} distinct. Below, the start of the first window, chunks shaded in turn; "
+            "then the model's commonest chunks - its own vocabulary - beside the commonest multi-character "
+            f"tokens bpe128 cuts the same text into ({100 * chunks['top_in_bpe128']:.0f}% of the chunks "
+            f"listed are bpe128 tokens).</p><pre class=chunks>{stretch}</pre>"
+            f"{_img(run_dir / 'analysis' / 'chunk_lengths.png', 'chunk lengths')}{_table(rows, 2)}")
 
 
 def usage_png(run_dir: Path) -> Path:
