@@ -24,12 +24,14 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import fractalformer
+from fractalformer.analysis.chunks import chunk_texts, plot_boundaries
 from fractalformer.config import RunConfig, build_config
-from fractalformer.data.corpus import batch_generator, get_batch
+from fractalformer.data.corpus import as_tensor, batch_generator, get_batch
 from fractalformer.models import build_model
 from fractalformer.models.concept import ConceptGPT
 from fractalformer.runs import prepare_data
@@ -56,6 +58,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 }
 FULL = ("dense", "dense_byte")  # the rows that train --steps steps
 WINDOWS = 64  # validation windows the chunk statistics are taken on
+LONGEST = 16  # chunk lengths histogrammed one by one up to this
 
 
 def config(name: str, steps: int) -> RunConfig:
@@ -79,21 +82,43 @@ def step_flops(cfg: RunConfig, folder: Path | None = None) -> int:
 
 
 def chunk_stats(folder: Path) -> dict:
-    """Mean chunk length and the share of one-unit chunks on the first validation windows."""
+    """Mean chunk length, the share of one-unit chunks and the histogram of lengths (1 ..
+    :data:`LONGEST`, longer in the last bin) on the first validation windows, and the
+    first window's chunks as text."""
     trained = fractalformer.load(folder)
-    model, cfg = trained.model, trained.config
+    model, cfg = trained.model, trained.run_config
     if not isinstance(model, ConceptGPT):
         return {}
     _, corpus = prepare_data(cfg)
     t = cfg.model.block_size
-    val = torch.as_tensor(corpus.val[: WINDOWS * t].astype("int64")).view(-1, t)
+    val = as_tensor(corpus.val[: WINDOWS * t]).view(-1, t)
     starts = model.boundaries(val)
-    pos = torch.arange(t)
-    lengths = []
-    for row in starts:
-        lengths += [b - a for a, b in itertools.pairwise([*pos[row].tolist(), t])]
-    lengths_t = torch.tensor(lengths, dtype=torch.float)
-    return {"mean_chunk": float(lengths_t.mean()), "one_unit": float((lengths_t == 1).float().mean())}
+    lengths = torch.tensor([b - a for row in starts for a, b in itertools.pairwise(
+        [*row.nonzero().flatten().tolist(), t])])
+    return {"mean_chunk": float(lengths.float().mean()), "one_unit": float((lengths == 1).float().mean()),
+            "histogram": torch.bincount(lengths.clamp(max=LONGEST), minlength=LONGEST + 1)[1:].tolist(),
+            "stretch": chunk_texts(starts[:1], val[:1], trained.tokenizer)[0]}
+
+
+def plot(results: dict[str, dict], docs: Path) -> None:
+    """docs/chunk_boundaries.png (each chunking on the same validation text) and
+    docs/chunk_lengths.png (their chunk-length distributions)."""
+    rows = {name: r for name, r in results.items() if "stretch" in r}
+    if not rows:
+        return
+    plot_boundaries({f"{name} (mean {r['mean_chunk']:.2f} bytes)": r["stretch"] for name, r in rows.items()},
+                    docs / "chunk_boundaries.png")
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    for name, r in rows.items():
+        h = torch.tensor(r["histogram"], dtype=torch.float)
+        ax.plot(range(1, LONGEST + 1), (h / h.sum()).tolist(), marker="o", ms=3, label=name)
+    ax.set_xlabel(f"chunk length in bytes ({LONGEST}: {LONGEST} or longer)")
+    ax.set_ylabel("share of chunks")
+    ax.set_title("Level-1 chunk lengths on validation text")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(docs / "chunk_lengths.png", dpi=110)
+    plt.close(fig)
 
 
 def run_one(name: str, steps: int, root: Path, budget: float | None) -> dict:
@@ -160,6 +185,7 @@ def main() -> None:
         print(f"   {r['steps']} steps, {r['wall_s']:.0f} s; bits/byte {r['row']['val_bpc']:.4f}", flush=True)
     results = finished(root, VARIANTS)
     write_tables(Path(a.docs) / f"chunking_{a.steps}", results, report(results, a.steps))
+    plot(results, Path(a.docs).parent)
 
 
 if __name__ == "__main__":

@@ -60,3 +60,33 @@ def chunk_summary(model: torch.nn.Module, tok: Tokenizer, windows: torch.Tensor,
             "top": top, "bpe128_top": bpe_counts.most_common(TOP),
             "top_in_bpe128": sum(c in in_bpe for c, _ in top) / max(len(top), 1),
             "stretch": texts[0][:120]}
+
+
+def plot_boundaries(stretches: dict[str, list[str]], path: Path, width: int = 96, lines: int = 3) -> None:
+    """Each named chunking's chunks of the same text, drawn as shaded boxes in monospace
+    (a newline shows as a return arrow), ``lines`` lines of ``width`` characters each."""
+    fig, ax = plt.subplots(figsize=(width * 0.105, 0.3 + 0.34 * (lines + 1.2) * len(stretches)))
+    y = 0.0
+    for name, chunks in stretches.items():
+        ax.text(0, y, name, fontsize=9, fontweight="bold", va="center")
+        y -= 1
+        col, row = 0, 0
+        for i, chunk in enumerate(chunks):
+            for ch in chunk.replace("\n", "\u21b5"):
+                if col == width:
+                    col, row = 0, row + 1
+                if row == lines:
+                    break
+                shade = ("#dbe9f7", "#f7e3c8")[i % 2]
+                ax.add_patch(plt.Rectangle((col, y - row - 0.42), 1, 0.84, color=shade, lw=0))
+                ax.text(col + 0.5, y - row, ch, fontsize=8, family="monospace", ha="center", va="center")
+                col += 1
+            if row == lines:
+                break
+        y -= lines + 0.6
+    ax.set_xlim(-0.5, width + 0.5)
+    ax.set_ylim(y + 0.4, 0.7)
+    ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -454,12 +454,16 @@ class ConceptGPT(GPT):
         g = cs.count[1] - 1
         cs.sums[rows, g] += u[0, :, 0]
         closed = starts & (g >= 1)  # the chunk before this one is complete: a level-1 concept
-        last = (g - 1).clamp(min=0)
-        v = self.concept_norms[0](cs.sums[rows, last][None, :, None], 0)[0, :, 0]
-        cs.concepts[1][rows, last] = torch.where(closed[:, None], v, cs.concepts[1][rows, last])
+        if bool(closed.any()):
+            last = (g - 1).clamp(min=0)
+            v = self.concept_norms[0](cs.sums[rows, last][None, :, None], 0)[0, :, 0]
+            cs.concepts[1][rows, last] = torch.where(closed[:, None], v, cs.concepts[1][rows, last])
         for k in range(2, top + 1):
             ck = self.combo[k - 1]
             grew.append(grew[k - 1] & ((cs.count[k - 1] - 1) % ck == 0))
+            if not bool(grew[k].any()):  # no row's tier k advances, nor any tier above it
+                grew += [grew[k]] * (top - k)
+                break
             cs.count[k] = cs.count[k] + grew[k]
             last = (cs.count[k] - 2).clamp(min=0)
             members = last[:, None] * ck + torch.arange(ck, device=idx.device)
