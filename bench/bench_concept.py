@@ -1,13 +1,16 @@
 """Speed of the next-concept predictor against the dense reference, measured in one run.
 
     python -m bench.bench_concept [--preset concept] [--set KEY=VALUE ...] [--dense-set KEY=VALUE ...]
-                                  [--tokens 200] [--repeat 3] [--rounds 3] [--window 256] [--no-context]
-                                  [--json FILE]
+                                  [--run DIR] [--dense-run DIR] [--tokens 200] [--repeat 3] [--rounds 3]
+                                  [--window 256] [--no-context] [--json FILE]
 
 * Decode: greedy tokens/s with KV caches at batch 1 and 16 (a 16-token prompt, then
   ``--tokens`` single-token steps), the concept model (``--preset`` and ``--set``) against
   the dense model (``--preset dense`` and ``--dense-set``: pick the dense model of the
   concept model's quality, e.g. ``--dense-set n_layer=6``). Ratio = concept / dense speed.
+  ``--run`` / ``--dense-run`` decode trained run folders instead: with a variable
+  chunking the chunks a model makes - and so how often its concept levels run - are its
+  own, so its decode speed is measured on the trained model.
 * Context: one training step (forward + backward) at 256, 1,024 and 4,096 units of
   context with 4,096 units per step (batch 16 / 4 / 1): the dense model with full
   attention, the dense model and the concept model with the token level's attention
@@ -15,8 +18,8 @@
   whole context). Each time is also given relative to the same model at 256 units: the
   effective-context goal is a longer reach at about the same step time.
 
-Weights are untrained (speed does not depend on them). Models run in the same process,
-interleaved, so machine load hits all of them alike.
+Weights are untrained unless ``--run`` (speed does not depend on them, but for chunks).
+Models run in the same process, interleaved, so machine load hits all of them alike.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from fractalformer import load
 from fractalformer.config import build_config
 from fractalformer.models import build_model
 from fractalformer.nn.decode import frozen_weights
@@ -62,6 +66,8 @@ def main() -> None:
     ap.add_argument("--preset", default="concept")
     ap.add_argument("--set", action="append", default=[], help="override a key of the concept model")
     ap.add_argument("--dense-set", action="append", default=[], help="override a key of the dense model")
+    ap.add_argument("--run", help="decode this trained concept run folder (not --preset / --set)")
+    ap.add_argument("--dense-run", help="decode this trained dense run folder (not --dense-set)")
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved decode rounds (median ratio)")
@@ -73,11 +79,13 @@ def main() -> None:
     print(f"machine: {machine()}")
     out: dict = {"machine": machine(), "preset": a.preset, "sets": a.set, "dense_sets": a.dense_set,
                  "decode": {}, "context": {}}
-    dense, concept = model_of("dense", a.dense_set), model_of(a.preset, a.set)
+    dense = load(a.dense_run).model if a.dense_run else model_of("dense", a.dense_set)
+    concept = load(a.run).model if a.run else model_of(a.preset, a.set)
+    out.update(run=a.run, dense_run=a.dense_run)
     dense.eval()
     concept.eval()
-    print(f"dense {' '.join(a.dense_set)}: {dense.num_params():,} parameters; "
-          f"{a.preset} {' '.join(a.set)}: {concept.num_params():,}")
+    print(f"dense {a.dense_run or ' '.join(a.dense_set)}: {dense.num_params():,} parameters; "
+          f"{a.run or a.preset + ' ' + ' '.join(a.set)}: {concept.num_params():,}")
     for batch in (1, 16):
         t_d, t_c = [], []
         for _ in range(a.rounds):  # interleaved, so the machine's drift hits both alike
