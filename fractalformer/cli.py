@@ -190,13 +190,19 @@ def _parser() -> argparse.ArgumentParser:
 
     pr = command("prepare", "tokenize text files into a memory-mapped corpus for train --data DIR",
                  "fractalformer prepare corpus/ --tokenizer bpe:4096 --out data/corpus",
-                 "fractalformer train --preset 10m --data data/corpus", parent=common)
-    pr.add_argument("data", nargs="+", help="text files and/or folders (every file under them, sorted)")
+                 "fractalformer train --preset 10m --data data/corpus",
+                 "fractalformer prepare :stdlib --split files --tokenizer bpe:4096 --out data/stdlib",
+                 parent=common)
+    pr.add_argument("data", nargs="+", help="text files and/or folders (every file under them, sorted); "
+                                            ":stdlib = this Python's standard library sources (*.py)")
     pr.add_argument("--tokenizer", default="byte",
                     help="byte or bpe:N (any text), char (the corpus' characters), bpe128 or gpt2")
     pr.add_argument("--out", required=True, help="new folder for tokens.bin and manifest.json")
     pr.add_argument("--unknown", choices=("error", "replace"), default="error",
                     help="characters the tokenizer lacks: error, or replace with '?'")
+    pr.add_argument("--split", choices=("tokens", "files"), default="tokens",
+                    help="validation split: the last 10%% of tokens, or whole files (about one in ten, "
+                         "by a hash of each file's path)")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
 
     ex = command("export", "a Hugging Face (Llama) folder of a run or one sub-model (needs the hf extra)",
@@ -637,7 +643,7 @@ def cmd_prepare(a: argparse.Namespace) -> int:
     from .data.prepared import prepare
 
     check_tokenizer_name(a.tokenizer)
-    m = prepare(a.data, a.tokenizer, a.out, a.unknown, progress=not a.quiet)
+    m = prepare(a.data, a.tokenizer, a.out, a.unknown, progress=not a.quiet, split=a.split)
     print(f"prepared {len(m['files'])} file(s), {m['bytes']:,} bytes -> {m['count']:,} {a.tokenizer} tokens "
           f"({m['train_count']:,} train, {m['val_units_per_token']:.3f} {m['unit']}s per validation token) "
           f"in {a.out}; train with --data {a.out}")

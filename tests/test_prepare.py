@@ -167,3 +167,33 @@ def test_default_tokenizer_takes_any_text_and_errors_name_the_flags(tmp_path: Pa
     assert code == 2 and len(err.splitlines()) == 1 and not (tmp_path / "q").exists()
     assert "'=' (U+003D) at position 2" in err and "(--unknown replace maps unknown characters to '?'; " \
         "--tokenizer byte or bpe:N takes any text)" in err and "on_unknown" not in err
+
+
+def test_split_files_validates_on_whole_files(tmp_path: Path, capsys) -> None:
+    """``--split files``: the validation split is exactly the text of whole files, chosen by a
+    hash of their relative paths (so the same files on every machine), after the training files."""
+    src = tmp_path / "src"
+    for i in range(40):
+        (src / f"pkg{i % 3}").mkdir(parents=True, exist_ok=True)
+        (src / f"pkg{i % 3}" / f"mod{i}.py").write_text(f"def f{i}(x):\n    return x * {i}\n" * (i + 1))
+    code, _, err = run_cli(capsys, "prepare", str(src), "--split", "files", "--out", tmp_path / "p", "--quiet")
+    assert code == 0, err
+    m = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    files = [Path(f["path"]) for f in m["files"]]
+    train, val = prep.split_files(sorted(files))
+    assert val and train and files == train + val and m["split"] == "files"
+    assert all(int(hashlib.sha256(f.relative_to(src).as_posix().encode()).hexdigest(), 16) % 10 == 0 for f in val)
+    ids = np.fromfile(tmp_path / "p" / "tokens.bin", dtype=m["dtype"])
+    assert bytes(ids[m["train_count"]:].astype(np.uint8)) == b"".join(f.read_bytes() for f in val)
+    assert bytes(ids[: m["train_count"]].astype(np.uint8)) == b"".join(f.read_bytes() for f in train)
+    code, _, err = run_cli(capsys, "prepare", str(src / "pkg0" / "mod0.py"), "--split", "files",
+                           "--out", tmp_path / "one")
+    assert code == 2 and "at least two input files" in err and not (tmp_path / "one").exists()
+
+
+def test_stdlib_names_this_pythons_sources() -> None:
+    files = prep.stdlib_files()
+    names = {f.name for f in files}
+    assert len(files) > 100 and {"os.py", "functools.py"} <= names
+    assert all(f.suffix == ".py" and "site-packages" not in f.parts for f in files)
+    assert prep.input_files([prep.STDLIB]) == files

@@ -8,7 +8,12 @@ sha256 of the input bytes, the files, the validation split's characters per toke
 bits/char), and the largest id with tokens.bin's modification time. Training with
 ``--data DIR`` memory-maps the ids: only the windows a batch draws are read, after one
 check that every id lies in the vocabulary (the recorded largest id while tokens.bin is
-unchanged, else one pass over it). The split is the usual one: the first 90% of tokens train.
+unchanged, else one pass over it). The split is the usual one: the first 90% of tokens train;
+with ``--split files`` the validation split is a set of whole files instead (about one in
+ten, chosen by a hash of each file's path), written after the training files.
+The input ``:stdlib`` names the running interpreter's standard library sources (``*.py``
+under ``sysconfig``'s stdlib path, without ``site-packages``): a corpus of code on every
+machine, with no download.
 A symlink or hard link to a file already read is not read again.
 
 A ``bpe:N`` tokenizer is trained on the first 90% of the input bytes, streamed; ``char``
@@ -21,6 +26,7 @@ import hashlib
 import math
 import os
 import shutil
+import sysconfig
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,6 +50,42 @@ from .tokenizers import (
 MANIFEST = "manifest.json"
 TOKENS = "tokens.bin"
 PIECE = 1 << 20  # bytes read and encoded at a time
+STDLIB = ":stdlib"  # the input naming the interpreter's standard library sources
+VAL_SHARE = 10  # --split files: one file in this many validates
+
+
+def stdlib_files() -> list[Path]:
+    """The running interpreter's standard library sources, sorted: ``*.py`` outside
+    ``site-packages``, but for the few test files that are deliberately not UTF-8."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(f for f in root.rglob("*.py") if f.is_file() and _utf8(f) and not any(
+        part == "site-packages" or part.startswith(".") for part in f.relative_to(root).parts))
+
+
+def _utf8(path: Path) -> bool:
+    try:
+        path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def split_files(files: list[Path]) -> tuple[list[Path], list[Path]]:
+    """(training files, validation files) for ``--split files``: a file validates when the
+    sha256 of its path relative to the files' common folder is 0 modulo :data:`VAL_SHARE`
+    (the same choice on every machine with the same files), at least one file each way."""
+    if len(files) < 2:
+        raise FractalError("--split files needs at least two input files")
+    root = Path(os.path.commonpath([f.resolve() for f in files]))
+    root = root if root.is_dir() else root.parent
+
+    def validates(f: Path) -> bool:
+        key = f.resolve().relative_to(root).as_posix().encode("utf-8")
+        return int(hashlib.sha256(key).hexdigest(), 16) % VAL_SHARE == 0
+
+    val = [f for f in files if validates(f)] or files[-1:]
+    train = [f for f in files if f not in val] or files[:1]
+    return train, [f for f in val if f not in train]
 
 
 def input_files(paths: list[str]) -> list[Path]:
@@ -52,7 +94,9 @@ def input_files(paths: list[str]) -> list[Path]:
     found: list[Path] = []
     for name in paths:
         p = Path(name)
-        if p.is_dir():
+        if name == STDLIB:
+            found += stdlib_files()
+        elif p.is_dir():
             found += sorted(f for f in p.rglob("*") if f.is_file() and not any(
                 part.startswith(".") for part in f.relative_to(p).parts))
         elif p.is_file():
@@ -106,10 +150,11 @@ def _char_boundary(data: bytes) -> int:
     return len(data)
 
 
-def build_tokenizer(name: str, files: list[Path], total: int) -> Tokenizer:
+def build_tokenizer(name: str, files: list[Path], train_bytes: int) -> Tokenizer:
+    """The tokenizer ``name``; a ``bpe:N`` one trained on the first ``train_bytes`` of ``files``."""
     size = bpe_size(name)
     if size is not None:
-        return HFBPETokenizer.train((t for t, _ in pieces(files, int(TRAIN_FRACTION * total))), size)
+        return HFBPETokenizer.train((t for t, _ in pieces(files, train_bytes)), size)
     if name == "char":
         chars: set[str] = set()
         for text, _ in pieces(files):
@@ -119,31 +164,44 @@ def build_tokenizer(name: str, files: list[Path], total: int) -> Tokenizer:
 
 
 def prepare(paths: list[str], tokenizer: str, out: str | Path, on_unknown: str = "error",
-            progress: bool = True) -> dict[str, Any]:
-    """Write ``out/tokens.bin`` and ``out/manifest.json`` (atomically, as one folder)."""
+            progress: bool = True, split: str = "tokens") -> dict[str, Any]:
+    """Write ``out/tokens.bin`` and ``out/manifest.json`` (atomically, as one folder).
+    ``split``: the validation split is the last tokens, or whole ``files``."""
     out = Path(out)
     if out.exists():
         raise FractalError(f"{out} already exists; choose another --out")
+    if split not in ("tokens", "files"):
+        raise FractalError(f"split must be tokens or files, not {split!r}")
     files = input_files(paths)
+    val_files: list[Path] = []
+    if split == "files":
+        files, val_files = split_files(files)
+        files = files + val_files
     total = sum(f.stat().st_size for f in files)
-    tok = build_tokenizer(tokenizer, files, total)
+    train_bytes = total - sum(f.stat().st_size for f in val_files) if val_files else int(TRAIN_FRACTION * total)
+    tok = build_tokenizer(tokenizer, files, train_bytes)
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         digest, counts, top = hashlib.sha256(), [], -1  # counts: (tokens, units) of every piece
+        train_tokens = 0  # --split files: the tokens of the training files
         with (tmp / TOKENS).open("wb") as f, tqdm(total=total, unit="B", unit_scale=True,
                                                   disable=not progress, desc="prepare") as bar:
-            for text, nbytes in pieces(files):
-                digest.update(text.encode("utf-8"))
-                ids = tok.encode_array(text, on_unknown).astype(dtype)
-                f.write(ids.tobytes())
-                counts.append((len(ids), tok.units(text)))
-                top = max(top, int(ids.max())) if len(ids) else top
-                bar.update(nbytes)
+            for i, path in enumerate(files):
+                if i == len(files) - len(val_files):
+                    train_tokens = sum(c for c, _ in counts)
+                for text, nbytes in pieces([path]):
+                    digest.update(text.encode("utf-8"))
+                    ids = tok.encode_array(text, on_unknown).astype(dtype)
+                    f.write(ids.tobytes())
+                    counts.append((len(ids), tok.units(text)))
+                    top = max(top, int(ids.max())) if len(ids) else top
+                    bar.update(nbytes)
         n = sum(c for c, _ in counts)
         manifest = {"format": 1, "tokens": TOKENS, "dtype": np.dtype(dtype).name, "count": n,
-                    "train_count": int(TRAIN_FRACTION * n), "tokenizer": tok.to_dict(), "unit": tok.unit,
+                    "train_count": train_tokens if val_files else int(TRAIN_FRACTION * n),
+                    "split": split, "tokenizer": tok.to_dict(), "unit": tok.unit,
                     "sha256": digest.hexdigest(), "bytes": total,
                     "files": [{"path": str(p), "bytes": p.stat().st_size} for p in files],
                     "max_id": top, "tokens_mtime_ns": (tmp / TOKENS).stat().st_mtime_ns}
