@@ -176,13 +176,15 @@ def test_split_files_validates_on_whole_files(tmp_path: Path, capsys) -> None:
     for i in range(40):
         (src / f"pkg{i % 3}").mkdir(parents=True, exist_ok=True)
         (src / f"pkg{i % 3}" / f"mod{i}.py").write_text(f"def f{i}(x):\n    return x * {i}\n" * (i + 1))
-    code, _, err = run_cli(capsys, "prepare", str(src), "--split", "files", "--out", tmp_path / "p", "--quiet")
+    code, _, err = run_cli(capsys, "prepare", str(src), "--split", "files", "--out", tmp_path / "p",
+                           "--quiet")
     assert code == 0, err
     m = json.loads((tmp_path / "p" / "manifest.json").read_text())
     files = [Path(f["path"]) for f in m["files"]]
     train, val = prep.split_files(sorted(files))
     assert val and train and files == train + val and m["split"] == "files"
-    assert all(int(hashlib.sha256(f.relative_to(src).as_posix().encode()).hexdigest(), 16) % 10 == 0 for f in val)
+    keys = [hashlib.sha256(f.relative_to(src).as_posix().encode()).hexdigest() for f in val]
+    assert all(int(k, 16) % 10 == 0 for k in keys)
     ids = np.fromfile(tmp_path / "p" / "tokens.bin", dtype=m["dtype"])
     assert bytes(ids[m["train_count"]:].astype(np.uint8)) == b"".join(f.read_bytes() for f in val)
     assert bytes(ids[: m["train_count"]].astype(np.uint8)) == b"".join(f.read_bytes() for f in train)

@@ -178,7 +178,8 @@ def prepare(paths: list[str], tokenizer: str, out: str | Path, on_unknown: str =
         files, val_files = split_files(files)
         files = files + val_files
     total = sum(f.stat().st_size for f in files)
-    train_bytes = total - sum(f.stat().st_size for f in val_files) if val_files else int(TRAIN_FRACTION * total)
+    val_bytes = sum(f.stat().st_size for f in val_files)
+    train_bytes = total - val_bytes if val_files else int(TRAIN_FRACTION * total)
     tok = build_tokenizer(tokenizer, files, train_bytes)
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
     out.parent.mkdir(parents=True, exist_ok=True)
