@@ -26,22 +26,20 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import fractalformer
 from fractalformer.analysis.chunks import chunk_texts, plot_boundaries
 from fractalformer.config import RunConfig, build_config
-from fractalformer.data.corpus import as_tensor, batch_generator, get_batch
-from fractalformer.models import build_model
+from fractalformer.data.corpus import as_tensor
 from fractalformer.models.concept import ConceptGPT
 from fractalformer.runs import prepare_data
-from fractalformer.train.losses import training_loss
 from harness import (
     cached_result,
     experiment_parser,
     finished,
     machine,
     read_metrics,
+    step_flops,
     timed_train,
     write_tables,
 )
@@ -65,20 +63,6 @@ def config(name: str, steps: int) -> RunConfig:
     preset, sets = VARIANTS[name]
     return build_config(preset, None, [*sets, f"max_steps={steps}", "warmup_steps=100", "sample_tokens=0",
                                        "eval_every=100", f"ckpt_every={steps}"])
-
-
-def step_flops(cfg: RunConfig, folder: Path | None = None) -> int:
-    """FLOPs of one training step (forward + backward) on the first batch of ``cfg``'s model:
-    new, or trained in ``folder`` (where the chunks it makes set the cost)."""
-    _, corpus = prepare_data(cfg)
-    t = cfg.train
-    x, y = get_batch(corpus.train, t.batch_size, cfg.model.block_size, batch_generator(t.seed, 0))
-    torch.manual_seed(0)
-    model = (build_model(cfg.model) if folder is None else fractalformer.load(folder).model).train()
-    with FlopCounterMode(display=False) as counter:
-        loss, _ = training_loss(model, model(x), y)
-        loss.backward()
-    return int(counter.get_total_flops())
 
 
 def chunk_stats(folder: Path) -> dict:

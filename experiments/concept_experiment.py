@@ -17,19 +17,15 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode
-
 import fractalformer
-from fractalformer.config import RunConfig, build_config
-from fractalformer.models import build_model
-from fractalformer.train.losses import training_loss
+from fractalformer.config import build_config
 from harness import (
     cached_result,
     experiment_parser,
     finished,
     machine,
     read_metrics,
+    step_flops,
     timed_train,
     write_tables,
 )
@@ -105,17 +101,6 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "ctx4096": ("concept", [*SEP, "block_size=4096", "batch_size=1", "token_window=256"]),
     "dense_ctx1024": ("dense", ["block_size=1024", "batch_size=4"]),
 }
-
-
-def step_flops(cfg: RunConfig) -> int:
-    """FLOPs of one training step (forward + backward) of ``cfg``'s model."""
-    torch.manual_seed(0)
-    model = build_model(cfg.model).train()
-    x = torch.randint(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.model.block_size))
-    with FlopCounterMode(display=False) as counter:
-        loss, _ = training_loss(model, model(x), x)
-        loss.backward()
-    return int(counter.get_total_flops())
 
 
 def run_one(name: str, steps: int, root: Path, warmup: int) -> dict:

@@ -1,14 +1,19 @@
 """FractalMoE against the dense reference: PEER, PKM and FHME at equal steps.
 
-    python -m experiments.moe_experiment [--steps 1400] [--out runs/moe] [--only NAME ...]
+    python -m experiments.moe_experiment [--steps 1400] [--out runs/moe] [--only NAME ...] [--data DIR]
 
 Every run uses the dense reference's data, dims and schedule (shipped TinyShakespeare,
 bpe128, batch 16 x 256, AdamW 3e-3 -> 3e-4 cosine, the same seed and batches) with
 sparse layers in place of the MLP of layers 1 and 3 (the ``peer`` / ``pkm`` / ``fhme``
 presets), varied one knob at a time. Full-split validation, expert usage and wall time
 go to ``<out>/steps<N>/<name>/eval.json`` (finished runs are skipped on a re-run); the
-table goes to ``docs/results/moe_experiment_<N>.md`` and ``.json``. Several copies may run side
-by side on different ``--only`` lists (set ``OMP_NUM_THREADS`` to share the cores).
+table goes to ``docs/results/moe_experiment_<N>.md`` and ``.json``. ``--data DIR`` trains on a
+prepared corpus instead (its own tokenizer; e.g. the standard library's sources,
+``fractalformer prepare :stdlib --split files --tokenizer bpe:4096 --out DIR``): runs go to
+``<out>/steps<N>-<DIR's name>`` and the table to ``moe_experiment_<N>_<DIR's name>``.
+FLOPs: one training step (forward and backward) counted by torch's FlopCounterMode.
+Several copies may run side by side on different ``--only`` lists (set ``OMP_NUM_THREADS``
+to share the cores).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from harness import (
     finished,
     machine,
     read_metrics,
+    step_flops,
     timed_train,
     write_tables,
 )
@@ -43,17 +49,20 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 }
 
 
-def run_one(name: str, steps: int, root: Path) -> dict:
+def run_one(name: str, steps: int, root: Path, data: str | None = None) -> dict:
     folder = root / name
     preset, sets = VARIANTS[name]
+    sets = [*sets, *([f"data={data}"] if data else [])]
 
     def compute() -> dict:
         cfg = build_config(preset, None, [*sets, f"max_steps={steps}", "sample_tokens=0", "eval_every=100"])
+        flops = step_flops(cfg)
         res, wall = timed_train(cfg, folder)
         model = fractalformer.load(folder).model
         row = res.final[0].to_json()
         metrics = read_metrics(folder)
         return {"name": name, "preset": preset, "sets": sets, "steps": steps, "wall_s": wall,
+                "step_flops": flops,
                 "params": model.num_params(),
                 "active_params": (model.active_params(row.get("mean_depth"))
                                   if hasattr(model, "active_params") else model.num_params()),
@@ -70,16 +79,18 @@ def _f(r: dict, key: str, fmt: str) -> str:
     return format(v, fmt) if v is not None else "-"
 
 
-def report(results: dict[str, dict], steps: int) -> str:
-    lines = [f"# FractalMoE vs the dense reference ({steps} steps)", "",
+def report(results: dict[str, dict], steps: int, data: str | None = None) -> str:
+    on = f" on {Path(data).name}" if data else ""
+    lines = [f"# FractalMoE vs the dense reference ({steps} steps{on})", "",
              f"Machine: {machine()}.", "",
-             f"Command: `python -m experiments.moe_experiment --steps {steps}`. BPC = bits per character on",
+             f"Command: `python -m experiments.moe_experiment --steps {steps}"
+             f"{f' --data {data}' if data else ''}`. BPC = bits per character on",
              "the full validation split; gap = train loss of the last step minus validation loss",
              "(nats/token; the train figure is one batch). Usage, KL and dead are over the",
              "validation split (see docs/moe.md for their definitions).", "",
-             "| run | config | params | active | val nats/token | BPC | vs dense | val - train | usage | "
-             "KL | dead | mean depth | compute saved | wall |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| run | config | params | active | FLOPs/step | val nats/token | BPC | vs dense | "
+             "val - train | usage | KL | dead | mean depth | compute saved | wall |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     dense = results.get("dense")
     for name in VARIANTS:
         r = results.get(name)
@@ -88,9 +99,10 @@ def report(results: dict[str, dict], steps: int) -> str:
         row = r["row"]
         vs = f"{row['val_bpc'] - dense['row']['val_bpc']:+.4f}" if dense else "-"
         gap = row["val_loss"] - r["train_loss_last"]
+        flops = f"{r['step_flops'] / 1e9:.1f} G" if "step_flops" in r else "-"
         lines.append(
             f"| {name} | {r['preset']} {' '.join(r['sets'])} | {r['params']:,} | {r['active_params']:,} | "
-            f"{row['val_loss']:.4f} | {row['val_bpc']:.4f} | {vs} | {gap:+.3f} | "
+            f"{flops} | {row['val_loss']:.4f} | {row['val_bpc']:.4f} | {vs} | {gap:+.3f} | "
             f"{_f(r, 'expert_usage', '.1%')} | {_f(r, 'expert_kl', '.3f')} | "
             f"{_f(r, 'dead_experts', '.1%')} | {_f(r, 'mean_depth', '.2f')} | "
             f"{_f(r, 'compute_saved', '.1%')} | {r['wall_s'] / 60:.1f} min |")
@@ -99,14 +111,17 @@ def report(results: dict[str, dict], steps: int) -> str:
 
 def main() -> None:
     ap = experiment_parser(__doc__, 1400, "runs/moe", list(VARIANTS))
+    ap.add_argument("--data", help="a prepared corpus folder (default: the shipped TinyShakespeare)")
     a = ap.parse_args()
-    root = Path(a.out) / f"steps{a.steps}"
+    suffix = f"-{Path(a.data).name}" if a.data else ""
+    root = Path(a.out) / f"steps{a.steps}{suffix}"
     for name in [] if a.report else a.only or VARIANTS:
         print(f"== {name}", flush=True)
-        r = run_one(name, a.steps, root)
+        r = run_one(name, a.steps, root, a.data)
         print(f"   {r['wall_s']:.0f} s; BPC {r['row']['val_bpc']:.4f}", flush=True)
     results = finished(root, VARIANTS)
-    write_tables(Path(a.docs) / f"moe_experiment_{a.steps}", results, report(results, a.steps))
+    stem = f"moe_experiment_{a.steps}{suffix.replace('-', '_')}"
+    write_tables(Path(a.docs) / stem, results, report(results, a.steps, a.data))
 
 
 if __name__ == "__main__":

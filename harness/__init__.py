@@ -20,9 +20,15 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+import fractalformer
 from fractalformer.config import RunConfig
+from fractalformer.data.corpus import batch_generator, get_batch
+from fractalformer.models import build_model
+from fractalformer.runs import prepare_data
 from fractalformer.train import TrainResult, train
+from fractalformer.train.losses import training_loss
 
 
 def machine() -> str:
@@ -114,3 +120,18 @@ def experiment_parser(doc: str, steps: int, out: str, names: list[str]) -> argpa
     ap.add_argument("--docs", default="docs/results", help="folder of the result tables")
     ap.add_argument("--report", action="store_true", help="only rebuild the table from finished runs")
     return ap
+
+
+def step_flops(cfg: RunConfig, folder: Path | None = None) -> int:
+    """FLOPs of one training step (forward + backward, torch's FlopCounterMode) on the first
+    batch of ``cfg``'s data, of a new model of ``cfg`` or the one trained in ``folder`` (a
+    model with variable chunks costs what the chunks it makes cost)."""
+    _, corpus = prepare_data(cfg)
+    t = cfg.train
+    x, y = get_batch(corpus.train, t.batch_size, cfg.model.block_size, batch_generator(t.seed, 0))
+    torch.manual_seed(0)
+    model = (build_model(cfg.model) if folder is None else fractalformer.load(folder).model).train()
+    with FlopCounterMode(display=False) as counter:
+        loss, _ = training_loss(model, model(x), y)
+        loss.backward()
+    return int(counter.get_total_flops())
