@@ -1,6 +1,6 @@
 """Byte models that make their own tokens: ``concept-byte`` with each chunking, at equal FLOPs.
 
-    python -m experiments.chunking [--steps 1400] [--out runs/chunking] [--only NAME ...]
+    python -m experiments.chunking [--steps 1400] [--out runs/chunking] [--only NAME ...] [--code]
 
 Every row trains on the shipped TinyShakespeare with the dense reference's schedule (AdamW
 3e-3 -> 3e-4 cosine, warmup 100) and units per step (16 x 256 bpe128 tokens or 8 x 512
@@ -17,6 +17,12 @@ on the first 64 validation windows (``ConceptGPT.boundaries``). Wall time is the
 own; training steps per second are measured apart on a quiet machine
 (``python -m bench.bench_concept``), so only the FLOPs columns are exact here.
 Results: ``<out>/steps<N>/<name>/eval.json``; table ``docs/results/chunking_<N>.md`` and ``.json``.
+
+``--code``: the same rows on this Python's standard library sources, prepared (once, into
+``data/``) by ``fractalformer prepare :stdlib --split files`` with the byte tokenizer and,
+for ``dense``, with ``bpe:4096`` (bpe128's alphabet is TinyShakespeare's); the dense row's
+bits per character are converted per byte with the validation files' characters per
+byte. Runs go to ``<out>/steps<N>-code``, the table to ``chunking_<N>_code``.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ import fractalformer
 from fractalformer.analysis.chunks import chunk_texts, plot_boundaries
 from fractalformer.config import RunConfig, build_config
 from fractalformer.data.corpus import as_tensor
+from fractalformer.data.prepared import STDLIB, is_prepared, prepare, split_files
+from fractalformer.io import read_json
 from fractalformer.models.concept import ConceptGPT
 from fractalformer.runs import prepare_data
 from harness import (
@@ -59,10 +67,42 @@ WINDOWS = 64  # validation windows the chunk statistics are taken on
 LONGEST = 16  # chunk lengths histogrammed one by one up to this
 
 
-def config(name: str, steps: int) -> RunConfig:
+CODE = {"byte": Path("data/stdlib-byte"), "bpe:4096": Path("data/stdlib-bpe4096")}  # --code's corpora
+
+
+def code_data(tokenizer: str) -> list[str]:
+    """The config keys that train on the standard library corpus of ``tokenizer`` (prepared
+    on first use)."""
+    folder = CODE[tokenizer]
+    if not (folder / "manifest.json").is_file():
+        prepare([STDLIB], tokenizer, folder, split="files", progress=False)
+    return [f"data={folder}", f"tokenizer={tokenizer}", f"vocab_size={4096 if tokenizer != 'byte' else 256}"]
+
+
+def config(name: str, steps: int, code: bool = False) -> RunConfig:
     preset, sets = VARIANTS[name]
+    if code:
+        sets = [*sets, *code_data("byte" if name != "dense" else "bpe:4096")]
     return build_config(preset, None, [*sets, f"max_steps={steps}", "warmup_steps=100", "sample_tokens=0",
                                        "eval_every=100", f"ckpt_every={steps}"])
+
+
+def per_byte(r: dict) -> float:
+    """Validation bits per byte of a result (a token row's bits per character times the
+    validation text's characters per byte)."""
+    return r["row"]["val_bpc"] * r.get("chars_per_byte", 1.0)
+
+
+def chars_per_byte(cfg: RunConfig) -> float:
+    """Characters per byte of the validation text of a prepared corpus split by files (1 otherwise)."""
+    if not cfg.train.data or not is_prepared(cfg.train.data):
+        return 1.0
+    m = read_json(Path(cfg.train.data) / "manifest.json")
+    if m.get("split") != "files":
+        return 1.0
+    files = [Path(f["path"]) for f in m["files"]]
+    val = split_files(sorted(files))[1]
+    return sum(len(f.read_text(encoding="utf-8")) for f in val) / sum(f.stat().st_size for f in val)
 
 
 def chunk_stats(folder: Path) -> dict:
@@ -84,14 +124,14 @@ def chunk_stats(folder: Path) -> dict:
             "stretch": chunk_texts(starts[:1], val[:1], trained.tokenizer)[0]}
 
 
-def plot(results: dict[str, dict], docs: Path) -> None:
-    """docs/chunk_boundaries.png (each chunking on the same validation text) and
-    docs/chunk_lengths.png (their chunk-length distributions)."""
+def plot(results: dict[str, dict], docs: Path, suffix: str = "") -> None:
+    """docs/chunk_boundaries<suffix>.png (each chunking on the same validation text) and
+    docs/chunk_lengths<suffix>.png (their chunk-length distributions)."""
     rows = {name: r for name, r in results.items() if "stretch" in r}
     if not rows:
         return
     plot_boundaries({f"{name} (mean {r['mean_chunk']:.2f} bytes)": r["stretch"] for name, r in rows.items()},
-                    docs / "chunk_boundaries.png")
+                    docs / f"chunk_boundaries{suffix}.png")
     fig, ax = plt.subplots(figsize=(7, 3.4))
     for name, r in rows.items():
         h = torch.tensor(r["histogram"], dtype=torch.float)
@@ -101,20 +141,20 @@ def plot(results: dict[str, dict], docs: Path) -> None:
     ax.set_title("Level-1 chunk lengths on validation text")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(docs / "chunk_lengths.png", dpi=110)
+    fig.savefig(docs / f"chunk_lengths{suffix}.png", dpi=110)
     plt.close(fig)
 
 
-def run_one(name: str, steps: int, root: Path, budget: float | None) -> dict:
+def run_one(name: str, steps: int, root: Path, budget: float | None, code: bool = False) -> dict:
     """Train ``name`` for ``steps`` steps, or for the steps that spend ``budget`` FLOPs at the
     cost of a new model of its preset with fixed chunks (a new model's variable chunks are
     not yet those it learns); the table gives the FLOPs of the trained model's step."""
     folder = root / name
-    probe = config("fixed" if VARIANTS[name][0] == "concept-byte" else name, steps)
+    probe = config("fixed" if VARIANTS[name][0] == "concept-byte" else name, steps, code)
     n = steps if budget is None else max(100, round(budget / step_flops(probe)))
 
     def compute() -> dict:
-        cfg = config(name, n)
+        cfg = config(name, n, code)
         res, wall = timed_train(cfg, folder)
         flops = step_flops(cfg, folder)
         metrics = read_metrics(folder)
@@ -122,54 +162,61 @@ def run_one(name: str, steps: int, root: Path, budget: float | None) -> dict:
                  for r in metrics if r.get("val_loss")]
         return {"name": name, "sets": VARIANTS[name][1], "steps": n, "wall_s": wall, "step_flops": flops,
                 "params": fractalformer.load(folder).model.num_params(), "val_curve": curve,
-                "row": res.final[0].to_json(), **chunk_stats(folder)}
+                "row": res.final[0].to_json(), "chars_per_byte": chars_per_byte(cfg), **chunk_stats(folder)}
 
     return cached_result(folder, compute)
 
 
-def report(results: dict[str, dict], steps: int) -> str:
+def report(results: dict[str, dict], steps: int, code: bool = False) -> str:
     ref = results.get("dense")
-    lines = [f"# Chunkings of concept-byte at the FLOPs of {steps} dense bpe128 steps", "",
-             f"Machine: {machine()}. Command: `python -m experiments.chunking --steps {steps}`. "
-             "Bits/byte on the full validation split (= bits/char: the text is ASCII). Each row but "
+    tokens = "bpe:4096" if code else "bpe128"
+    on = ("this Python's standard library sources (`fractalformer prepare :stdlib --split files`)" if code
+          else "TinyShakespeare")
+    lines = [f"# Chunkings of concept-byte at the FLOPs of {steps} dense {tokens} steps, on {on}", "",
+             f"Machine: {machine()}. Command: `python -m experiments.chunking --steps {steps}"
+             f"{' --code' if code else ''}`. Bits/byte on the full validation split (the dense {tokens} "
+             "row: bits/char times the validation text's characters per byte). Each row but "
              "`dense` and `dense_byte` trains on its own full schedule for as many steps as spend "
              "`dense`'s training FLOPs at the step cost of fixed chunks; FLOPs/step is the trained "
              "model's (its own chunks), total = FLOPs/step x steps. Mean chunk: bytes per level-1 "
              "concept on the first "
              f"{WINDOWS} validation windows; 1-byte: the share of chunks one byte long.", "",
              "| run | config | params | FLOPs/step | steps | total FLOPs | val nats/unit | bits/byte | "
-             "vs dense bpe128 | mean chunk | 1-byte |",
+             f"vs dense {tokens} | mean chunk | 1-byte |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in VARIANTS:
         r = results.get(name)
         if r is None:
             continue
         row = r["row"]
-        vs = (f"{100 * (row['val_bpc'] / ref['row']['val_bpc'] - 1):+.1f}%"
+        vs = (f"{100 * (per_byte(r) / per_byte(ref) - 1):+.1f}%"
               if ref is not None and r is not ref else "-")
         chunk = f"{r['mean_chunk']:.2f}" if "mean_chunk" in r else "-"
         one = f"{100 * r['one_unit']:.0f}%" if "one_unit" in r else "-"
         lines.append(f"| {name} | {VARIANTS[name][0]} {' '.join(r['sets'])} | {r['params']:,} | "
                      f"{r['step_flops'] / 1e9:.1f} G | {r['steps']} | "
                      f"{r['step_flops'] * r['steps'] / 1e12:.1f} T | "
-                     f"{row['val_loss']:.4f} | {row['val_bpc']:.4f} | {vs} | {chunk} | {one} |")
+                     f"{row['val_loss']:.4f} | {per_byte(r):.4f} | {vs} | {chunk} | {one} |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = experiment_parser(__doc__, 1400, "runs/chunking", list(VARIANTS))
+    ap.add_argument("--code", action="store_true", help="on the standard library's sources (see above)")
     a = ap.parse_args()
-    root = Path(a.out) / f"steps{a.steps}"
+    suffix = "-code" if a.code else ""
+    root = Path(a.out) / f"steps{a.steps}{suffix}"
     budget = None
     for name in [] if a.report else a.only or VARIANTS:
         if name not in FULL and budget is None:
-            budget = step_flops(config("dense", a.steps)) * a.steps
+            budget = step_flops(config("dense", a.steps, a.code)) * a.steps
         print(f"== {name}", flush=True)
-        r = run_one(name, a.steps, root, None if name in FULL else budget)
+        r = run_one(name, a.steps, root, None if name in FULL else budget, a.code)
         print(f"   {r['steps']} steps, {r['wall_s']:.0f} s; bits/byte {r['row']['val_bpc']:.4f}", flush=True)
     results = finished(root, VARIANTS)
-    write_tables(Path(a.docs) / f"chunking_{a.steps}", results, report(results, a.steps))
-    plot(results, Path(a.docs).parent)
+    write_tables(Path(a.docs) / f"chunking_{a.steps}{suffix.replace('-', '_')}", results,
+                 report(results, a.steps, a.code))
+    plot(results, Path(a.docs).parent, suffix.replace("-", "_"))
 
 
 if __name__ == "__main__":
