@@ -28,6 +28,7 @@ byte. Runs go to ``<out>/steps<N>-code``, the table to ``chunking_<N>_code``.
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -145,13 +146,25 @@ def plot(results: dict[str, dict], docs: Path, suffix: str = "") -> None:
     plt.close(fig)
 
 
-def run_one(name: str, steps: int, root: Path, budget: float | None, code: bool = False) -> dict:
+def run_one(name: str, steps: int, root: Path, budget: float | None, code: bool = False,
+            rematch: bool = False) -> dict:
     """Train ``name`` for ``steps`` steps, or for the steps that spend ``budget`` FLOPs at the
     cost of a new model of its preset with fixed chunks (a new model's variable chunks are
-    not yet those it learns); the table gives the FLOPs of the trained model's step."""
+    not yet those it learns); the table gives the FLOPs of the trained model's step.
+    ``rematch``: a finished row whose total is more than 2% off ``budget`` trains again, for
+    the steps its trained model's step cost buys (the first run is kept as ``<name>.first``)."""
     folder = root / name
     probe = config("fixed" if VARIANTS[name][0] == "concept-byte" else name, steps, code)
-    n = steps if budget is None else max(100, round(budget / step_flops(probe)))
+    done = folder / "eval.json"
+    first = None
+    if rematch and budget is not None and done.is_file():
+        first = json.loads(done.read_text())
+        if abs(first["step_flops"] * first["steps"] / budget - 1) <= 0.02:
+            return first
+        folder.rename(folder.with_name(f"{name}.first"))
+        n = round(budget / first["step_flops"])
+    else:
+        n = steps if budget is None else max(100, round(budget / step_flops(probe)))
 
     def compute() -> dict:
         cfg = config(name, n, code)
@@ -162,7 +175,8 @@ def run_one(name: str, steps: int, root: Path, budget: float | None, code: bool 
                  for r in metrics if r.get("val_loss")]
         return {"name": name, "sets": VARIANTS[name][1], "steps": n, "wall_s": wall, "step_flops": flops,
                 "params": fractalformer.load(folder).model.num_params(), "val_curve": curve,
-                "row": res.final[0].to_json(), "chars_per_byte": chars_per_byte(cfg), **chunk_stats(folder)}
+                "row": res.final[0].to_json(), "chars_per_byte": chars_per_byte(cfg), **chunk_stats(folder),
+                **({"first_try": {k: first[k] for k in ("steps", "step_flops", "row")}} if first else {})}
 
     return cached_result(folder, compute)
 
@@ -178,7 +192,8 @@ def report(results: dict[str, dict], steps: int, code: bool = False) -> str:
              "row: bits/char times the validation text's characters per byte). Each row but "
              "`dense` and `dense_byte` trains on its own full schedule for as many steps as spend "
              "`dense`'s training FLOPs at the step cost of fixed chunks; FLOPs/step is the trained "
-             "model's (its own chunks), total = FLOPs/step x steps. Mean chunk: bytes per level-1 "
+             "model's (its own chunks), total = FLOPs/step x steps; a row more than 2% off dense's total "
+             "trains again for the steps its own step cost buys (`--rematch`). Mean chunk: bytes per level-1 "
              "concept on the first "
              f"{WINDOWS} validation windows; 1-byte: the share of chunks one byte long.", "",
              "| run | config | params | FLOPs/step | steps | total FLOPs | val nats/unit | bits/byte | "
@@ -203,6 +218,8 @@ def report(results: dict[str, dict], steps: int, code: bool = False) -> str:
 def main() -> None:
     ap = experiment_parser(__doc__, 1400, "runs/chunking", list(VARIANTS))
     ap.add_argument("--code", action="store_true", help="on the standard library's sources (see above)")
+    ap.add_argument("--rematch", action="store_true",
+                    help="train again the rows whose total FLOPs are more than 2%% off dense's")
     a = ap.parse_args()
     suffix = "-code" if a.code else ""
     root = Path(a.out) / f"steps{a.steps}{suffix}"
@@ -211,7 +228,7 @@ def main() -> None:
         if name not in FULL and budget is None:
             budget = step_flops(config("dense", a.steps, a.code)) * a.steps
         print(f"== {name}", flush=True)
-        r = run_one(name, a.steps, root, None if name in FULL else budget, a.code)
+        r = run_one(name, a.steps, root, None if name in FULL else budget, a.code, a.rematch)
         print(f"   {r['steps']} steps, {r['wall_s']:.0f} s; bits/byte {r['row']['val_bpc']:.4f}", flush=True)
     results = finished(root, VARIANTS)
     write_tables(Path(a.docs) / f"chunking_{a.steps}{suffix.replace('-', '_')}", results,
