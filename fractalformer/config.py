@@ -243,6 +243,9 @@ class ConceptConfig(Section):
             if len(vals) not in (1, self.levels) or any(bad(v) for v in vals):
                 raise FractalError(f"{_label(self, name)} needs one value, or {self.levels}{each}; "
                                    f"got {vals!r}")
+        if self.encoder < -1:
+            raise FractalError(f"concept_encoder needs -1 (automatic) or a number of blocks >= 0; "
+                               f"got {self.encoder}")
         if self.variable():
             if self.read != "add":
                 raise FractalError(f"chunking {self.chunking} reads the plans by addition: "

@@ -222,6 +222,7 @@ def test_growth_keeps_the_chunks_and_the_logits() -> None:
     (["chunking=learned", "concept_read=add", "concept_encoder=2"], "leaves no unit-level block"),
     (["chunking=learned", "concept_read=add", "chunk_size=0.5"], "chunk_size needs >= 1"),
     (["chunking=bpe"], "chunking must be one of"),
+    (["concept_encoder=-2"], "concept_encoder needs -1"),
 ])
 def test_bad_chunking_configs_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                   sets: list[str], message: str) -> None:
