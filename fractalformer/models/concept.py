@@ -25,6 +25,14 @@ Generation runs top-down with a KV cache at every tier (:class:`ConceptCache`): 
 tier advances one position when a group of the tier below completes, the tokens are
 written under the current plan; cached generation equals the full forward.
 
+With a variable ``chunking`` (``space``, ``entropy``, ``learned``: fractalformer/nn/chunking.py)
+a tier-1 concept is a chunk of data-dependent length: unit ``t`` may start one, decided from
+units ``<= t`` (the states of ``concept.encoder`` blocks below the plan read). Unit ``t`` lies
+in chunk ``g_t`` (the starts so far, minus one) and reads plan ``g_t``, made from the chunks
+before it, so the one-concept shift holds. The full forward gathers every row's chunks by
+index (:meth:`ConceptGPT.forward_chunked`); cached generation decides boundaries online and
+advances each row's tiers when its own chunks close (:meth:`ConceptGPT.step`).
+
 ``grow`` adds a new top tier to a trained model as a no-op: the tier below reads it
 through a scale initialised to zero, so every logit is unchanged at the step of growth.
 """
