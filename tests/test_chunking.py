@@ -20,7 +20,7 @@ from fractalformer.nn import chunking
 from fractalformer.train import train
 from fractalformer.train.losses import chunking_loss, training_loss
 
-from .conftest import run_cli
+from .conftest import assert_resume_is_exact, assert_two_processes_match_one, needs_torchrun, run_cli
 from .test_concept import TINY_CONCEPT, jacobian
 
 BYTES = ["tokenizer=byte", "vocab_size=256", "concept_read=add"]
@@ -266,3 +266,21 @@ def test_cli_trains_and_analyzes_a_learned_chunking(tmp_path: Path, excerpt: Pat
     code, _, err = run_cli(capsys, "analyze", out, "--windows", "2", "--data", excerpt)
     page = (out / "analysis" / "report.html").read_text()
     assert code == 0 and "Chunks" in page and (out / "analysis" / "chunk_lengths.png").is_file()
+
+
+@pytest.mark.parametrize("name", ["entropy", "learned"])
+@pytest.mark.slow
+def test_resume_is_exact(tmp_path: Path, capsys: pytest.CaptureFixture, name: str) -> None:
+    """The entropy threshold is a buffer of the checkpoint and the router a weight: a run
+    cut and resumed ends bit for bit where one trained straight through does."""
+    assert_resume_is_exact(capsys, tmp_path, *TINY_CONCEPT, "--set", f"chunking={name}", "--set",
+                           "concept_read=add", "--max-steps", "6", "--set", "ckpt_every=3")
+
+
+@pytest.mark.slow
+@needs_torchrun
+def test_torchrun_two_processes_match_single_process(tmp_path: Path) -> None:
+    """The ratio loss and the regression over complete chunks are means over rows, so two
+    processes of half the rows each train as one does (to float rounding)."""
+    assert_two_processes_match_one(tmp_path, *TINY_CONCEPT, "--set", "chunking=learned", "--set",
+                                   "concept_read=add", "--max-steps", "3", rtol=1e-3, atol=1e-4)

@@ -165,7 +165,8 @@ def family_loss(model: GPT, targets: torch.Tensor) -> torch.Tensor | None:
 
 def chunking_loss(model: ConceptGPT, chunks: Chunks | None, targets: torch.Tensor) -> torch.Tensor | None:
     """``chunk_weight`` times the chunker's own loss: for ``learned``, H-Net's ratio loss, least
-    when a share ``1 / chunk_size`` of the units start chunks, both as decided and as scored;
+    when a share ``1 / chunk_size`` of the units start chunks, both as decided and as scored
+    (taken per row and averaged, so that any number of processes computes the same loss);
     for ``entropy``, the encoder's next-unit cross-entropy, which teaches it the entropies
     its boundaries read."""
     c = model.config.concept
@@ -173,8 +174,9 @@ def chunking_loss(model: ConceptGPT, chunks: Chunks | None, targets: torch.Tenso
         return None
     if chunks.probs is not None:
         n = c.chunk_size
-        f, g = chunks.starts.float().mean(), chunks.probs.float().mean()
-        return c.chunk_weight * n / max(n - 1, 1e-6) * ((n - 1) * f * g + (1 - f) * (1 - g))
+        f, g = chunks.starts.float().mean(1), chunks.probs.float().mean(1)
+        ratio = n / max(n - 1, 1e-6) * ((n - 1) * f * g + (1 - f) * (1 - g))
+        return c.chunk_weight * ratio.mean()
     if chunks.logits is not None:
         logits = chunks.logits[0]
         return c.chunk_weight * F.cross_entropy(widen(logits).flatten(0, 1), targets.flatten())
@@ -206,8 +208,8 @@ def concept_regression(model: ConceptGPT, predictions: list[Prediction]) -> torc
             each = (pred - y).abs().mean(-1)
         if mask is None:
             loss = each.mean()
-        else:  # variable chunks: the complete concepts only
-            loss = (each[0] * mask).sum() / mask.sum().clamp(min=1)
+        else:  # variable chunks: each row's complete concepts (a mean of rows: any process count)
+            loss = ((each[0] * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
         loss = weights[tier - 1] * loss
         total = loss if total is None else total + loss
     return total
