@@ -406,8 +406,8 @@ class ConceptGPT(GPT):
         if kind == "space":
             return space_starts(idx, prev)[:, 0], None, idx[:, 0]
         if kind == "learned":
-            p = self.router(u, prev)[:, 0]
-            return p >= 0.5, p, self.router.keys(u)[:, 0]
+            p, k = self.router.scores(u, prev)
+            return p[:, 0] >= 0.5, p[:, 0], k[:, 0]
         ent = entropy(self.head({0: u})[0][0, :, 0])
         return entropy_starts(ent[:, None], self.entropy_threshold, prev)[:, 0], None, ent
 

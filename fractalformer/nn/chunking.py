@@ -85,10 +85,15 @@ class Router(nn.Module):
         """Probabilities (B, T) that each unit of states ``x`` (1, B, T, d) opens a chunk;
         ``prev_key`` (B, d): the key of the unit before ``x[:, :, 0]`` (none: that unit is
         the first and opens a chunk with probability 1)."""
+        return self.scores(x, prev_key)[0]
+
+    def scores(self, x: torch.Tensor, prev_key: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward`'s probabilities and the keys of ``x`` (what the next unit compares with)."""
         q, k = F.normalize(self.q(x, 0)[0], dim=-1), self.keys(x)
         if prev_key is None:
             p = (1 - (q[:, 1:] * k[:, :-1]).sum(-1)) * 0.5
             p = torch.cat([p.new_ones(p.shape[0], 1), p], 1)
         else:
             p = (1 - (q * torch.cat([prev_key[:, None], k[:, :-1]], 1)).sum(-1)) * 0.5
-        return p.clamp(0.0, 1.0)
+        return p.clamp(0.0, 1.0), k
