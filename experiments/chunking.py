@@ -35,6 +35,7 @@ import matplotlib.pyplot as plt
 import torch
 
 import fractalformer
+from experiments.concept_experiment import at
 from fractalformer.analysis.chunks import chunk_texts, plot_boundaries
 from fractalformer.config import RunConfig, build_config
 from fractalformer.data.corpus import as_tensor
@@ -181,7 +182,7 @@ def run_one(name: str, steps: int, root: Path, budget: float | None, code: bool 
     return cached_result(folder, compute)
 
 
-def report(results: dict[str, dict], steps: int, code: bool = False) -> str:
+def report(results: dict[str, dict], steps: int, code: bool = False, bench: dict | None = None) -> str:
     ref = results.get("dense")
     tokens = "bpe:4096" if code else "bpe128"
     on = ("this Python's standard library sources (`fractalformer prepare :stdlib --split files`)" if code
@@ -212,12 +213,41 @@ def report(results: dict[str, dict], steps: int, code: bool = False) -> str:
                      f"{r['step_flops'] / 1e9:.1f} G | {r['steps']} | "
                      f"{r['step_flops'] * r['steps'] / 1e12:.1f} T | "
                      f"{row['val_loss']:.4f} | {per_byte(r):.4f} | {vs} | {chunk} | {one} |")
+    if bench and ref is not None:
+        lines += wall_table(results, bench, ref)
     return "\n".join(lines) + "\n"
+
+
+def wall_table(results: dict[str, dict], bench: dict, ref: dict) -> list[str]:
+    """Equal wall time from a quiet benchmark of the trained models' steps
+    (``python -m bench.bench_chunking --json``): the steps each row could train in dense's
+    wall time, and its own validation curve there (mid-schedule where it trained more
+    steps, so the figure favours dense)."""
+    rows = bench["rows"]
+    end = ref["val_curve"][-1][3] * ref.get("chars_per_byte", 1.0)
+    lines = ["", f"Equal wall time, from `python -m bench.bench_chunking` ({bench['machine']}): each row's "
+             "training step against dense's (the median of interleaved rounds), the steps that buys in "
+             f"dense's {ref['steps']} steps, and bits/byte on the curves' fixed validation batches (not the "
+             f"full split): dense ends at {end:.4f}.", "",
+             "| run | step vs dense | steps in dense's wall time | steps trained | bits/byte there (curve) |",
+             "|---|---|---|---|---|"]
+    for name, r in results.items():
+        if name not in rows or r is ref or not rows[name].get("train_vs_baseline"):
+            continue
+        ratio = rows[name]["train_vs_baseline"]
+        n = ref["steps"] / ratio
+        there = at(r["val_curve"], min(n, r["steps"]), 0)
+        cell = f"{there * r.get('chars_per_byte', 1.0):.4f}" if there is not None else "-"
+        lines.append(f"| {name} | {ratio:.2f}x | {n:,.0f} | {r['steps']} | {cell}"
+                     f"{' (its end: it trained fewer)' if n > r['steps'] else ''} |")
+    return lines
 
 
 def main() -> None:
     ap = experiment_parser(__doc__, 1400, "runs/chunking", list(VARIANTS))
     ap.add_argument("--code", action="store_true", help="on the standard library's sources (see above)")
+    ap.add_argument("--bench", help="a `python -m bench.bench_chunking --json` file: add the equal-wall-time "
+                                    "table")
     ap.add_argument("--rematch", action="store_true",
                     help="train again the rows whose total FLOPs are more than 2%% off dense's")
     a = ap.parse_args()
@@ -232,7 +262,7 @@ def main() -> None:
         print(f"   {r['steps']} steps, {r['wall_s']:.0f} s; bits/byte {r['row']['val_bpc']:.4f}", flush=True)
     results = finished(root, VARIANTS)
     write_tables(Path(a.docs) / f"chunking_{a.steps}{suffix.replace('-', '_')}", results,
-                 report(results, a.steps, a.code))
+                 report(results, a.steps, a.code, json.loads(Path(a.bench).read_text()) if a.bench else None))
     plot(results, Path(a.docs).parent, suffix.replace("-", "_"))
 
 
