@@ -90,9 +90,9 @@ def config(name: str, steps: int, code: bool = False) -> RunConfig:
 
 
 def per_byte(r: dict) -> float:
-    """Validation bits per byte of a result (a token row's bits per character times the
-    validation text's characters per byte)."""
-    return r["row"]["val_bpc"] * r.get("chars_per_byte", 1.0)
+    """Validation bits per byte of a result (a row scored per character: its bits per
+    character times the validation text's characters per byte)."""
+    return r["row"]["val_bpc"] * (r.get("chars_per_byte", 1.0) if r["row"].get("unit") == "char" else 1.0)
 
 
 def chars_per_byte(cfg: RunConfig) -> float:
