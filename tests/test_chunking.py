@@ -215,24 +215,6 @@ def test_growth_keeps_the_chunks_and_the_logits() -> None:
     torch.testing.assert_close(grown(x, [0])[0], model(x, [0])[0], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("sets, message", [
-    (["tokenizer=byte", "vocab_size=256", "chunking=learned"], "set concept_read=add"),
-    (["chunking=space", "concept_read=add"], "chunking space reads UTF-8 bytes"),
-    (["concept_encoder=1"], "concept_encoder needs a variable chunking"),
-    (["chunking=learned", "concept_read=add", "concept_encoder=2"], "leaves no unit-level block"),
-    (["chunking=learned", "concept_read=add", "chunk_size=0.5"], "chunk_size needs >= 1"),
-    (["chunking=bpe"], "chunking must be one of"),
-    (["concept_encoder=-2"], "concept_encoder needs -1"),
-])
-def test_bad_chunking_configs_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture,
-                                                  sets: list[str], message: str) -> None:
-    args = [a for s in sets for a in ("--set", s)]
-    out = tmp_path / "run"
-    code, _, err = run_cli(capsys, "train", *TINY_CONCEPT, *args, "--out", out)
-    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
-    assert not out.exists()
-
-
 def canary(tmp_path: Path, sets: list[str]) -> float:
     """Validation loss after training on uniform random letters."""
     gen = torch.Generator().manual_seed(5)

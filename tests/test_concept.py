@@ -284,6 +284,14 @@ def test_a_new_model_starts_as_the_dense_gpt(name: str) -> None:
     (["token_window=4", "concept_share=true"], "token_window needs family gpt, or concept with separate"),
     (["family=fractal", "levels=2", "token_window=4"], "token_window needs family gpt"),
     (["levels=2"], "levels must be 1"),
+    # variable chunks
+    (["tokenizer=byte", "vocab_size=256", "chunking=learned"], "set concept_read=add"),
+    (["chunking=space", "concept_read=add"], "chunking space reads UTF-8 bytes"),
+    (["concept_encoder=1"], "concept_encoder needs a variable chunking"),
+    (["chunking=learned", "concept_read=add", "concept_encoder=2"], "leaves no unit-level block"),
+    (["chunking=learned", "concept_read=add", "chunk_size=0.5"], "chunk_size needs >= 1"),
+    (["chunking=bpe"], "chunking must be one of"),
+    (["concept_encoder=-2"], "concept_encoder needs -1"),
 ])
 def test_bad_concept_configs_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                 sets: list[str], message: str) -> None:
