@@ -25,23 +25,13 @@ from pathlib import Path
 import torch
 
 import fractalformer
+from bench.bench_concept import decode
 from fractalformer.data.corpus import as_tensor, batch_generator, get_batch
-from fractalformer.nn.decode import frozen_weights
 from fractalformer.runs import prepare_data
 from fractalformer.train.losses import training_loss
 from harness import machine, script_parser, timeit
 
 FLAT = ("dense_byte", "dense_byte_l2")  # the flat byte transformers decoding is compared with
-
-
-@torch.no_grad()
-def decode(model: torch.nn.Module, prompt: torch.Tensor, tokens: int) -> None:
-    """Greedy decoding as ``generate`` runs it: weights frozen for the generation."""
-    caches = model.new_cache(prompt.shape[0])
-    with frozen_weights():
-        logits = model(prompt, [0], caches)[0][0]
-        for _ in range(tokens):
-            logits = model(logits[:, -1].argmax(-1, keepdim=True), [0], caches)[0][0]
 
 
 def train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:

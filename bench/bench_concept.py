@@ -44,14 +44,19 @@ def model_of(preset: str, sets: list[str]) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def decode(model: torch.nn.Module, batch: int, tokens: int) -> None:
-    """Greedy decoding as ``generate`` runs it: weights frozen for the generation."""
-    prompt = torch.randint(0, model.config.vocab_size, (batch, 16))
-    caches = model.new_cache(batch)
+def decode(model: torch.nn.Module, prompt: torch.Tensor, tokens: int) -> None:
+    """Greedy decoding of ``tokens`` after ``prompt`` (B, T) as ``generate`` runs it: weights
+    frozen for the generation."""
+    caches = model.new_cache(prompt.shape[0])
     with frozen_weights():
         logits = model(prompt, [0], caches)[0][0]
         for _ in range(tokens):
             logits = model(logits[:, -1].argmax(-1, keepdim=True), [0], caches)[0][0]
+
+
+def prompt(model: torch.nn.Module, batch: int) -> torch.Tensor:
+    """A random 16-unit prompt for each of ``batch`` rows."""
+    return torch.randint(0, model.config.vocab_size, (batch, 16))
 
 
 def train_step(model: torch.nn.Module, batch: int, block: int) -> None:
@@ -89,8 +94,8 @@ def main() -> None:
     for batch in (1, 16):
         t_d, t_c = [], []
         for _ in range(a.rounds):  # interleaved, so the machine's drift hits both alike
-            t_d.append(timeit(lambda b=batch: decode(dense, b, a.tokens), a.repeat, 1))
-            t_c.append(timeit(lambda b=batch: decode(concept, b, a.tokens), a.repeat, 1))
+            t_d.append(timeit(lambda b=batch: decode(dense, prompt(dense, b), a.tokens), a.repeat, 1))
+            t_c.append(timeit(lambda b=batch: decode(concept, prompt(concept, b), a.tokens), a.repeat, 1))
         ratios = sorted(d / c for d, c in zip(t_d, t_c, strict=True))
         row = {"dense_tok_s": batch * a.tokens / statistics.median(t_d),
                "concept_tok_s": batch * a.tokens / statistics.median(t_c),

@@ -77,12 +77,13 @@ def reach_forward(model: ConceptGPT, idx: torch.Tensor) -> tuple[torch.Tensor, t
     return model.head({0: out})[0], aux if aux is not None else torch.zeros(())
 
 
-def logits_and_aux(model: torch.nn.Module, x: torch.Tensor, reach: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def logits_and_aux(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, reach: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     if reach:
         lg, aux = reach_forward(model, x)
         return lg[0], aux
     lg = model(x, [0])[0][0][:, -CHUNK:]
-    aux = family_loss(model, x)
+    aux = family_loss(model, y)
     return lg, aux if aux is not None else torch.zeros(())
 
 
@@ -101,7 +102,7 @@ def run_one(name: str, steps: int) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg) * g.get("lr_scale", 1.0)
         x, y = get_batch(corpus.train, 16, ctx, batch_generator(cfg.train.seed, step))
-        lg, aux = logits_and_aux(model, x, reach)
+        lg, aux = logits_and_aux(model, x, y, reach)
         loss = F.cross_entropy(lg.flatten(0, 1).float(), y[:, -CHUNK:].flatten())
         opt.zero_grad(set_to_none=True)
         (loss + aux).backward()
@@ -119,7 +120,7 @@ def run_one(name: str, steps: int) -> dict:
             lo = s + CHUNK - ctx
             x = torch.as_tensor(val[lo: s + CHUNK]).long()[None]
             y = torch.as_tensor(val[s + 1: s + CHUNK + 1]).long()
-            lg, _ = logits_and_aux(model, x, reach)
+            lg, _ = logits_and_aux(model, x, y[None], reach)
             total += F.cross_entropy(lg[0].float(), y, reduction="sum").item()
             count += CHUNK
     nats = total / count
