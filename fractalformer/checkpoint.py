@@ -72,7 +72,12 @@ def tensor_sha256(name: str, t: torch.Tensor) -> str:
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> None:
     """Safetensors with checksums in its metadata: of the whole contents (checked by
     ``load_tensors``) and of each tensor (checked by ``read_sub_model``, which reads a few)."""
-    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    cpu, seen = {}, set()
+    for k, v in tensors.items():
+        t = v.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        cpu[k] = t.clone() if ptr in seen else t  # a tied tensor is written under each of its names
+        seen.add(ptr)
     per = {k: tensor_sha256(k, v) for k, v in cpu.items()}
     meta = {**(meta or {}), "sha256": tensors_sha256(cpu), "tensors_sha256": json.dumps(per, sort_keys=True)}
     atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=meta))

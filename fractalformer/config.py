@@ -145,6 +145,14 @@ class MoEConfig(Section):
     fhme_depth: int = key(3, "sub-blocks per fractal expert")
     fhme_adaptive: bool = key(True, "learned per-token halting (ACT); false: always full depth")
     halt_penalty: float = key(0.1, "weight of the ponder cost (mean sub-blocks run / depth)")
+    shared: bool = key(False, "peer / pkm: one expert (value) table for every sparse layer, each layer "
+                              "keeping its own query and keys (Memory Layers at Scale)", flat="moe_shared")
+    gated: bool = key(False, "peer / pkm: multiply the layer's output by silu(W x) of its own input, per "
+                             "token (Memory+)", flat="moe_gated")
+    usage_weight: float = key(0.0, "weight of the usage loss: KL from uniform of each row's mean "
+                                   "sub-key softmax, per layer, head and half (0: none)")
+    rekey_every: int = key(0, "every this many training steps, re-draw the sub-keys no selected expert "
+                              "used since the last time (0: never)")
 
     def layer_indices(self, n_layer: int) -> list[int]:
         """Indices of the layers whose MLP is the sparse layer (none without one)."""
@@ -156,7 +164,9 @@ class MoEConfig(Section):
         if self.kind == "none":
             raise FractalError("family moe needs a sparse layer: set moe to peer, pkm or fhme")
         _positive(self, "n_experts", "heads", "topk", "key_dim", "fhme_depth")
-        _nonnegative(self, "halt_penalty")
+        _nonnegative(self, "halt_penalty", "usage_weight", "rekey_every")
+        if self.kind == "fhme" and (self.shared or self.gated):
+            raise FractalError("moe_shared and moe_gated apply to peer and pkm layers, not fhme")
         n = math.isqrt(self.n_experts)
         if n * n != self.n_experts:
             raise FractalError(f"n_experts must be a perfect square (product keys: sqrt(N) sub-keys per "

@@ -187,7 +187,8 @@ def test_a_flat_old_config_json_loads_as_the_same_config(name: str, preset: str,
     assert "n_experts" in old["model"] and "nesting" not in old["model"]  # the flat form
     model_keys = {k.flat for k in config_keys() if k.part == "model"}
     assert set(old["model"]) <= model_keys  # flat names kept
-    newer = {"chunking", "concept_encoder", "chunk_size", "chunk_weight"}
+    newer = {"chunking", "concept_encoder", "chunk_size", "chunk_weight", "moe_shared", "moe_gated",
+             "usage_weight", "rekey_every"}
     assert model_keys - set(old["model"]) == newer
     train_keys = {k.flat for k in config_keys() if k.part == "train"}
     assert set(old["train"]) <= train_keys
@@ -262,7 +263,7 @@ def test_model_configs_from_keys_share_nothing() -> None:
     b.nesting.level_weights[0] = 5.0
     assert (a.nesting.glue_rank, a.nesting.level_weights[0], b.nesting.glue_rank) == (0, 1.0, 2)
     assert ModelConfig.of(**{"moe.n_experts": 16}).moe.n_experts == 16
-    assert a.flat_values()["levels"] == 3 and len(a.flat_values()) == 49
+    assert a.flat_values()["levels"] == 3 and len(a.flat_values()) == 53
 
 
 def test_of_and_replace_take_flat_names_and_whole_sections() -> None:

@@ -105,9 +105,13 @@ def test_gradients_reach_only_selected_rows_and_used_sub_keys(layer_cls: type) -
             assert touched and touched <= set(used[:, h].flatten().tolist())
 
 
-@pytest.mark.parametrize("moe", ["peer", "pkm", "fhme"])
-def test_causal_and_batch_independent_in_train_mode(moe: str) -> None:
-    model = tiny_model(moe).train()
+COLLAPSE_FIXES = {"moe_shared": "true", "moe_gated": "true", "usage_weight": 0.1, "rekey_every": 2}
+
+
+@pytest.mark.parametrize("moe, kw", [("peer", {}), ("pkm", {}), ("fhme", {}), ("peer", COLLAPSE_FIXES),
+                                     ("pkm", COLLAPSE_FIXES)])
+def test_causal_and_batch_independent_in_train_mode(moe: str, kw: dict) -> None:
+    model = tiny_model(moe, **kw).train()
     x = torch.randint(0, 128, (3, 16))
     ref = model(x)[0][0]
     for t in (0, 7, 14):
@@ -267,6 +271,91 @@ class layer_stats:
         self.layer.stats = None
 
 
+def test_usage_kl_is_zero_when_spread_and_positive_when_peaked() -> None:
+    from fractalformer.nn.product_keys import usage_kl
+
+    flat = torch.zeros(2, 5, 3, 16)  # (B, T, h, n): every sub-key equally likely
+    assert float(usage_kl(flat)) == pytest.approx(0.0, abs=1e-7)
+    peaked = flat.clone()
+    peaked[..., 0] = 20.0  # every query of every row on sub-key 0
+    assert float(usage_kl(peaked)) == pytest.approx(math.log(16), rel=1e-3)
+    # per row: two rows that each spread over half the keys are judged row by row
+    halves = torch.full((2, 4, 1, 16), -30.0)
+    halves[0, ..., :8] = 0.0
+    halves[1, ..., 8:] = 0.0
+    assert float(usage_kl(halves)) == pytest.approx(math.log(2), rel=1e-4)
+
+
+def test_training_loss_adds_the_usage_loss_and_it_reaches_the_keys() -> None:
+    model = tiny_model("peer", usage_weight=0.5, moe_layers="0,1").train()
+    x = torch.randint(0, 128, (2, 16))
+    loss, sub = training_loss(model, model(x), x)
+    balance = torch.stack([r.keys.balance for r in model.routers().values()])
+    assert (balance > 0).all()
+    torch.testing.assert_close(loss, (model.weights * sub).sum() + 0.5 * balance.mean())
+    model.zero_grad()
+    (0.5 * balance.mean()).backward()
+    keys = model.routers()[0].keys
+    assert keys.sub_keys.grad.abs().sum() > 0 and keys.query.weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        loss, sub = training_loss(model, model(x), x)
+    torch.testing.assert_close(loss, (model.weights * sub).sum())
+
+
+def test_rekey_redraws_only_dead_sub_keys_next_to_used_ones() -> None:
+    keys = ProductKeys(8, 256, heads=2, topk=2, key_dim=8, count=True).train()
+    keys(torch.randn(3, 2, 8))  # 6 tokens x 2 experts: most of the 16 sub-keys per half go unused
+    used = keys.used.clone()
+    assert used.sum() == 2 * 2 * 6 * 2  # halves x heads x tokens x top-k
+    before = keys.sub_keys.detach().clone()
+    dead = keys.rekey(torch.Generator().manual_seed(0))
+    assert torch.equal(dead, used == 0) and dead.any() and (~dead).any()
+    after = keys.sub_keys.detach()
+    assert torch.equal(after[~dead], before[~dead]) and not torch.equal(after[dead], before[dead])
+    std = 1 / math.sqrt(4)
+    for half in range(2):
+        for h in range(2):
+            live = before[half, h][~dead[half, h]]
+            for row in after[half, h][dead[half, h]]:  # a copy of a used key, plus 0.1 x init noise
+                assert (live - row).norm(dim=-1).min() < 0.1 * std * 6
+    assert keys.used.sum() == 0
+    keys.eval()
+    keys(torch.randn(3, 2, 8))
+    assert keys.used.sum() == 0  # only training selections count
+
+
+def test_shared_tables_are_one_parameter_through_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture
+                                                              ) -> None:
+    import fractalformer
+
+    alone, shared = tiny_model("peer"), tiny_model("peer", moe_shared="true")
+    layers = list(shared.sparse_layers().values())
+    assert all(m.up is layers[0].up and m.down is layers[0].down for m in layers)
+    assert all(m.keys is not layers[0].keys for m in layers[1:])
+    table = 2 * 256 * shared.config.d_model
+    assert alone.num_params() - shared.num_params() == (len(layers) - 1) * table
+    out = tmp_path / "run"
+    assert run_cli(capsys, "train", *TINY_MOE, "--set", "moe_shared=true", "--max-steps", "3",
+                   "--out", out)[0] == 0
+    model = fractalformer.load(out).model
+    layers = list(model.sparse_layers().values())
+    assert all(m.up is layers[0].up for m in layers)
+    x = torch.randint(0, 128, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[0][0], fractalformer.load(out).model(x)[0][0])
+
+
+@pytest.mark.slow
+def test_rekey_in_training_is_logged_and_resumes_exactly(tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    args = [*TINY_MOE, "--set", "rekey_every=2", "--max-steps", "6", "--set", "ckpt_every=3"]
+    assert_resume_is_exact(capsys, tmp_path, *args)
+    rows = [json.loads(line) for line in (tmp_path / "straight" / "rekey.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4]
+    assert all(0 <= v < 1 for r in rows for v in r["redrawn"].values())
+
+
 def test_table_group_has_own_lr_and_no_decay() -> None:
     model = tiny_model("pkm")
     cfg = build_config("tiny", None, ["family=moe", "moe=pkm", "table_lr=0.01", "lr=0.002", "min_lr=0"])
@@ -331,6 +420,9 @@ def test_analyze_draws_the_expert_usage(fhme_run: Path, excerpt: Path, capsys: p
     (["moe=none"], "needs a sparse layer"),
     (["family=fractal", "levels=3", "moe=peer"], "cannot nest"),
     (["levels=2"], "levels must be 1"),
+    (["moe=fhme", "moe_shared=true"], "apply to peer and pkm"),
+    (["usage_weight=-1"], "usage_weight must not be negative"),
+    (["rekey_every=-2"], "rekey_every must not be negative"),
 ])
 def test_bad_moe_configs_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture,
                                             sets: list[str], message: str) -> None:

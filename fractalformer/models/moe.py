@@ -50,8 +50,9 @@ class FHME(nn.Module):
     def __init__(self, cfg: ModelConfig, out_std: float) -> None:
         super().__init__()
         d, n, depth = cfg.d_model, cfg.moe.n_experts, cfg.moe.fhme_depth
-        self.router = PEER(d, n, cfg.moe.heads, cfg.moe.topk, cfg.moe.key_dim, cfg.moe.gate,
-                           cfg.moe.query_norm, cfg.moe.sparse, out_std)
+        m = cfg.moe
+        self.router = PEER(d, n, m.heads, m.topk, m.key_dim, m.gate, m.query_norm, m.sparse, out_std,
+                           usage=m.usage_weight > 0, count=m.rekey_every > 0)
         # the router's own up/down tables are sub-block 0; deeper sub-blocks get their own
         self.up = nn.ParameterList(mark_table(nn.Parameter(torch.empty(n, d))) for _ in range(depth - 1))
         self.down = nn.ParameterList(mark_table(nn.Parameter(torch.empty(n, d))) for _ in range(depth - 1))
@@ -73,8 +74,8 @@ class FHME(nn.Module):
 
     def forward(self, x: torch.Tensor, level: int = 0) -> torch.Tensor:
         shape = x.shape
-        x = x.reshape(-1, shape[-1])
         idx, g = self.router.route(x)  # counted by the router when usage is tracked
+        x = x.reshape(-1, shape[-1])
         tables = [(self.router.up, self.router.down), *zip(self.up, self.down, strict=True)]
         sparse = self.router.sparse
         t = x.shape[0]
@@ -126,13 +127,20 @@ class FHME(nn.Module):
 
 
 def _sparse_layer(c: ModelConfig, out_std: float) -> nn.Module:
-    if c.moe.kind == "peer":
-        return PEER(c.d_model, c.moe.n_experts, c.moe.heads, c.moe.topk, c.moe.key_dim, c.moe.gate,
-                    c.moe.query_norm, c.moe.sparse, out_std)
-    if c.moe.kind == "pkm":
-        return PKM(c.d_model, c.moe.n_experts, c.moe.heads, c.moe.topk, c.moe.key_dim, c.moe.gate,
-                   c.moe.query_norm, c.moe.sparse, out_std)
-    return FHME(c, out_std)
+    m = c.moe
+    if m.kind == "fhme":
+        return FHME(c, out_std)
+    layer = {"peer": PEER, "pkm": PKM}[m.kind]
+    return layer(c.d_model, m.n_experts, m.heads, m.topk, m.key_dim, m.gate, m.query_norm, m.sparse,
+                 out_std, gated=m.gated, usage=m.usage_weight > 0, count=m.rekey_every > 0)
+
+
+def _share_tables(layers: list[nn.Module]) -> None:
+    """``moe_shared``: every layer reads the first one's expert (value) table, tied as an
+    embedding and its output head are; each keeps its own query, keys and gate."""
+    for layer in layers[1:]:
+        for name in ("up", "down") if isinstance(layer, PEER) else ("values",):
+            setattr(layer, name, getattr(layers[0], name))
 
 
 class WithMLP(nn.Module):
@@ -199,6 +207,11 @@ class MoEGPT(GPT):
         sparse = _sparse_layer(c, c.init_std / math.sqrt(2 * c.n_layer))
         return WithMLP(super().make_mlp(layer), sparse) if c.moe.with_mlp else sparse
 
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        if cfg.moe.shared:
+            _share_tables(list(self.sparse_layers().values()))
+
     def sparse_layers(self) -> dict[int, nn.Module]:
         """Layer index -> its sparse module (PEER, PKM or FHME)."""
         out = {}
@@ -206,6 +219,10 @@ class MoEGPT(GPT):
             m = self.blocks[i].mlp
             out[i] = m.sparse if isinstance(m, WithMLP) else m
         return out
+
+    def routers(self) -> dict[int, PEER | PKM]:
+        """Layer index -> the module that routes its tokens (an FHME layer's router)."""
+        return {i: m.router if isinstance(m, FHME) else m for i, m in self.sparse_layers().items()}
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
@@ -215,21 +232,21 @@ class MoEGPT(GPT):
     @contextlib.contextmanager
     def track_usage(self) -> Iterator[Usage]:
         """Count expert selections, gate mass and (FHME) sub-blocks run inside the block."""
-        layers = self.sparse_layers()
+        layers, routers = self.sparse_layers(), self.routers()
         device = self.embed.weight.device
         tracked = {}
         for i, m in layers.items():
             stats = SparseStats(self.config.moe.n_experts, device)
             counts = [0, 0] if isinstance(m, FHME) else None
-            (m.router if isinstance(m, FHME) else m).stats = stats
+            routers[i].stats = stats
             if isinstance(m, FHME):
                 m.counts = counts
             tracked[i] = (stats, counts, getattr(m, "depth", 1))
         try:
             yield Usage(tracked)
         finally:
-            for m in layers.values():
-                (m.router if isinstance(m, FHME) else m).stats = None
+            for i, m in layers.items():
+                routers[i].stats = None
                 if isinstance(m, FHME):
                     m.counts = None
 

@@ -49,7 +49,8 @@ class ProductKeys(nn.Module):
     """Query network and product-key top-k: ``x -> (scores, indices)`` of shape (..., h, k)."""
 
     def __init__(self, d_in: int, n_keys: int, heads: int, topk: int, key_dim: int,
-                 query_norm: QueryNorm = "rms", eps: float = 1e-6) -> None:
+                 query_norm: QueryNorm = "rms", eps: float = 1e-6, usage: bool = False,
+                 count: bool = False) -> None:
         super().__init__()
         n = math.isqrt(n_keys)
         if n * n != n_keys:
@@ -65,6 +66,11 @@ class ProductKeys(nn.Module):
         self.eps = eps
         # (2 halves, heads, n sub-keys, key_dim / 2)
         self.sub_keys = nn.Parameter(torch.empty(2, heads, n, key_dim // 2))
+        self.usage = usage
+        self.balance: torch.Tensor | None = None  # usage loss of the last training forward
+        # selections per (half, head, sub-key) in training since the last rekey (count=True),
+        # saved with the weights so that a resumed run re-draws what an unbroken one would
+        self.register_buffer("used", torch.zeros(2, heads, n, dtype=torch.long) if count else None)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -93,8 +99,48 @@ class ProductKeys(nn.Module):
         v2, i2 = s2.topk(k, dim=-1)
         sums = (v1.unsqueeze(-1) + v2.unsqueeze(-2)).flatten(-2)  # (..., h, k*k)
         scores, best = sums.topk(k, dim=-1)
-        idx = i1.gather(-1, best // k) * self.n + i2.gather(-1, best % k)
-        return scores, idx
+        j1, j2 = i1.gather(-1, best // k), i2.gather(-1, best % k)
+        if self.training:
+            self.balance = usage_kl(s1, s2) if self.usage else None
+            if self.used is not None:
+                for half, j in enumerate((j1, j2)):
+                    per_head = j.detach().movedim(-2, 0).reshape(self.heads, -1)
+                    self.used[half].scatter_add_(1, per_head, torch.ones_like(per_head))
+        return scores, j1 * self.n + j2
+
+    @torch.no_grad()
+    def rekey(self, generator: torch.Generator, noise: float = 0.1) -> torch.Tensor:
+        """Re-draw every sub-key no selection used since the last call as a copy of a used
+        one of its head and half (drawn in proportion to use) plus ``noise`` times the init
+        scale: the crowded key is split, the dead one moves to where queries are. Returns the
+        (2, h, n) mask of re-drawn sub-keys and restarts the counts."""
+        if self.used is None:
+            raise ValueError("rekey needs the selection counts (count=True)")
+        dead = self.used == 0
+        flat_used, flat_dead = self.used.flatten(0, 1).double(), dead.flatten(0, 1)
+        keys = self.sub_keys.data.flatten(0, 1)  # (2h, n, dk/2), a view
+        std = 1 / math.sqrt(self.key_dim // 2)
+        for r in range(keys.shape[0]):
+            n_dead = int(flat_dead[r].sum())
+            if not n_dead or n_dead == self.n:
+                continue
+            src = torch.multinomial(flat_used[r].cpu(), n_dead, replacement=True, generator=generator)
+            fresh = torch.randn(n_dead, keys.shape[-1], generator=generator) * (noise * std)
+            keys[r, flat_dead[r]] = keys[r, src.to(keys.device)] + fresh.to(keys)
+        self.used.zero_()
+        return dead
+
+
+def usage_kl(*scores: torch.Tensor) -> torch.Tensor:
+    """Mean over rows, heads and halves of KL(row mean of softmax(scores) || uniform): zero
+    when a row's queries spread over all sub-keys. Each (B, T, h, n) score tensor is averaged
+    over its positions T, so a row's loss is its own whatever the number of processes."""
+    out = []
+    for s in scores:
+        p = widen(s).softmax(-1)
+        mean = p.mean(-3) if p.dim() >= 3 else p  # (B, h, n)
+        out.append((mean * (mean * mean.shape[-1]).clamp_min(1e-30).log()).sum(-1).mean())
+    return torch.stack(out).mean()
 
 
 def gate(scores: torch.Tensor, kind: Gate) -> torch.Tensor:
@@ -234,19 +280,33 @@ class _Retrieval(nn.Module):
     """What PEER and PKM share: product keys, the gate, the sparse-gradient switch, counts."""
 
     def __init__(self, d_model: int, n_keys: int, heads: int, topk: int, key_dim: int, gate: Gate,
-                 query_norm: QueryNorm, sparse: bool, out_std: float) -> None:
+                 query_norm: QueryNorm, sparse: bool, out_std: float, gated: bool = False,
+                 usage: bool = False, count: bool = False) -> None:
         super().__init__()
-        self.keys = ProductKeys(d_model, n_keys, heads, topk, key_dim, query_norm)
+        self.keys = ProductKeys(d_model, n_keys, heads, topk, key_dim, query_norm, usage=usage, count=count)
         self.gate_kind, self.sparse, self.out_std = gate, sparse, out_std
+        # Memory+ (Memory Layers at Scale): the output times silu(W x), per token
+        self.out_gate = nn.Linear(d_model, d_model, bias=False) if gated else None
         self.stats: SparseStats | None = None  # set by the model to count usage
 
+    def reset_parameters(self) -> None:
+        self.keys.reset_parameters()
+        if self.out_gate is not None:
+            nn.init.normal_(self.out_gate.weight, std=1 / math.sqrt(self.out_gate.in_features))
+
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Routing of (T, d): indices and gate weights, both (T, h*k)."""
+        """Routing of (..., d): indices and gate weights, both (tokens, h*k). Leading dims
+        (B, T) let the usage loss take each row on its own."""
         scores, idx = self.keys(x)
-        idx, g = idx.flatten(-2), gate(scores, self.gate_kind).flatten(-2)
+        idx, g = idx.flatten(-2).flatten(0, -2), gate(scores, self.gate_kind).flatten(-2).flatten(0, -2)
         if self.stats is not None:
             self.stats.add(idx, g)
         return idx, g
+
+    def output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The layer's output for input ``x`` (..., d) from the read-out ``out`` (tokens, d)."""
+        out = out.view(x.shape).type_as(x)
+        return out if self.out_gate is None else out * F.silu(self.out_gate(x))
 
 
 class PEER(_Retrieval):
@@ -258,21 +318,22 @@ class PEER(_Retrieval):
 
     def __init__(self, d_model: int, n_experts: int, heads: int, topk: int, key_dim: int,
                  gate: Gate = "softmax", query_norm: QueryNorm = "rms", sparse: bool = False,
-                 out_std: float = 0.02) -> None:
-        super().__init__(d_model, n_experts, heads, topk, key_dim, gate, query_norm, sparse, out_std)
+                 out_std: float = 0.02, gated: bool = False, usage: bool = False,
+                 count: bool = False) -> None:
+        super().__init__(d_model, n_experts, heads, topk, key_dim, gate, query_norm, sparse, out_std,
+                         gated, usage, count)
         self.up = mark_table(nn.Parameter(torch.empty(n_experts, d_model)))
         self.down = mark_table(nn.Parameter(torch.empty(n_experts, d_model)))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        self.keys.reset_parameters()
+        super().reset_parameters()
         nn.init.normal_(self.up, std=1 / math.sqrt(self.up.shape[1]))  # u . x ~ N(0, 1) on normed x
         nn.init.normal_(self.down, std=self.out_std)
 
     def forward(self, x: torch.Tensor, level: int = 0) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        idx, g = self.route(flat)
-        return experts(flat, idx, g, self.up, self.down, self.sparse).view(x.shape).type_as(x)
+        idx, g = self.route(x)
+        return self.output(x, experts(x.reshape(-1, x.shape[-1]), idx, g, self.up, self.down, self.sparse))
 
 
 class PKM(_Retrieval):
@@ -280,15 +341,17 @@ class PKM(_Retrieval):
 
     def __init__(self, d_model: int, n_keys: int, heads: int, topk: int, key_dim: int,
                  gate: Gate = "softmax", query_norm: QueryNorm = "rms", sparse: bool = False,
-                 out_std: float = 0.02) -> None:
-        super().__init__(d_model, n_keys, heads, topk, key_dim, gate, query_norm, sparse, out_std)
+                 out_std: float = 0.02, gated: bool = False, usage: bool = False,
+                 count: bool = False) -> None:
+        super().__init__(d_model, n_keys, heads, topk, key_dim, gate, query_norm, sparse, out_std,
+                         gated, usage, count)
         self.values = mark_table(nn.Parameter(torch.empty(n_keys, d_model)))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        self.keys.reset_parameters()
+        super().reset_parameters()
         nn.init.normal_(self.values, std=self.out_std)
 
     def forward(self, x: torch.Tensor, level: int = 0) -> torch.Tensor:
-        idx, g = self.route(x.reshape(-1, x.shape[-1]))
-        return read(idx, g, self.values, self.sparse).view(x.shape).type_as(x)
+        idx, g = self.route(x)
+        return self.output(x, read(idx, g, self.values, self.sparse))

@@ -6,13 +6,19 @@ host at those steps (every rank takes part) and then calls it with the training 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+import torch
+import torch.distributed as dist
+
 from .. import hierarchy
-from ..config import TrainConfig
+from ..config import RunConfig, TrainConfig
 from ..data.tokenizers import Tokenizer
+from ..errors import FractalError
+from ..models import MoEGPT
 from .losses import group_targets
 
 if TYPE_CHECKING:
@@ -47,6 +53,47 @@ class Recluster:
             hierarchy.log_clustering(self.out, step, groups, self.tok, t.cluster_method)
 
 
-def callbacks(train: TrainConfig, tok: Tokenizer, out: Path, main: bool) -> list[Callback]:
+@dataclass
+class Rekey:
+    """Dead sub-keys: every ``rekey_every`` steps each product-key layer re-draws the sub-keys
+    no selected expert used since the last time near used ones
+    (``nn.product_keys.ProductKeys.rekey``), and their optimizer moments restart. Ranks sum
+    their counts and draw from ``(seed, step)``, so every process re-draws the same keys."""
+
+    cfg: RunConfig
+    main: bool
+    out: Path
+
+    def due(self, step: int) -> bool:
+        return step % self.cfg.model.moe.rekey_every == 0 and step < self.cfg.train.max_steps
+
+    def __call__(self, training: Training, step: int) -> None:
+        if training.sharded:
+            raise FractalError("rekey_every needs whole parameters: use parallel=ddp")
+        gen = torch.Generator().manual_seed(self.cfg.train.seed * 15_485_863 + step)
+        model = training.model
+        if not isinstance(model, MoEGPT):
+            return
+        redrawn = {}
+        for i, r in model.routers().items():
+            keys = r.keys
+            if dist.is_initialized():
+                dist.all_reduce(keys.used)
+            dead = keys.rekey(gen)
+            for moment in training.optimizer.state.get(keys.sub_keys, {}).values():
+                if torch.is_tensor(moment) and moment.shape == keys.sub_keys.shape:
+                    moment[dead] = 0
+            redrawn[str(i)] = float(dead.double().mean())
+        if self.main:
+            with (self.out / "rekey.jsonl").open("a") as f:
+                f.write(json.dumps({"step": step, "redrawn": redrawn}) + "\n")
+
+
+def callbacks(cfg: RunConfig, tok: Tokenizer, out: Path, main: bool) -> list[Callback]:
     """The callbacks a run's config asks for."""
-    return [Recluster(train, tok, out, main)] if train.emergent_every else []
+    out_list: list[Callback] = []
+    if cfg.train.emergent_every:
+        out_list.append(Recluster(cfg.train, tok, out, main))
+    if cfg.model.family == "moe" and cfg.model.moe.rekey_every:
+        out_list.append(Rekey(cfg, main, out))
+    return out_list

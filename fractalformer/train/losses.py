@@ -11,7 +11,7 @@ all train on the same objective:
 * self-distillation (``distill``): each smaller sub-model also moves towards the full
   model's detached distribution (KL);
 * the family's own term, from its last training forward: the MoE's ponder cost (FHME
-  adaptive depth) and the concept model's next-concept regression.
+  adaptive depth) and usage loss, the concept model's next-concept regression and chunking.
 """
 
 from __future__ import annotations
@@ -155,7 +155,8 @@ def family_loss(model: GPT, targets: torch.Tensor) -> torch.Tensor | None:
     if not model.training:
         return None
     if isinstance(model, MoEGPT):
-        return ponder_cost(model)
+        terms = [t for t in (ponder_cost(model), usage_loss(model)) if t is not None]
+        return sum(terms[1:], terms[0]) if terms else None
     if isinstance(model, ConceptGPT):
         terms = [t for t in (concept_regression(model, model.last_predictions),
                              chunking_loss(model, model.last_chunks, targets)) if t is not None]
@@ -191,6 +192,16 @@ def ponder_cost(model: MoEGPT) -> torch.Tensor | None:
         return None
     ponders = [m.ponder for m in model.sparse_layers().values() if m.ponder is not None]
     return c.moe.halt_penalty * torch.stack(ponders).mean() if ponders else None
+
+
+def usage_loss(model: MoEGPT) -> torch.Tensor | None:
+    """``usage_weight`` times the sparse layers' mean usage KL (``nn.product_keys.usage_kl``):
+    each row's queries are pushed to spread over all sub-keys, against expert collapse."""
+    w = model.config.moe.usage_weight
+    if not w:
+        return None
+    terms = [r.keys.balance for r in model.routers().values() if r.keys.balance is not None]
+    return w * torch.stack(terms).mean() if terms else None
 
 
 def concept_regression(model: ConceptGPT, predictions: list[Prediction]) -> torch.Tensor | None:

@@ -430,7 +430,7 @@ def _train(cfg: RunConfig, out: Path, resume: bool, stop_after: int | None, prog
     log = (MetricsLog(s.out / "metrics.csv", metric_fields(s.cfg), tensorboard_writer(s.cfg, s.out, s.start))
            if dd.main else contextlib.nullcontext())
     pending: list[tuple[int, float, float, torch.Tensor]] = []
-    scheduled = callbacks(t, s.tok, s.out, dd.main)
+    scheduled = callbacks(s.cfg, s.tok, s.out, dd.main)
     with _StopFlag() as flag, log:
         s.model.train()
         while step < t.max_steps:
