@@ -45,6 +45,7 @@ from fractalformer.models.concept import ConceptGPT
 from fractalformer.runs import prepare_data
 from harness import (
     cached_result,
+    data_sets,
     experiment_parser,
     finished,
     machine,
@@ -78,7 +79,7 @@ def code_data(tokenizer: str) -> list[str]:
     folder = CODE[tokenizer]
     if not (folder / "manifest.json").is_file():
         prepare([STDLIB], tokenizer, folder, split="files", progress=False)
-    return [f"data={folder}", f"tokenizer={tokenizer}", f"vocab_size={4096 if tokenizer != 'byte' else 256}"]
+    return data_sets(folder)
 
 
 def config(name: str, steps: int, code: bool = False) -> RunConfig:

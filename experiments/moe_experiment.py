@@ -24,6 +24,7 @@ import fractalformer
 from fractalformer.config import build_config
 from harness import (
     cached_result,
+    data_sets,
     experiment_parser,
     finished,
     machine,
@@ -43,6 +44,11 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "peer_h1k32": ("peer", ["moe_heads=1", "moe_topk=32"]),
     "peer_h8k4": ("peer", ["moe_heads=8", "moe_topk=4"]),
     "peer_with_mlp": ("peer", ["moe_with_mlp=true"]),
+    "peer_fixes": ("peer", ["moe_shared=true", "moe_gated=true", "usage_weight=0.1", "rekey_every=100"]),
+    "peer_rekey": ("peer", ["rekey_every=100"]),
+    "peer_usage": ("peer", ["usage_weight=0.1"]),
+    "peer_gated": ("peer", ["moe_gated=true"]),
+    "peer_shared": ("peer", ["moe_shared=true"]),
     "fhme": ("fhme", []),
     "fhme_full_depth": ("fhme", ["fhme_adaptive=false"]),
     "fhme_halt_0.01": ("fhme", ["halt_penalty=0.01"]),
@@ -52,7 +58,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 def run_one(name: str, steps: int, root: Path, data: str | None = None) -> dict:
     folder = root / name
     preset, sets = VARIANTS[name]
-    sets = [*sets, *([f"data={data}"] if data else [])]
+    sets = [*sets, *(data_sets(data) if data else [])]
 
     def compute() -> dict:
         cfg = build_config(preset, None, [*sets, f"max_steps={steps}", "sample_tokens=0", "eval_every=100"])

@@ -1,6 +1,6 @@
 """Effective context with the batch held fixed: does reading 1,024 tokens beat reading 256?
 
-    python -m experiments.reach_experiment [--steps 300] [--only NAME ...] [--out runs/reach]
+    python -m experiments.reach_experiment [--steps 300] [--only NAME ...] [--out runs/reach] [--data DIR]
 
 Every run trains on 16 windows a step and scores the *last 256 tokens* of each, so the
 tokens that carry the loss, the places in the text a step sees and the schedule
@@ -11,7 +11,8 @@ for every row; only what the model may read before those 256 tokens changes:
   preset on 256-token windows (the tables' baselines).
 * ``dense1024``: the dense reference with full attention over 1,024 tokens (4x the
   token-level work): the reach any model could exploit, at its plainest.
-* ``reach1024``: the ``concept`` preset over 1,024 tokens at about the 256-token cost. The
+* ``reach1024`` / ``reach4096``: the ``concept`` preset over 1,024 (4,096) tokens at about
+  the 256-token cost. The
   token level and the first concept level run on the last 256-token chunk only (tokens
   read their chunk's plans), the top level (one concept per 16 tokens) runs over all 64
   concepts of the 1,024 tokens, and the chunk's first level reads those plans: the
@@ -20,8 +21,9 @@ for every row; only what the model may read before those 256 tokens changes:
 
 Validation: the whole split in steps of 256 tokens, each scored once with ``ctx - 256``
 tokens before it (the 256-token runs: plain non-overlapping windows); every run skips the
-same first 768 tokens, which the 1,024-token runs need as context.
-Writes ``docs/results/reach_experiment_<steps>.md`` and ``.json``.
+same first tokens, which the longest reach needs as context (768 on TinyShakespeare,
+3,840 on a ``--data`` corpus). Writes ``docs/results/reach_experiment_<steps>[_<DIR's name>].md``
+and ``.json``; ``--data DIR`` trains on a prepared corpus (e.g. the standard library's sources).
 """
 
 from __future__ import annotations
@@ -41,12 +43,17 @@ from fractalformer.models.concept import ConceptCache, ConceptGPT
 from fractalformer.runs import prepare_data
 from fractalformer.train.losses import concept_regression, family_loss
 from fractalformer.train.optim import lr_at, make_optimizer
-from harness import machine, script_parser
+from harness import data_sets, machine, script_parser
 
 CHUNK = 256
-MAX_CTX = 1024
 VARIANTS = {"dense256": ("dense", 256), "shared256": ("concept", 256), "dense1024": ("dense", 1024),
-            "reach1024": ("concept", 1024)}
+            "reach1024": ("concept", 1024), "reach4096": ("concept", 4096)}
+
+
+def skipped(data: str | None) -> int:
+    """Validation tokens every run skips: the context of the longest reach on the corpus
+    (TinyShakespeare: 1,024 tokens; a prepared corpus: 4,096) less the scored chunk."""
+    return (4096 if data else 1024) - CHUNK
 
 
 def reach_forward(model: ConceptGPT, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,12 +94,12 @@ def logits_and_aux(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, rea
     return lg, aux if aux is not None else torch.zeros(())
 
 
-def run_one(name: str, steps: int) -> dict:
+def run_one(name: str, steps: int, data: str | None = None) -> dict:
     preset, ctx = VARIANTS[name]
     reach = name.startswith("reach")
-    cfg = build_config(preset, None, [f"block_size={ctx}", f"max_steps={steps}", "warmup_steps=100",
-                                      "batch_size=16", "concept_share=true"] if preset == "concept" else
-                       [f"block_size={ctx}", f"max_steps={steps}", "warmup_steps=100", "batch_size=16"])
+    sets = [f"block_size={ctx}", f"max_steps={steps}", "warmup_steps=100", "batch_size=16",
+            *(["concept_share=true"] if preset == "concept" else []), *(data_sets(data) if data else [])]
+    cfg = build_config(preset, None, sets)
     _, corpus = prepare_data(cfg)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model).train()
@@ -115,7 +122,7 @@ def run_one(name: str, steps: int) -> dict:
     val, total, count = corpus.val, 0.0, 0
     with torch.no_grad():
         for s in range(0, len(val) - 1 - CHUNK, CHUNK):  # targets s+1 .. s+CHUNK, each once
-            if s < MAX_CTX - CHUNK:
+            if s < skipped(data):
                 continue  # the first windows: too little text before them for the longest reach
             lo = s + CHUNK - ctx
             x = torch.as_tensor(val[lo: s + CHUNK]).long()[None]
@@ -124,7 +131,7 @@ def run_one(name: str, steps: int) -> dict:
             total += F.cross_entropy(lg[0].float(), y, reduction="sum").item()
             count += CHUNK
     nats = total / count
-    return {"name": name, "preset": preset, "ctx": ctx, "steps": steps, "train_s": train_s,
+    return {"name": name, "preset": preset, "ctx": ctx, "steps": steps, "train_s": train_s, "sets": sets,
             "val_nats": nats, "val_bpc": nats / math.log(2) / corpus.val_units_per_token, "tokens": count}
 
 
@@ -134,28 +141,34 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", choices=list(VARIANTS))
     ap.add_argument("--out", default="runs/reach")
     ap.add_argument("--docs", default="docs/results", help="folder of the result tables")
+    ap.add_argument("--data", help="a prepared corpus folder (default: the shipped TinyShakespeare)")
     a = ap.parse_args()
     torch.set_num_threads(1)
-    root = Path(a.out) / f"steps{a.steps}"
+    suffix = f"-{Path(a.data).name}" if a.data else ""
+    root = Path(a.out) / f"steps{a.steps}{suffix}"
     for name in a.only or VARIANTS:
         path = root / f"{name}.json"
         if path.exists():
             continue
         print(f"== {name}", flush=True)
-        r = run_one(name, a.steps)
+        r = run_one(name, a.steps, a.data)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(r, indent=1))
         print(f"   BPC {r['val_bpc']:.4f} ({r['train_s']:.0f} s)", flush=True)
     rows = [json.loads((root / f"{n}.json").read_text()) for n in VARIANTS if (root / f"{n}.json").exists()]
-    lines = [f"# Effective context at a fixed batch ({a.steps} steps)", "",
+    on = f" on {Path(a.data).name}" if a.data else ""
+    lines = [f"# Effective context at a fixed batch ({a.steps} steps{on})", "",
              f"Machine: {machine()}; one thread per run, other runs on the other core (s/step is rough).", "",
-             f"Command: `python -m experiments.reach_experiment --steps {a.steps}`. Every run: 16 windows a "
-             "step, loss on the last 256 tokens of each; validation scores the same 256-token steps.",
+             f"Command: `python -m experiments.reach_experiment --steps {a.steps}"
+             f"{f' --data {a.data}' if a.data else ''}`. Every run: 16 windows a "
+             "step, loss on the last 256 tokens of each; validation scores the same 256-token steps, "
+             f"skipping the first {skipped(a.data):,} tokens. Bits per character (per byte on a byte "
+             "corpus).",
              "", "| run | preset | reads | s/step | val nats/token | bits/char |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['name']} | {r['preset']} | {r['ctx']} | {r['train_s'] / r['steps']:.2f} | "
               f"{r['val_nats']:.4f} | {r['val_bpc']:.4f} |" for r in rows]
-    stem = Path(a.docs) / f"reach_experiment_{a.steps}"
+    stem = Path(a.docs) / f"reach_experiment_{a.steps}{suffix.replace('-', '_')}"
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     stem.with_suffix(".json").write_text(json.dumps(rows, indent=1))
 

@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import fractalformer
 from fractalformer.config import RunConfig
-from fractalformer.data.corpus import batch_generator, get_batch
+from fractalformer.data.corpus import Corpus, batch_generator, get_batch
 from fractalformer.models import build_model
 from fractalformer.runs import prepare_data
 from fractalformer.train import TrainResult, train
@@ -120,6 +120,12 @@ def experiment_parser(doc: str, steps: int, out: str, names: list[str]) -> argpa
     ap.add_argument("--docs", default="docs/results", help="folder of the result tables")
     ap.add_argument("--report", action="store_true", help="only rebuild the table from finished runs")
     return ap
+
+
+def data_sets(folder: str | Path) -> list[str]:
+    """The config keys that train on a prepared corpus: its folder, tokenizer and vocabulary."""
+    tok, _ = Corpus.prepared(str(folder), 2)
+    return [f"data={folder}", f"tokenizer={tok.name}", f"vocab_size={tok.vocab_size}"]
 
 
 def step_flops(cfg: RunConfig, folder: Path | None = None) -> int:
