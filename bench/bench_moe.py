@@ -1,6 +1,6 @@
 """FractalMoE speed and memory against dense layers, as ratios measured in one run.
 
-    python -m bench.bench_moe [--repeat 5] [--markdown]
+    python -m bench.bench_moe [--repeat 5] [--json FILE] [--only layers steps decode]
 
 1. One layer, forward + backward over 16 x 256 tokens at d_model 128: PEER (h 4, k 8) at
    N = 65,536 / 262,144 / 1,048,576 (dense and row-sparse table gradients), PKM, and FHME,
@@ -148,22 +148,31 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--only", nargs="+", choices=["layers", "steps", "decode"],
+                    help="measure only these parts")
     a = ap.parse_args()
     if a.child:
         step_child(a.child[0], a.child[1:], a.repeat)
         return
     print(f"Machine: {machine()}\n")
-    lay, stp, dec = layers(a.repeat), steps(max(2, a.repeat // 2)), decode()
-    print("| layer (fwd+bwd, 4,096 tokens) | active params | ms | dense of equal active, ms | ratio | "
-          "vs GeGLU x4 |\n|---|---|---|---|---|---|")
+    parts = a.only or ["layers", "steps", "decode"]
+    lay = layers(a.repeat) if "layers" in parts else []
+    stp = steps(max(2, a.repeat // 2)) if "steps" in parts else []
+    dec = decode() if "decode" in parts else []
+    if lay:
+        print("| layer (fwd+bwd, 4,096 tokens) | active params | ms | dense of equal active, ms | ratio | "
+              "vs GeGLU x4 |\n|---|---|---|---|---|---|")
     for r in lay:
         print(f"| {r['layer']} | {r['active']:,} | {r['ms']:.1f} | {r.get('equal_dense_ms', r['ms']):.1f} | "
               f"{r.get('vs_equal_dense', 1.0):.2f}x | {r.get('vs_dense_x4', 1.0):.2f}x |")
-    print("\n| training step (16 x 256 tokens) | params | ms | vs dense | peak RSS |\n|---|---|---|---|---|")
+    if stp:
+        print("\n| training step (16 x 256 tokens) | params | ms | vs dense | peak RSS |\n"
+              "|---|---|---|---|---|")
     for r in stp:
         print(f"| {r['model']} | {r['params']:,} | {r['ms']:.0f} | {r['vs_dense']:.2f}x | "
               f"{r['peak_gb']:.2f} GB |")
-    print("\n| batch-1 decode (KV cache) | ms/token | vs dense |\n|---|---|---|")
+    if dec:
+        print("\n| batch-1 decode (KV cache) | ms/token | vs dense |\n|---|---|---|")
     for r in dec:
         print(f"| {r['model']} | {r['ms_per_token']:.2f} | {r['vs_dense']:.2f}x |")
     if a.json:

@@ -544,6 +544,8 @@ class RunConfig:
         if t.freeze != "none" and (m.family != "fractal" or m.nesting.residual != "none"):
             raise FractalError("freeze=children needs a FractalFormer without cross-level residuals "
                                "(family=fractal, residual=none): its level-1 sub-models are the children")
+        if m.family == "moe" and m.moe.rekey_every and t.parallel == "fsdp":
+            raise FractalError("rekey_every edits whole sub-key tables: use parallel=ddp")
         nested = m.family in NESTED and m.nesting.levels > 1
         if (t.sampling != "all" or t.level_grads != "sum") and not nested:
             raise FractalError("sampling and level_grads choose among sub-models: they need a nested model "

@@ -423,6 +423,7 @@ def test_analyze_draws_the_expert_usage(fhme_run: Path, excerpt: Path, capsys: p
     (["moe=fhme", "moe_shared=true"], "apply to peer and pkm"),
     (["usage_weight=-1"], "usage_weight must not be negative"),
     (["rekey_every=-2"], "rekey_every must not be negative"),
+    (["rekey_every=10", "parallel=fsdp"], "use parallel=ddp"),
 ])
 def test_bad_moe_configs_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture,
                                             sets: list[str], message: str) -> None:

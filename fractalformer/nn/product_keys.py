@@ -8,13 +8,18 @@ beaten by ``k`` sums inside), so retrieval is exact at ``O(n)`` cost.
 
 * :class:`PEER` (He 2024, "Mixture of A Million Experts"): every key is a single-neuron
   expert ``act(u_i . x) v_i``; ``h`` heads retrieve ``k`` experts each and the output is
-  the gate-weighted sum. The up vectors are gathered a few tokens at a time (about 8 MiB
-  of rows per chunk) for their dot products; the down vectors are read with
+  the gate-weighted sum. The dot products ``u_i . x`` are a sampled matrix product (only
+  the selected entries of ``x @ U.T``); the down vectors are read with
   ``F.embedding_bag`` and per-sample weights. No (tokens, h*k, d) tensor is ever built.
 * :class:`PKM`: the same retrieval over a table of values, read out with one bag.
 
 The query is normalised per token (RMSNorm or LayerNorm over each head's query).
 BatchNorm, which PEER used, mixes positions and sequences and would break causality.
+
+Against expert collapse (docs/moe.md): an output gate ``silu(W x)`` (Memory+), a usage
+loss on each row's sub-key distribution (:func:`usage_kl`), and sub-keys that no
+selection used re-drawn next to used ones (:meth:`ProductKeys.rekey`); the model can
+also share one table between layers.
 
 Expert and value tables are marked ``table = True`` so the optimizer can give them their
 own group (own lr, no weight decay) or a row-sparse optimizer (``sparse=True`` makes

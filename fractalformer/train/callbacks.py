@@ -17,7 +17,6 @@ import torch.distributed as dist
 from .. import hierarchy
 from ..config import RunConfig, TrainConfig
 from ..data.tokenizers import Tokenizer
-from ..errors import FractalError
 from ..models import MoEGPT
 from .losses import group_targets
 
@@ -68,8 +67,6 @@ class Rekey:
         return step % self.cfg.model.moe.rekey_every == 0 and step < self.cfg.train.max_steps
 
     def __call__(self, training: Training, step: int) -> None:
-        if training.sharded:
-            raise FractalError("rekey_every needs whole parameters: use parallel=ddp")
         gen = torch.Generator().manual_seed(self.cfg.train.seed * 15_485_863 + step)
         model = training.model
         if not isinstance(model, MoEGPT):
