@@ -356,6 +356,31 @@ def test_rekey_in_training_is_logged_and_resumes_exactly(tmp_path: Path,
     assert all(0 <= v < 1 for r in rows for v in r["redrawn"].values())
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_rekey_restarts_the_moments_of_the_redrawn_sub_keys(sparse: bool, tmp_path: Path) -> None:
+    """The callback on a live training state, with AdamW alone or the AdamW + SparseAdam pair."""
+    from fractalformer.train.callbacks import Rekey
+    from fractalformer.train.optim import param_state
+
+    cfg = build_config("tiny", None, ["family=moe", "moe=peer", "n_experts=256", "moe_heads=2", "moe_topk=2",
+                                      "moe_key_dim=16", "rekey_every=1", f"moe_sparse={str(sparse).lower()}"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model).train()
+    opt = make_optimizer(model, cfg)
+    x = torch.randint(0, 128, (1, 6))
+    training_loss(model, model(x), x)[0].backward()
+    opt.step()
+    keys = model.routers()[1].keys
+    moments = [m for m in param_state(opt, keys.sub_keys).values() if m.shape == keys.sub_keys.shape]
+    assert len(moments) == 2 and all(m.abs().sum() > 0 for m in moments)
+    used = keys.used.clone()
+    state = type("State", (), {"model": model, "optimizer": opt})()
+    Rekey(cfg, main=True, out=tmp_path)(state, 1)
+    dead = used == 0
+    assert dead.any() and all((m[dead] == 0).all() and (m[~dead] != 0).any() for m in moments)
+    assert (tmp_path / "rekey.jsonl").is_file()
+
+
 def test_table_group_has_own_lr_and_no_decay() -> None:
     model = tiny_model("pkm")
     cfg = build_config("tiny", None, ["family=moe", "moe=pkm", "table_lr=0.01", "lr=0.002", "min_lr=0"])

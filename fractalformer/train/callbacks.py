@@ -19,6 +19,7 @@ from ..config import RunConfig, TrainConfig
 from ..data.tokenizers import Tokenizer
 from ..models import MoEGPT
 from .losses import group_targets
+from .optim import param_state
 
 if TYPE_CHECKING:
     from .trainer import Training
@@ -77,7 +78,7 @@ class Rekey:
             if dist.is_initialized():
                 dist.all_reduce(keys.used)
             dead = keys.rekey(gen)
-            for moment in training.optimizer.state.get(keys.sub_keys, {}).values():
+            for moment in param_state(training.optimizer, keys.sub_keys).values():
                 if torch.is_tensor(moment) and moment.shape == keys.sub_keys.shape:
                     moment[dead] = 0
             redrawn[str(i)] = float(dead.double().mean())

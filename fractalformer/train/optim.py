@@ -110,6 +110,17 @@ class Frozen:
         self.optimizer.load_state_dict(sd)
 
 
+def param_state(optimizer: torch.optim.Optimizer | Optimizers | Frozen, p: torch.nn.Parameter
+                ) -> dict[str, Any]:
+    """The optimizer's state of ``p`` (its moments; empty before its first step), whichever
+    of the trainer's optimizers holds it."""
+    if isinstance(optimizer, Frozen):
+        return param_state(optimizer.optimizer, p)
+    if isinstance(optimizer, Optimizers):
+        return next((o.state[p] for o in optimizer.optimizers if p in o.state), {})
+    return optimizer.state.get(p, {})
+
+
 def lr_at(step: int, cfg: RunConfig) -> float:
     """Linear warmup to ``lr``, then cosine decay to ``min_lr`` at ``max_steps``; both start
     at ``schedule_start`` (0, or where a merged run's full training begins)."""
