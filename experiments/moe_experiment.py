@@ -10,7 +10,8 @@ go to ``<out>/steps<N>/<name>/eval.json`` (finished runs are skipped on a re-run
 table goes to ``docs/results/moe_experiment_<N>.md`` and ``.json``. ``--data DIR`` trains on a
 prepared corpus instead (its own tokenizer; e.g. the standard library's sources,
 ``fractalformer prepare :stdlib --split files --tokenizer bpe:4096 --out DIR``): runs go to
-``<out>/steps<N>-<DIR's name>`` and the table to ``moe_experiment_<N>_<DIR's name>``.
+``<out>/steps<N>-<DIR's name>``, the table to ``moe_experiment_<N>_<DIR's name>`` and the
+validation curves (against steps and wall time) to ``docs/moe_curves_<DIR's name>.png``.
 FLOPs: one training step (forward and backward) counted by torch's FlopCounterMode.
 Several copies may run side by side on different ``--only`` lists (set ``OMP_NUM_THREADS``
 to share the cores).
@@ -19,6 +20,8 @@ to share the cores).
 from __future__ import annotations
 
 from pathlib import Path
+
+import matplotlib.pyplot as plt
 
 import fractalformer
 from fractalformer.config import build_config
@@ -115,6 +118,32 @@ def report(results: dict[str, dict], steps: int, data: str | None = None) -> str
     return "\n".join(lines) + "\n"
 
 
+def plot(results: dict[str, dict], path: Path, title: str) -> None:
+    """Validation (nats/token, the trainer's fixed batches) against steps and against wall
+    time: equal steps are about equal FLOPs here (the FLOPs column), equal time is the other
+    budget a user has."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for name, r in results.items():
+        curve = r.get("val_curve") or []
+        if not curve:
+            continue
+        steps, secs, val = zip(*curve, strict=True)
+        style = {"color": "black", "linewidth": 2} if name == "dense" else {}
+        axes[0].plot(steps, val, label=name, **style)
+        axes[1].plot([t / 60 for t in secs], val, label=name, **style)
+    axes[0].set(xlabel="step (16 x 256 tokens)", ylabel="validation nats/token", title=title)
+    axes[1].set(xlabel="wall time, min (one thread, a run beside it)", title="against wall time")
+    lows = [v for r in results.values() for _, _, v in (r.get("val_curve") or [])[2:]]
+    if lows:
+        axes[0].set_ylim(min(lows) - 0.05, max(lows) + 0.1)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = experiment_parser(__doc__, 1400, "runs/moe", list(VARIANTS))
     ap.add_argument("--data", help="a prepared corpus folder (default: the shipped TinyShakespeare)")
@@ -128,6 +157,9 @@ def main() -> None:
     results = finished(root, VARIANTS)
     stem = f"moe_experiment_{a.steps}{suffix.replace('-', '_')}"
     write_tables(Path(a.docs) / stem, results, report(results, a.steps, a.data))
+    if a.data:
+        plot(results, Path(a.docs).parent / f"moe_curves{suffix.replace('-', '_')}.png",
+             f"FractalMoE on {Path(a.data).name}, {a.steps} steps")
 
 
 if __name__ == "__main__":
