@@ -11,6 +11,8 @@ for every row; only what the model may read before those 256 tokens changes:
   preset on 256-token windows (the tables' baselines).
 * ``dense1024``: the dense reference with full attention over 1,024 tokens (4x the
   token-level work): the reach any model could exploit, at its plainest.
+* ``dense256_l7``: the dense reference with 7 blocks, about ``reach1024``'s step time on a
+  ``bpe:4096`` corpus (the dense model a reach must beat at equal step time).
 * ``reach1024`` / ``reach4096``: the ``concept`` preset over 1,024 (4,096) tokens at about
   the 256-token cost. The
   token level and the first concept level run on the last 256-token chunk only (tokens
@@ -46,8 +48,12 @@ from fractalformer.train.optim import lr_at, make_optimizer
 from harness import data_sets, machine, script_parser
 
 CHUNK = 256
-VARIANTS = {"dense256": ("dense", 256), "shared256": ("concept", 256), "dense1024": ("dense", 1024),
-            "reach1024": ("concept", 1024), "reach4096": ("concept", 4096)}
+VARIANTS: dict[str, tuple[str, int, list[str]]] = {
+    "dense256": ("dense", 256, []), "shared256": ("concept", 256, []), "dense1024": ("dense", 1024, []),
+    "reach1024": ("concept", 1024, []), "reach4096": ("concept", 4096, []),
+    # about reach1024's step time on a bpe:4096 corpus: 7 blocks instead of 4
+    "dense256_l7": ("dense", 256, ["n_layer=7"]),
+}
 
 
 def skipped(data: str | None) -> int:
@@ -95,9 +101,9 @@ def logits_and_aux(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, rea
 
 
 def run_one(name: str, steps: int, data: str | None = None) -> dict:
-    preset, ctx = VARIANTS[name]
+    preset, ctx, extra = VARIANTS[name]
     reach = name.startswith("reach")
-    sets = [f"block_size={ctx}", f"max_steps={steps}", "warmup_steps=100", "batch_size=16",
+    sets = [*extra, f"block_size={ctx}", f"max_steps={steps}", "warmup_steps=100", "batch_size=16",
             *(["concept_share=true"] if preset == "concept" else []), *(data_sets(data) if data else [])]
     cfg = build_config(preset, None, sets)
     _, corpus = prepare_data(cfg)
