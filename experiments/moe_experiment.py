@@ -11,7 +11,7 @@ table goes to ``docs/results/moe_experiment_<N>.md`` and ``.json``. ``--data DIR
 prepared corpus instead (its own tokenizer; e.g. the standard library's sources,
 ``fractalformer prepare :stdlib --split files --tokenizer bpe:4096 --out DIR``): runs go to
 ``<out>/steps<N>-<DIR's name>``, the table to ``moe_experiment_<N>_<DIR's name>`` and the
-validation curves (against steps and wall time) to ``docs/moe_curves_<DIR's name>.png``.
+validation curves (against steps and wall time) to ``docs/moe_curves_<N>_<DIR's name>.png``.
 FLOPs: one training step (forward and backward) counted by torch's FlopCounterMode.
 Several copies may run side by side on different ``--only`` lists (set ``OMP_NUM_THREADS``
 to share the cores).
@@ -158,7 +158,7 @@ def main() -> None:
     stem = f"moe_experiment_{a.steps}{suffix.replace('-', '_')}"
     write_tables(Path(a.docs) / stem, results, report(results, a.steps, a.data))
     if a.data:
-        plot(results, Path(a.docs).parent / f"moe_curves{suffix.replace('-', '_')}.png",
+        plot(results, Path(a.docs).parent / f"moe_curves_{a.steps}{suffix.replace('-', '_')}.png",
              f"FractalMoE on {Path(a.data).name}, {a.steps} steps")
 
 

@@ -72,6 +72,20 @@ def test_experts_read_out_equals_naive_sum_and_gradchecks() -> None:
     assert torch.autograd.gradcheck(lambda gg, tt: _Read.apply(idx, gg, tt, False), (g, table))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gather_dot_equals_the_gathered_rows_dot_products(dtype: torch.dtype) -> None:
+    """The sampled matrix product (float32 / 64) and the chunked gather (other dtypes)."""
+    from fractalformer.nn.product_keys import gather_dot
+
+    torch.manual_seed(0)
+    table, x = torch.randn(50, 16, dtype=dtype), torch.randn(30, 16, dtype=dtype)
+    idx = torch.randint(0, 50, (30, 7))
+    idx[:, 1] = idx[:, 0]  # a row selected twice by one token
+    want = (table[idx].float() * x[:, None].float()).sum(-1)
+    tol = 1e-5 if dtype == torch.float32 else 0.1
+    torch.testing.assert_close(gather_dot(table, idx, x).float(), want, rtol=tol, atol=tol)
+
+
 def test_sparse_gradients_equal_dense_ones() -> None:
     torch.manual_seed(2)
     x = torch.randn(7, 8)
