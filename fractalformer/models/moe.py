@@ -200,17 +200,17 @@ class Usage:
 class MoEGPT(GPT):
     """The GPT whose ``moe_layers`` hold a PEER, PKM or FHME layer instead of the GeGLU."""
 
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        if cfg.moe.shared:
+            _share_tables(list(self.sparse_layers().values()))
+
     def make_mlp(self, layer: int) -> nn.Module:
         c = self.config
         if layer not in c.sparse_layers():
             return super().make_mlp(layer)
         sparse = _sparse_layer(c, c.init_std / math.sqrt(2 * c.n_layer))
         return WithMLP(super().make_mlp(layer), sparse) if c.moe.with_mlp else sparse
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__(cfg)
-        if cfg.moe.shared:
-            _share_tables(list(self.sparse_layers().values()))
 
     def sparse_layers(self) -> dict[int, nn.Module]:
         """Layer index -> its sparse module (PEER, PKM or FHME)."""

@@ -69,9 +69,7 @@ class Rekey:
 
     def __call__(self, training: Training, step: int) -> None:
         gen = torch.Generator().manual_seed(self.cfg.train.seed * 15_485_863 + step)
-        model = training.model
-        if not isinstance(model, MoEGPT):
-            return
+        model: MoEGPT = training.model  # callbacks() schedules this for family moe only
         redrawn = {}
         for i, r in model.routers().items():
             keys = r.keys
